@@ -1,0 +1,81 @@
+"""`muge sample`, `muge score`, `muge check-submission`: the commands that are the task itself."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import MugeDataError
+
+
+@click.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--train-queries", default=3000, show_default=True)
+@click.option("--eval-queries", default=500, show_default=True, help="Valid and test queries each.")
+@click.option("--gallery-size", default=1000, show_default=True, help="Images per split.")
+def sample(out_dir, seed, train_queries, eval_queries, gallery_size):
+    """Write the embedded sample dataset (MUGE layout) into OUT_DIR."""
+    from .sample import make_sample
+
+    click.echo(f"drawing the sample dataset into {out_dir} (seed {seed}) ...")
+    info = make_sample(out_dir, seed=seed, n_train_queries=train_queries, n_eval_queries=eval_queries,
+                       gallery_size=gallery_size)
+    click.echo(json.dumps(info, ensure_ascii=False))
+
+
+@click.command()
+@click.argument("ground_truth", type=click.Path(dir_okay=False))
+@click.argument("pred", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the evaluator's result JSON here.")
+@click.option("--ranks", type=click.Path(dir_okay=False), help="Write each query's first-hit rank (jsonl) here.")
+def score(ground_truth, pred, out, ranks):
+    """Score PRED against GROUND_TRUTH exactly as the official evaluator (R@1/5/10, MeanRecall)."""
+    from .io import atomic_write_text
+    from .metric import failure_json, score_predictions, success_json, write_result
+    from .queries import read_queries
+    from .submission import check_submission
+
+    try:
+        gt = read_queries(ground_truth, require_ids=True)
+        report = check_submission(ground_truth, pred)
+    except MugeDataError as exc:
+        result = failure_json(str(exc))
+        report = None
+    if report is not None and not report.ok:
+        result = failure_json(report.errors[0], "\n".join(report.errors))
+    elif report is not None:
+        s = score_predictions(gt, report.predictions)
+        result = success_json(s)
+        click.echo(s.summary())
+        if ranks:
+            atomic_write_text(ranks, "".join(
+                json.dumps({"query_id": int(q), "first_hit_rank": int(r) or None}) + "\n"
+                for q, r in zip(s.query_ids, s.first_hit)))
+    if out:
+        write_result(out, result)
+    if not result["success"]:
+        click.echo(f"rejected: {result['errorDetail']}", err=True)
+        sys.exit(1)
+
+
+@click.command("check-submission")
+@click.argument("queries", type=click.Path(dir_okay=False))
+@click.argument("pred", type=click.Path(dir_okay=False))
+def check_submission_cmd(queries, pred):
+    """Report every problem the reference evaluator would reject PRED for."""
+    from .submission import check_submission
+
+    try:
+        report = check_submission(queries, pred)
+    except MugeDataError as exc:
+        raise click.ClickException(str(exc))
+    for w in report.warnings:
+        click.echo(f"warning: {w}", err=True)
+    for e in report.errors:
+        click.echo(f"error: {e}", err=True)
+    if not report.ok:
+        click.echo(f"{pred}: REJECTED ({len(report.errors)} problem(s))", err=True)
+        sys.exit(1)
+    click.echo(f"{pred}: OK ({len(report.predictions)} predictions)")

@@ -1,0 +1,264 @@
+"""MUGE image galleries: `img_id<TAB>base64(JPEG)` TSV files, read without loading them.
+
+One streaming pass builds a byte-offset index (ids, offsets, lengths) that is cached beside the
+TSV (or in a cache dir when that is read-only) and rebuilt when the TSV's size or mtime changes.
+Any image is then read by id with one `pread`. `iter_tsv` streams a file in order.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import MugeDataError
+from .io import atomic_path
+
+log = logging.getLogger(__name__)
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, not a grey half-image
+INDEX_VERSION = 1
+_URLSAFE_TO_STD = bytes.maketrans(b"-_", b"+/")
+
+
+@dataclass(frozen=True)
+class TsvRecord:
+    line: int          # 1-based line number
+    img_id: int
+    offset: int        # byte offset of the base64 payload
+    payload: bytes     # base64 text
+
+
+def _parse_line(raw: bytes, path: str, lineno: int, offset: int) -> TsvRecord:
+    line = raw.rstrip(b"\r\n")
+    if not line.strip():
+        raise MugeDataError(path, "blank line (expected img_id<TAB>base64)", lineno)
+    tab = line.find(b"\t")
+    if tab < 0:
+        raise MugeDataError(path, "no tab: expected img_id<TAB>base64", lineno)
+    head = line[:tab].strip()
+    try:
+        img_id = int(head)
+    except ValueError:
+        raise MugeDataError(path, f"image id {head[:40]!r} is not an integer", lineno) from None
+    return TsvRecord(lineno, img_id, offset + tab + 1, line[tab + 1:])
+
+
+def iter_tsv(path, check_duplicates: bool = True) -> Iterator[TsvRecord]:
+    """Stream the records of a gallery TSV in file order, one line in memory at a time."""
+    path = os.fspath(path)
+    seen: dict[int, int] = {}
+    offset = 0
+    lineno = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM
+                raw = raw[3:]
+                offset = 3
+            rec = _parse_line(raw, path, lineno, offset)
+            if check_duplicates:
+                first = seen.setdefault(rec.img_id, lineno)
+                if first != lineno:
+                    raise MugeDataError(path, f"duplicate image id {rec.img_id} (first on line {first})", lineno)
+            offset += len(raw)
+            yield rec
+    if lineno == 0:
+        raise MugeDataError(path, "empty file: no images")
+
+
+def decode_base64(payload: bytes, path, line: int, img_id: int) -> bytes:
+    """Accept both urlsafe (the organisers' snippet) and standard base64, padded or not."""
+    data = payload.strip().translate(_URLSAFE_TO_STD)
+    data += b"=" * (-len(data) % 4)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MugeDataError(path, f"image {img_id}: invalid base64 ({exc})", line) from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img).astype(np.float32)
+        if mode != "F" and arr.max(initial=0) > 255:  # 16-bit data
+            arr = arr / 257.0
+        return Image.fromarray(arr.clip(0, 255).round().astype(np.uint8), "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info) \
+        or (mode in ("L", "RGB") and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def decode_image(data: bytes, path=None, line: int | None = None, img_id: int | None = None) -> Image.Image:
+    """Bytes of an image file -> an RGB PIL image, upright per EXIF. Errors name the image."""
+    what = f"image {img_id}" if img_id is not None else "image"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's warnings become errors below or are harmless
+            img = Image.open(io.BytesIO(data))
+            img.load()
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # a broken EXIF block should not lose an otherwise good image
+                pass
+            return _to_rgb(img)
+    except UnidentifiedImageError:
+        raise MugeDataError(path, f"{what}: bytes are not an image file", line) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise MugeDataError(path, f"{what}: truncated or corrupt image ({exc})", line) from None
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("MUGE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "muge-retrieval"))
+
+
+@dataclass
+class ImageTSV:
+    """Random access to a gallery TSV by image id through a cached byte-offset index."""
+
+    path: str
+    cache_dir: str | None = None
+    ids: np.ndarray = field(init=False, repr=False)
+    offsets: np.ndarray = field(init=False, repr=False)
+    lengths: np.ndarray = field(init=False, repr=False)
+    index_path: str = field(init=False)
+
+    def __post_init__(self):
+        self.path = os.fspath(self.path)
+        if not os.path.isfile(self.path):
+            raise MugeDataError(self.path, "image TSV not found")
+        self._fd = None
+        self._pid = None
+        self._pos: dict[int, int] | None = None
+        self._load_or_build_index()
+
+    # -- index --------------------------------------------------------------------------------
+    def _index_candidates(self) -> list[str]:
+        beside = self.path + ".idx.npz"
+        key = hashlib.sha1(os.path.abspath(self.path).encode()).hexdigest()[:16]
+        cached = os.path.join(self.cache_dir or default_cache_dir(), "index", f"{key}.idx.npz")
+        return [beside, cached]
+
+    def _fingerprint(self) -> tuple[int, int]:
+        st = os.stat(self.path)
+        return st.st_size, st.st_mtime_ns
+
+    def _load_or_build_index(self) -> None:
+        size, mtime = self._fingerprint()
+        for candidate in self._index_candidates():
+            try:
+                with np.load(candidate) as z:
+                    if int(z["version"]) == INDEX_VERSION and int(z["size"]) == size and int(z["mtime_ns"]) == mtime:
+                        self.ids, self.offsets, self.lengths = z["ids"], z["offsets"], z["lengths"]
+                        self.index_path = candidate
+                        return
+            except (OSError, KeyError, ValueError):
+                continue
+        self._build_index(size, mtime)
+
+    def _build_index(self, size: int, mtime: int) -> None:
+        from tqdm import tqdm
+
+        ids, offsets, lengths = [], [], []
+        with tqdm(total=size, unit="B", unit_scale=True, desc=f"indexing {os.path.basename(self.path)}",
+                  disable=size < (64 << 20), leave=False) as bar:
+            last = 0
+            for rec in iter_tsv(self.path):
+                ids.append(rec.img_id)
+                offsets.append(rec.offset)
+                lengths.append(len(rec.payload))
+                bar.update(rec.offset - last)
+                last = rec.offset
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        arrays = dict(ids=self.ids, offsets=self.offsets, lengths=self.lengths, size=size, mtime_ns=mtime,
+                      version=INDEX_VERSION)
+        for candidate in self._index_candidates():
+            try:
+                with atomic_path(candidate, suffix=".npz") as tmp:
+                    with open(tmp, "wb") as f:
+                        np.savez(f, **arrays)
+                self.index_path = candidate
+                return
+            except OSError as exc:  # read-only data directory: fall back to the cache dir
+                log.debug("cannot write index %s: %s", candidate, exc)
+        self.index_path = ""
+        log.warning("could not cache the index of %s anywhere; it will be rebuilt next time", self.path)
+
+    # -- access -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, img_id: int) -> bool:
+        return int(img_id) in self.positions
+
+    @property
+    def positions(self) -> dict[int, int]:
+        if self._pos is None:
+            self._pos = {int(i): p for p, i in enumerate(self.ids.tolist())}
+        return self._pos
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # one descriptor per (forked) process
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._pid = os.getpid()
+        return self._fd
+
+    def line_of(self, img_id: int) -> int:
+        return self.positions[int(img_id)] + 1
+
+    def read_payload(self, img_id: int) -> bytes:
+        try:
+            pos = self.positions[int(img_id)]
+        except KeyError:
+            raise MugeDataError(self.path, f"image {img_id} is not in this gallery") from None
+        return os.pread(self._file(), int(self.lengths[pos]), int(self.offsets[pos]))
+
+    def read_bytes(self, img_id: int) -> bytes:
+        return decode_base64(self.read_payload(img_id), self.path, self.line_of(img_id), img_id)
+
+    def load(self, img_id: int) -> Image.Image:
+        """The RGB image of `img_id`; errors name the TSV, line and id."""
+        return decode_image(self.read_bytes(img_id), self.path, self.line_of(img_id), img_id)
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __getstate__(self):  # picklable for DataLoader workers: the descriptor is reopened there
+        state = self.__dict__.copy()
+        state["_fd"] = None
+        state["_pid"] = None
+        return state
+
+
+@dataclass
+class SkippedImages:
+    """Undecodable images left out under `--skip-bad-images`: how many, and which."""
+
+    items: list[tuple[int, int, str]] = field(default_factory=list)  # (img_id, line, reason)
+
+    def add(self, err: MugeDataError, img_id: int) -> None:
+        self.items.append((img_id, err.line or 0, err.reason))
+        log.warning("skipping %s", err)
+
+    def summary(self) -> str:
+        if not self.items:
+            return "no images skipped"
+        ids = ", ".join(str(i) for i, _, _ in self.items[:20])
+        more = f" and {len(self.items) - 20} more" if len(self.items) > 20 else ""
+        return f"skipped {len(self.items)} undecodable image(s): {ids}{more}"

@@ -1,0 +1,90 @@
+"""The preprocessing that must be identical at training-time evaluation and at prediction.
+
+Images: decode (see `images.decode_image`) then `resize_image` to uint8 HWC on the host; the
+cast, scaling and mean/std live inside the model (and so inside the exported ONNX graph).
+Text: `normalize_text` then the run's own `tokenizer.json`, loaded by `TextTokenizer`.
+Both `train` and `predict` import these; neither has its own copy.
+"""
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+
+import numpy as np
+from PIL import Image
+
+RESIZE_RULES = ("squash", "shorter-crop")
+TEXT_NORMALIZATION = "nfkc+collapse-whitespace"
+_SPACES = re.compile(r"\s+")
+
+
+def resize_image(img: Image.Image, size: int, rule: str = "squash") -> np.ndarray:
+    """RGB PIL image -> uint8 array [size, size, 3].
+
+    squash:       resize straight to size x size (bicubic), as Chinese-CLIP does; MUGE images are
+                  already 224x224 squares, so nothing is cropped away.
+    shorter-crop: resize the shorter side to `size`, then centre-crop (timm's eval transform).
+    """
+    if rule == "squash":
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BICUBIC)
+    elif rule == "shorter-crop":
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    else:
+        raise ValueError(f"unknown resize rule {rule!r}; expected one of {RESIZE_RULES}")
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an RGB image, got array of shape {arr.shape}")
+    return arr
+
+
+def normalize_text(text: str) -> str:
+    """Full-width to half-width (NFKC), whitespace collapsed, ends stripped. Lower-casing and
+    CJK splitting are the tokenizer's job."""
+    return _SPACES.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
+class TextTokenizer:
+    """A run's `tokenizer.json` (Hugging Face `tokenizers` format), padded to the batch's longest."""
+
+    FILE = "tokenizer.json"
+
+    def __init__(self, path, max_length: int):
+        from tokenizers import Tokenizer
+
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, self.FILE)
+        self.path = path
+        self.max_length = int(max_length)
+        self.tok = Tokenizer.from_file(path)
+        pad_id = None
+        for token in ("[PAD]", "<pad>"):
+            pad_id = self.tok.token_to_id(token)
+            if pad_id is not None:
+                break
+        self.pad_id = 0 if pad_id is None else pad_id
+        self.tok.enable_truncation(self.max_length)
+        self.tok.no_padding()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def __call__(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        """texts -> (input_ids, attention_mask), int64 [batch, longest <= max_length]."""
+        encs = self.tok.encode_batch([normalize_text(t) for t in texts])
+        length = max(1, max(len(e.ids) for e in encs))
+        ids = np.full((len(encs), length), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encs), length), dtype=np.int64)
+        for row, e in enumerate(encs):
+            ids[row, :len(e.ids)] = e.ids
+            mask[row, :len(e.ids)] = 1
+        return ids, mask

@@ -1,0 +1,308 @@
+"""The embedded sample dataset: a small MUGE in the exact file layout, drawn procedurally.
+
+Products (dresses, T-shirts, backpacks, totes, sneakers, mugs, phone cases, caps) are drawn as
+shapes in one of 10 colours and 4 patterns over varied backgrounds, sizes, positions and angles,
+saved as 224x224 JPEG (plus a few PNG / grayscale / CMYK / palette files so the readers are
+exercised). Queries are Chinese search phrases built from the attributes with synonyms and
+filler words. Valid/test queries name two or three attributes and every gallery image that
+matches is a positive, so same-category/other-colour images are near-miss distractors.
+Deterministic for a seed: every image is drawn from its own (seed, split, index) stream.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from multiprocessing import Pool
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from .io import atomic_path, atomic_write_text
+from .queries import Query, write_queries
+
+COLOURS = {  # name -> (RGB, synonyms)
+    "红色": ((206, 32, 41), ["红色", "红", "大红色"]),
+    "黑色": ((28, 28, 30), ["黑色", "黑"]),
+    "白色": ((246, 246, 244), ["白色", "白", "纯白"]),
+    "蓝色": ((35, 85, 200), ["蓝色", "蓝", "宝蓝色"]),
+    "绿色": ((40, 150, 70), ["绿色", "绿", "草绿色"]),
+    "黄色": ((242, 200, 30), ["黄色", "黄", "明黄色"]),
+    "粉色": ((245, 150, 190), ["粉色", "粉", "粉红色"]),
+    "灰色": ((128, 128, 132), ["灰色", "灰", "浅灰色"]),
+    "紫色": ((125, 55, 170), ["紫色", "紫", "香芋紫"]),
+    "橙色": ((246, 130, 25), ["橙色", "橘色", "橙"]),
+}
+PATTERNS = {
+    "纯色": ["纯色", "素色"],
+    "条纹": ["条纹", "竖条纹", "横条纹"],
+    "格子": ["格子", "格纹", "英伦格子"],
+    "波点": ["波点", "圆点", "复古波点"],
+}
+CATEGORIES = {
+    "连衣裙": ["连衣裙", "裙子", "长裙"],
+    "T恤": ["T恤", "短袖T恤", "体恤"],
+    "双肩包": ["双肩包", "书包", "背包"],
+    "托特包": ["托特包", "手提包", "单肩包"],
+    "运动鞋": ["运动鞋", "跑步鞋", "休闲鞋"],
+    "马克杯": ["马克杯", "水杯", "陶瓷杯"],
+    "手机壳": ["手机壳", "保护壳", "手机套"],
+    "帽子": ["帽子", "棒球帽", "鸭舌帽"],
+}
+PREFIXES = ["", "", "", "新款", "2024新款", "韩版", "ins风", "高级感", "夏季", "百搭", "简约", "网红", "日系", "复古"]
+SUFFIXES = ["", "", "", "女", "男", "女夏", "学生", "潮", "大容量", "ins", "情侣", "小众设计", "清新", "正品"]
+SIZE = 224
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Product:
+    img_id: int
+    category: str
+    colour: str
+    pattern: str
+
+
+# --- drawing ------------------------------------------------------------------------------------
+def _shape_mask(category: str) -> Image.Image:
+    """A white-on-black mask of the product, drawn upright in a SIZE x SIZE frame."""
+    m = Image.new("L", (SIZE, SIZE), 0)
+    d = ImageDraw.Draw(m)
+    P = lambda pts: [(x * SIZE, y * SIZE) for x, y in pts]  # noqa: E731
+    if category == "连衣裙":
+        d.polygon(P([(.40, .10), (.60, .10), (.64, .22), (.60, .40), (.80, .92), (.20, .92), (.40, .40), (.36, .22)]), 255)
+    elif category == "T恤":
+        d.polygon(P([(.36, .14), (.64, .14), (.88, .30), (.78, .44), (.70, .38), (.70, .88), (.30, .88), (.30, .38),
+                     (.22, .44), (.12, .30)]), 255)
+    elif category == "双肩包":
+        d.rounded_rectangle(P([(.24, .20), (.76, .88)]), radius=.12 * SIZE, fill=255)
+        d.arc(P([(.36, .08), (.64, .32)]), 180, 360, fill=255, width=int(.04 * SIZE))
+    elif category == "托特包":
+        d.polygon(P([(.22, .36), (.78, .36), (.86, .88), (.14, .88)]), 255)
+        d.arc(P([(.32, .14), (.68, .56)]), 180, 360, fill=255, width=int(.035 * SIZE))
+    elif category == "运动鞋":
+        d.polygon(P([(.10, .46), (.38, .40), (.50, .52), (.86, .60), (.92, .74), (.10, .74)]), 255)
+        d.ellipse(P([(.08, .36), (.36, .62)]), 255)
+    elif category == "马克杯":
+        d.rectangle(P([(.24, .22), (.64, .84)]), 255)
+        d.ellipse(P([(.56, .36), (.84, .68)]), 255)
+        d.ellipse(P([(.62, .43), (.77, .61)]), 0)
+    elif category == "手机壳":
+        d.rounded_rectangle(P([(.32, .08), (.68, .92)]), radius=.07 * SIZE, fill=255)
+        d.rounded_rectangle(P([(.38, .13), (.52, .29)]), radius=.03 * SIZE, fill=0)
+    elif category == "帽子":
+        d.chord(P([(.22, .22), (.78, .78)]), 180, 360, fill=255)
+        d.polygon(P([(.50, .46), (.94, .50), (.90, .58), (.50, .56)]), 255)
+        d.rectangle(P([(.22, .46), (.60, .56)]), 255)
+    else:
+        raise ValueError(category)
+    return m
+
+
+def _texture(colour: str, pattern: str, rng: np.random.Generator) -> Image.Image:
+    rgb = COLOURS[colour][0]
+    light = sum(rgb) > 600
+    accent = (40, 40, 40) if light else (250, 250, 250)
+    tex = Image.new("RGB", (SIZE, SIZE), rgb)
+    d = ImageDraw.Draw(tex)
+    step = int(rng.integers(16, 28))
+    if pattern == "条纹":
+        width = step // 2 - 2
+        vertical = rng.random() < 0.5
+        for p in range(0, SIZE, step):
+            d.rectangle((p, 0, p + width, SIZE) if vertical else (0, p, SIZE, p + width), fill=accent)
+    elif pattern == "格子":
+        dark = tuple(int(c * 0.55) for c in rgb) if not light else (90, 90, 90)
+        for p in range(0, SIZE, step):
+            d.rectangle((p, 0, p + 5, SIZE), fill=dark)
+            d.rectangle((0, p, SIZE, p + 5), fill=dark)
+            d.line((p + step // 2, 0, p + step // 2, SIZE), fill=accent, width=1)
+            d.line((0, p + step // 2, SIZE, p + step // 2), fill=accent, width=1)
+    elif pattern == "波点":
+        r = max(3, step // 5)
+        for y in range(0, SIZE, step):
+            for x in range((y // step % 2) * step // 2, SIZE, step):
+                d.ellipse((x - r, y - r, x + r, y + r), fill=accent)
+    return tex
+
+
+def draw_product(p: Product, rng: np.random.Generator) -> Image.Image:
+    bg_top = rng.integers(185, 256, 3)
+    bg_bottom = np.clip(bg_top - rng.integers(0, 40, 3), 150, 255)
+    grad = np.linspace(0, 1, SIZE)[:, None, None]
+    bg = (bg_top * (1 - grad) + bg_bottom * grad).astype(np.uint8).repeat(SIZE, axis=1)
+    canvas = Image.fromarray(bg, "RGB")
+    mask = _shape_mask(p.category)
+    outline = mask.filter(ImageFilter.MaxFilter(5))
+    layer = _texture(p.colour, p.pattern, rng)
+    scale = float(rng.uniform(0.6, 0.95))
+    angle = float(rng.uniform(-12, 12))
+    shift = rng.integers(-18, 19, 2)
+
+    def place(img: Image.Image, fill) -> Image.Image:
+        size = max(8, int(SIZE * scale))
+        img = img.resize((size, size), Image.BILINEAR).rotate(angle, resample=Image.BILINEAR, fillcolor=fill)
+        out = Image.new(img.mode, (SIZE, SIZE), fill)
+        out.paste(img, ((SIZE - size) // 2 + int(shift[0]), (SIZE - size) // 2 + int(shift[1])))
+        return out
+
+    shade = tuple(int(c) for c in rng.integers(20, 70, 3))
+    canvas.paste(Image.new("RGB", (SIZE, SIZE), shade), (0, 0), place(outline, 0))
+    canvas.paste(place(layer, (0, 0, 0)), (0, 0), place(mask, 0))
+    arr = np.asarray(canvas).astype(np.int16) + rng.integers(-6, 7, (SIZE, SIZE, 3))
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def encode_product(p: Product, rng: np.random.Generator, odd: str | None) -> bytes:
+    """JPEG bytes, or for `odd` products a valid but unusual file."""
+    img = draw_product(p, rng)
+    buf = io.BytesIO()
+    if odd == "png-rgba":
+        alpha = Image.new("L", img.size, 255)
+        alpha.paste(0, (0, 0, SIZE, 12))  # a transparent strip to composite on white
+        img.putalpha(alpha)
+        img.save(buf, "PNG")
+    elif odd == "gray":
+        img.convert("L").save(buf, "JPEG", quality=90)
+    elif odd == "cmyk":
+        img.convert("CMYK").save(buf, "JPEG", quality=90)
+    elif odd == "palette":
+        img.convert("P", palette=Image.ADAPTIVE, colors=128).save(buf, "PNG")
+    else:
+        img.save(buf, "JPEG", quality=int(rng.integers(82, 95)))
+    return buf.getvalue()
+
+
+def _render(args) -> str:
+    seed, split, index, product, odd = args
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    data = encode_product(product, rng, odd)
+    urlsafe = rng.random() < 0.5  # both base64 alphabets occur, as in the wild
+    text = (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(data).decode("ascii")
+    return f"{product.img_id}\t{text}\n"
+
+
+# --- queries ------------------------------------------------------------------------------------
+def _phrase(rng, category, colour=None, pattern=None) -> str:
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    parts = []
+    if colour:
+        parts.append(pick(COLOURS[colour][1]))
+    if pattern:
+        parts.append(pick(PATTERNS[pattern]))
+    if len(parts) == 2 and rng.random() < 0.25:
+        parts.reverse()
+    core = "".join(parts) + pick(CATEGORIES[category])
+    text = pick(PREFIXES) + core + pick(SUFFIXES)
+    if rng.random() < 0.1:
+        text = text.replace(core, " " + core + " ").strip()
+    return text
+
+
+def _unique_text(rng, used: set, *attrs) -> str | None:
+    for _ in range(50):
+        text = _phrase(rng, *attrs)
+        if text not in used:
+            used.add(text)
+            return text
+    return None
+
+
+def _products(rng, n: int, ids) -> list[Product]:
+    cats, cols, pats = list(CATEGORIES), list(COLOURS), list(PATTERNS)
+    return [Product(int(next(ids)), cats[rng.integers(len(cats))], cols[rng.integers(len(cols))],
+                    pats[rng.integers(len(pats))]) for _ in range(n)]
+
+
+def _eval_queries(rng, gallery: list[Product], n: int, used: set, qids) -> list[Query]:
+    out = []
+    while len(out) < n:
+        anchor = gallery[int(rng.integers(len(gallery)))]
+        kind = rng.random()
+        colour = anchor.colour if kind < 0.9 else None
+        pattern = anchor.pattern if kind < 0.55 or kind >= 0.9 else None
+        pos = [p.img_id for p in gallery if p.category == anchor.category
+               and (colour is None or p.colour == colour) and (pattern is None or p.pattern == pattern)]
+        if len(pos) > 20:
+            continue
+        text = _unique_text(rng, used, anchor.category, colour, pattern)
+        if text:
+            out.append(Query(int(next(qids)), text, tuple(pos)))
+    return out
+
+
+def _train_queries(rng, gallery: list[Product], n: int, used: set, qids) -> list[Query]:
+    by_combo: dict[tuple, list[int]] = {}
+    for p in gallery:
+        by_combo.setdefault((p.category, p.colour, p.pattern), []).append(p.img_id)
+    out = []
+    while len(out) < n:
+        anchor = gallery[int(rng.integers(len(gallery)))]
+        matches = by_combo[(anchor.category, anchor.colour, anchor.pattern)]
+        k = min(len(matches), 1 + int(rng.random() < 0.5))  # a train query has 1-2 images
+        pos = [anchor.img_id] + [m for m in rng.permutation(matches).tolist() if m != anchor.img_id][:k - 1]
+        pattern = anchor.pattern if rng.random() < 0.85 else None
+        text = _unique_text(rng, used, anchor.category, anchor.colour, pattern)
+        if text:
+            out.append(Query(int(next(qids)), text, tuple(int(i) for i in pos)))
+    return out
+
+
+def _id_stream(rng, low: int, high: int, n: int):
+    return iter(rng.choice(np.arange(low, high), size=n, replace=False).tolist())
+
+
+def make_sample(out_dir, seed: int = 0, n_train_queries: int = 3000, n_eval_queries: int = 500,
+                gallery_size: int = 1000, odd_fraction: float = 0.01, workers: int | None = None) -> dict:
+    """Write the six MUGE files plus `example_pred.jsonl` into `out_dir`. Returns a summary."""
+    t0 = time.time()
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    img_ids = _id_stream(rng, 100_000, 9_999_999, 3 * gallery_size)
+    qids = _id_stream(rng, 1_000, 999_999, n_train_queries + 2 * n_eval_queries)
+    used: set[str] = set()
+    galleries = {split: _products(rng, gallery_size, img_ids) for split in SPLITS}
+    queries = {
+        "train": _train_queries(rng, galleries["train"], n_train_queries, used, qids),
+        "valid": _eval_queries(rng, galleries["valid"], n_eval_queries, used, qids),
+        "test": _eval_queries(rng, galleries["test"], n_eval_queries, used, qids),
+    }
+    odd_kinds = ["png-rgba", "gray", "cmyk", "palette"]
+    jobs = []
+    for split in SPLITS:
+        for i, p in enumerate(galleries[split]):
+            odd = None
+            if rng.random() < odd_fraction:
+                odd = odd_kinds[int(rng.integers(len(odd_kinds)))]
+                if odd == "gray" and p.colour not in ("黑色", "白色", "灰色"):
+                    odd = "png-rgba"
+            jobs.append((seed, split, i, p, odd))
+    with Pool(workers or min(4, os.cpu_count() or 1)) as pool:
+        lines = pool.map(_render, jobs, chunksize=32)
+    start = 0
+    for split in SPLITS:
+        n = len(galleries[split])
+        with atomic_path(os.path.join(out_dir, f"MR_{split}_imgs.tsv")) as tmp:
+            with open(tmp, "w", encoding="ascii") as f:
+                f.writelines(lines[start:start + n])
+        start += n
+        write_queries(os.path.join(out_dir, f"MR_{split}_queries.jsonl"), queries[split],
+                      with_ids=split != "test")
+    test_ids = [p.img_id for p in galleries["test"]]
+    example = [json.dumps({"query_id": q.query_id, "query_text": q.text,
+                           "item_ids": [int(i) for i in rng.choice(test_ids, 10, replace=False)]},
+                          ensure_ascii=False) for q in queries["test"]]
+    atomic_write_text(os.path.join(out_dir, "example_pred.jsonl"), "\n".join(example) + "\n")
+    # the hidden attributes, for analysis only (never read by the pipeline)
+    attrs = {p.img_id: [p.category, p.colour, p.pattern] for s in SPLITS for p in galleries[s]}
+    atomic_write_text(os.path.join(out_dir, "sample_attributes.json"), json.dumps(attrs, ensure_ascii=False))
+    positives = [len(q.item_ids) for q in queries["valid"]]
+    return {"dir": out_dir, "seconds": round(time.time() - t0, 1),
+            "queries": {s: len(q) for s, q in queries.items()},
+            "images": {s: len(g) for s, g in galleries.items()},
+            "valid_positives_mean": round(float(np.mean(positives)), 2)}

@@ -1,0 +1,68 @@
+"""`muge`: one console script, a subcommand per stage. Subcommands load lazily, so `muge score`
+or `muge predict` never pays for importing torch."""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import click
+
+COMMANDS = {  # name -> "module:attribute"
+    "sample": "competition.cli:sample",
+    "score": "competition.cli:score",
+    "check-submission": "competition.cli:check_submission_cmd",
+    "train": "train.cli:train",
+    "export": "export.cli:export",
+    "predict": "predict.cli:predict",
+}
+BENCHES = {  # `muge bench NAME`
+    "tsv": "competition.bench:bench_tsv",
+}
+
+
+class LazyGroup(click.Group):
+    commands_table = COMMANDS
+
+    def list_commands(self, ctx):
+        return list(self.commands_table) + list(self.commands)
+
+    def get_command(self, ctx, name):
+        if name in self.commands:
+            return self.commands[name]
+        target = self.commands_table.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                return None  # that stage is not built yet
+            raise
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool):
+    """Fine-tune, export, predict and score Tianchi MUGE text-to-image retrieval."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+class BenchGroup(LazyGroup):
+    commands_table = BENCHES
+
+
+@cli.group(cls=BenchGroup)
+def bench():
+    """Benchmarks: each prints ours vs. the obvious alternative, measured in one run."""
+
+
+def main():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli(prog_name="muge")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+import base64
+import io
+import os
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from competition import ImageTSV, MugeDataError, SkippedImages, decode_image, iter_tsv
+from conftest import jpeg_bytes, rgb_at, write_tsv
+
+
+def test_index_reads_by_id_and_matches_iteration(tmp_path):
+    rows = [(100 + i, jpeg_bytes((i * 20, 100, 50))) for i in range(10)]
+    path = write_tsv(tmp_path / "g.tsv", rows)
+    tsv = ImageTSV(path)
+    assert len(tsv) == 10 and tsv.index_path == path + ".idx.npz" and os.path.exists(tsv.index_path)
+    for rec in iter_tsv(path):
+        assert tsv.read_payload(rec.img_id) == rec.payload
+        assert tsv.line_of(rec.img_id) == rec.line
+    assert tsv.read_bytes(105) == rows[5][1]
+    assert 105 in tsv and 999 not in tsv
+    with pytest.raises(MugeDataError, match="image 999 is not in this gallery"):
+        tsv.read_bytes(999)
+
+
+def test_index_is_cached_and_rebuilt_on_change(tmp_path):
+    path = write_tsv(tmp_path / "g.tsv", [(1, jpeg_bytes()), (2, jpeg_bytes())])
+    ImageTSV(path)
+    stamp = os.stat(path + ".idx.npz").st_mtime_ns
+    ImageTSV(path)  # reuses the cache
+    assert os.stat(path + ".idx.npz").st_mtime_ns == stamp
+    time.sleep(0.01)
+    with open(path, "a") as f:
+        f.write(f"3\t{base64.b64encode(jpeg_bytes()).decode()}\n")
+    tsv = ImageTSV(path)
+    assert len(tsv) == 3 and tsv.read_bytes(3) == jpeg_bytes()
+
+
+def test_cache_dir_used_when_index_file_unwritable(tmp_path, monkeypatch):
+    """A read-only data dir (or any unwritable index file) falls back to the cache dir.
+    Forced even for root: a directory squats the index file's name."""
+    path = write_tsv(tmp_path / "g.tsv", [(1, jpeg_bytes())])
+    (tmp_path / "g.tsv.idx.npz").mkdir()  # a directory squats the index file's name
+    tsv = ImageTSV(path, cache_dir=str(tmp_path / "cache"))
+    assert tsv.index_path.startswith(str(tmp_path / "cache")) and tsv.read_bytes(1) == jpeg_bytes()
+
+
+def test_urlsafe_and_standard_base64_and_bom(tmp_path):
+    data = bytes(range(256)) * 3  # has '+' '/' in standard and '-' '_' in urlsafe form
+    for urlsafe in (False, True):
+        path = write_tsv(tmp_path / f"g{urlsafe}.tsv", [(7, data)], urlsafe=urlsafe)
+        assert ImageTSV(path).read_bytes(7) == data
+    unpadded = base64.b64encode(data[:10]).decode().rstrip("=")
+    path = write_tsv(tmp_path / "np.tsv", [(8, unpadded)])
+    assert ImageTSV(path).read_bytes(8) == data[:10]
+    bom = tmp_path / "bom.tsv"
+    bom.write_bytes(b"\xef\xbb\xbf9\t" + base64.b64encode(data) + b"\r\n")
+    assert ImageTSV(str(bom)).read_bytes(9) == data
+
+
+@pytest.mark.parametrize("content, message, line", [
+    ("1\tAAAA\n1\tAAAA\n", "duplicate image id 1 (first on line 1)", 2),
+    ("1\tAAAA\n2 AAAA\n", "no tab", 2),
+    ("1\tAAAA\nabc\tAAAA\n", "is not an integer", 2),
+    ("1\tAAAA\n\n2\tAAAA\n", "blank line", 2),
+])
+def test_bad_tsv_lines(tmp_path, content, message, line):
+    p = tmp_path / "bad.tsv"
+    p.write_text(content)
+    with pytest.raises(MugeDataError) as err:
+        ImageTSV(str(p))
+    assert message in str(err.value) and f"bad.tsv:{line}:" in str(err.value)
+
+
+def test_empty_tsv(tmp_path):
+    p = tmp_path / "e.tsv"
+    p.write_text("")
+    with pytest.raises(MugeDataError, match="empty file"):
+        ImageTSV(str(p))
+
+
+def test_bad_image_payloads_name_id_and_line(tmp_path):
+    good = jpeg_bytes(size=(64, 64))
+    rows = [(1, good), (2, "not*base64!"), (3, b"this is plain text, not an image"), (4, good[: len(good) // 2])]
+    path = write_tsv(tmp_path / "g.tsv", rows)
+    tsv = ImageTSV(path)
+    assert tsv.load(1).size == (64, 64)
+    with pytest.raises(MugeDataError, match=r"g.tsv:2: image 2: invalid base64"):
+        tsv.load(2)
+    with pytest.raises(MugeDataError, match=r"g.tsv:3: image 3: bytes are not an image"):
+        tsv.load(3)
+    with pytest.raises(MugeDataError, match=r"g.tsv:4: image 4: truncated or corrupt"):
+        tsv.load(4)
+    skipped = SkippedImages()
+    for img_id in tsv.ids.tolist():
+        try:
+            tsv.load(img_id)
+        except MugeDataError as err:
+            skipped.add(err, img_id)
+    assert [i for i, _, _ in skipped.items] == [2, 3, 4]
+    assert skipped.summary().startswith("skipped 3 undecodable image(s): 2, 3, 4")
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_decode_modes_to_rgb():
+    gray = decode_image(jpeg_bytes(128, mode="L"))
+    assert gray.mode == "RGB" and abs(rgb_at(gray)[0] - 128) <= 2
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    out = decode_image(_png(rgba))
+    assert rgb_at(out, (0, 0)) == (255, 255, 255) and rgb_at(out, (1, 1)) == (255, 0, 0)
+    la = Image.new("LA", (4, 4), (0, 0))
+    assert rgb_at(decode_image(_png(la))) == (255, 255, 255)
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.info["transparency"] = 1
+    assert rgb_at(decode_image(_png(pal))) == (255, 255, 255)
+    cmyk = decode_image(jpeg_bytes((0, 255, 255, 0), mode="CMYK"))
+    r, g, b = rgb_at(cmyk)
+    assert r > 200 and g < 60 and b < 60
+    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert rgb_at(decode_image(_png(sixteen))) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif.tobytes())
+    assert decode_image(buf.getvalue()).size == (20, 40)
+
+
+def test_sample_gallery_decodes(small_sample):
+    tsv = ImageTSV(str(small_sample / "MR_valid_imgs.tsv"))
+    modes = set()
+    for img_id in tsv.ids.tolist():
+        img = tsv.load(img_id)
+        modes.add(Image.open(io.BytesIO(tsv.read_bytes(img_id))).format)
+        assert img.mode == "RGB" and img.size == (224, 224)
+    assert "JPEG" in modes

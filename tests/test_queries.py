@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from competition import MugeDataError, read_queries
+from competition.queries import check_ground_truth_in_gallery
+
+
+def write(tmp_path, text, name="q.jsonl", encoding="utf-8"):
+    p = tmp_path / name
+    p.write_text(text, encoding=encoding)
+    return p
+
+
+def test_both_schemas_and_test_files(tmp_path):
+    p = write(tmp_path, '{"query_id": 1, "query_text": "红色连衣裙", "item_ids": [10, 11]}\n'
+                        '{"text_id": 2, "text": "黑色双肩包", "image_ids": [12]}\n'
+                        '{"query_id": 3, "query_text": "白色T恤"}\n')
+    qs = read_queries(p)
+    assert [(q.query_id, q.text, q.item_ids) for q in qs] == [
+        (1, "红色连衣裙", (10, 11)), (2, "黑色双肩包", (12,)), (3, "白色T恤", None)]
+    assert [q.line for q in qs] == [1, 2, 3]
+
+
+def test_bom_is_accepted(tmp_path):
+    p = write(tmp_path, '{"query_id": 5, "query_text": "杯子"}\n', encoding="utf-8-sig")
+    assert read_queries(p)[0].query_id == 5
+
+
+@pytest.mark.parametrize("line2, message", [
+    ('{"query_id": 2, "query_text": "x"', "not valid JSON"),
+    ("", "blank line"),
+    ('{"query_text": "x"}', "missing field 'query_id'"),
+    ('{"query_id": 2}', "missing field 'query_text'"),
+    ('{"query_id": "2", "query_text": "x"}', "must be an integer"),
+    ('{"query_id": 2.0, "query_text": "x"}', "must be an integer"),
+    ('{"query_id": true, "query_text": "x"}', "must be an integer"),
+    ('{"query_id": 2, "query_text": 7}', "must be a string"),
+    ('{"query_id": 2, "query_text": "x", "item_ids": ["3"]}', "integers only"),
+    ('{"query_id": 2, "query_text": "x", "item_ids": [true]}', "integers only"),
+    ('{"query_id": 2, "query_text": "x", "item_ids": []}', "non-empty list"),
+    ('{"query_id": 1, "query_text": "again"}', "duplicate query id 1 (first seen on line 1)"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, line2, message):
+    p = write(tmp_path, '{"query_id": 1, "query_text": "ok"}\n' + line2 + "\n")
+    with pytest.raises(MugeDataError) as err:
+        read_queries(p)
+    assert message in str(err.value)
+    assert f"{p}:2:" in str(err.value)
+    assert err.value.line == 2
+
+
+def test_empty_file(tmp_path):
+    with pytest.raises(MugeDataError, match="empty file"):
+        read_queries(write(tmp_path, ""))
+
+
+def test_require_ids(tmp_path):
+    p = write(tmp_path, '{"query_id": 1, "query_text": "ok"}\n')
+    with pytest.raises(MugeDataError, match=r"q.jsonl:1: missing field 'item_ids'"):
+        read_queries(p, require_ids=True)
+
+
+def test_ground_truth_absent_from_gallery(tmp_path):
+    p = write(tmp_path, json.dumps({"query_id": 1, "query_text": "a", "item_ids": [10, 99]}) + "\n")
+    with pytest.raises(MugeDataError, match=r"q.jsonl:1: query 1: ground-truth image 99 is not in the gallery g.tsv"):
+        check_ground_truth_in_gallery(read_queries(p), [10, 11], p, "g.tsv")
