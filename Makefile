@@ -8,8 +8,12 @@ MUGE   := $(VENV)/bin/muge
 STAMP  := $(VENV)/.setup-stamp
 
 DATA   ?= data/sample
+CONFIG ?= configs/sample.yaml
+RUN    ?= runs/$(basename $(notdir $(CONFIG)))
+NPROC  ?= 1
+SET    ?=
 
-.PHONY: setup sample test clean help
+.PHONY: setup sample train test clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -28,6 +32,17 @@ $(STAMP): setup.cfg pyproject.toml
 sample: data/sample/MR_train_queries.jsonl
 data/sample/MR_train_queries.jsonl: $(STAMP) competition/sample.py
 	$(MUGE) sample data/sample
+
+# -- train -------------------------------------------------------------------------------------
+# NPROC>1 launches torchrun (DDP); SET="train.epochs=3 data.workers=8" overrides config keys.
+train: $(RUN)/best.pt
+$(RUN)/best.pt: $(STAMP) $(CONFIG) | $(DATA)/MR_train_queries.jsonl
+ifeq ($(NPROC),1)
+	$(MUGE) train --config $(CONFIG) --data $(DATA) --out $(RUN) $(foreach s,$(SET),--set $(s))
+else
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m train.cli --config $(CONFIG) --data $(DATA) \
+		--out $(RUN) $(foreach s,$(SET),--set $(s))
+endif
 
 # -- checks ------------------------------------------------------------------------------------
 # pytest exits 5 when it collects nothing; that fails here too.

@@ -1,0 +1,70 @@
+"""Exact top-K retrieval by inner product, for any gallery size in bounded memory.
+
+For each (query block, gallery chunk) score block: split the chunk's columns into K groups; the
+smallest of the K group maxima is a lower bound `t` on each row's K-th best score, so every
+member of the top K (ties included) has score >= t. Only those few candidates are kept and
+merged into a running top-K with an exact sort. Ties break deterministically: higher score
+first, then lower gallery position. One pass of max and one of compare over each block instead
+of a per-row partial sort. Shared by training-time evaluation and by `predict`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _select(rows, scores, cols, k):
+    """Keep, for each row, the k best (score desc, col asc) of flat candidate triples."""
+    order = np.lexsort((cols, -scores, rows))
+    rows, scores, cols = rows[order], scores[order], cols[order]
+    first = np.searchsorted(rows, rows, side="left")
+    keep = (np.arange(len(rows)) - first) < k
+    return rows[keep], scores[keep], cols[keep]
+
+
+def _block_candidates(scores: np.ndarray, k: int, floor: np.ndarray | None):
+    n_cols = scores.shape[1]
+    if n_cols <= k:
+        rows, cols = np.indices(scores.shape).reshape(2, -1)
+        return rows, scores.ravel(), cols
+    bounds = (np.arange(k) * n_cols) // k
+    t = np.maximum.reduceat(scores, bounds, axis=1).min(axis=1)
+    if floor is not None:
+        t = np.maximum(t, floor)
+    rows, cols = np.nonzero(scores >= t[:, None])
+    return rows, scores[rows, cols], cols
+
+
+def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_chunk: int = 32768,
+               query_block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Return (scores [Q, k], gallery positions [Q, k]), best first, k <= len(gallery).
+
+    Memory: one [query_block, gallery_chunk] float32 block at a time (128 MiB by default)
+    whatever the sizes; `gallery` may be a memory-mapped array, read chunk by chunk.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    n_gallery = gallery.shape[0]
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"shape mismatch: queries {queries.shape}, gallery {gallery.shape}")
+    k = min(k, n_gallery)
+    out_s = np.empty((len(queries), k), dtype=np.float32)
+    out_i = np.empty((len(queries), k), dtype=np.int64)
+    if k == 0:
+        return out_s, out_i
+    resident = n_gallery <= gallery_chunk  # one chunk: convert once, reuse for every query block
+    g_all = np.ascontiguousarray(gallery, dtype=np.float32) if resident else None
+    for q0 in range(0, len(queries), query_block):
+        qb = queries[q0:q0 + query_block]
+        rows = np.empty(0, np.int64)
+        vals = np.empty(0, np.float32)
+        cols = np.empty(0, np.int64)
+        floor = None
+        for start in range(0, n_gallery, gallery_chunk):
+            g = g_all if resident else np.ascontiguousarray(gallery[start:start + gallery_chunk], dtype=np.float32)
+            r, s, c = _block_candidates(qb @ g.T, k, floor)
+            rows, vals, cols = _select(np.concatenate([rows, r]), np.concatenate([vals, s]),
+                                       np.concatenate([cols, c + start]), k)
+            if len(rows) == len(qb) * k:  # every row has k: its k-th best bounds later chunks
+                floor = vals.reshape(len(qb), k)[:, -1]
+        out_s[q0:q0 + len(qb)] = vals.reshape(len(qb), k)
+        out_i[q0:q0 + len(qb)] = cols.reshape(len(qb), k)
+    return out_s, out_i

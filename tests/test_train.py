@@ -1,0 +1,157 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tiny import tiny_config
+from train.data import PairDataset, train_loader
+from train.loss import ClipLoss, clip_loss, duplicate_mask
+from train.model import create_model, param_layout
+from train.optim import apply_freeze, create_optimizer, lr_scale
+from train.params import ConfigError, load_config
+from train.scheduler import create_scheduler, lr_factor
+from train.tokenizer import prepare_tokenizer
+
+
+def _setup(small_sample, tmp_path, family, *overrides):
+    cfg = tiny_config(family, *overrides)
+    tok = prepare_tokenizer("char-vocab", None, str(small_sample / "MR_train_queries.jsonl"), str(tmp_path),
+                            cfg.data.max_text_length)
+    torch.manual_seed(0)
+    model, arch = create_model(cfg.model, tok.vocab_size)
+    ds = PairDataset(str(small_sample / "MR_train_queries.jsonl"), str(small_sample / "MR_train_imgs.tsv"), cfg)
+    return cfg, tok, model, arch, ds
+
+
+@pytest.mark.parametrize("family", ["dual", "chinese-clip"])
+def test_each_family_trains_and_loss_falls(small_sample, tmp_path, family):
+    cfg, tok, model, _, ds = _setup(small_sample, tmp_path, family, "train.batch_size=16")
+    batch = next(iter(train_loader(ds, tok, cfg, 0, 1, torch.device("cpu"))))
+    assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape[1:] == (32, 32, 3)
+    assert (batch["input_ids"][:, 1] != 1).any()  # real tokens, not all [UNK]
+    opt = create_optimizer(model, cfg.train)
+    crit = ClipLoss()
+    losses = []
+    for _ in range(40):
+        img, txt, log_scale = model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
+        assert torch.allclose(img.norm(dim=-1), torch.ones(len(img)), atol=1e-5)
+        loss, value = crit(img, txt, log_scale, batch["image_ids"], batch["query_ids"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(value.item())
+    assert np.mean(losses[-5:]) < 0.85 * losses[0], losses
+
+
+def test_multi_positive_mask_and_loss():
+    image_ids = torch.tensor([10, 11, 10, 12])
+    query_ids = torch.tensor([1, 2, 3, 2])
+    mask = duplicate_mask(image_ids, query_ids)
+    expected = torch.tensor([[0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+    # a duplicate positive scoring as high as the true pair is not penalised as a negative
+    f = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0], [0, 0, 1.0]]), dim=-1)
+    t = f.clone()
+    t[3] = torch.tensor([0, 0, 1.0])
+    scale = torch.tensor(20.0)
+    with_mask = clip_loss(f, t, scale, image_ids, query_ids)
+    without = clip_loss(f, t, scale, torch.arange(4), torch.arange(4))
+    assert with_mask < 0.01 and without > 0.3  # two rows at log(2) each way
+
+
+def test_label_smoothing_and_hard_negative_terms_are_finite():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    ids = torch.tensor([1, 1, 2, 3, 4, 5])
+    base = clip_loss(img, txt, torch.tensor(10.0), ids, torch.arange(6))
+    smooth = clip_loss(img, txt, torch.tensor(10.0), ids, torch.arange(6), label_smoothing=0.1)
+    hard = clip_loss(img, txt, torch.tensor(10.0), ids, torch.arange(6), hard_negative_margin=0.2)
+    assert torch.isfinite(smooth) and smooth != base and hard > base
+
+
+def test_llrd_groups_and_no_decay(small_sample, tmp_path):
+    cfg, _, model, _, _ = _setup(small_sample, tmp_path, "dual", "train.layer_decay=0.5")
+    opt = create_optimizer(model, cfg.train)
+    by_name = {n: g for g in opt.param_groups for n in g["names"]}
+    # text tower: 2 layers -> embeddings 0, layers 1-2, top = 2
+    assert by_name["text.encoder.layer.1.attention.self.query.weight"]["lr"] == pytest.approx(1e-3 * 0.5)
+    assert by_name["text.encoder.layer.0.attention.self.query.weight"]["lr"] == pytest.approx(1e-3 * 0.25)
+    assert by_name["text.embeddings.word_embeddings.weight"]["lr"] == pytest.approx(1e-3 * 0.125)
+    assert by_name["text_proj.0.weight"]["lr"] == pytest.approx(2e-3)
+    assert by_name["logit_scale"]["weight_decay"] == 0 and by_name["text_proj.0.bias"]["weight_decay"] == 0
+    assert by_name["text.embeddings.LayerNorm.weight"]["weight_decay"] == 0
+    assert by_name["text_proj.0.weight"]["weight_decay"] == cfg.train.weight_decay
+    image_lrs = sorted({g["lr"] for g in opt.param_groups if g["group"] == "image"})
+    assert len(image_lrs) > 2 and image_lrs[-1] <= 2e-3
+    assert lr_scale(3, 2, 0.5) == 1.0 and lr_scale(0, 2, 0.5) == 0.125
+
+
+def test_freezing_and_progressive_unfreeze(small_sample, tmp_path):
+    cfg, tok, model, _, ds = _setup(small_sample, tmp_path, "dual", "train.freeze.text_layers=1",
+                                    "train.freeze.image_stages=1", "train.freeze.schedule={1: {text_layers: 2}}")
+    apply_freeze(model, cfg.train.freeze, epoch=0)
+    opt = create_optimizer(model, cfg.train)
+    batch = next(iter(train_loader(ds, tok, cfg, 0, 1, torch.device("cpu"))))
+    img, txt, s = model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
+    ClipLoss()(img, txt, s, batch["image_ids"], batch["query_ids"])[0].backward()
+    opt.step()
+    params = dict(model.named_parameters())
+    frozen = ["text.embeddings.word_embeddings.weight", "text.encoder.layer.0.attention.self.query.weight",
+              "image.conv1.0.weight", "image.layer3.0.conv1.weight"]
+    trainable = ["text.encoder.layer.1.attention.self.query.weight", "image.layer4.0.conv1.weight",
+                 "text_proj.0.weight", "logit_scale"]
+    for name in frozen:
+        assert params[name].grad is None and params[name] not in opt.state, name
+    for name in trainable:
+        assert params[name].grad is not None and params[name] in opt.state, name
+    apply_freeze(model, cfg.train.freeze, epoch=1)  # schedule: whole text tower from epoch 1
+    assert params["text.encoder.layer.0.attention.self.query.weight"].requires_grad
+    assert not params["image.layer3.0.conv1.weight"].requires_grad
+
+
+def test_param_layout_chinese_clip(small_sample, tmp_path):
+    _, _, model, _, _ = _setup(small_sample, tmp_path, "chinese-clip")
+    layout = param_layout(model)
+    assert layout["clip.text_model.encoder.layer.1.attention.self.query.weight"] == ("text", 2, 2)
+    assert layout["clip.vision_model.encoder.layers.0.mlp.fc1.weight"] == ("image", 1, 2)
+    assert layout["clip.vision_model.embeddings.patch_embedding.weight"][:2] == ("image", 0)
+    assert layout["clip.visual_projection.weight"][0] == "head"
+
+
+def test_warmup_cosine_values():
+    assert lr_factor(0, 10, 110, 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 110, 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 110, 0.0) == pytest.approx(1.0)
+    assert lr_factor(60, 10, 110, 0.0) == pytest.approx(0.5)
+    assert lr_factor(110, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_factor(60, 10, 110, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = create_scheduler(opt, 4, 20, 0.0)
+    seen = []
+    for _ in range(20):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and seen[-1] < 0.01
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "unknown config key train.epoch; valid keys under train: accum_steps"),
+    ("model.txt.name=x", "unknown config key model.txt"),
+    ("model.family=clip", "model.family='clip'; expected one of dual, chinese-clip"),
+    ("train.batch_size=0", "train.batch_size=0; expected a positive integer"),
+    ("train.grad_cache_chunk=5", "must divide train.batch_size"),
+])
+def test_bad_config_keys(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/sample.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_presets_load():
+    for name in ("sample", "bert-convnext", "cnclip-vit-b16"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.train.epochs >= 1
+    assert load_config("configs/cnclip-vit-b16.yaml").train.lr.text == 5e-5

@@ -1,0 +1,132 @@
+"""Training pairs and evaluation inputs, read through the `competition` readers.
+
+The dataset holds ids, texts and the TSV's offset index only; DataLoader workers decode images
+by id with `pread`. Batches are full (drop_last): the contrastive loss wants a constant batch
+and DDP's feature gathering needs equal batches on every rank.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from competition import ImageTSV, MugeDataError, read_queries
+from competition.preprocess import resize_image
+
+from .params import Config
+from .transform import augment_image, augment_text
+
+log = logging.getLogger(__name__)
+
+
+def split_files(data_dir: str, split: str) -> tuple[str, str]:
+    q = os.path.join(data_dir, f"MR_{split}_queries.jsonl")
+    t = os.path.join(data_dir, f"MR_{split}_imgs.tsv")
+    for path in (q, t):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found (expected the MUGE layout in {data_dir})")
+    return q, t
+
+
+class PairDataset(Dataset):
+    """(query, positive image) pairs: one per ground-truth id of every train query."""
+
+    def __init__(self, queries_path: str, tsv_path: str, cfg: Config):
+        queries = read_queries(queries_path, require_ids=True)
+        self.tsv = ImageTSV(tsv_path)
+        self.texts = [q.text for q in queries]
+        pairs = [(qi, img) for qi, q in enumerate(queries) for img in q.item_ids]
+        if cfg.data.limit_pairs:
+            pairs = pairs[:cfg.data.limit_pairs]
+        missing = [(queries[qi], img) for qi, img in pairs if img not in self.tsv]
+        if missing:
+            q, img = missing[0]
+            raise MugeDataError(queries_path, f"query {q.query_id}: image {img} is not in {tsv_path} "
+                                              f"({len(missing)} such pairs)", q.line)
+        self.query_index = np.array([p[0] for p in pairs], dtype=np.int64)
+        self.image_ids = np.array([p[1] for p in pairs], dtype=np.int64)
+        self.query_ids = np.array([queries[p[0]].query_id for p in pairs], dtype=np.int64)
+        self.aug, self.size, self.rule = cfg.data.augment, cfg.data.image_size, cfg.data.resize_rule
+        self.skip_bad = cfg.data.skip_bad_images
+        self.seed = cfg.train.seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int):
+        for attempt in range(16):  # a bad image (with skip_bad_images) is replaced by the next pair
+            j = (i + attempt) % len(self)
+            rng = np.random.default_rng([self.seed, self.epoch, j])
+            try:
+                img = self.tsv.load(int(self.image_ids[j]))
+            except MugeDataError as err:
+                if not self.skip_bad:
+                    raise
+                log.warning("skipping %s", err)
+                continue
+            pixels = augment_image(img, self.aug, self.size, self.rule, rng)
+            text = augment_text(self.texts[self.query_index[j]], self.aug, rng)
+            return pixels, text, self.image_ids[j], self.query_ids[j]
+        raise MugeDataError(self.tsv.path, f"16 consecutive undecodable images from pair {i}")
+
+
+class Collate:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch):
+        pixels, texts, image_ids, query_ids = zip(*batch)
+        ids, mask = self.tokenizer(texts)
+        return {"pixels": torch.from_numpy(np.stack(pixels)), "input_ids": torch.from_numpy(ids),
+                "attention_mask": torch.from_numpy(mask), "image_ids": torch.as_tensor(np.array(image_ids)),
+                "query_ids": torch.as_tensor(np.array(query_ids))}
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def train_loader(dataset: PairDataset, tokenizer, cfg: Config, rank: int, world: int, device) -> DataLoader:
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
+                                 drop_last=True)
+    if len(dataset) // world < cfg.train.batch_size:
+        raise ValueError(f"{len(dataset)} pairs over {world} process(es) do not fill one batch of "
+                         f"{cfg.train.batch_size}; lower train.batch_size")
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+                      num_workers=cfg.data.workers, collate_fn=Collate(tokenizer), worker_init_fn=_worker_init,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      prefetch_factor=4 if cfg.data.workers else None)
+
+
+class GalleryImages(Dataset):
+    """A gallery's images in file order, resized by the one shared function."""
+
+    def __init__(self, tsv_path: str, size: int, rule: str, skip_bad: bool = False):
+        self.tsv = ImageTSV(tsv_path)
+        self.size, self.rule, self.skip_bad = size, rule, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.tsv)
+
+    def __getitem__(self, i: int):
+        img_id = int(self.tsv.ids[i])
+        try:
+            return resize_image(self.tsv.load(img_id), self.size, self.rule), i, True
+        except MugeDataError as err:
+            if not self.skip_bad:
+                raise
+            log.warning("skipping %s", err)
+            return np.zeros((self.size, self.size, 3), np.uint8), i, False
+
+
+def gallery_loader(dataset: GalleryImages, batch_size: int, workers: int, device) -> DataLoader:
+    def collate(batch):
+        pixels, idx, ok = zip(*batch)
+        return torch.from_numpy(np.stack(pixels)), torch.tensor(idx), torch.tensor(ok)
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                      worker_init_fn=_worker_init, pin_memory=device.type == "cuda")

@@ -1,0 +1,84 @@
+"""Symmetric InfoNCE over (query, image) pairs, multi-positive aware, across ranks.
+
+Under DDP every rank all-gathers the features of every rank (its own slice keeps its graph, so
+gradients flow to the local features) and computes the loss over the global batch. Each rank's
+backward therefore yields its share of the global-batch gradient; `ClipLoss` scales the
+backward by the world size so that DDP's gradient averaging gives exactly the single-process
+gradient of the global batch (and the logged loss is the global-batch loss).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def gather_features(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """All-gather along dim 0; this rank's slice is the original tensor (with its grad)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(tensors)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.detach().contiguous())
+        parts[rank] = t
+        out.append(torch.cat(parts, dim=0))
+    return out
+
+
+def duplicate_mask(image_ids: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
+    """[B, B] True where pair j is a positive for pair i other than itself: the same image
+    (a shared item) or the same query (a query with several images)."""
+    same = (image_ids[:, None] == image_ids[None, :]) | (query_ids[:, None] == query_ids[None, :])
+    return same & ~torch.eye(len(image_ids), dtype=torch.bool, device=image_ids.device)
+
+
+def _cross_entropy(logits: torch.Tensor, ignore: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """CE with target = the diagonal, `ignore` entries excluded from the softmax, and label
+    smoothing spread over the entries that remain."""
+    logp = logits.masked_fill(ignore, float("-inf")).log_softmax(dim=-1)
+    nll = -logp.diagonal()
+    if smoothing > 0:
+        valid = (~ignore).sum(dim=-1)
+        uniform = -logp.masked_fill(ignore, 0.0).sum(dim=-1) / valid
+        nll = (1 - smoothing) * nll + smoothing * uniform
+    return nll.mean()
+
+
+def _hinge(sims: torch.Tensor, ignore: torch.Tensor, margin: float) -> torch.Tensor:
+    neg = sims.masked_fill(ignore | torch.eye(len(sims), dtype=torch.bool, device=sims.device), float("-inf"))
+    return F.relu(margin - sims.diagonal() + neg.amax(dim=-1)).mean()
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, image_ids: torch.Tensor,
+              query_ids: torch.Tensor, label_smoothing: float = 0.0, hard_negative_margin: float = 0.0,
+              hard_negative_weight: float = 1.0) -> torch.Tensor:
+    """Loss of one (global) batch of L2-normalised features; pair i is (text[i], image[i])."""
+    image, text = image.float(), text.float()
+    ignore = duplicate_mask(image_ids, query_ids)
+    sims = text @ image.T                      # [texts, images]
+    logits = logit_scale * sims
+    loss = 0.5 * (_cross_entropy(logits, ignore, label_smoothing) + _cross_entropy(logits.T, ignore, label_smoothing))
+    if hard_negative_margin > 0:
+        loss = loss + hard_negative_weight * 0.5 * (_hinge(sims, ignore, hard_negative_margin)
+                                                    + _hinge(sims.T, ignore, hard_negative_margin))
+    return loss
+
+
+class ClipLoss(nn.Module):
+    def __init__(self, label_smoothing: float = 0.0, hard_negative_margin: float = 0.0,
+                 hard_negative_weight: float = 1.0, logit_scale_max: float = 100.0):
+        super().__init__()
+        self.kw = dict(label_smoothing=label_smoothing, hard_negative_margin=hard_negative_margin,
+                       hard_negative_weight=hard_negative_weight)
+        self.logit_scale_max = logit_scale_max
+
+    def forward(self, image, text, log_scale, image_ids, query_ids):
+        """Returns (loss to backward, global-batch loss for logging)."""
+        scale = log_scale.exp().clamp(max=self.logit_scale_max)
+        image, text, image_ids, query_ids = gather_features(image, text, image_ids, query_ids)
+        loss = clip_loss(image, text, scale, image_ids, query_ids, **self.kw)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return loss * world, loss.detach()

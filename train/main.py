@@ -1,0 +1,227 @@
+"""The training loop: `run(cfg, data_dir, out_dir)` fine-tunes, evaluates on valid every epoch,
+and keeps `best.pt` (by MeanRecall), `last.pt` (resumable), `metrics.jsonl`, `curves.png` and
+`config.yaml` in the run directory. Launch under torchrun for DDP."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from competition.io import atomic_write_text
+
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import PairDataset, split_files, train_loader
+from .distributed import World, barrier, cleanup, device_for, init_distributed
+from .evaluate import evaluate
+from .loss import ClipLoss
+from .model import create_model
+from .optim import apply_freeze, create_optimizer
+from .params import Config, save_config, to_dict
+from .precision import autocast, grad_scaler, resolve_precision
+from .scheduler import create_scheduler
+from .tokenizer import prepare_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def plot_curves(history: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    trained = [h for h in history if h.get("train_loss") is not None]
+    a.plot([h["epoch"] for h in trained], [h["train_loss"] for h in trained], "o-")
+    a.set(title="train loss", xlabel="epoch")
+    for key in ("r1", "r5", "r10", "mean_recall"):
+        b.plot(epochs, [h.get(key) for h in history], "o-", label=key)
+    b.set(title="valid recall (x100)", xlabel="epoch")
+    b.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg: Config, precision, device,
+                    world: World, epoch: int, step: int) -> tuple[float, int]:
+    t = cfg.train
+    model.train()
+    params = [p for p in model.parameters()]
+    total, count, seen, t0 = 0.0, 0, 0, time.time()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not world.main, leave=False)
+    for i, batch in enumerate(bar):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        boundary = (i + 1) % t.accum_steps == 0
+        sync = boundary or not isinstance(model, DistributedDataParallel)
+        with (model.no_sync() if not sync else _null()):
+            if t.grad_cache_chunk and t.grad_cache_chunk < len(batch["pixels"]):
+                from .gradcache import grad_cache_step
+
+                loss_value = grad_cache_step(model, criterion, batch, t.grad_cache_chunk, precision, device,
+                                             scaler, 1.0 / t.accum_steps)
+            else:
+                with autocast(precision, device):
+                    img, txt, log_scale = model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
+                loss, loss_value = criterion(img, txt, log_scale, batch["image_ids"], batch["query_ids"])
+                scaler.scale(loss / t.accum_steps).backward()
+        if boundary:
+            if t.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            with torch.no_grad():
+                _unwrap(model).logit_scale.clamp_(0, math.log(cfg.model.logit_scale_max))
+        total += float(loss_value)
+        count += 1
+        seen += len(batch["pixels"]) * world.size
+        if world.main and (i % t.log_every == 0 or i == len(loader) - 1):
+            scale = _unwrap(model).logit_scale.exp().item()
+            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            temp=f"{1 / scale:.4f}", samples_s=f"{seen / (time.time() - t0):.1f}")
+    samples_s = seen / max(time.time() - t0, 1e-9)
+    if world.main:
+        log.info("epoch %d: loss %.4f, %.1f samples/s", epoch + 1, total / max(count, 1), samples_s)
+    return total / max(count, 1), step, samples_s
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False, stop_after_epoch: int | None = None) -> dict:
+    """Train per `cfg`; returns the best epoch's metrics. `stop_after_epoch` simulates an
+    interruption (tests)."""
+    world = init_distributed()
+    try:
+        return _run(cfg, data_dir, out_dir, resume, stop_after_epoch, world)
+    finally:
+        cleanup()
+
+
+def _run(cfg, data_dir, out_dir, resume, stop_after_epoch, world: World) -> dict:
+    device = device_for(world)
+    precision = resolve_precision(cfg.train.precision, device)
+    seed_everything(cfg.train.seed)
+    os.makedirs(out_dir, exist_ok=True)
+    train_q, train_tsv = split_files(data_dir, "train")
+    valid_q, valid_tsv = split_files(data_dir, "valid")
+    source = cfg.model.name if cfg.model.family == "chinese-clip" else cfg.model.text.name
+    if world.main:
+        tokenizer = prepare_tokenizer(cfg.model.text.tokenizer, source, train_q, out_dir, cfg.data.max_text_length)
+    barrier()
+    if not world.main:
+        tokenizer = prepare_tokenizer(cfg.model.text.tokenizer, source, train_q, out_dir, cfg.data.max_text_length)
+    model, arch = create_model(cfg.model, tokenizer.vocab_size)
+    model.to(device)
+    dataset = PairDataset(train_q, train_tsv, cfg)
+    loader = train_loader(dataset, tokenizer, cfg, world.rank, world.size, device)
+    steps_per_epoch = max(1, len(loader) // cfg.train.accum_steps)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    apply_freeze(model, cfg.train.freeze, 0)
+    optimizer = create_optimizer(model, cfg.train)
+    scheduler = create_scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
+    scaler = grad_scaler(precision, device)
+    criterion = ClipLoss(cfg.train.label_smoothing, cfg.train.hard_negative_margin, cfg.train.hard_negative_weight,
+                         cfg.model.logit_scale_max)
+    start_epoch, step, history = 0, 0, []
+    best = {"mean_recall": -1.0}
+    last_path, best_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "best.pt")
+    if resume:
+        ckpt = load_checkpoint(last_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        start_epoch, step, history, best = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"]
+        if world.main:
+            log.info("resuming %s after epoch %d (step %d)", out_dir, start_epoch, step)
+    elif world.main:
+        save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    n_params = sum(p.numel() for p in model.parameters())
+    if world.main:
+        log.info("%s model, %.1fM parameters, %s on %s x%d; %d pairs, %d steps/epoch, %d epochs",
+                 cfg.model.family, n_params / 1e6, precision, device.type, world.size, len(dataset),
+                 steps_per_epoch, cfg.train.epochs)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=False) if world.size > 1 else model
+
+    def score_now(epoch: int, train_loss, samples_s) -> dict:
+        s = evaluate(model, tokenizer, valid_q, valid_tsv, cfg.data.image_size, cfg.data.resize_rule,
+                     cfg.eval.batch_size, cfg.data.workers, device, precision, cfg.data.skip_bad_images,
+                     progress=True)
+        return {"epoch": epoch, "step": step, "train_loss": train_loss, "samples_per_s": samples_s, **s.as_dict()}
+
+    if not resume and cfg.eval.untrained and world.main:
+        record = score_now(0, None, None)
+        history.append(record)
+        log.info("untrained model: MR %.2f", record["mean_recall"])
+    barrier()
+    for epoch in range(start_epoch, cfg.train.epochs):
+        apply_freeze(model, cfg.train.freeze, epoch)
+        seed_everything(cfg.train.seed * 1000 + epoch)  # dropout etc.: a function of (seed, epoch) alone
+        dataset.epoch = epoch
+        loader.sampler.set_epoch(epoch)
+        loss, step, samples_s = train_one_epoch(ddp, criterion, loader, optimizer, scheduler, scaler, cfg,
+                                                precision, device, world, epoch, step)
+        last_epoch = epoch + 1 == cfg.train.epochs
+        if world.main:
+            if (epoch + 1) % cfg.eval.every_epochs == 0 or last_epoch:
+                record = score_now(epoch + 1, loss, samples_s)
+            else:
+                record = {"epoch": epoch + 1, "step": step, "train_loss": loss, "samples_per_s": samples_s}
+            history.append(record)
+            improved = record.get("mean_recall", -1) > best["mean_recall"]
+            if improved:
+                best = record
+                save_checkpoint(best_path, {"model": model.state_dict(), "arch": arch, "config": to_dict(cfg),
+                                            "epoch": epoch + 1, "metrics": record})
+            save_checkpoint(last_path, {
+                "model": model.state_dict(), "arch": arch, "config": to_dict(cfg), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                "epoch": epoch + 1, "step": step, "history": history, "best": best})
+            atomic_write_text(os.path.join(out_dir, "metrics.jsonl"),
+                              "".join(json.dumps(h) + "\n" for h in history))
+            plot_curves(history, os.path.join(out_dir, "curves.png"))
+        barrier()
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
+    if world.main:
+        untrained = next((h for h in history if h["epoch"] == 0), None)
+        msg = f"best valid MR {best['mean_recall']:.2f} at epoch {best.get('epoch')}"
+        if untrained:
+            msg += f" (untrained MR {untrained['mean_recall']:.2f})"
+        log.info("%s; run in %s", msg, out_dir)
+    return best

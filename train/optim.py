@@ -1,0 +1,59 @@
+"""`create_optimizer`: AdamW with head / text / image parameter groups, layer-wise lr decay
+inside each tower, and no weight decay on norms, biases and the logit scale. `apply_freeze`
+trains only the top N blocks of each tower."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .model import param_layout
+from .params import FreezeConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def lr_scale(layer_id: int, top: int, decay: float) -> float:
+    """The final norm (top+1) trains at the group's lr, block `top` at lr*decay, ..., the
+    stem/embeddings (0) at lr*decay**(top+1)."""
+    return decay ** (top + 1 - layer_id)
+
+
+def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    base = {"head": cfg.lr.head, "text": cfg.lr.text, "image": cfg.lr.image}
+    layout = param_layout(model)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        group, layer, top = layout[name]
+        scale = 1.0 if group == "head" else lr_scale(layer, top, cfg.layer_decay)
+        no_decay = p.ndim <= 1  # norms, biases, the logit scale
+        key = (group, layer, no_decay)
+        g = groups.setdefault(key, {"params": [], "names": [], "lr": base[group] * scale, "lr_scale": scale,
+                                    "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+                                    "group": group, "layer": layer})
+        g["params"].append(p)
+        g["names"].append(name)
+    return torch.optim.AdamW(list(groups.values()), betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def apply_freeze(model: nn.Module, freeze: FreezeConfig, epoch: int = 0) -> dict[str, int]:
+    """Set requires_grad per the freeze config, with `schedule` entries applied up to `epoch`
+    (0-based): e.g. {2: {text_layers: 12}} unfreezes the whole text tower from the third epoch.
+    Frozen parameters get no grad, so AdamW keeps no state for them. Returns trainable counts."""
+    spec = {"text": freeze.text_layers, "image": freeze.image_stages}
+    for start in sorted(int(e) for e in freeze.schedule):
+        if start <= epoch:
+            step = freeze.schedule.get(start, freeze.schedule.get(str(start), {}))
+            spec["text"] = step.get("text_layers", spec["text"])
+            spec["image"] = step.get("image_stages", spec["image"])
+    layout = param_layout(model, coarse=True)
+    counts = {"head": 0, "text": 0, "image": 0}
+    for name, p in model.named_parameters():
+        group, layer, top = layout[name]
+        n = spec.get(group)
+        trainable = n is None or layer > top - n
+        p.requires_grad_(trainable)
+        if trainable:
+            counts[group] += p.numel()
+    return counts
