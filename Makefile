@@ -10,10 +10,11 @@ STAMP  := $(VENV)/.setup-stamp
 DATA   ?= data/sample
 CONFIG ?= configs/sample.yaml
 RUN    ?= runs/$(basename $(notdir $(CONFIG)))
+BUNDLE ?= bundles/$(notdir $(RUN))
 NPROC  ?= 1
 SET    ?=
 
-.PHONY: setup sample train test clean help
+.PHONY: setup sample train export test clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -43,6 +44,11 @@ else
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m train.cli --config $(CONFIG) --data $(DATA) \
 		--out $(RUN) $(foreach s,$(SET),--set $(s))
 endif
+
+# -- export ------------------------------------------------------------------------------------
+export: $(BUNDLE)/manifest.json
+$(BUNDLE)/manifest.json: $(RUN)/best.pt
+	$(MUGE) export $(RUN) --out $(BUNDLE) --data $(DATA)
 
 # -- checks ------------------------------------------------------------------------------------
 # pytest exits 5 when it collects nothing; that fails here too.

@@ -48,6 +48,8 @@ def cli(verbose: bool):
     """Fine-tune, export, predict and score Tianchi MUGE text-to-image retrieval."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "matplotlib", "PIL", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class BenchGroup(LazyGroup):

@@ -1,0 +1,118 @@
+"""Checkpoint -> bundle: `text.onnx`, `image.onnx`, their fp16 twins, `tokenizer/` and
+`manifest.json`; everything `predict` needs and nothing more. Built in a temporary directory
+beside the destination and renamed into place only after every graph passes `onnx.checker`,
+loads in ONNX Runtime and passes the parity gate."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from importlib import metadata
+
+import torch
+
+from competition.preprocess import TEXT_NORMALIZATION
+
+from .graphs import check_graph, export_graph, load_run_model, to_fp16
+from .parity import ParityError, ParityLimits, ParitySettings, format_report, run_parity
+
+log = logging.getLogger(__name__)
+FORMAT = "muge-bundle/1"
+GRAPHS = ("text.onnx", "image.onnx", "text.fp16.onnx", "image.fp16.onnx")
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    out = {}
+    for name in ("torch", "transformers", "timm", "onnx", "onnxscript", "onnxruntime-gpu", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def export_bundle(run_dir: str, out_dir: str, data_dir: str, checkpoint: str = "best", opset: int = 18,
+                  exporter: str = "dynamo", settings: ParitySettings = ParitySettings(),
+                  limits: ParityLimits = ParityLimits(), device: str = "auto") -> dict:
+    """Write the bundle to `out_dir` (replacing an old one only on success); return its manifest."""
+    t0 = time.time()
+    model, ckpt, ckpt_path = load_run_model(run_dir, checkpoint)
+    cfg = ckpt["config"]
+    size, max_len = cfg["data"]["image_size"], cfg["data"]["max_text_length"]
+    queries_path = os.path.join(data_dir, "MR_valid_queries.jsonl")
+    tsv_path = os.path.join(data_dir, "MR_valid_imgs.tsv")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".", dir=parent)
+    os.chmod(tmp, 0o755)
+    try:
+        shutil.copytree(os.path.join(run_dir, "tokenizer"), os.path.join(tmp, "tokenizer"))
+        example_text = (torch.randint(5, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long))
+        example_image = (torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8),)
+        log.info("exporting the text encoder (%s, opset %d) ...", exporter, opset)
+        export_graph(model, "text", os.path.join(tmp, "text.onnx"), example_text, opset, exporter)
+        log.info("exporting the image encoder ...")
+        export_graph(model, "image", os.path.join(tmp, "image.onnx"), example_image, opset, exporter)
+        for kind in ("text", "image"):
+            to_fp16(os.path.join(tmp, f"{kind}.onnx"), os.path.join(tmp, f"{kind}.fp16.onnx"))
+        for name in GRAPHS:
+            check_graph(os.path.join(tmp, name))
+        manifest = {
+            "format": FORMAT, "family": ckpt["arch"]["family"], "embed_dim": None,
+            "image_size": size, "resize_rule": cfg["data"]["resize_rule"], "image_input": "uint8 NHWC, resized",
+            "max_text_length": max_len, "text_normalization": TEXT_NORMALIZATION, "opset": opset,
+            "exporter": exporter, "source_checkpoint": os.path.abspath(ckpt_path), "source_sha256": sha256(ckpt_path),
+            "source_epoch": ckpt.get("epoch"), "source_valid_metrics": ckpt.get("metrics"),
+            "libraries": _versions(), "files": {n: sha256(os.path.join(tmp, n)) for n in GRAPHS},
+        }
+        with torch.no_grad():
+            manifest["embed_dim"] = int(model.encode_text(*example_text).shape[1])
+        _write_json(os.path.join(tmp, "manifest.json"), manifest)
+        log.info("parity gate on %s ...", data_dir)
+        report = run_parity(model, tmp, queries_path, tsv_path, settings, limits, device)
+        print(format_report(report), flush=True)
+        if not report["passed"]:
+            raise ParityError(report)
+        manifest["parity"] = report
+        _write_json(os.path.join(tmp, "manifest.json"), manifest)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("bundle %s written in %.1fs", out_dir, time.time() - t0)
+    return manifest
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Put the finished bundle in place; an old bundle at `dst` is removed only afterwards."""
+    old = None
+    if os.path.exists(dst):
+        old = dst + f".old-{os.getpid()}"
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def bundle_hash(bundle_dir: str) -> str:
+    """Identity of a bundle's graphs and tokenizer (predict keys its embedding cache on it)."""
+    with open(os.path.join(bundle_dir, "manifest.json"), encoding="utf-8") as f:
+        files = json.load(f)["files"]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]

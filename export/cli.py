@@ -1,0 +1,34 @@
+"""`muge export RUN_DIR --out BUNDLE_DIR`."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
+@click.option("--data", "data_dir", default="data/sample", show_default=True,
+              help="MUGE directory whose valid split feeds the parity gate.")
+@click.option("--checkpoint", default="best", show_default=True, help="best | last | a .pt path")
+@click.option("--opset", default=18, show_default=True)
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
+@click.option("--parity-queries", default=300, show_default=True)
+@click.option("--parity-gallery", default=1000, show_default=True, help="Valid images used by the gate.")
+@click.option("--parity-batch", default=32, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="Where the fp16 graphs are checked.")
+def export(run_dir, out_dir, data_dir, checkpoint, opset, exporter, parity_queries, parity_gallery, parity_batch,
+           device):
+    """Export RUN_DIR's checkpoint to an ONNX bundle (fp32 + fp16) behind a parity gate."""
+    from .bundle import export_bundle
+    from .parity import ParityError, ParitySettings
+
+    try:
+        export_bundle(run_dir, out_dir, data_dir, checkpoint, opset, exporter,
+                      ParitySettings(parity_queries, parity_gallery, parity_batch), device=device)
+    except ParityError as exc:
+        click.echo(f"export refused, no bundle written: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"bundle written to {out_dir}")

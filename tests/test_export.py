@@ -1,0 +1,100 @@
+"""Export: tiny dual and tiny Chinese-CLIP runs -> bundle -> ORT, behind the parity gate."""
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.bundle import GRAPHS, export_bundle
+from export.graphs import load_run_model
+from export.parity import ParityError, ParitySettings, run_parity
+from predict.runtime import BundleEncoders
+from tiny import tiny_config
+from train.main import run
+
+FAST = ParitySettings(queries=40, gallery=60, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def runs(small_sample, tmp_path_factory):
+    out = {}
+    for family in ("dual", "chinese-clip"):
+        d = tmp_path_factory.mktemp(f"run-{family}")
+        run(tiny_config(family, "train.epochs=1", "eval.untrained=false"), str(small_sample), str(d))
+        out[family] = str(d)
+    return out
+
+
+@pytest.mark.parametrize("family, exporter", [("dual", "dynamo"), ("chinese-clip", "dynamo"),
+                                              ("dual", "torchscript")])
+def test_export_loads_and_passes_gate(runs, small_sample, tmp_path, family, exporter):
+    out = tmp_path / "bundle"
+    manifest = export_bundle(runs[family], str(out), str(small_sample), exporter=exporter, settings=FAST)
+    for name in GRAPHS + ("manifest.json", "tokenizer/tokenizer.json"):
+        assert (out / name).exists(), name
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["parity"]["passed"] and on_disk["embed_dim"] == 32 and on_disk["image_size"] == 32
+    assert len(on_disk["source_sha256"]) == 64 and on_disk["family"] == family
+    assert manifest["files"] == on_disk["files"]
+    # fp16 graphs keep fp32 / uint8 / int64 inputs and outputs
+    for name, inputs in (("image.fp16.onnx", {"pixels": onnx.TensorProto.UINT8}),
+                         ("text.fp16.onnx", {"input_ids": onnx.TensorProto.INT64})):
+        graph = onnx.load(str(out / name)).graph
+        assert {i.name: i.type.tensor_type.elem_type for i in graph.input if i.name in inputs} == inputs
+        assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    # dynamic batch and sequence: the gate at batch 1 and 7 (different padded lengths per batch)
+    model, _, _ = load_run_model(runs[family])
+    for bs in (1, 7):
+        report = run_parity(model, str(out), str(small_sample / "MR_valid_queries.jsonl"),
+                            str(small_sample / "MR_valid_imgs.tsv"), ParitySettings(21, 21, bs))
+        assert report["passed"], report
+    enc = BundleEncoders(str(out))
+    assert enc.choice.device == "cpu" and not enc.choice.fp16  # no GPU here: CPU + fp32
+    short, long = enc.encode_text(["红"]), enc.encode_text(["红色条纹连衣裙女夏季新款 ins风 百搭 学生 大容量"])
+    assert short.shape == long.shape == (1, 32)
+    with torch.no_grad():
+        ids, mask = enc.tokenizer(["红色条纹连衣裙女夏季新款 ins风 百搭 学生 大容量"])
+        ref = model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    assert np.abs(ref - long).max() < 1e-4
+
+
+def test_corrupted_export_fails_gate_and_leaves_no_bundle(runs, small_sample, tmp_path, monkeypatch):
+    import export.bundle as bundle_mod
+    from export.graphs import export_graph as real_export
+
+    def perturbed(model, kind, path, example, opset=18, exporter="dynamo"):
+        real_export(model, kind, path, example, opset, exporter)
+        if kind == "image":  # nudge every weight: a silently wrong export
+            m = onnx.load(path)
+            for init in m.graph.initializer:
+                arr = onnx.numpy_helper.to_array(init)
+                if arr.dtype == np.float32 and arr.size > 16:
+                    init.CopyFrom(onnx.numpy_helper.from_array(arr * 1.05 + 0.01, init.name))
+            onnx.save(m, path)
+        return path
+
+    monkeypatch.setattr(bundle_mod, "export_graph", perturbed)
+    out = tmp_path / "bundle"
+    with pytest.raises(ParityError) as err:
+        export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript", settings=FAST)
+    assert "fp32_max_abs_image" in str(err.value)
+    assert not out.exists()
+    assert os.listdir(tmp_path) == []  # the temporary build directory is gone too
+
+
+def test_failed_export_keeps_previous_bundle(runs, small_sample, tmp_path, monkeypatch):
+    out = tmp_path / "bundle"
+    export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript", settings=FAST)
+    before = (out / "manifest.json").read_text()
+    import export.bundle as bundle_mod
+
+    def broken(*a, **k):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(bundle_mod, "export_graph", broken)
+    with pytest.raises(RuntimeError):
+        export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript", settings=FAST)
+    assert (out / "manifest.json").read_text() == before
+    assert sorted(os.listdir(tmp_path)) == ["bundle"]
