@@ -14,11 +14,11 @@ BUNDLE ?= bundles/$(notdir $(RUN))
 NPROC  ?= 1
 SET    ?=
 
-.PHONY: setup sample train export test clean help
+.PHONY: setup sample train export submit validate test bench clean help
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make setup | sample | test    (see README.md)"
+	@echo "make submit | validate | train | export | sample | test | bench | setup   (see README.md)"
 
 # -- install -----------------------------------------------------------------------------------
 # Re-runs only when setup.cfg / pyproject.toml change. torch and torchvision are pinned as a
@@ -37,6 +37,10 @@ data/sample/MR_train_queries.jsonl: $(STAMP) competition/sample.py
 # -- train -------------------------------------------------------------------------------------
 # NPROC>1 launches torchrun (DDP); SET="train.epochs=3 data.workers=8" overrides config keys.
 train: $(RUN)/best.pt
+ifeq ($(origin RUN),command line)
+$(RUN)/best.pt:            # RUN=... reuses a trained run as it is
+	@test -f $@ || (echo "$@ not found" && false)
+else
 $(RUN)/best.pt: $(STAMP) $(CONFIG) | $(DATA)/MR_train_queries.jsonl
 ifeq ($(NPROC),1)
 	$(MUGE) train --config $(CONFIG) --data $(DATA) --out $(RUN) $(foreach s,$(SET),--set $(s))
@@ -44,16 +48,39 @@ else
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m train.cli --config $(CONFIG) --data $(DATA) \
 		--out $(RUN) $(foreach s,$(SET),--set $(s))
 endif
+endif
 
 # -- export ------------------------------------------------------------------------------------
 export: $(BUNDLE)/manifest.json
+ifeq ($(origin BUNDLE),command line)
+$(BUNDLE)/manifest.json:   # BUNDLE=... reuses an exported bundle as it is
+	@test -f $@ || (echo "$@ not found" && false)
+else
 $(BUNDLE)/manifest.json: $(RUN)/best.pt
 	$(MUGE) export $(RUN) --out $(BUNDLE) --data $(DATA)
+endif
+
+# -- predict -----------------------------------------------------------------------------------
+NAME       := $(notdir $(BUNDLE))
+SUBMISSION := submissions/$(NAME)-test.jsonl
+submit: $(SUBMISSION) validate
+	@echo "submission: $(SUBMISSION)"
+$(SUBMISSION): $(BUNDLE)/manifest.json $(DATA)/MR_test_queries.jsonl
+	$(MUGE) predict --bundle $(BUNDLE) --data $(DATA) --split test --out $@
+	$(MUGE) check-submission $(DATA)/MR_test_queries.jsonl $@
+
+# Always re-scores (embeddings are cached, so a rerun takes about a second).
+validate: $(BUNDLE)/manifest.json
+	$(MUGE) predict --bundle $(BUNDLE) --data $(DATA) --split valid --out submissions/$(NAME)-valid.jsonl
 
 # -- checks ------------------------------------------------------------------------------------
 # pytest exits 5 when it collects nothing; that fails here too.
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+bench: $(STAMP)
+	$(MUGE) bench topk
+	$(MUGE) bench tsv --size-mb 1024
+
 clean:
-	rm -rf data/sample runs bundles submissions
+	rm -rf data/sample runs bundles submissions cache

@@ -18,6 +18,8 @@ COMMANDS = {  # name -> "module:attribute"
 }
 BENCHES = {  # `muge bench NAME`
     "tsv": "competition.bench:bench_tsv",
+    "topk": "predict.bench:bench_topk",
+    "predict": "predict.bench:bench_predict",
 }
 
 

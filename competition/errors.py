@@ -16,6 +16,9 @@ class MugeDataError(ValueError):
             where = f"{where}:{line}"
         super().__init__(f"{where}: {message}")
 
+    def __reduce__(self):  # picklable across worker processes (the default would call __init__(str))
+        return (type(self), (self.path, self.reason, self.line))
+
 
 def is_int_id(value) -> bool:
     """MUGE ids are JSON integers; bools are ints in Python but not ids."""

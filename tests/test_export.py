@@ -12,19 +12,8 @@ from export.graphs import load_run_model
 from export.parity import ParityError, ParitySettings, run_parity
 from predict.runtime import BundleEncoders
 from tiny import tiny_config
-from train.main import run
 
 FAST = ParitySettings(queries=40, gallery=60, batch_size=16)
-
-
-@pytest.fixture(scope="module")
-def runs(small_sample, tmp_path_factory):
-    out = {}
-    for family in ("dual", "chinese-clip"):
-        d = tmp_path_factory.mktemp(f"run-{family}")
-        run(tiny_config(family, "train.epochs=1", "eval.untrained=false"), str(small_sample), str(d))
-        out[family] = str(d)
-    return out
 
 
 @pytest.mark.parametrize("family, exporter", [("dual", "dynamo"), ("chinese-clip", "dynamo"),

@@ -81,6 +81,13 @@ def test_empty_tsv(tmp_path):
         ImageTSV(str(p))
 
 
+def test_error_survives_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(MugeDataError("g.tsv", "image 3: bad", 7)))
+    assert str(err) == "g.tsv:7: image 3: bad" and err.line == 7
+
+
 def test_bad_image_payloads_name_id_and_line(tmp_path):
     good = jpeg_bytes(size=(64, 64))
     rows = [(1, good), (2, "not*base64!"), (3, b"this is plain text, not an image"), (4, good[: len(good) // 2])]

@@ -1,0 +1,168 @@
+"""Gallery and query embeddings with ONNX Runtime, cached on disk.
+
+Gallery images are decoded and resized in a pool of worker processes (by byte offset from the
+TSV index, so only pixels cross the process boundary) while the main process runs the image
+graph: at most `2 x workers` decode tasks are in flight, so memory stays bounded whatever the
+gallery size. Embeddings are saved per chunk of TSV lines under a key made of the bundle's
+hash and the input file's fingerprint; a rerun reuses them and a run killed mid-gallery
+resumes from its last completed chunk.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from competition import ImageTSV, MugeDataError, SkippedImages, read_queries, resize_image
+from competition.io import atomic_path, atomic_write_text
+
+from .runtime import BundleEncoders
+
+log = logging.getLogger(__name__)
+_TSV: ImageTSV | None = None  # this process's gallery; each worker opens its own (cached index, own descriptor)
+
+
+def _init_worker(tsv_path: str) -> None:
+    global _TSV
+    _TSV = ImageTSV(tsv_path)
+
+def file_fingerprint(path: str) -> str:
+    st = os.stat(path)
+    return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+def decode_range(start: int, end: int, size: int, rule: str, skip_bad: bool):
+    """Decode + resize TSV positions [start, end) -> (uint8 pixels, kept positions, bad list)."""
+    tsv = _TSV
+    pixels, kept, bad = [], [], []
+    for pos in range(start, end):
+        img_id = int(tsv.ids[pos])
+        try:
+            pixels.append(resize_image(tsv.load(img_id), size, rule))
+            kept.append(pos)
+        except MugeDataError as err:
+            if not skip_bad:
+                raise
+            bad.append((img_id, err.line or pos + 1, err.reason))
+    arr = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+    return arr, np.asarray(kept, np.int64), bad
+
+@dataclass
+class GalleryEmbeddings:
+    ids: np.ndarray
+    features: np.ndarray
+    skipped: SkippedImages = field(default_factory=SkippedImages)
+    from_cache: bool = False
+
+def _cache_dir(cache_root: str, encoders: BundleEncoders, input_path: str, kind: str) -> str:
+    m = encoders.manifest
+    key = hashlib.sha256(json.dumps([m["files"], m["image_size"], m["resize_rule"], m["max_text_length"],
+                                     encoders.choice.fp16]).encode()).hexdigest()[:16]
+    return os.path.join(cache_root, key, f"{kind}-{file_fingerprint(input_path)}")
+
+def _save_npz(path: str, **arrays) -> None:
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, workers: int = 2, batch_size: int = 64,
+                  chunk_size: int = 4096, skip_bad: bool = False, stop_after_chunks: int | None = None) -> GalleryEmbeddings:
+    """Embed every image of `tsv_path` (file order), reusing and extending the on-disk cache.
+    `stop_after_chunks` simulates an interruption (tests)."""
+    global _TSV
+    cache = _cache_dir(cache_root, encoders, tsv_path, "gallery")
+    final = os.path.join(cache, "gallery.npz")
+    if os.path.isfile(final):
+        with np.load(final, allow_pickle=False) as z:
+            skipped = SkippedImages([tuple(x) for x in json.loads(str(z["skipped"]))])
+            log.info("gallery embeddings reused from %s", final)
+            return GalleryEmbeddings(z["ids"], z["features"], skipped, from_cache=True)
+    os.makedirs(cache, exist_ok=True)
+    tsv = ImageTSV(tsv_path)
+    n = len(tsv)
+    n_chunks = (n + chunk_size - 1) // chunk_size
+    done = 0
+    while done < n_chunks and os.path.isfile(os.path.join(cache, f"chunk-{done:05d}.npz")):
+        done += 1
+    if done:
+        log.info("resuming the gallery after %d of %d completed chunks", done, n_chunks)
+    size, rule = encoders.image_size, encoders.resize_rule
+    _TSV = tsv
+    # spawn, not fork: a forked child can inherit a lock held by one of the parent's threads
+    # (ONNX Runtime, tqdm, the import lock) and hang
+    pool = mp.get_context("spawn").Pool(workers, _init_worker, (tsv_path,)) if workers > 0 else None
+    t0, embedded = time.time(), 0
+    try:
+        bar = tqdm(total=n, initial=done * chunk_size if done < n_chunks else n, unit="img", desc="embed gallery",
+                   smoothing=0.1)
+        for chunk in range(done, n_chunks):
+            c0, c1 = chunk * chunk_size, min(n, (chunk + 1) * chunk_size)
+            feats, kept, bad = [], [], []
+            ranges = [(s, min(c1, s + batch_size)) for s in range(c0, c1, batch_size)]
+            inflight: collections.deque = collections.deque()
+            it = iter(ranges)
+            for r in it:  # prime the pipeline, bounded
+                inflight.append(pool.apply_async(decode_range, (*r, size, rule, skip_bad)) if pool else r)
+                if len(inflight) >= 2 * max(1, workers):
+                    break
+            while inflight:
+                item = inflight.popleft()
+                pixels, pos, b = item.get() if pool else decode_range(*item, size, rule, skip_bad)
+                nxt = next(it, None)
+                if nxt is not None:  # keep the workers busy while this batch runs on the encoder
+                    inflight.append(pool.apply_async(decode_range, (*nxt, size, rule, skip_bad)) if pool else nxt)
+                if len(pixels):
+                    feats.append(encoders.encode_images(pixels))
+                kept.append(pos)
+                bad.extend(b)
+                embedded += len(pixels)
+                bar.update(len(pos) + len(b))
+            pos = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+            f = np.concatenate(feats) if feats else np.zeros((0, encoders.dim), np.float32)
+            _save_npz(os.path.join(cache, f"chunk-{chunk:05d}.npz"), ids=tsv.ids[pos], features=f,
+                      skipped=np.array(json.dumps(bad)))
+            if stop_after_chunks is not None and chunk + 1 - done >= stop_after_chunks:
+                raise KeyboardInterrupt(f"stopped after {stop_after_chunks} chunk(s)")
+        bar.close()
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
+        _TSV = None
+    ids, feats, skipped = [], [], SkippedImages()
+    for chunk in range(n_chunks):
+        with np.load(os.path.join(cache, f"chunk-{chunk:05d}.npz"), allow_pickle=False) as z:
+            ids.append(z["ids"])
+            feats.append(z["features"])
+            skipped.items.extend(tuple(x) for x in json.loads(str(z["skipped"])))
+    result = GalleryEmbeddings(np.concatenate(ids), np.concatenate(feats).astype(np.float32), skipped)
+    _save_npz(final, ids=result.ids, features=result.features, skipped=np.array(json.dumps(skipped.items)))
+    for chunk in range(n_chunks):
+        os.remove(os.path.join(cache, f"chunk-{chunk:05d}.npz"))
+    dt = time.time() - t0
+    if embedded:
+        log.info("embedded %d images in %.1fs (%.1f images/s)", embedded, dt, embedded / max(dt, 1e-9))
+    return result
+
+def embed_queries(encoders: BundleEncoders, queries_path: str, cache_root: str, batch_size: int = 256):
+    """(queries, features) for every query of the file, cached like the gallery."""
+    queries = read_queries(queries_path)
+    cache = _cache_dir(cache_root, encoders, queries_path, "queries")
+    path = os.path.join(cache, "queries.npz")
+    if os.path.isfile(path):
+        with np.load(path) as z:
+            if len(z["ids"]) == len(queries):
+                return queries, z["features"]
+    texts = [q.text for q in queries]
+    feats = np.concatenate([encoders.encode_text(texts[i:i + batch_size])
+                            for i in tqdm(range(0, len(texts), batch_size), desc="embed queries", leave=False)])
+    os.makedirs(cache, exist_ok=True)
+    _save_npz(path, ids=np.array([q.query_id for q in queries]), features=feats)
+    return queries, feats

@@ -1,0 +1,68 @@
+"""Bundle + split -> embeddings -> exact top-K -> validated submission (and, on valid, the score)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from competition import score_predictions, write_submission
+from competition.metric import success_json, write_result
+from competition.topk import exact_topk
+
+from .embed import embed_gallery, embed_queries
+from .runtime import BundleEncoders
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictOptions:
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    workers: int = 2
+    batch_size: int = 64
+    chunk_size: int = 4096
+    skip_bad_images: bool = False
+    cache_dir: str = "cache/embeddings"
+    schema: str = "tianchi"
+    k: int = 10
+
+
+def predict_split(bundle_dir: str, data_dir: str, split: str, out_path: str, opts: PredictOptions = PredictOptions(),
+                  encoders: BundleEncoders | None = None) -> dict:
+    """Write the top-K submission for `split`; on a split with ground truth also score it and
+    write `<out>.result.json`. Returns a summary."""
+    t0 = time.time()
+    queries_path = os.path.join(data_dir, f"MR_{split}_queries.jsonl")
+    tsv_path = os.path.join(data_dir, f"MR_{split}_imgs.tsv")
+    enc = encoders or BundleEncoders(bundle_dir, opts.device, opts.precision, opts.threads)
+    log.info("predicting %s with %s on %s", split, bundle_dir, enc.describe())
+    gallery = embed_gallery(enc, tsv_path, opts.cache_dir, opts.workers, opts.batch_size, opts.chunk_size,
+                            opts.skip_bad_images)
+    if gallery.skipped.items:
+        log.warning("%s", gallery.skipped.summary())
+    if len(gallery.ids) < opts.k:
+        raise ValueError(f"{tsv_path}: only {len(gallery.ids)} usable images; a submission needs {opts.k} per query")
+    queries, qfeat = embed_queries(enc, queries_path, opts.cache_dir)
+    t1 = time.time()
+    _, pos = exact_topk(qfeat, gallery.features, k=opts.k)
+    topk_s = time.time() - t1
+    preds = {q.query_id: gallery.ids[row].tolist() for q, row in zip(queries, pos)}
+    write_submission(out_path, queries, preds, schema=opts.schema, k=opts.k)
+    summary = {"split": split, "submission": out_path, "queries": len(queries), "gallery": len(gallery.ids),
+               "skipped_images": len(gallery.skipped.items), "topk_seconds": round(topk_s, 3),
+               "seconds": round(time.time() - t0, 1), "runtime": enc.describe()}
+    if all(q.item_ids for q in queries):  # ground truth present: score it like the evaluator
+        score = score_predictions(queries, preds)
+        result_path = os.path.splitext(out_path)[0] + ".result.json"
+        write_result(result_path, success_json(score))
+        summary.update(score.as_dict(), result=result_path)
+        log.info("%s: %s", split, score.summary())
+    log.info("wrote %s (%d queries, top-%d in %.2fs) in %.1fs", out_path, len(queries), opts.k, topk_s,
+             time.time() - t0)
+    return summary
