@@ -78,8 +78,9 @@ validate: $(BUNDLE)/manifest.json
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(BUNDLE)/manifest.json
 	$(MUGE) bench topk
+	$(MUGE) bench predict --bundle $(BUNDLE) --data $(DATA)
 	$(MUGE) bench tsv --size-mb 1024
 
 clean:
