@@ -110,9 +110,3 @@ def _replace_dir(src: str, dst: str) -> None:
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
-
-def bundle_hash(bundle_dir: str) -> str:
-    """Identity of a bundle's graphs and tokenizer (predict keys its embedding cache on it)."""
-    with open(os.path.join(bundle_dir, "manifest.json"), encoding="utf-8") as f:
-        files = json.load(f)["files"]
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]

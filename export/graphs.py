@@ -54,11 +54,10 @@ def _single_file(path: str) -> None:
     import onnx
 
     model = onnx.load(path, load_external_data=True)
-    folder = os.path.dirname(path)
-    before = set(os.listdir(folder))
     onnx.save_model(model, path, save_as_external_data=False)
-    for name in before - {os.path.basename(p) for p in (path,)}:
-        if name.startswith(os.path.basename(path)) and name != os.path.basename(path):
+    folder, base = os.path.split(path)
+    for name in os.listdir(folder):  # e.g. text.onnx.data, now folded in
+        if name.startswith(base) and name != base:
             os.remove(os.path.join(folder, name))
 
 

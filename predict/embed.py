@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from competition import ImageTSV, MugeDataError, SkippedImages, read_queries, resize_image
-from competition.io import atomic_path, atomic_write_text
+from competition.io import atomic_path
 
 from .runtime import BundleEncoders
 
@@ -99,6 +100,13 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, work
     # (ONNX Runtime, tqdm, the import lock) and hang
     pool = mp.get_context("spawn").Pool(workers, _init_worker, (tsv_path,)) if workers > 0 else None
     t0, embedded = time.time(), 0
+
+    def submit(r):  # a decode task: async in the pool, or deferred to `fetch` without one
+        return pool.apply_async(decode_range, (*r, size, rule, skip_bad)) if pool else r
+
+    def fetch(task):
+        return task.get() if pool else decode_range(*task, size, rule, skip_bad)
+
     try:
         bar = tqdm(total=n, initial=done * chunk_size if done < n_chunks else n, unit="img", desc="embed gallery",
                    smoothing=0.1)
@@ -106,18 +114,13 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, work
             c0, c1 = chunk * chunk_size, min(n, (chunk + 1) * chunk_size)
             feats, kept, bad = [], [], []
             ranges = [(s, min(c1, s + batch_size)) for s in range(c0, c1, batch_size)]
-            inflight: collections.deque = collections.deque()
             it = iter(ranges)
-            for r in it:  # prime the pipeline, bounded
-                inflight.append(pool.apply_async(decode_range, (*r, size, rule, skip_bad)) if pool else r)
-                if len(inflight) >= 2 * max(1, workers):
-                    break
+            inflight = collections.deque(submit(r) for r in itertools.islice(it, 2 * max(1, workers)))  # bounded
             while inflight:
-                item = inflight.popleft()
-                pixels, pos, b = item.get() if pool else decode_range(*item, size, rule, skip_bad)
+                pixels, pos, b = fetch(inflight.popleft())
                 nxt = next(it, None)
                 if nxt is not None:  # keep the workers busy while this batch runs on the encoder
-                    inflight.append(pool.apply_async(decode_range, (*nxt, size, rule, skip_bad)) if pool else nxt)
+                    inflight.append(submit(nxt))
                 if len(pixels):
                     feats.append(encoders.encode_images(pixels))
                 kept.append(pos)

@@ -1,13 +1,10 @@
 """Bundle + split -> embeddings -> exact top-K -> validated submission (and, on valid, the score)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass
-
-import numpy as np
 
 from competition import score_predictions, write_submission
 from competition.metric import success_json, write_result

@@ -11,7 +11,6 @@ from export.bundle import GRAPHS, export_bundle
 from export.graphs import load_run_model
 from export.parity import ParityError, ParitySettings, run_parity
 from predict.runtime import BundleEncoders
-from tiny import tiny_config
 
 FAST = ParitySettings(queries=40, gallery=60, batch_size=16)
 

@@ -3,6 +3,7 @@ and keeps `best.pt` (by MeanRecall), `last.pt` (resumable), `metrics.jsonl`, `cu
 `config.yaml` in the run directory. Launch under torchrun for DDP."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -67,17 +68,17 @@ def _unwrap(model):
 
 
 def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg: Config, precision, device,
-                    world: World, epoch: int, step: int) -> tuple[float, int]:
+                    world: World, epoch: int, step: int) -> tuple[float, int, float]:
     t = cfg.train
     model.train()
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     total, count, seen, t0 = 0.0, 0, 0, time.time()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not world.main, leave=False)
     for i, batch in enumerate(bar):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         boundary = (i + 1) % t.accum_steps == 0
-        sync = boundary or not isinstance(model, DistributedDataParallel)
-        with (model.no_sync() if not sync else _null()):
+        skip_sync = not boundary and isinstance(model, DistributedDataParallel)
+        with model.no_sync() if skip_sync else contextlib.nullcontext():
             if t.grad_cache_chunk and t.grad_cache_chunk < len(batch["pixels"]):
                 from .gradcache import grad_cache_step
 
@@ -110,14 +111,6 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
     if world.main:
         log.info("epoch %d: loss %.4f, %.1f samples/s", epoch + 1, total / max(count, 1), samples_s)
     return total / max(count, 1), step, samples_s
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False, stop_after_epoch: int | None = None) -> dict:
