@@ -82,6 +82,7 @@ bench: $(BUNDLE)/manifest.json
 	$(MUGE) bench topk
 	$(MUGE) bench predict --bundle $(BUNDLE) --data $(DATA)
 	$(MUGE) bench tsv --size-mb 1024
+	$(MUGE) bench export
 
 clean:
 	rm -rf data/sample runs bundles submissions cache

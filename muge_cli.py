@@ -20,6 +20,7 @@ BENCHES = {  # `muge bench NAME`
     "tsv": "competition.bench:bench_tsv",
     "topk": "predict.bench:bench_topk",
     "predict": "predict.bench:bench_predict",
+    "export": "export.bench:bench_export",
 }
 
 

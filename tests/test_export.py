@@ -86,3 +86,18 @@ def test_failed_export_keeps_previous_bundle(runs, small_sample, tmp_path, monke
         export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript", settings=FAST)
     assert (out / "manifest.json").read_text() == before
     assert sorted(os.listdir(tmp_path)) == ["bundle"]
+
+
+def test_export_bench_runs_on_a_tiny_preset(tmp_path):
+    """The benchmark itself (not its speed): builds, exports, times both encoders, outputs agree."""
+    from export.bench import bench_preset
+    from tests.tiny import tiny_config
+    from train.params import save_config
+
+    preset = tmp_path / "tiny.yaml"
+    save_config(tiny_config("dual"), str(preset))
+    lines = []
+    rows = bench_preset(str(preset), (1, 3), min_runs=1, budget_s=0.0, echo=lines.append)
+    assert [(r["encoder"], r["batch"]) for r in rows] == [("text", 1), ("text", 3), ("image", 1), ("image", 3)]
+    assert all(r["torch_ms"] > 0 and r["ort_ms"] > 0 and r["max_abs_diff"] < 1e-4 for r in rows)
+    assert len(lines) == 6  # an export line per encoder, a timing line per case
