@@ -83,6 +83,7 @@ bench: $(BUNDLE)/manifest.json
 	$(MUGE) bench predict --bundle $(BUNDLE) --data $(DATA)
 	$(MUGE) bench tsv --size-mb 1024
 	$(MUGE) bench export
+	$(MUGE) bench data
 
 clean:
 	rm -rf data/sample runs bundles submissions cache

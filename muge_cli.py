@@ -21,6 +21,7 @@ BENCHES = {  # `muge bench NAME`
     "topk": "predict.bench:bench_topk",
     "predict": "predict.bench:bench_predict",
     "export": "export.bench:bench_export",
+    "data": "train.bench:bench_data",
 }
 
 

@@ -141,7 +141,7 @@ class ImageTSV:
             raise MugeDataError(self.path, "image TSV not found")
         self._fd = None
         self._pid = None
-        self._pos: dict[int, int] | None = None
+        self._order: np.ndarray | None = None  # argsort of ids, for binary search by id
         self._load_or_build_index()
 
     # -- index --------------------------------------------------------------------------------
@@ -203,13 +203,24 @@ class ImageTSV:
         return len(self.ids)
 
     def __contains__(self, img_id: int) -> bool:
-        return int(img_id) in self.positions
+        return self.position(img_id) >= 0
 
-    @property
-    def positions(self) -> dict[int, int]:
-        if self._pos is None:
-            self._pos = {int(i): p for p, i in enumerate(self.ids.tolist())}
-        return self._pos
+    def position(self, img_id: int) -> int:
+        """0-based row of `img_id` in the file, or -1. A binary search over numpy arrays rather
+        than a dict of Python ints: forked DataLoader workers then share the index pages
+        instead of copying them as reference counts change (129k images: 2 MB, not ~15 MB)."""
+        if self._order is None:
+            self._order = np.argsort(self.ids, kind="stable")
+            self._sorted_ids = self.ids[self._order]
+        img_id = int(img_id)
+        if not -2**63 <= img_id < 2**63:
+            return -1
+        k = int(np.searchsorted(self._sorted_ids, img_id))
+        return int(self._order[k]) if k < len(self._sorted_ids) and self._sorted_ids[k] == img_id else -1
+
+    def contains_all(self, img_ids: np.ndarray) -> np.ndarray:
+        """Vectorised membership: a bool per id."""
+        return np.isin(np.asarray(img_ids, dtype=np.int64), self.ids)
 
     def _file(self) -> int:
         if self._fd is None or self._pid != os.getpid():  # one descriptor per (forked) process
@@ -218,13 +229,12 @@ class ImageTSV:
         return self._fd
 
     def line_of(self, img_id: int) -> int:
-        return self.positions[int(img_id)] + 1
+        return self.position(img_id) + 1
 
     def read_payload(self, img_id: int) -> bytes:
-        try:
-            pos = self.positions[int(img_id)]
-        except KeyError:
-            raise MugeDataError(self.path, f"image {img_id} is not in this gallery") from None
+        pos = self.position(img_id)
+        if pos < 0:
+            raise MugeDataError(self.path, f"image {img_id} is not in this gallery")
         return os.pread(self._file(), int(self.lengths[pos]), int(self.offsets[pos]))
 
     def read_bytes(self, img_id: int) -> bytes:

@@ -91,7 +91,7 @@ def test_failed_export_keeps_previous_bundle(runs, small_sample, tmp_path, monke
 def test_export_bench_runs_on_a_tiny_preset(tmp_path):
     """The benchmark itself (not its speed): builds, exports, times both encoders, outputs agree."""
     from export.bench import bench_preset
-    from tests.tiny import tiny_config
+    from tiny import tiny_config
     from train.params import save_config
 
     preset = tmp_path / "tiny.yaml"

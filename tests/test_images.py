@@ -19,6 +19,8 @@ def test_index_reads_by_id_and_matches_iteration(tmp_path):
     for rec in iter_tsv(path):
         assert tsv.read_payload(rec.img_id) == rec.payload
         assert tsv.line_of(rec.img_id) == rec.line
+    assert tsv.position(99) == -1 and tsv.position(2**70) == -1 and 99 not in tsv and 105 in tsv
+    assert tsv.contains_all([100, 99, 109]).tolist() == [True, False, True]
     assert tsv.read_bytes(105) == rows[5][1]
     assert 105 in tsv and 999 not in tsv
     with pytest.raises(MugeDataError, match="image 999 is not in this gallery"):

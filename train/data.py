@@ -37,22 +37,34 @@ class PairDataset(Dataset):
     def __init__(self, queries_path: str, tsv_path: str, cfg: Config):
         queries = read_queries(queries_path, require_ids=True)
         self.tsv = ImageTSV(tsv_path)
-        self.texts = [q.text for q in queries]
-        pairs = [(qi, img) for qi, q in enumerate(queries) for img in q.item_ids]
+        # Everything per pair or per query lives in numpy arrays, texts as one UTF-8 buffer:
+        # forked workers share these pages, where lists of Python objects would be copied
+        # page by page as their reference counts change (the "DataLoader memory leak").
+        encoded = [q.text.encode("utf-8") for q in queries]
+        self.text_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.text_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self.text_offsets[1:])
+        counts = np.array([len(q.item_ids) for q in queries], dtype=np.int64)
+        self.query_index = np.repeat(np.arange(len(queries), dtype=np.int64), counts)
+        self.image_ids = np.fromiter((i for q in queries for i in q.item_ids), dtype=np.int64, count=int(counts.sum()))
         if cfg.data.limit_pairs:
-            pairs = pairs[:cfg.data.limit_pairs]
-        missing = [(queries[qi], img) for qi, img in pairs if img not in self.tsv]
-        if missing:
-            q, img = missing[0]
+            self.query_index = self.query_index[:cfg.data.limit_pairs]
+            self.image_ids = self.image_ids[:cfg.data.limit_pairs]
+        missing = np.flatnonzero(~self.tsv.contains_all(self.image_ids))
+        if len(missing):
+            q, img = queries[self.query_index[missing[0]]], int(self.image_ids[missing[0]])
             raise MugeDataError(queries_path, f"query {q.query_id}: image {img} is not in {tsv_path} "
                                               f"({len(missing)} such pairs)", q.line)
-        self.query_index = np.array([p[0] for p in pairs], dtype=np.int64)
-        self.image_ids = np.array([p[1] for p in pairs], dtype=np.int64)
-        self.query_ids = np.array([queries[p[0]].query_id for p in pairs], dtype=np.int64)
+        self.query_ids = np.array([q.query_id for q in queries], dtype=np.int64)[self.query_index]
+        self.tsv.position(0)  # build the id search arrays here, before workers fork
         self.aug, self.size, self.rule = cfg.data.augment, cfg.data.image_size, cfg.data.resize_rule
         self.skip_bad = cfg.data.skip_bad_images
         self.seed = cfg.train.seed
         self.epoch = 0
+
+    def text(self, query: int) -> str:
+        start, end = self.text_offsets[query], self.text_offsets[query + 1]
+        return self.text_bytes[start:end].tobytes().decode("utf-8")
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -69,7 +81,7 @@ class PairDataset(Dataset):
                 log.warning("skipping %s", err)
                 continue
             pixels = augment_image(img, self.aug, self.size, self.rule, rng)
-            text = augment_text(self.texts[self.query_index[j]], self.aug, rng)
+            text = augment_text(self.text(self.query_index[j]), self.aug, rng)
             return pixels, text, self.image_ids[j], self.query_ids[j]
         raise MugeDataError(self.tsv.path, f"16 consecutive undecodable images from pair {i}")
 

@@ -4,7 +4,9 @@ Under DDP every rank all-gathers the features of every rank (its own slice keeps
 gradients flow to the local features) and computes the loss over the global batch. Each rank's
 backward therefore yields its share of the global-batch gradient; `ClipLoss` scales the
 backward by the world size so that DDP's gradient averaging gives exactly the single-process
-gradient of the global batch (and the logged loss is the global-batch loss).
+gradient of the global batch (and the logged loss is the global-batch loss). The logit scale,
+which every rank's loss holds whole, has its gradient share divided back by the world size.
+`tests/test_distributed.py` checks both against one process on the union of the batches.
 """
 from __future__ import annotations
 
@@ -77,8 +79,12 @@ class ClipLoss(nn.Module):
 
     def forward(self, image, text, log_scale, image_ids, query_ids):
         """Returns (loss to backward, global-batch loss for logging)."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            # The logit scale enters every rank's loss whole, not through local features only:
+            # its gradient is divided by the world size so the `* world` below leaves it exact.
+            log_scale = log_scale.detach() + (log_scale - log_scale.detach()) / world
         scale = log_scale.exp().clamp(max=self.logit_scale_max)
         image, text, image_ids, query_ids = gather_features(image, text, image_ids, query_ids)
         loss = clip_loss(image, text, scale, image_ids, query_ids, **self.kw)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         return loss * world, loss.detach()

@@ -24,8 +24,9 @@ from .loss import ClipLoss
 from .model import create_model
 from .optim import apply_freeze, create_optimizer
 from .params import Config, save_config, to_dict
-from .precision import autocast, grad_scaler, resolve_precision
+from .precision import grad_scaler, resolve_precision
 from .scheduler import create_scheduler
+from .step import forward_backward
 from .tokenizer import prepare_tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,16 +80,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
         boundary = (i + 1) % t.accum_steps == 0
         skip_sync = not boundary and isinstance(model, DistributedDataParallel)
         with model.no_sync() if skip_sync else contextlib.nullcontext():
-            if t.grad_cache_chunk and t.grad_cache_chunk < len(batch["pixels"]):
-                from .gradcache import grad_cache_step
-
-                loss_value = grad_cache_step(model, criterion, batch, t.grad_cache_chunk, precision, device,
-                                             scaler, 1.0 / t.accum_steps)
-            else:
-                with autocast(precision, device):
-                    img, txt, log_scale = model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
-                loss, loss_value = criterion(img, txt, log_scale, batch["image_ids"], batch["query_ids"])
-                scaler.scale(loss / t.accum_steps).backward()
+            loss_value = forward_backward(model, criterion, batch, precision, device, scaler, 1.0 / t.accum_steps,
+                                          t.grad_cache_chunk)
         if boundary:
             if t.grad_clip:
                 scaler.unscale_(optimizer)

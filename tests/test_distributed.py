@@ -1,0 +1,183 @@
+"""Scale-out equivalences: DDP over gloo vs one process, gradient caching vs the full batch,
+and a real `torchrun` launch with resume."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiny import tiny_config
+from train.loss import ClipLoss
+from train.model import create_model
+from train.step import forward_backward
+
+CPU = torch.device("cpu")
+NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
+TINY_VIT = ("model.image.kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2, "
+            "drop_rate: 0.1, proj_drop_rate: 0.1}")
+NO_DROPOUT = {"dual": ["model.text.config.hidden_dropout_prob=0.0",
+                       "model.text.config.attention_probs_dropout_prob=0.0", "model.image.kwargs.drop_rate=0.0",
+                       "model.image.kwargs.proj_drop_rate=0.0", "model.head_dropout=0.0"],
+              "chinese-clip": ["model.config.text_config.hidden_dropout_prob=0.0",
+                               "model.config.text_config.attention_probs_dropout_prob=0.0"]}
+
+
+def _model(family: str, dropout: bool):
+    """A tiny model without BatchNorm (a ViT image tower for `dual`): chunked or per-rank forwards
+    are then the same function as the full-batch forward."""
+    overrides = ["model.image.name=vit_tiny_patch16_224", TINY_VIT] if family == "dual" else []
+    if not dropout:
+        overrides += NO_DROPOUT[family]
+    cfg = tiny_config(family, *overrides)
+    torch.manual_seed(0)
+    model, _ = create_model(cfg.model, vocab_size=64)
+    return model.train()
+
+
+def _batch(n: int = 12, seed: int = 0) -> dict:
+    """n pairs with a shared image (pairs 1 and 7) and a shared query (pairs 2 and 8): the
+    multi-positive mask has to work across what would be two ranks' halves."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 64, (n, 10), generator=g)
+    mask = (torch.arange(10)[None, :] < torch.randint(3, 11, (n, 1), generator=g)).long()
+    image_ids, query_ids = torch.arange(100, 100 + n), torch.arange(n)
+    image_ids[7], query_ids[8] = image_ids[1], query_ids[2]
+    return {"pixels": torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g),
+            "input_ids": ids * mask, "attention_mask": mask, "image_ids": image_ids, "query_ids": query_ids}
+
+
+def _step(model, batch, chunk=None):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # dropout masks
+    loss = forward_backward(model, ClipLoss(), batch, "fp32", CPU, NO_SCALER, chunk=chunk)
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a, b, atol=1e-5):
+    loss_a, grads_a = a
+    loss_b, grads_b = b
+    assert loss_a == pytest.approx(loss_b, abs=atol)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 20
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", ["dual", "chinese-clip"])
+def test_grad_cache_gradients_equal_the_full_batch_step(family):
+    model = _model(family, dropout=False)
+    batch = _batch()
+    full = _step(model, batch)
+    for chunk in (4, 5):  # 5: a short last chunk
+        _assert_same(_step(model, batch, chunk), full)
+    assert full[1]["logit_scale" if family == "dual" else "clip.logit_scale"].abs().item() > 0
+
+
+def _chunks_in_memory(model, batch, chunk):
+    """The reference for dropout: chunk-wise forwards with grad, all activations kept, one loss."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    outs = [model(batch["pixels"][i:i + chunk], batch["input_ids"][i:i + chunk], batch["attention_mask"][i:i + chunk])
+            for i in range(0, len(batch["pixels"]), chunk)]
+    loss, value = ClipLoss()(torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), outs[0][2],
+                             batch["image_ids"], batch["query_ids"])
+    loss.backward()
+    return float(value), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_grad_cache_replays_dropout_masks():
+    """With dropout on, the grad pass must see the masks of the no-grad pass (RNG replayed)."""
+    model = _model("dual", dropout=True)
+    batch = _batch()
+    _assert_same(_step(model, batch, chunk=4), _chunks_in_memory(model, batch, 4))
+    plain = _step(model, batch)
+    assert abs(plain[0] - _step(model, batch, chunk=4)[0]) > 1e-4  # dropout is really on
+
+
+def test_grad_cache_restores_batchnorm_statistics():
+    """BN towers: the no-grad pass must not update running statistics a second time."""
+    cfg = tiny_config("dual")
+    torch.manual_seed(0)
+    model = create_model(cfg.model, vocab_size=64)[0].train()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    _step(model, _batch(), chunk=6)
+    counts = {n: int(b) for n, b in model.named_buffers() if n.endswith("num_batches_tracked")}
+    assert counts and set(counts.values()) == {2}  # two chunks, each counted once
+    assert any(not torch.equal(before[n], b) for n, b in model.named_buffers() if n.endswith("running_mean"))
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        full = _batch()
+        half = len(full["pixels"]) // world
+        local = {k: v[rank * half:(rank + 1) * half] for k, v in full.items()}
+        for family, chunk in (("dual", None), ("chinese-clip", 3)):  # 3: gradient caching under DDP too
+            ddp = DistributedDataParallel(_model(family, dropout=False))
+            result = _step(ddp, local, chunk)
+            grads = {n.removeprefix("module."): g for n, g in result[1].items()}
+            torch.save((result[0], grads), os.path.join(out_dir, f"{family}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process_on_the_union(tmp_path):
+    """Two gloo ranks on halves A and B: the same loss and gradients as one process on A+B."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    for family in ("dual", "chinese-clip"):
+        single = _step(_model(family, dropout=False), _batch())
+        for rank in (0, 1):
+            _assert_same(torch.load(tmp_path / f"{family}-rank{rank}.pt"), single)
+
+
+def test_torchrun_trains_resumes_and_only_rank0_writes(small_sample, tmp_path):
+    from train.params import save_config
+
+    preset = tmp_path / "tiny.yaml"
+    save_config(tiny_config("dual", "train.batch_size=16", "eval.untrained=false"), str(preset))
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "train.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    first = subprocess.run(torchrun + ["--config", str(preset), "--data", str(small_sample), "--out", str(out),
+                                       "--set", "train.epochs=1"], capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("best valid MR") == 2  # each rank returns; rank 0 alone evaluated
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1] and history[0]["mean_recall"] >= 0
+    # epoch 1 covered len(pairs) // (2 ranks x 16) steps of the global batch of 32
+    from train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    pairs = sum(len(json.loads(x)["item_ids"]) for x in open(small_sample / "MR_train_queries.jsonl"))
+    assert ckpt["step"] == pairs // 2 // 16
+    assert sorted(os.listdir(out)) == ["best.pt", "config.yaml", "curves.png", "last.pt", "metrics.jsonl",
+                                       "tokenizer"]
+    second = subprocess.run(torchrun + ["--resume", str(out), "--data", str(small_sample), "--set", "train.epochs=2"],
+                            capture_output=True, text=True, env=env)  # resume under DDP into a second epoch
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming" in second.stderr and load_checkpoint(str(out / "last.pt"))["epoch"] == 2
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_data_bench_runs_and_stays_within_limits(tmp_path):
+    """`muge bench data` at toy scale: generates the split, iterates, measures every process."""
+    from click.testing import CliRunner
+
+    from train.bench import bench_data
+
+    res = CliRunner().invoke(bench_data, ["--images", "600", "--pairs", "1000", "--batches", "4", "--batch-size",
+                                          "16", "--workers", "1", "--dir", str(tmp_path),
+                                          # forked from pytest, which holds far more than `muge` does
+                                          "--main-limit-mb", "8192", "--worker-limit-mb", "8192"])
+    assert res.exit_code == 0, res.output
+    assert "1,000 pairs over 600 images" in res.output and "worker 0: RSS" in res.output
+    assert "memory limits: all within" in res.output

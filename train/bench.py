@@ -1,0 +1,159 @@
+"""`muge bench data`: the training data pipeline at MUGE scale keeps memory bounded.
+
+Writes a MUGE-shaped train split (130k small JPEGs in a TSV, 250k query-image pairs), builds
+the training dataset (offset index, ids, packed texts) and iterates the first batches of an
+epoch through the real `train_loader`, sampling the memory of the main process and of every
+DataLoader worker. RSS counts pages shared with the parent (torch's own ~0.5 GB included) in
+every process; PSS shares them out and USS is what a process alone holds, so both are shown.
+The obvious alternative, the whole TSV in a dict, is measured on the same file for scale.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import tempfile
+import time
+
+import click
+import numpy as np
+
+CHARS = ("连衣裙女夏季新款韩版宽松显瘦白色黑色红色蓝色碎花长袖短袖"
+         "男士运动鞋帆布鞋双肩包托特包斜挎包手机壳水杯马克杯帽子棒球帽")
+
+
+def _memory(pid: int | str = "self") -> dict[str, float]:
+    """rss / pss / uss of a process in MiB (from /proc/PID/smaps_rollup)."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                fields[parts[0].rstrip(":")] = int(parts[1]) / 1024
+    uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+    return {"rss": fields.get("Rss", 0), "pss": fields.get("Pss", 0), "uss": uss}
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def write_muge_train(out_dir: str, images: int, pairs: int, seed: int = 0) -> None:
+    """MR_train_imgs.tsv (`images` small JPEGs) and MR_train_queries.jsonl (`pairs` pairs, 1-2 images
+    per query, as in MUGE train); valid is a small slice so the directory is a complete layout."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(seed)
+    variants = []
+    for _ in range(256):
+        arr = np.repeat(np.repeat(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), 8, 0), 8, 1)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+        variants.append(base64.urlsafe_b64encode(buf.getvalue()).decode())
+    ids = rng.choice(np.arange(100_000, 10_000_000), images, replace=False)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "MR_train_imgs.tsv"), "w") as f:
+        for k, img_id in enumerate(tqdm(ids.tolist(), desc="writing images", leave=False)):
+            f.write(f"{img_id}\t{variants[k % 256]}\n")
+    with open(os.path.join(out_dir, "MR_train_queries.jsonl"), "w", encoding="utf-8") as f:
+        written, qid = 0, 0
+        while written < pairs:
+            n = min(int(rng.integers(1, 3)), pairs - written)
+            text = "".join(rng.choice(list(CHARS), int(rng.integers(4, 16))))
+            items = rng.choice(ids, n, replace=False).tolist()
+            f.write(json.dumps({"query_id": qid, "query_text": text, "item_ids": items}, ensure_ascii=False) + "\n")
+            written, qid = written + n, qid + 1
+
+
+@click.command("data")
+@click.option("--images", default=130_000, show_default=True)
+@click.option("--pairs", default=250_000, show_default=True)
+@click.option("--batches", default=1000, show_default=True, help="Batches of the epoch to iterate.")
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--config", "config_path", default="configs/bert-convnext.yaml", show_default=True,
+              help="Preset whose data settings (image size, augmentation) are used.")
+@click.option("--dir", "directory", default=None, help="Keep the generated split here (reused when present).")
+@click.option("--main-limit-mb", default=1536, show_default=True)
+@click.option("--worker-limit-mb", default=500, show_default=True)
+def bench_data(images, pairs, batches, batch_size, workers, config_path, directory, main_limit_mb, worker_limit_mb):
+    """Memory of the training data pipeline on a MUGE-sized train split (130k images, 250k pairs)."""
+    from tqdm import tqdm
+
+    from .data import PairDataset, train_loader
+    from .params import load_config
+    from .tokenizer import prepare_tokenizer
+
+    tmp = None if directory else tempfile.TemporaryDirectory()
+    data_dir = directory or tmp.name
+    try:
+        if not os.path.isfile(os.path.join(data_dir, "MR_train_queries.jsonl")):
+            t = time.time()
+            write_muge_train(data_dir, images, pairs)
+            size_mb = os.path.getsize(os.path.join(data_dir, "MR_train_imgs.tsv")) / 2**20
+            click.echo(f"wrote {images:,} images ({size_mb:.0f} MiB TSV) and {pairs:,} pairs in {time.time() - t:.0f}s")
+        cfg = load_config(config_path, [f"data.workers={workers}", f"train.batch_size={batch_size}"])
+        queries, tsv_path = (os.path.join(data_dir, f) for f in ("MR_train_queries.jsonl", "MR_train_imgs.tsv"))
+        if os.path.exists(tsv_path + ".idx.npz"):  # measure building the index, not loading it
+            os.remove(tsv_path + ".idx.npz")
+        tokenizer = prepare_tokenizer("char-vocab", None, queries, data_dir, cfg.data.max_text_length)
+        base = _memory()
+        t = time.time()
+        dataset = PairDataset(queries, tsv_path, cfg)
+        built = _memory()
+        click.echo(f"dataset of {len(dataset):,} pairs over {len(dataset.tsv):,} images built in "
+                   f"{time.time() - t:.1f}s (index included); main RSS {base['rss']:.0f} -> {built['rss']:.0f} MiB")
+        import torch
+
+        loader = train_loader(dataset, tokenizer, cfg, 0, 1, torch.device("cpu"))
+        peak = {"main": dict(built)}
+        t = time.time()
+        n = min(batches, len(loader))
+        for i, _ in enumerate(tqdm(loader, total=n, desc=f"{n} batches of {batch_size}, {workers} workers")):
+            if i % 25 == 0 or i == n - 1:
+                workers_now = [(f"worker {k}", p) for k, p in enumerate(_children(os.getpid()))]
+                for name, pid in [("main", "self"), *workers_now]:
+                    try:
+                        m = _memory(pid)
+                    except OSError:
+                        continue
+                    peak[name] = {k: max(v, peak.get(name, {}).get(k, 0)) for k, v in m.items()}
+            if i + 1 >= n:
+                break
+        dt = time.time() - t
+        del loader
+        click.echo(f"{n} batches in {dt:.0f}s ({n * batch_size / dt:,.0f} samples/s, "
+                   f"{cfg.data.image_size} px); peak memory in MiB:")
+        ok = True
+        for name, m in peak.items():
+            limit = main_limit_mb if name == "main" else worker_limit_mb
+            ok &= m["rss"] < limit
+            click.echo(f"  {name:>9}: RSS {m['rss']:6.0f}  PSS {m['pss']:6.0f}  USS {m['uss']:6.0f}   "
+                       f"(RSS limit {limit}: {'ok' if m['rss'] < limit else 'OVER'})")
+        before = _memory()["rss"]
+        whole = {}
+        with open(tsv_path, "rb") as f:
+            for line in f:
+                tab = line.index(b"\t")
+                whole[int(line[:tab])] = line[tab + 1:]
+        grown = _memory()["rss"] - before
+        click.echo(f"the obvious alternative, the TSV in a dict: +{grown:.0f} MiB in one process, vs "
+                   f"+{built['rss'] - base['rss']:.0f} MiB for our whole dataset "
+                   f"(x{grown / max(built['rss'] - base['rss'], 1):.1f}); the dict grows with the TSV's bytes "
+                   f"(10+ GB for MUGE train), our index with its line count")
+        del whole
+        click.echo("memory limits: " + ("all within" if ok else "EXCEEDED"))
+        if not ok:
+            raise SystemExit(1)
+    finally:
+        if tmp:
+            tmp.cleanup()
