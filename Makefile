@@ -14,11 +14,11 @@ BUNDLE ?= bundles/$(notdir $(RUN))
 NPROC  ?= 1
 SET    ?=
 
-.PHONY: setup sample train export submit validate test bench clean help
+.PHONY: setup sample train export submit validate report browser test bench clean help
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make submit | validate | train | export | sample | test | bench | setup   (see README.md)"
+	@echo "make submit | validate | report | train | export | sample | test | bench | setup   (see README.md)"
 
 # -- install -----------------------------------------------------------------------------------
 # Re-runs only when setup.cfg / pyproject.toml change. torch and torchvision are pinned as a
@@ -31,7 +31,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 # -- data --------------------------------------------------------------------------------------
 sample: data/sample/MR_train_queries.jsonl
-data/sample/MR_train_queries.jsonl: $(STAMP) competition/sample.py
+data/sample/MR_train_queries.jsonl: competition/sample.py | $(STAMP)
 	$(MUGE) sample data/sample
 
 # -- train -------------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ ifeq ($(origin RUN),command line)
 $(RUN)/best.pt:            # RUN=... reuses a trained run as it is
 	@test -f $@ || (echo "$@ not found" && false)
 else
-$(RUN)/best.pt: $(STAMP) $(CONFIG) | $(DATA)/MR_train_queries.jsonl
+$(RUN)/best.pt: $(CONFIG) | $(STAMP) $(DATA)/MR_train_queries.jsonl   # a reinstall never retrains
 ifeq ($(NPROC),1)
 	$(MUGE) train --config $(CONFIG) --data $(DATA) --out $(RUN) $(foreach s,$(SET),--set $(s))
 else
@@ -73,9 +73,28 @@ $(SUBMISSION): $(BUNDLE)/manifest.json $(DATA)/MR_test_queries.jsonl
 validate: $(BUNDLE)/manifest.json
 	$(MUGE) predict --bundle $(BUNDLE) --data $(DATA) --split valid --out submissions/$(NAME)-valid.jsonl
 
+# The valid predictions of `make validate` as one HTML page; OTHER=submissions/X-valid.jsonl
+# compares them (A = OTHER, B = this bundle's).
+OTHER  ?=
+REPORT := reports/$(NAME)-valid.html
+report: validate
+	$(MUGE) report --queries $(DATA)/MR_valid_queries.jsonl --images $(DATA)/MR_valid_imgs.tsv \
+		$(if $(OTHER),--pred $(OTHER)) --pred submissions/$(NAME)-valid.jsonl --run $(BUNDLE) --out $(REPORT)
+
 # -- checks ------------------------------------------------------------------------------------
+# The report test drives a real headless Chromium: Debian's package (and a CJK font for the
+# screenshots), installed here when missing.
+BROWSER_PKGS := chromium fonts-wqy-zenhei
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi "wqy\|cjk"; then \
+	  echo "installing $(BROWSER_PKGS) for the browser test"; \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends $(BROWSER_PKGS) >/dev/null; \
+	fi
+
 # pytest exits 5 when it collects nothing; that fails here too.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 bench: $(BUNDLE)/manifest.json
@@ -86,4 +105,4 @@ bench: $(BUNDLE)/manifest.json
 	$(MUGE) bench data
 
 clean:
-	rm -rf data/sample runs bundles submissions cache
+	rm -rf data/sample runs bundles submissions reports cache

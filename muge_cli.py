@@ -15,6 +15,7 @@ COMMANDS = {  # name -> "module:attribute"
     "train": "train.cli:train",
     "export": "export.cli:export",
     "predict": "predict.cli:predict",
+    "report": "report.cli:report",
 }
 BENCHES = {  # `muge bench NAME`
     "tsv": "competition.bench:bench_tsv",

@@ -101,13 +101,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def decode_image(data: bytes, path=None, line: int | None = None, img_id: int | None = None) -> Image.Image:
-    """Bytes of an image file -> an RGB PIL image, upright per EXIF. Errors name the image."""
+def decode_image(data: bytes, path=None, line: int | None = None, img_id: int | None = None,
+                 draft: int | None = None) -> Image.Image:
+    """Bytes of an image file -> an RGB PIL image, upright per EXIF. Errors name the image.
+    `draft`: a JPEG may be decoded at a reduced scale no smaller than draft x draft (thumbnails)."""
     what = f"image {img_id}" if img_id is not None else "image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's warnings become errors below or are harmless
             img = Image.open(io.BytesIO(data))
+            if draft:
+                img.draft("RGB", (draft, draft))
             img.load()
             try:
                 img = ImageOps.exif_transpose(img)
@@ -240,9 +244,9 @@ class ImageTSV:
     def read_bytes(self, img_id: int) -> bytes:
         return decode_base64(self.read_payload(img_id), self.path, self.line_of(img_id), img_id)
 
-    def load(self, img_id: int) -> Image.Image:
+    def load(self, img_id: int, draft: int | None = None) -> Image.Image:
         """The RGB image of `img_id`; errors name the TSV, line and id."""
-        return decode_image(self.read_bytes(img_id), self.path, self.line_of(img_id), img_id)
+        return decode_image(self.read_bytes(img_id), self.path, self.line_of(img_id), img_id, draft)
 
     def close(self) -> None:
         if self._fd is not None and self._pid == os.getpid():

@@ -1,0 +1,36 @@
+"""`muge report --queries Q --images TSV --pred PRED [--pred OTHER] --out report.html`."""
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--queries", "queries_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Queries with ground truth (MR_valid_queries.jsonl).")
+@click.option("--images", "images_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Their gallery TSV (MR_valid_imgs.tsv).")
+@click.option("--pred", "preds", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A prediction file; give --pred twice to compare A (first) with B (second).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False),
+              help="Training run (or bundle) directory: adds its valid-recall curves.")
+@click.option("--thumb-size", default=64, show_default=True, help="Thumbnail edge in pixels.")
+@click.option("--quality", default=70, show_default=True, help="Thumbnail JPEG quality.")
+@click.option("--workers", type=int, default=None, help="Thumbnail processes (default: all cores).")
+def report(queries_path, images_path, preds, out_path, run_dir, thumb_size, quality, workers):
+    """Write a self-contained HTML report: metrics, first-hit histogram, per-query top-10 with
+    ground truth marked and missed truth shown, filters, and a comparison of two runs."""
+    from competition import MugeDataError
+
+    from .build import write_report
+
+    if len(preds) > 2:
+        raise click.UsageError("give --pred once, or twice to compare two runs")
+    try:
+        info = write_report(out_path, queries_path=queries_path, images_path=images_path, pred_paths=list(preds),
+                            run_dir=run_dir, thumb_size=thumb_size, quality=quality, workers=workers)
+    except (MugeDataError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    mr = "  ".join(f"{name} MR {m['mean_recall']:.2f}" for name, m in zip("AB", info["metrics"]))
+    click.echo(f"report written to {out_path}: {info['queries']} queries, {info['thumbnails']} thumbnails, "
+               f"{info['bytes'] / 2**20:.1f} MiB ({mr})")

@@ -1,0 +1,157 @@
+"""`muge report`: the data it shows, its self-containment, and the page in a real headless Chromium."""
+import json
+import re
+import struct
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from browser import Browser, find_chromium
+from competition import ImageTSV, read_queries, score_predictions
+from report.build import first_hit_histogram, report_data
+from report.cli import report
+
+
+def _predictions(queries, gallery_ids, path, seed, miss_every):
+    """Top-10 lists with the first ground truth put at a rank chosen per query (a miss every
+    `miss_every` queries), the rest filled with non-truth gallery ids."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for q in queries:
+            others = [i for i in rng.permutation(gallery_ids).tolist() if i not in set(q.item_ids)][:10]
+            rank = int(rng.integers(1, 11))
+            if q.query_id % miss_every:
+                others[rank - 1] = q.item_ids[0]
+            f.write(json.dumps({"query_id": q.query_id, "query_text": q.text, "item_ids": others}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def two_runs(small_sample, tmp_path_factory):
+    d = tmp_path_factory.mktemp("report")
+    queries = str(small_sample / "MR_valid_queries.jsonl")
+    images = str(small_sample / "MR_valid_imgs.tsv")
+    gallery = ImageTSV(images).ids.tolist()
+    gt = read_queries(queries, require_ids=True)
+    a = _predictions(gt, gallery, d / "a.jsonl", seed=1, miss_every=4)
+    b = _predictions(gt, gallery, d / "b.jsonl", seed=2, miss_every=3)
+    return {"queries": queries, "images": images, "a": a, "b": b, "gt": gt, "dir": d}
+
+
+def _first_hits(gt, path):
+    preds = {json.loads(x)["query_id"]: json.loads(x)["item_ids"] for x in open(path)}
+    return score_predictions(gt, preds)
+
+
+def test_report_data_matches_the_scorer(two_runs, runs):
+    r = two_runs
+    data = report_data(r["queries"], r["images"], [r["a"], r["b"]], run_dir=runs["dual"], workers=1)
+    sa, sb = _first_hits(r["gt"], r["a"]), _first_hits(r["gt"], r["b"])
+    assert [run["metrics"]["mean_recall"] for run in data["runs"]] == [sa.mean_recall, sb.mean_recall]
+    assert data["runs"][0]["histogram"] == first_hit_histogram(sa.first_hit)
+    assert sum(data["runs"][0]["histogram"]) == len(r["gt"]) and data["runs"][0]["histogram"][-1] > 0
+    by_id = {q["id"]: q for q in data["queries"]}
+    for qid, rank_a, rank_b in zip(sa.query_ids.tolist(), sa.first_hit.tolist(), sb.first_hit.tolist()):
+        assert by_id[qid]["rank"] == [rank_a, rank_b]
+    # thumbnails: exactly the images some query shows, no other gallery image
+    shown = {i for q in data["queries"] for run in range(2) for i in q["top"][run] + q["missed"][run][:10]}
+    assert set(map(int, data["thumbs"])) == shown
+    q = next(q for q in data["queries"] if q["rank"][0] == 0)
+    assert set(q["missed"][0]) == set(q["gt"])  # a miss: every truth is missed
+    assert [h["epoch"] for h in data["history"]] == [1]  # the run's curves came along
+
+
+def test_report_file_is_self_contained(two_runs, tmp_path):
+    out = tmp_path / "r.html"
+    res = CliRunner().invoke(report, ["--queries", two_runs["queries"], "--images", two_runs["images"],
+                                      "--pred", two_runs["a"], "--out", str(out), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    html = out.read_text(encoding="utf-8")
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(\s*["']?(https?:)?//|@import""", html)
+    assert html.count("<script") == 2 and "__DATA__" not in html
+    assert f"{out.stat().st_size / 2**20:.1f} MiB" in res.output
+
+
+def test_invalid_prediction_file_is_refused(two_runs, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = open(two_runs["a"]).read().splitlines()
+    obj = json.loads(lines[3])
+    obj["item_ids"] = obj["item_ids"][:9]
+    bad.write_text("\n".join(lines[:3] + [json.dumps(obj)] + lines[4:]) + "\n")
+    out = tmp_path / "r.html"
+    res = CliRunner().invoke(report, ["--queries", two_runs["queries"], "--images", two_runs["images"],
+                                      "--pred", str(bad), "--out", str(out)])
+    assert res.exit_code != 0 and f"{bad}:4" in res.output and not out.exists()
+
+
+def _png_size(path):
+    head = open(path, "rb").read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = find_chromium()
+    if exe is None:
+        pytest.fail("no chromium on PATH: `make test` installs Debian's chromium (apt-get install chromium)")
+    b = Browser(exe)
+    yield b
+    b.close()
+
+
+def test_report_renders_and_filters_in_chromium(two_runs, runs, browser, tmp_path):
+    r = two_runs
+    out = tmp_path / "compare.html"
+    res = CliRunner().invoke(report, ["--queries", r["queries"], "--images", r["images"], "--pred", r["a"],
+                                      "--pred", r["b"], "--run", runs["dual"], "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    sa, sb = _first_hits(r["gt"], r["a"]), _first_hits(r["gt"], r["b"])
+    browser.open(out.as_uri())
+    js = browser.js
+    assert js("document.body.dataset.ready") == "1", browser.console_errors()
+    # the summary: both runs' metrics and the B - A row, histograms, the training curves
+    cells = js("[...document.querySelectorAll('table.metrics tr')].map(r => r.innerText.split('\\t'))")
+    assert cells[1][0] == "A" and float(cells[1][4]) == pytest.approx(sa.mean_recall, abs=0.005)
+    assert cells[2][0] == "B" and float(cells[2][4]) == pytest.approx(sb.mean_recall, abs=0.005)
+    assert cells[3][0] == "B - A"
+    assert js("document.querySelectorAll('.hist').length") == 2 and js("!!document.querySelector('#curves polyline')")
+    # the first page: 25 cards, each with its top-10 thumbnails decoded by the browser
+    assert js("document.querySelectorAll('.query').length") == 25
+    first = js("[...document.querySelectorAll('.query')[0].querySelectorAll('.row.top10 img')]"
+               ".map(i => i.complete && i.naturalWidth > 0)")
+    assert len(first) == 20 and all(first)  # A's and B's top 10
+    assert js("document.querySelectorAll('.query figure.gt').length") > 0
+    browser.screenshot(str(tmp_path / "report.png"))
+    assert _png_size(tmp_path / "report.png") == (1280, 900)
+
+    def shown_ranks(run):
+        return js(f"[...document.querySelectorAll('.query')].map(q => +q.querySelectorAll('.badge')[{run}].dataset.rank)")
+
+    def click(selector):
+        js(f"document.querySelector({json.dumps(selector)}).click()")
+        return int(js("document.body.dataset.matching"))
+
+    # filters act on the ranks of B (the run being inspected) until A is chosen
+    assert click("[data-filter=miss]") == int((sb.first_hit == 0).sum()) and set(shown_ranks(1)) == {0}
+    assert click("[data-filter=top1]") == int((sb.first_hit == 1).sum()) and set(shown_ranks(1)) <= {1}
+    n = click("[data-filter=top2_10]")
+    assert n == int(((sb.first_hit >= 2) & (sb.first_hit <= 10)).sum()) and min(shown_ranks(1)) >= 2
+    click("[data-view=A]")
+    assert click("[data-filter=miss]") == int((sa.first_hit == 0).sum()) and set(shown_ranks(0)) == {0}
+    key_a, key_b = np.where(sa.first_hit == 0, 11, sa.first_hit), np.where(sb.first_hit == 0, 11, sb.first_hit)
+    assert click("[data-filter=better]") == int((key_b < key_a).sum())
+    assert click("[data-filter=worse]") == int((key_b > key_a).sum())
+    net = js("document.getElementById('net').innerText")
+    assert f"higher on {int((key_b < key_a).sum())} queries and lower on {int((key_b > key_a).sum())}" in net
+    # hardest first, paging, and the state in the URL
+    assert click("[data-filter=all]") == len(r["gt"])
+    ranks = shown_ranks(0)
+    keys = [11 if x == 0 else x for x in ranks]
+    assert keys == sorted(keys, reverse=True)
+    js("document.getElementById('next').click()")
+    assert js("document.getElementById('page-info').innerText").startswith("page 2 of 2")
+    assert "filter=all" in js("location.hash") and "page=2" in js("location.hash")
+    browser.screenshot(str(tmp_path / "report-page2.png"))
+    assert not browser.console_errors()
