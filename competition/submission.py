@@ -146,9 +146,12 @@ def read_predictions(path, k: int = TOP_K) -> SubmissionReport:
     return report
 
 
-def check_submission(queries_path, pred_path, k: int = TOP_K) -> SubmissionReport:
-    """Every problem the reference evaluator would reject `pred_path` for, against `queries_path`."""
-    queries = read_queries(queries_path)
+def check_submission(queries_path, pred_path, k: int = TOP_K,
+                     queries: Sequence[Query] | None = None) -> SubmissionReport:
+    """Every problem the reference evaluator would reject `pred_path` for, against `queries_path`
+    (`queries`: its queries, when the caller has read them already)."""
+    if queries is None:
+        queries = read_queries(queries_path)
     report = read_predictions(pred_path, k)
     missing = [q.query_id for q in queries if q.query_id not in report.predictions]
     # a query whose line was malformed is already reported; do not report it twice as missing

@@ -19,7 +19,7 @@ from importlib import resources
 
 import numpy as np
 
-from competition import ImageTSV, MugeDataError, Score, check_submission, read_queries, score_predictions
+from competition import ImageTSV, MugeDataError, Query, Score, check_submission, read_queries, score_predictions
 from competition.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,12 @@ class Predictions:
         return dict(zip(self.score.query_ids.tolist(), self.score.first_hit.tolist()))
 
 
-def load_predictions(queries_path: str, path: str, name: str) -> Predictions:
-    """A prediction file checked as the reference evaluator would, then scored."""
-    report = check_submission(queries_path, path)
+def load_predictions(gt: list[Query], queries_path: str, path: str, name: str) -> Predictions:
+    """A prediction file checked as the reference evaluator would, then scored against `gt`
+    (the queries of `queries_path`)."""
+    report = check_submission(queries_path, path, queries=gt)
     if not report.ok:
         raise MugeDataError(path, "not a valid prediction file for these queries: " + "; ".join(report.errors[:3]))
-    gt = read_queries(queries_path, require_ids=True)
     return Predictions(name, path, {q: [int(i) for i in ids] for q, ids in report.predictions.items()},
                        score_predictions(gt, report.predictions))
 
@@ -120,16 +120,15 @@ def report_data(queries_path: str, images_path: str, pred_paths: list[str], run_
     """Everything the page shows, as one JSON-able dict."""
     if not 1 <= len(pred_paths) <= 2:
         raise ValueError("give one prediction file, or two to compare")
-    names = ["A", "B"][:len(pred_paths)]
-    runs = [load_predictions(queries_path, p, n) for p, n in zip(pred_paths, names)]
+    queries = read_queries(queries_path, require_ids=True)
+    runs = [load_predictions(queries, queries_path, p, n) for p, n in zip(pred_paths, "AB")]
     ranks = [r.rank_of() for r in runs]
-    gt = [q for q in read_queries(queries_path, require_ids=True) if q.item_ids]
     shown: set[int] = set()
     rows = []
-    for q in gt:
+    for q in (q for q in queries if q.item_ids):
         truth = set(q.item_ids)
         tops = [r.items[q.query_id][:10] for r in runs]
-        missed = [[i for i in q.item_ids if i not in set(top)] for top in tops]
+        missed = [[i for i in q.item_ids if i not in top_set] for top_set in map(set, tops)]
         for top, miss in zip(tops, missed):
             shown.update(top)
             shown.update(miss[:MISSED_SHOWN])
@@ -165,7 +164,5 @@ def write_report(out_path: str, **kwargs) -> dict:
     data = report_data(**kwargs)
     html = render(data)
     atomic_write_text(out_path, html)
-    thumb_bytes = sum(len(v) for v in data["thumbs"].values() if v)
-    return {"path": out_path, "bytes": len(html.encode("utf-8")), "queries": len(data["queries"]),
-            "thumbnails": len(data["thumbs"]), "thumbnail_bytes": thumb_bytes,
-            "metrics": [r["metrics"] for r in data["runs"]]}
+    return {"bytes": len(html.encode("utf-8")), "queries": len(data["queries"]), "thumbnails": len(data["thumbs"]),
+            "metrics": {r["name"]: r["metrics"] for r in data["runs"]}}

@@ -31,6 +31,6 @@ def report(queries_path, images_path, preds, out_path, run_dir, thumb_size, qual
                             run_dir=run_dir, thumb_size=thumb_size, quality=quality, workers=workers)
     except (MugeDataError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
-    mr = "  ".join(f"{name} MR {m['mean_recall']:.2f}" for name, m in zip("AB", info["metrics"]))
+    mr = "  ".join(f"{name} MR {m['mean_recall']:.2f}" for name, m in info["metrics"].items())
     click.echo(f"report written to {out_path}: {info['queries']} queries, {info['thumbnails']} thumbnails, "
                f"{info['bytes'] / 2**20:.1f} MiB ({mr})")

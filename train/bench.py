@@ -48,7 +48,7 @@ def _children(pid: int) -> list[int]:
 
 def write_muge_train(out_dir: str, images: int, pairs: int, seed: int = 0) -> None:
     """MR_train_imgs.tsv (`images` small JPEGs) and MR_train_queries.jsonl (`pairs` pairs, 1-2 images
-    per query, as in MUGE train); valid is a small slice so the directory is a complete layout."""
+    per query, as in MUGE train)."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -64,11 +64,12 @@ def write_muge_train(out_dir: str, images: int, pairs: int, seed: int = 0) -> No
     with open(os.path.join(out_dir, "MR_train_imgs.tsv"), "w") as f:
         for k, img_id in enumerate(tqdm(ids.tolist(), desc="writing images", leave=False)):
             f.write(f"{img_id}\t{variants[k % 256]}\n")
+    chars = list(CHARS)
     with open(os.path.join(out_dir, "MR_train_queries.jsonl"), "w", encoding="utf-8") as f:
         written, qid = 0, 0
         while written < pairs:
             n = min(int(rng.integers(1, 3)), pairs - written)
-            text = "".join(rng.choice(list(CHARS), int(rng.integers(4, 16))))
+            text = "".join(rng.choice(chars, int(rng.integers(4, 16))))
             items = rng.choice(ids, n, replace=False).tolist()
             f.write(json.dumps({"query_id": qid, "query_text": text, "item_ids": items}, ensure_ascii=False) + "\n")
             written, qid = written + n, qid + 1

@@ -56,7 +56,6 @@ class PairDataset(Dataset):
             raise MugeDataError(queries_path, f"query {q.query_id}: image {img} is not in {tsv_path} "
                                               f"({len(missing)} such pairs)", q.line)
         self.query_ids = np.array([q.query_id for q in queries], dtype=np.int64)[self.query_index]
-        self.tsv.position(0)  # build the id search arrays here, before workers fork
         self.aug, self.size, self.rule = cfg.data.augment, cfg.data.image_size, cfg.data.resize_rule
         self.skip_bad = cfg.data.skip_bad_images
         self.seed = cfg.train.seed
