@@ -6,10 +6,34 @@ member of the top K (ties included) has score >= t. Only those few candidates ar
 merged into a running top-K with an exact sort. Ties break deterministically: higher score
 first, then lower gallery position. One pass of max and one of compare over each block instead
 of a per-row partial sort. Shared by training-time evaluation and by `predict`.
+
+Non-finite input (NaN or inf in a query or gallery row) is refused with `NonFiniteError`, which
+names the first bad row: a NaN has no rank, and silently ranking it anywhere would hide a broken
+model. Callers that know what a row is (an image id, a query id) check first with
+`first_nonfinite_row` and say so in their own terms.
 """
 from __future__ import annotations
 
 import numpy as np
+
+
+class NonFiniteError(ValueError):
+    """An embedding (or a score computed from finite embeddings) is NaN or infinite."""
+
+
+def first_nonfinite_row(x: np.ndarray) -> int | None:
+    """Index of the first row of `x` holding a NaN or inf; None when every value is finite."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return None
+    return int(np.flatnonzero(~finite.reshape(len(x), -1).all(axis=1))[0])
+
+
+def _require_finite(x: np.ndarray, what: str, offset: int = 0) -> None:
+    row = first_nonfinite_row(x)
+    if row is not None:
+        raise NonFiniteError(f"{what} row {offset + row} is not finite (NaN or inf): non-finite embeddings have "
+                             "no rank")
 
 
 def _select(rows, scores, cols, k):
@@ -22,16 +46,18 @@ def _select(rows, scores, cols, k):
 
 
 def _block_candidates(scores: np.ndarray, k: int, floor: np.ndarray | None):
+    """Flat (rows, scores, cols) of every entry that can still be in its row's top k, and the rows
+    whose scores hold a NaN (the bound `t` of such a row is NaN)."""
     n_cols = scores.shape[1]
     if n_cols <= k:
         rows, cols = np.indices(scores.shape).reshape(2, -1)
-        return rows, scores.ravel(), cols
+        return rows, scores.ravel(), cols, np.isnan(scores).any(axis=1)
     bounds = (np.arange(k) * n_cols) // k
     t = np.maximum.reduceat(scores, bounds, axis=1).min(axis=1)
     if floor is not None:
         t = np.maximum(t, floor)
     rows, cols = np.nonzero(scores >= t[:, None])
-    return rows, scores[rows, cols], cols
+    return rows, scores[rows, cols], cols, np.isnan(t)
 
 
 def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_chunk: int = 32768,
@@ -45,6 +71,7 @@ def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_ch
     n_gallery = gallery.shape[0]
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
         raise ValueError(f"shape mismatch: queries {queries.shape}, gallery {gallery.shape}")
+    _require_finite(queries, "queries")
     k = min(k, n_gallery)
     out_s = np.empty((len(queries), k), dtype=np.float32)
     out_i = np.empty((len(queries), k), dtype=np.int64)
@@ -52,6 +79,8 @@ def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_ch
         return out_s, out_i
     resident = n_gallery <= gallery_chunk  # one chunk: convert once, reuse for every query block
     g_all = np.ascontiguousarray(gallery, dtype=np.float32) if resident else None
+    if resident:
+        _require_finite(g_all, "gallery")
     for q0 in range(0, len(queries), query_block):
         qb = queries[q0:q0 + query_block]
         rows = np.empty(0, np.int64)
@@ -59,8 +88,16 @@ def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_ch
         cols = np.empty(0, np.int64)
         floor = None
         for start in range(0, n_gallery, gallery_chunk):
-            g = g_all if resident else np.ascontiguousarray(gallery[start:start + gallery_chunk], dtype=np.float32)
-            r, s, c = _block_candidates(qb @ g.T, k, floor)
+            if resident:
+                g = g_all
+            else:
+                g = np.ascontiguousarray(gallery[start:start + gallery_chunk], dtype=np.float32)
+                if q0 == 0:
+                    _require_finite(g, "gallery", start)
+            r, s, c, nan_rows = _block_candidates(qb @ g.T, k, floor)
+            if nan_rows.any():  # finite inputs whose products overflowed (inf - inf = NaN)
+                raise NonFiniteError(f"queries row {q0 + int(np.flatnonzero(nan_rows)[0])}: its scores overflowed to "
+                                     "NaN; embeddings this large are not L2-normalised")
             rows, vals, cols = _select(np.concatenate([rows, r]), np.concatenate([vals, s]),
                                        np.concatenate([cols, c + start]), k)
             if len(rows) == len(qb) * k:  # every row has k: its k-th best bounds later chunks

@@ -57,7 +57,7 @@ def bench_predict(bundle_dir, data_dir, split, workers):
     from .embed import embed_gallery
     from .runtime import BundleEncoders
 
-    enc = BundleEncoders(bundle_dir, "cpu", "fp32")
+    enc = BundleEncoders(bundle_dir, "cpu", "fp32", batch_size=64)
     tsv_path = os.path.join(data_dir, f"MR_{split}_imgs.tsv")
     tsv = ImageTSV(tsv_path)
     n = len(tsv)
@@ -78,7 +78,7 @@ def bench_predict(bundle_dir, data_dir, split, workers):
     cache = tempfile.mkdtemp()
     try:
         t = time.perf_counter()
-        embed_gallery(enc, tsv_path, cache, workers=workers, batch_size=64)
+        embed_gallery(enc, tsv_path, cache, workers=workers)
         t_pipe = time.perf_counter() - t
     finally:
         shutil.rmtree(cache)

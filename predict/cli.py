@@ -18,7 +18,8 @@ import click
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (CPU).")
 @click.option("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), show_default=True,
               help="Image decode processes.")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per graph call (one fixed shape). Default: 128 on CUDA, 64 on CPU.")
 @click.option("--cache-dir", default="cache/embeddings", show_default=True)
 @click.option("--skip-bad-images", is_flag=True, help="Leave undecodable gallery images out (reported) instead of stopping.")
 @click.option("--schema", type=click.Choice(["tianchi", "chinese-clip"]), default="tianchi", show_default=True)
@@ -26,15 +27,17 @@ def predict(bundle_dir, data_dir, split, out_path, device, precision, threads, w
             skip_bad_images, schema):
     """Embed a split's gallery and queries with ONNX Runtime and write the exact top-10 submission."""
     from competition import MugeDataError, SubmissionError
+    from competition.topk import NonFiniteError
 
     from .submit import PredictOptions, predict_split
 
     name = os.path.basename(os.path.normpath(bundle_dir))
     out_path = out_path or os.path.join("submissions", f"{name}-{split}.jsonl")
-    opts = PredictOptions(device, precision, threads, workers, batch_size, 4096, skip_bad_images, cache_dir, schema)
+    opts = PredictOptions(device=device, precision=precision, threads=threads, workers=workers, batch_size=batch_size,
+                          skip_bad_images=skip_bad_images, cache_dir=cache_dir, schema=schema)
     try:
         summary = predict_split(bundle_dir, data_dir, split, out_path, opts)
-    except (MugeDataError, SubmissionError, FileNotFoundError, ValueError) as exc:
+    except (MugeDataError, SubmissionError, NonFiniteError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc))
     if "mean_recall" in summary:
         click.echo(f"{split}: R@1 {summary['r1']:.2f}  R@5 {summary['r5']:.2f}  R@10 {summary['r10']:.2f}  "

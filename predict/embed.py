@@ -73,9 +73,10 @@ def _save_npz(path: str, **arrays) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, workers: int = 2, batch_size: int = 64,
+def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, workers: int = 2,
                   chunk_size: int = 4096, skip_bad: bool = False, stop_after_chunks: int | None = None) -> GalleryEmbeddings:
     """Embed every image of `tsv_path` (file order), reusing and extending the on-disk cache.
+    Decode tasks are `encoders.batch_size` lines each, so the image graph sees one batch shape.
     `stop_after_chunks` simulates an interruption (tests)."""
     global _TSV
     cache = _cache_dir(cache_root, encoders, tsv_path, "gallery")
@@ -94,7 +95,7 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, work
         done += 1
     if done:
         log.info("resuming the gallery after %d of %d completed chunks", done, n_chunks)
-    size, rule = encoders.image_size, encoders.resize_rule
+    size, rule, batch_size = encoders.image_size, encoders.resize_rule, encoders.batch_size
     _TSV = tsv
     # spawn, not fork: a forked child can inherit a lock held by one of the parent's threads
     # (ONNX Runtime, tqdm, the import lock) and hang
@@ -122,7 +123,9 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, work
                 if nxt is not None:  # keep the workers busy while this batch runs on the encoder
                     inflight.append(submit(nxt))
                 if len(pixels):
-                    feats.append(encoders.encode_images(pixels))
+                    f = encoders.encode_images(pixels)
+                    encoders.require_finite(f, "image", lambda r: f"image {tsv.ids[pos[r]]} ({tsv_path}:{pos[r] + 1})")
+                    feats.append(f)
                 kept.append(pos)
                 bad.extend(b)
                 embedded += len(pixels)
@@ -154,7 +157,7 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, work
         log.info("embedded %d images in %.1fs (%.1f images/s)", embedded, dt, embedded / max(dt, 1e-9))
     return result
 
-def embed_queries(encoders: BundleEncoders, queries_path: str, cache_root: str, batch_size: int = 256):
+def embed_queries(encoders: BundleEncoders, queries_path: str, cache_root: str):
     """(queries, features) for every query of the file, cached like the gallery."""
     queries = read_queries(queries_path)
     cache = _cache_dir(cache_root, encoders, queries_path, "queries")
@@ -164,8 +167,10 @@ def embed_queries(encoders: BundleEncoders, queries_path: str, cache_root: str, 
             if len(z["ids"]) == len(queries):
                 return queries, z["features"]
     texts = [q.text for q in queries]
+    batch_size = encoders.text_batch
     feats = np.concatenate([encoders.encode_text(texts[i:i + batch_size])
                             for i in tqdm(range(0, len(texts), batch_size), desc="embed queries", leave=False)])
+    encoders.require_finite(feats, "text", lambda r: f"query {queries[r].query_id} ({queries_path}:{queries[r].line})")
     os.makedirs(cache, exist_ok=True)
     _save_npz(path, ids=np.array([q.query_id for q in queries]), features=feats)
     return queries, feats

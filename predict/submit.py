@@ -22,7 +22,7 @@ class PredictOptions:
     precision: str = "auto"
     threads: int | None = None
     workers: int = 2
-    batch_size: int = 64
+    batch_size: int | None = None  # images per graph call; None: per device (runtime.DEFAULT_BATCH)
     chunk_size: int = 4096
     skip_bad_images: bool = False
     cache_dir: str = "cache/embeddings"
@@ -37,10 +37,12 @@ def predict_split(bundle_dir: str, data_dir: str, split: str, out_path: str, opt
     t0 = time.time()
     queries_path = os.path.join(data_dir, f"MR_{split}_queries.jsonl")
     tsv_path = os.path.join(data_dir, f"MR_{split}_imgs.tsv")
-    enc = encoders or BundleEncoders(bundle_dir, opts.device, opts.precision, opts.threads)
+    enc = encoders or BundleEncoders(bundle_dir, opts.device, opts.precision, opts.threads,
+                                     batch_size=opts.batch_size)
     log.info("predicting %s with %s on %s", split, bundle_dir, enc.describe())
-    gallery = embed_gallery(enc, tsv_path, opts.cache_dir, opts.workers, opts.batch_size, opts.chunk_size,
-                            opts.skip_bad_images)
+    if enc.choice.device == "cuda":
+        log.info("warmed up %d input shapes on CUDA in %.1fs", 1 + len(enc.lengths), enc.warmup())
+    gallery = embed_gallery(enc, tsv_path, opts.cache_dir, opts.workers, opts.chunk_size, opts.skip_bad_images)
     if gallery.skipped.items:
         log.warning("%s", gallery.skipped.summary())
     if len(gallery.ids) < opts.k:

@@ -145,7 +145,8 @@ def test_torchrun_trains_resumes_and_only_rank0_writes(small_sample, tmp_path):
     out = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                 "train.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    # pinned to CPU/gloo: the same two-process run on a CPU box and on a one-GPU box
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "CUDA_VISIBLE_DEVICES": ""}
     first = subprocess.run(torchrun + ["--config", str(preset), "--data", str(small_sample), "--out", str(out),
                                        "--set", "train.epochs=1"], capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -181,3 +182,18 @@ def test_data_bench_runs_and_stays_within_limits(tmp_path):
     assert res.exit_code == 0, res.output
     assert "1,000 pairs over 600 images" in res.output and "worker 0: RSS" in res.output
     assert "memory limits: all within" in res.output
+
+
+def test_more_processes_than_gpus_is_refused_before_any_work(monkeypatch):
+    from train import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a simulated one-GPU node
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: pytest.fail("process group joined"))
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(distributed.DistributedSetupError,
+                       match=r"2 processes on this node but 1 GPU\(s\) visible: launch torchrun with "
+                             r"--nproc_per_node=1"):
+        distributed.init_distributed()

@@ -17,7 +17,7 @@ FAST = ParitySettings(queries=40, gallery=60, batch_size=16)
 
 @pytest.mark.parametrize("family, exporter", [("dual", "dynamo"), ("chinese-clip", "dynamo"),
                                               ("dual", "torchscript")])
-def test_export_loads_and_passes_gate(runs, small_sample, tmp_path, family, exporter):
+def test_export_loads_and_passes_gate(runs, small_sample, tmp_path, monkeypatch, family, exporter):
     out = tmp_path / "bundle"
     manifest = export_bundle(runs[family], str(out), str(small_sample), exporter=exporter, settings=FAST)
     for name in GRAPHS + ("manifest.json", "tokenizer/tokenizer.json"):
@@ -38,8 +38,11 @@ def test_export_loads_and_passes_gate(runs, small_sample, tmp_path, family, expo
         report = run_parity(model, str(out), str(small_sample / "MR_valid_queries.jsonl"),
                             str(small_sample / "MR_valid_imgs.tsv"), ParitySettings(21, 21, bs))
         assert report["passed"], report
+    import predict.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cuda_device_count", lambda: 0)  # without a GPU (simulated on any machine)
     enc = BundleEncoders(str(out))
-    assert enc.choice.device == "cpu" and not enc.choice.fp16  # no GPU here: CPU + fp32
+    assert enc.choice.device == "cpu" and not enc.choice.fp16  # CPU + fp32
     short, long = enc.encode_text(["红"]), enc.encode_text(["红色条纹连衣裙女夏季新款 ins风 百搭 学生 大容量"])
     assert short.shape == long.shape == (1, 32)
     with torch.no_grad():
@@ -101,3 +104,76 @@ def test_export_bench_runs_on_a_tiny_preset(tmp_path):
     assert [(r["encoder"], r["batch"]) for r in rows] == [("text", 1), ("text", 3), ("image", 1), ("image", 3)]
     assert all(r["torch_ms"] > 0 and r["ort_ms"] > 0 and r["max_abs_diff"] < 1e-4 for r in rows)
     assert len(lines) == 6  # an export line per encoder, a timing line per case
+
+
+def test_ranking_agreement_accepts_near_ties_and_catches_wrong_rows():
+    from export.parity import ranking_agreement
+
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    q = unit(rng.standard_normal((200, 32)).astype(np.float32))
+    # a near-tied gallery: one shared direction plus small per-image variation
+    g = unit(rng.standard_normal(32).astype(np.float32) + 0.02 * rng.standard_normal((500, 32)).astype(np.float32))
+    noisy_g = unit(g + 2e-4 * rng.standard_normal(g.shape).astype(np.float32))  # fp16-sized error
+    fine = ranking_agreement(q, g, q, noisy_g)
+    assert fine["overlap"] < 0.95  # raw overlap punishes the reordered near-ties ...
+    assert fine["tie_aware"] == 1.0 and fine["score_error"] < 1e-3  # ... every intruder is explained
+    broken_q = q.copy()
+    broken_q[:20] = q[20:40]  # 10% of the queries encoded as other queries: a real defect
+    broken = ranking_agreement(q, g, broken_q, noisy_g)
+    assert broken["tie_aware"] < 0.95 and broken["score_error"] < 1e-3  # the broken rows excuse nothing
+    broken_g = noisy_g.copy()
+    broken_g[:50] = noisy_g[::-1][:50]  # 10% of the images likewise
+    assert ranking_agreement(q, g, q, broken_g)["tie_aware"] < 0.99
+
+
+def _near_tied_run(run_dir, out, alpha=0.01):
+    """The trained tiny dual run with image embeddings squeezed around one direction: scores keep
+    their order but sit about `alpha` apart, close enough for fp16 to reorder near-ties."""
+    import shutil
+
+    from train.checkpoint import save_checkpoint
+
+    model, ckpt, _ = load_run_model(run_dir)
+    last = model.image_proj[-1]
+    with torch.no_grad():
+        last.weight.mul_(alpha)
+        last.bias.copy_(torch.randn(last.bias.shape, generator=torch.Generator().manual_seed(0)))
+    shutil.copytree(run_dir, out)
+    save_checkpoint(str(out / "best.pt"), {**ckpt, "model": model.state_dict()})
+    return str(out)
+
+
+def test_gate_passes_a_near_tied_model_and_reports_every_figure(runs, small_sample, tmp_path, capsys):
+    run_dir = _near_tied_run(runs["dual"], tmp_path / "near-tied")
+    manifest = export_bundle(run_dir, str(tmp_path / "bundle"), str(small_sample), exporter="torchscript",
+                             settings=ParitySettings(40, 120, 16), device="cpu")
+    report = manifest["parity"]
+    assert report["passed"] and report["recall_queries"] > 0
+    assert report["fp16_top10_overlap"] < 0.95  # the old raw-overlap rule would have refused this export
+    assert report["fp16_top10_tie_aware"] >= 0.99 and abs(report["fp16_recall_delta"]) <= report["recall_tolerance"]
+    printed = capsys.readouterr().out
+    for words in ("explained by score error", "raw top-10 overlap", "MeanRecall on", "delta", "PASSED"):
+        assert words in printed
+
+
+def test_gate_fails_non_finite_fp16_outputs_and_leaves_no_bundle(runs, small_sample, tmp_path, monkeypatch):
+    import export.bundle as bundle_mod
+    from export.graphs import to_fp16 as real_to_fp16
+
+    def poisoned(src, dst):  # one NaN weight in the fp16 image graph: every image embedding is NaN
+        real_to_fp16(src, dst)
+        if "image" in os.path.basename(dst):
+            m = onnx.load(dst)
+            init = next(i for i in m.graph.initializer if onnx.numpy_helper.to_array(i).size > 16)
+            arr = onnx.numpy_helper.to_array(init).copy()
+            arr.flat[0] = np.nan
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+            onnx.save(m, dst)
+        return dst
+
+    monkeypatch.setattr(bundle_mod, "to_fp16", poisoned)
+    out = tmp_path / "bundle"
+    with pytest.raises(ParityError, match=r"fp16 image embeddings not finite in 60 of 60 rows \(first: image \d+\)"):
+        export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript", settings=FAST)
+    assert os.listdir(tmp_path) == []

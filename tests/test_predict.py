@@ -9,10 +9,25 @@ import numpy as np
 import pytest
 
 from competition import ImageTSV, MugeDataError, SubmissionError, check_submission, read_queries
-from competition.topk import exact_topk
+from competition.topk import NonFiniteError, exact_topk
 from predict.embed import embed_gallery, embed_queries
-from predict.runtime import BundleEncoders, choose_runtime
+from predict.runtime import BundleEncoders, choose_runtime, text_lengths
 from predict.submit import PredictOptions, predict_split
+
+
+class RecordingSession:
+    """Wraps an ORT session: records every input shape; optionally poisons output rows with NaN."""
+
+    def __init__(self, session, poison_rows=()):
+        self.session, self.poison_rows, self.shapes = session, list(poison_rows), []
+
+    def run(self, names, feeds):
+        self.shapes.append(tuple(tuple(v.shape) for v in feeds.values()))
+        out = self.session.run(names, feeds)
+        if self.poison_rows:
+            out[0] = out[0].copy()
+            out[0][self.poison_rows] = np.nan
+        return out
 
 
 def test_exact_topk_matches_brute_force_and_breaks_ties_by_position():
@@ -35,12 +50,94 @@ def test_exact_topk_matches_brute_force_and_breaks_ties_by_position():
     assert pos.shape == (3, 4)  # fewer gallery items than k
 
 
-def test_runtime_choice_without_gpu():
+def test_exact_topk_refuses_non_finite_rows_naming_them():
+    """Documented behaviour: NaN/inf embeddings raise NonFiniteError naming the first bad row,
+    for queries, a resident gallery and a chunked one; finite rows whose products overflow too."""
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((50, 8)).astype(np.float32)
+    g = rng.standard_normal((100, 8)).astype(np.float32)
+    bad_q = q.copy()
+    bad_q[7, 3] = np.nan
+    with pytest.raises(NonFiniteError, match="queries row 7 is not finite"):
+        exact_topk(bad_q, g)
+    for value in (np.inf, -np.inf, np.nan):
+        bad_g = g.copy()
+        bad_g[63, 0] = value
+        for chunk in (32768, 16):  # resident, and read chunk by chunk
+            with pytest.raises(NonFiniteError, match="gallery row 63 is not finite"):
+                exact_topk(q, bad_g, gallery_chunk=chunk)
+    huge = q.copy()
+    huge[4] = [3e38, 3e38, 0, 0, 0, 0, 0, 0]  # finite, but its products overflow to inf - inf
+    g2 = g.copy()
+    g2[:, :2] = [2.0, -2.0]
+    with pytest.raises(NonFiniteError, match="queries row 4: its scores overflowed"), \
+            np.errstate(over="ignore", invalid="ignore"):
+        exact_topk(huge, g2)
+
+
+def test_runtime_choice_with_and_without_gpu(monkeypatch):
+    import predict.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cuda_device_count", lambda: 0)  # simulated absence, on any machine
     choice = choose_runtime()
     assert choice.providers == ("CPUExecutionProvider",) and not choice.fp16
     assert choose_runtime("cpu", "fp16").fp16
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         choose_runtime("cuda")
+    monkeypatch.setattr(runtime, "cuda_device_count", lambda: 1)  # simulated presence (onnxruntime-gpu lists CUDA)
+    choice = choose_runtime()
+    assert choice.providers[0] == "CUDAExecutionProvider" and choice.fp16 and choice.device == "cuda"
+    assert not choose_runtime("auto", "fp32").fp16 and choose_runtime("cpu").device == "cpu"
+
+
+def test_sessions_see_fixed_shapes_on_a_ragged_gallery_with_skipped_images(tiny_bundle, broken_data, tmp_path):
+    """Image graph: one batch shape whatever the tail or the skipped images; text: one batch size
+    and a few lengths. The padded calls give the same embeddings as unpadded ones."""
+    d, bad_id = broken_data
+    enc = BundleEncoders(tiny_bundle, device="cpu", batch_size=16, text_batch=32)
+    enc.image, enc.text = RecordingSession(enc.image), RecordingSession(enc.text)
+    n_images = len(ImageTSV(str(d / "MR_test_imgs.tsv")))
+    assert n_images % 16 and len(read_queries(d / "MR_test_queries.jsonl")) % 32
+    opts = PredictOptions(cache_dir=str(tmp_path / "cache"), workers=2, skip_bad_images=True)
+    summary = predict_split(tiny_bundle, str(d), "test", str(tmp_path / "s.jsonl"), opts, encoders=enc)
+    assert summary["skipped_images"] == 1 and summary["gallery"] == n_images - 1
+    assert set(enc.image.shapes) == {((16, 32, 32, 3),)}
+    assert len(enc.image.shapes) == -(-n_images // 16)  # one call per decode range, short ones padded
+    lengths = {shape[0][1] for shape in enc.text.shapes}
+    assert {shape[0][0] for shape in enc.text.shapes} == {32} and lengths <= set(text_lengths(24)) == {16, 24}
+    # padding changes nothing: a lone image and a lone short query, padded to the batch
+    ref = BundleEncoders(tiny_bundle, device="cpu", batch_size=1, text_batch=1)
+    tsv = ImageTSV(str(d / "MR_valid_imgs.tsv"))
+    from competition import resize_image
+
+    pix = np.stack([resize_image(tsv.load(i), 32, "squash") for i in tsv.ids[:3]])
+    assert np.abs(enc.encode_images(pix) - ref.encode_images(pix)).max() < 1e-5
+    assert np.abs(enc.encode_text(["红", "蓝色"]) - ref.encode_text(["红", "蓝色"])).max() < 1e-5
+    enc.image.shapes.clear()
+    enc.text.shapes.clear()
+    assert enc.warmup() > 0
+    assert len(enc.image.shapes) == 1 and sorted(s[0][1] for s in enc.text.shapes) == [16, 24]
+
+
+def test_predict_refuses_non_finite_embeddings_naming_the_graph(tiny_bundle, small_sample, tmp_path):
+    out = tmp_path / "s.jsonl"
+    enc = BundleEncoders(tiny_bundle, device="cpu", batch_size=16)
+    enc.image = RecordingSession(enc.image, poison_rows=[3])
+    tsv = ImageTSV(str(small_sample / "MR_test_imgs.tsv"))
+    opts = PredictOptions(cache_dir=str(tmp_path / "cache"), workers=0)
+    with pytest.raises(NonFiniteError) as err:
+        predict_split(tiny_bundle, str(small_sample), "test", str(out), opts, encoders=enc)
+    assert "image.onnx gave a non-finite embedding for image" in str(err.value)
+    assert f"image {tsv.ids[3]} (" in str(err.value) and "MR_test_imgs.tsv:4)" in str(err.value)
+    assert not out.exists()
+    assert not [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs if f.endswith(".npz")]  # nothing cached
+    enc = BundleEncoders(tiny_bundle, device="cpu", batch_size=16, text_batch=16)
+    enc.text = RecordingSession(enc.text, poison_rows=[2])
+    queries = read_queries(small_sample / "MR_test_queries.jsonl")
+    with pytest.raises(NonFiniteError, match=rf"text.onnx gave a non-finite embedding for query "
+                                             rf"{queries[2].query_id} \(.*MR_test_queries.jsonl:3\)"):
+        predict_split(tiny_bundle, str(small_sample), "test", str(out), opts, encoders=enc)
+    assert not out.exists()
 
 
 def test_predicted_ranking_equals_brute_force(tiny_bundle, small_sample, tmp_path):
@@ -50,8 +147,8 @@ def test_predicted_ranking_equals_brute_force(tiny_bundle, small_sample, tmp_pat
     assert summary["queries"] == 40 and 0 <= summary["mean_recall"] <= 100
     result = json.loads((tmp_path / "sub.result.json").read_text())
     assert result["success"] and result["score"] == pytest.approx(summary["mean_recall"])
-    # brute force: embed everything sequentially, full score matrix, full argsort
-    enc = BundleEncoders(tiny_bundle)
+    # brute force: embed everything one image at a time (padded to the same graph batch), full argsort
+    enc = BundleEncoders(tiny_bundle, batch_size=16)
     tsv = ImageTSV(str(small_sample / "MR_valid_imgs.tsv"))
     from competition import resize_image
 
@@ -66,18 +163,18 @@ def test_predicted_ranking_equals_brute_force(tiny_bundle, small_sample, tmp_pat
 
 
 def test_cache_reuse_and_resume_after_interruption(tiny_bundle, small_sample, tmp_path):
-    enc = BundleEncoders(tiny_bundle)
+    enc = BundleEncoders(tiny_bundle, batch_size=8)
     tsv_path = str(small_sample / "MR_test_imgs.tsv")
     cache = str(tmp_path / "cache")
     with pytest.raises(KeyboardInterrupt):
-        embed_gallery(enc, tsv_path, cache, workers=2, batch_size=8, chunk_size=32, stop_after_chunks=2)
+        embed_gallery(enc, tsv_path, cache, workers=2, chunk_size=32, stop_after_chunks=2)
     chunks = [f for _, _, fs in os.walk(cache) for f in fs if f.startswith("chunk-")]
     assert sorted(chunks) == ["chunk-00000.npz", "chunk-00001.npz"]
-    resumed = embed_gallery(enc, tsv_path, cache, workers=2, batch_size=8, chunk_size=32)
-    fresh = embed_gallery(enc, tsv_path, str(tmp_path / "fresh"), workers=0, batch_size=8, chunk_size=32)
+    resumed = embed_gallery(enc, tsv_path, cache, workers=2, chunk_size=32)
+    fresh = embed_gallery(enc, tsv_path, str(tmp_path / "fresh"), workers=0, chunk_size=32)
     assert not resumed.from_cache and np.array_equal(resumed.ids, fresh.ids)
     assert np.allclose(resumed.features, fresh.features, atol=1e-6)
-    again = embed_gallery(enc, tsv_path, cache, workers=2, batch_size=8, chunk_size=32)
+    again = embed_gallery(enc, tsv_path, cache, workers=2, chunk_size=32)
     assert again.from_cache and np.array_equal(again.features, resumed.features)
     q1 = embed_queries(enc, str(small_sample / "MR_test_queries.jsonl"), cache)[1]
     q2 = embed_queries(enc, str(small_sample / "MR_test_queries.jsonl"), cache)[1]

@@ -29,7 +29,12 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
         cfg = load_config(config_path, list(overrides))
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--config/--set")
-    best = run(cfg, data_dir, out_dir, resume=bool(resume_dir))
+    from .distributed import DistributedSetupError
+
+    try:
+        best = run(cfg, data_dir, out_dir, resume=bool(resume_dir))
+    except DistributedSetupError as exc:
+        raise click.ClickException(str(exc))
     click.echo(f"best valid MR {best['mean_recall']:.2f}; checkpoint {os.path.join(out_dir, 'best.pt')}")
 
 

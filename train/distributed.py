@@ -8,6 +8,10 @@ import torch
 import torch.distributed as dist
 
 
+class DistributedSetupError(RuntimeError):
+    """The launch does not fit this machine (e.g. more processes than GPUs)."""
+
+
 @dataclass
 class World:
     rank: int = 0
@@ -26,6 +30,12 @@ def init_distributed() -> World:
         return World()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
+        per_node, visible = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)), torch.cuda.device_count()
+        if per_node > visible:  # refuse before any work, not "invalid device ordinal" mid-setup
+            raise DistributedSetupError(
+                f"{per_node} processes on this node but {visible} GPU(s) visible: launch torchrun with "
+                f"--nproc_per_node={visible} (NPROC={visible}), choose GPUs with CUDA_VISIBLE_DEVICES, or set "
+                "CUDA_VISIBLE_DEVICES= to train on CPU with gloo")
         torch.cuda.set_device(local)
         dist.init_process_group("nccl")
     else:
