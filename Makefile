@@ -14,11 +14,11 @@ BUNDLE ?= bundles/$(notdir $(RUN))
 NPROC  ?= 1
 SET    ?=
 
-.PHONY: setup sample train export submit validate report browser test bench clean help
+.PHONY: setup sample train export submit validate report browser test bench gpu-check clean help
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make submit | validate | report | train | export | sample | test | bench | setup   (see README.md)"
+	@echo "make submit | validate | report | train | export | sample | test | bench | gpu-check | setup   (see README.md)"
 
 # -- install -----------------------------------------------------------------------------------
 # Re-runs only when setup.cfg / pyproject.toml change. torch and torchvision are pinned as a
@@ -103,6 +103,12 @@ bench: $(BUNDLE)/manifest.json
 	$(MUGE) bench tsv --size-mb 1024
 	$(MUGE) bench export
 	$(MUGE) bench data
+
+# The whole chain at realistic shapes on this machine's GPU, as one table (random weights, no
+# network). ARGS="--small" runs tiny shapes on a CPU; ARGS="--json out.json" keeps the figures.
+ARGS ?=
+gpu-check: $(STAMP)
+	$(MUGE) bench gpu $(ARGS)
 
 clean:
 	rm -rf data/sample runs bundles submissions reports cache

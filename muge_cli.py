@@ -23,6 +23,7 @@ BENCHES = {  # `muge bench NAME`
     "predict": "predict.bench:bench_predict",
     "export": "export.bench:bench_export",
     "data": "train.bench:bench_data",
+    "gpu": "export.gpu_check:bench_gpu",
 }
 
 

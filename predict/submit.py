@@ -42,7 +42,9 @@ def predict_split(bundle_dir: str, data_dir: str, split: str, out_path: str, opt
     log.info("predicting %s with %s on %s", split, bundle_dir, enc.describe())
     if enc.choice.device == "cuda":
         log.info("warmed up %d input shapes on CUDA in %.1fs", 1 + len(enc.lengths), enc.warmup())
+    t_gallery = time.time()
     gallery = embed_gallery(enc, tsv_path, opts.cache_dir, opts.workers, opts.chunk_size, opts.skip_bad_images)
+    t_gallery = time.time() - t_gallery
     if gallery.skipped.items:
         log.warning("%s", gallery.skipped.summary())
     if len(gallery.ids) < opts.k:
@@ -54,7 +56,8 @@ def predict_split(bundle_dir: str, data_dir: str, split: str, out_path: str, opt
     preds = {q.query_id: gallery.ids[row].tolist() for q, row in zip(queries, pos)}
     write_submission(out_path, queries, preds, schema=opts.schema, k=opts.k)
     summary = {"split": split, "submission": out_path, "queries": len(queries), "gallery": len(gallery.ids),
-               "skipped_images": len(gallery.skipped.items), "topk_seconds": round(topk_s, 3),
+               "skipped_images": len(gallery.skipped.items), "gallery_cached": gallery.from_cache,
+               "gallery_seconds": round(t_gallery, 2), "topk_seconds": round(topk_s, 3),
                "seconds": round(time.time() - t0, 1), "runtime": enc.describe()}
     if all(q.item_ids for q in queries):  # ground truth present: score it like the evaluator
         score = score_predictions(queries, preds)

@@ -177,3 +177,26 @@ def test_gate_fails_non_finite_fp16_outputs_and_leaves_no_bundle(runs, small_sam
     with pytest.raises(ParityError, match=r"fp16 image embeddings not finite in 60 of 60 rows \(first: image \d+\)"):
         export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript", settings=FAST)
     assert os.listdir(tmp_path) == []
+
+
+def test_gpu_check_small_runs_the_whole_chain_on_any_machine(tmp_path):
+    """`muge bench gpu --small`: tiny shapes train, export through the gate and predict a repeated split."""
+    from click.testing import CliRunner
+
+    from muge_cli import cli
+
+    out = tmp_path / "gpu.json"
+    result = CliRunner().invoke(cli, ["bench", "gpu", "--small", "--steps", "2", "--gallery", "150", "--queries", "30",
+                                      "--workers", "1", "--work", str(tmp_path / "work"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["bert-convnext", "cnclip-vit-b16"]
+    for r in rows:
+        assert r["gate_passed"] and r["gallery"] == 150 and r["queries"] == 30
+        assert r["train_samples_per_s"] > 0 and r["gallery_images_per_s"] > 0 and r["predict_seconds"] > 0
+        assert set(r["graph_images_per_s"]) == {"64", "128", "256"}
+    sub = tmp_path / "work" / "submissions" / "cnclip-vit-b16-test.jsonl"
+    from competition import check_submission
+
+    assert check_submission(tmp_path / "work" / "bench" / "MR_test_queries.jsonl", sub).ok
+    assert "| bert-convnext (batch 16) |" in result.output and "tie-aware" in result.output

@@ -1,0 +1,206 @@
+"""`muge bench gpu`: one command that shows a GPU box runs the whole chain at realistic shapes.
+
+Two model shapes with random weights, so no network is needed:
+- bert-convnext:  the `configs/bert-convnext.yaml` plan with a bert-base-shaped text tower
+- cnclip-vit-b16: `configs/cnclip-vit-b16.yaml` with ViT-B/16 + RoBERTa-base-shaped towers
+For each shape it runs, through the stages' own entry points and files:
+1. training: two short epochs on the sample (AMP on CUDA); the second epoch's samples/s is
+   the steady rate (the first pays for start-up and cuDNN autotuning);
+2. export + parity gate (fp16 checked on CUDA);
+3. the image graph alone at batch 64 / 128 / 256 (images/s of the fixed-shape ORT session);
+4. predict on a test split of `--gallery` images (the sample's test images repeated under new
+   ids) and `--queries` queries, from a cold cache: gallery images/s (decode + embed), top-K
+   seconds, bundle-to-submission seconds.
+`--small` uses tiny shapes and a small split, and runs on a CPU (the test suite runs it).
+
+It lives in `export` because export is the stage that already sees both sides: it loads
+train's checkpoints and runs predict's runtime.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+import click
+import numpy as np
+
+log = logging.getLogger(__name__)
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+LAYERS_768 = "hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12, intermediate_size: 3072"
+LAYERS_32 = "hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64"
+SHAPES = {  # name -> (preset, overrides for realistic shapes, overrides for --small)
+    "bert-convnext": ("bert-convnext.yaml",
+                      ["model.text.name=null", "model.text.tokenizer=char-vocab", "model.image.pretrained=false",
+                       f"model.text.config={{{LAYERS_768}, max_position_embeddings: 512}}"],
+                      ["model.text.name=null", "model.text.tokenizer=char-vocab", "model.image.pretrained=false",
+                       f"model.text.config={{{LAYERS_32}, max_position_embeddings: 64}}", "model.image.name=resnet10t",
+                       "model.embed_dim=32"]),
+    "cnclip-vit-b16": ("cnclip-vit-b16.yaml",
+                       ["model.name=null", "model.text.tokenizer=char-vocab",
+                        f"model.config={{projection_dim: 512, text_config: {{{LAYERS_768}, max_position_embeddings: "
+                        f"512}}, vision_config: {{{LAYERS_768}, image_size: 224, patch_size: 16}}}}"],
+                       ["model.name=null", "model.text.tokenizer=char-vocab",
+                        f"model.config={{projection_dim: 32, text_config: {{{LAYERS_32}, max_position_embeddings: 64}}, "
+                        f"vision_config: {{{LAYERS_32}, image_size: 32, patch_size: 8}}}}"]),
+}
+SMALL = ["data.image_size=32", "data.max_text_length=24", "train.batch_size=16", "eval.batch_size=64"]
+GRAPH_BATCHES = (64, 128, 256)
+
+
+def write_repeated_split(sample_dir: str, out_dir: str, n_images: int, n_queries: int) -> str:
+    """A MUGE directory whose test split is the sample's test images and queries repeated under
+    new ids (`n_images` lines, `n_queries` queries); train and valid are linked to the sample's."""
+    from competition.io import atomic_path
+    from competition.queries import Query, read_queries, write_queries
+
+    os.makedirs(out_dir, exist_ok=True)
+    for split in ("train", "valid"):
+        for name in (f"MR_{split}_queries.jsonl", f"MR_{split}_imgs.tsv"):
+            dst = os.path.join(out_dir, name)
+            if not os.path.exists(dst):
+                os.symlink(os.path.abspath(os.path.join(sample_dir, name)), dst)
+    with open(os.path.join(sample_dir, "MR_test_imgs.tsv"), "rb") as f:
+        payloads = [line.split(b"\t", 1)[1] for line in f if line.strip()]
+    with atomic_path(os.path.join(out_dir, "MR_test_imgs.tsv")) as tmp, open(tmp, "wb") as f:
+        for i in range(n_images):
+            f.write(b"%d\t" % (500_000_000 + i) + payloads[i % len(payloads)])
+    texts = [q.text for q in read_queries(os.path.join(sample_dir, "MR_test_queries.jsonl"))]
+    write_queries(os.path.join(out_dir, "MR_test_queries.jsonl"),
+                  [Query(50_000_000 + i, texts[i % len(texts)]) for i in range(n_queries)], with_ids=False)
+    return out_dir
+
+
+def graph_images_per_s(bundle: str, batch: int, seconds: float = 2.0) -> float:
+    """The fixed-shape image session alone, on random pixels, after its warm-up."""
+    from predict.runtime import BundleEncoders
+
+    enc = BundleEncoders(bundle, batch_size=batch)
+    enc.warmup()
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, enc.image_size, enc.image_size, 3), dtype=np.uint8)
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < seconds:
+        enc.encode_images(pixels)
+        n += 1
+    return n * batch / (time.perf_counter() - t0)
+
+
+def check_shape(name: str, small: bool, sample_dir: str, bench_dir: str, work: str, steps: int, workers: int) -> dict:
+    import torch
+
+    from predict.submit import PredictOptions, predict_split
+    from train.main import run
+    from train.params import load_config
+
+    from .bundle import export_bundle
+    from .parity import ParityError
+
+    preset, big, tiny = SHAPES[name]
+    overrides = (tiny + SMALL) if small else big
+    base = load_config(os.path.join(CONFIGS, preset), overrides)
+    overrides += ["train.epochs=2", f"data.limit_pairs={steps * base.train.batch_size}", "eval.untrained=false",
+                  f"data.workers={workers}", "train.warmup_steps=5"]
+    cfg = load_config(os.path.join(CONFIGS, preset), overrides)
+    row = {"model": name, "batch_size": cfg.train.batch_size, "steps_per_epoch": steps}
+    run_dir, bundle = os.path.join(work, "runs", name), os.path.join(work, "bundles", name)
+    log.info("[%s] training 2 x %d steps of batch %d", name, steps, cfg.train.batch_size)
+    t0 = time.time()
+    run(cfg, sample_dir, run_dir)
+    history = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8")]
+    row.update(train_seconds=round(time.time() - t0, 1), train_samples_per_s=round(history[-1]["samples_per_s"], 1))
+    if torch.cuda.is_available():
+        row["train_peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        torch.cuda.empty_cache()
+    log.info("[%s] export + parity gate", name)
+    t0 = time.time()
+    try:
+        parity = export_bundle(run_dir, bundle, sample_dir)["parity"]
+    except ParityError as err:
+        parity = err.report
+    row.update(export_seconds=round(time.time() - t0, 1), gate_passed=parity["passed"], gate_device=parity["fp16_device"],
+               gate_tie_aware=parity.get("fp16_top10_tie_aware"), gate_overlap=parity.get("fp16_top10_overlap"),
+               gate_recall_delta=parity.get("fp16_recall_delta"), gate_failures=parity["failures"])
+    if not parity["passed"]:
+        return row
+    row["graph_images_per_s"] = {b: round(graph_images_per_s(bundle, b), 1) for b in GRAPH_BATCHES}
+    log.info("[%s] predict on %s (cold cache)", name, bench_dir)
+    out = os.path.join(work, "submissions", f"{name}-test.jsonl")
+    summary = predict_split(bundle, bench_dir, "test", out,
+                            PredictOptions(workers=workers, cache_dir=os.path.join(work, "cache", name)))
+    row.update(runtime=summary["runtime"], gallery=summary["gallery"], queries=summary["queries"],
+               gallery_images_per_s=round(summary["gallery"] / summary["gallery_seconds"], 1),
+               topk_seconds=summary["topk_seconds"], predict_seconds=summary["seconds"])
+    return row
+
+
+def format_table(rows: list[dict], device: str) -> str:
+    head = ("| model | train samples/s | export + gate s | gate: tie-aware / raw overlap / ΔMR | "
+            "graph img/s @64/128/256 | gallery img/s | top-K s | predict s |")
+    lines = [f"muge bench gpu on {device}", head, "|" + "---|" * 8]
+    for r in rows:
+        if not r["gate_passed"]:
+            lines.append(f"| {r['model']} | {r['train_samples_per_s']} | {r['export_seconds']} | FAILED: "
+                         f"{'; '.join(r['gate_failures'])} | | | | |")
+            continue
+        graph = " / ".join(f"{v:,.0f}" for v in r["graph_images_per_s"].values())
+        delta = "n/a" if r["gate_recall_delta"] is None else f"{r['gate_recall_delta']:+.2f}"
+        lines.append(f"| {r['model']} (batch {r['batch_size']}) | {r['train_samples_per_s']:,.0f} | "
+                     f"{r['export_seconds']} | {100 * r['gate_tie_aware']:.1f}% / {100 * r['gate_overlap']:.1f}% / "
+                     f"{delta} | {graph} | {r['gallery_images_per_s']:,.0f} | {r['topk_seconds']:.2f} | "
+                     f"{r['predict_seconds']} ({r['gallery']:,} images, {r['queries']:,} queries) |")
+    return "\n".join(lines)
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs"
+    return f"CPU only, {os.cpu_count()} CPUs"
+
+
+@click.command("gpu")
+@click.option("--small", is_flag=True, help="Tiny shapes and a small split: runs on a CPU in a minute or two.")
+@click.option("--models", default=",".join(SHAPES), show_default=True, help="Comma-separated shapes to check.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps per epoch (default 30, small 4).")
+@click.option("--gallery", type=click.IntRange(min=10), default=None, help="Test images (default 30000, small 300).")
+@click.option("--queries", type=click.IntRange(min=1), default=None, help="Test queries (default 5000, small 50).")
+@click.option("--workers", type=click.IntRange(min=0), default=max(1, min(12, (os.cpu_count() or 2) - 2)),
+              show_default=True, help="Data loader and decode processes.")
+@click.option("--work", "work_dir", default=None, help="Keep the data, runs and bundles here (default: a temp dir).")
+@click.option("--json", "json_out", default=None, help="Also write the rows as JSON here.")
+def bench_gpu(small, models, steps, gallery, queries, workers, work_dir, json_out):
+    """The whole chain at realistic shapes on this GPU (or tiny ones on a CPU with --small): one table."""
+    import torch
+
+    from competition.sample import make_sample
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(SHAPES))
+    if unknown:
+        raise click.BadParameter(f"unknown model {unknown[0]!r}; expected one of {', '.join(SHAPES)}", param_hint="--models")
+    if not small and not torch.cuda.is_available():
+        raise click.ClickException("no CUDA GPU visible: the realistic shapes need one (use --small on a CPU)")
+    steps = steps or (4 if small else 30)
+    gallery, queries = gallery or (300 if small else 30_000), queries or (50 if small else 5_000)
+    work = work_dir or tempfile.mkdtemp(prefix="muge-gpu-check-")
+    try:
+        sample_dir = os.path.join(work, "sample")
+        if not os.path.isfile(os.path.join(sample_dir, "MR_test_queries.jsonl")):
+            sizes = dict(n_train_queries=240, n_eval_queries=40, gallery_size=120) if small else {}
+            make_sample(sample_dir, seed=1, **sizes)
+        bench_dir = write_repeated_split(sample_dir, os.path.join(work, "bench"), gallery, queries)
+        rows = [check_shape(name, small, sample_dir, bench_dir, work, steps, workers) for name in names]
+    finally:
+        if not work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    click.echo(format_table(rows, device_name()))
+    if json_out:
+        from competition.io import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps({"device": device_name(), "rows": rows}, indent=2) + "\n")
+    if not all(r["gate_passed"] for r in rows):
+        raise SystemExit(1)
