@@ -9,7 +9,8 @@ of a per-row partial sort. Shared by training-time evaluation and by `predict`.
 
 Non-finite input (NaN or inf in a query or gallery row) is refused with `NonFiniteError`, which
 names the first bad row: a NaN has no rank, and silently ranking it anywhere would hide a broken
-model. Callers that know what a row is (an image id, a query id) check first with
+model. So are finite inputs large enough for a score to overflow float32 (whether that gives inf
+or NaN depends on the BLAS), checked by a bound before any product is computed. Callers that know what a row is (an image id, a query id) check first with
 `first_nonfinite_row` and say so in their own terms.
 """
 from __future__ import annotations
@@ -29,11 +30,25 @@ def first_nonfinite_row(x: np.ndarray) -> int | None:
     return int(np.flatnonzero(~finite.reshape(len(x), -1).all(axis=1))[0])
 
 
-def _require_finite(x: np.ndarray, what: str, offset: int = 0) -> None:
+def _checked_max(x: np.ndarray, what: str, offset: int = 0) -> tuple[float, int]:
+    """Refuse a NaN/inf row of `x`; return its largest |value| and that value's row."""
     row = first_nonfinite_row(x)
     if row is not None:
         raise NonFiniteError(f"{what} row {offset + row} is not finite (NaN or inf): non-finite embeddings have "
                              "no rank")
+    if not x.size:
+        return 0.0, 0
+    flat = int(np.abs(x).argmax())
+    return float(abs(x.flat[flat])), offset + flat // x.shape[1]
+
+
+def _refuse_overflow(dim: int, queries: tuple[float, int], gallery: tuple[float, int]) -> None:
+    """|q . g| <= dim * max|q| * max|g|: refuse inputs whose float32 scores could overflow (to inf,
+    or NaN from inf - inf, depending on the BLAS), before computing any."""
+    if dim * queries[0] * gallery[0] > 1e38:
+        raise NonFiniteError(f"scores would overflow float32: queries row {queries[1]} holds |values| up to "
+                             f"{queries[0]:.3g} and gallery row {gallery[1]} up to {gallery[0]:.3g}; embeddings this "
+                             "large are not L2-normalised")
 
 
 def _select(rows, scores, cols, k):
@@ -46,18 +61,16 @@ def _select(rows, scores, cols, k):
 
 
 def _block_candidates(scores: np.ndarray, k: int, floor: np.ndarray | None):
-    """Flat (rows, scores, cols) of every entry that can still be in its row's top k, and the rows
-    whose scores hold a NaN (the bound `t` of such a row is NaN)."""
     n_cols = scores.shape[1]
     if n_cols <= k:
         rows, cols = np.indices(scores.shape).reshape(2, -1)
-        return rows, scores.ravel(), cols, np.isnan(scores).any(axis=1)
+        return rows, scores.ravel(), cols
     bounds = (np.arange(k) * n_cols) // k
     t = np.maximum.reduceat(scores, bounds, axis=1).min(axis=1)
     if floor is not None:
         t = np.maximum(t, floor)
     rows, cols = np.nonzero(scores >= t[:, None])
-    return rows, scores[rows, cols], cols, np.isnan(t)
+    return rows, scores[rows, cols], cols
 
 
 def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_chunk: int = 32768,
@@ -71,7 +84,7 @@ def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_ch
     n_gallery = gallery.shape[0]
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
         raise ValueError(f"shape mismatch: queries {queries.shape}, gallery {gallery.shape}")
-    _require_finite(queries, "queries")
+    q_max = _checked_max(queries, "queries")
     k = min(k, n_gallery)
     out_s = np.empty((len(queries), k), dtype=np.float32)
     out_i = np.empty((len(queries), k), dtype=np.int64)
@@ -80,7 +93,7 @@ def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_ch
     resident = n_gallery <= gallery_chunk  # one chunk: convert once, reuse for every query block
     g_all = np.ascontiguousarray(gallery, dtype=np.float32) if resident else None
     if resident:
-        _require_finite(g_all, "gallery")
+        _refuse_overflow(queries.shape[1], q_max, _checked_max(g_all, "gallery"))
     for q0 in range(0, len(queries), query_block):
         qb = queries[q0:q0 + query_block]
         rows = np.empty(0, np.int64)
@@ -92,12 +105,9 @@ def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_ch
                 g = g_all
             else:
                 g = np.ascontiguousarray(gallery[start:start + gallery_chunk], dtype=np.float32)
-                if q0 == 0:
-                    _require_finite(g, "gallery", start)
-            r, s, c, nan_rows = _block_candidates(qb @ g.T, k, floor)
-            if nan_rows.any():  # finite inputs whose products overflowed (inf - inf = NaN)
-                raise NonFiniteError(f"queries row {q0 + int(np.flatnonzero(nan_rows)[0])}: its scores overflowed to "
-                                     "NaN; embeddings this large are not L2-normalised")
+                if q0 == 0:  # the first query block reads every chunk: check each once
+                    _refuse_overflow(queries.shape[1], q_max, _checked_max(g, "gallery", start))
+            r, s, c = _block_candidates(qb @ g.T, k, floor)
             rows, vals, cols = _select(np.concatenate([rows, r]), np.concatenate([vals, s]),
                                        np.concatenate([cols, c + start]), k)
             if len(rows) == len(qb) * k:  # every row has k: its k-th best bounds later chunks

@@ -129,72 +129,80 @@ def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, setting
                          _batched(image_fn, pixels, bs, f"parity: {name} image"))
     report = {"queries": len(texts), "gallery_images": len(ids), "recall_queries": len(scored), "batch_size": bs,
               "fp16_device": gpu.device, "limits": asdict(limits)}
-    failures = []
+    failures, finite = [], {}
     for name, (t, i) in outputs.items():
+        finite[name] = True
         for kind, feats, label in (("text", t, lambda r: f"query {r + 1} {texts[r]!r}"),
                                    ("image", i, lambda r: f"image {ids[r]}")):
             row = first_nonfinite_row(feats)
             if row is not None:
+                finite[name] = False
                 bad = int((~np.isfinite(feats).all(axis=1)).sum())
                 failures.append(f"{name} {kind} embeddings not finite in {bad} of {len(feats)} rows "
                                 f"(first: {label(row)})")
-    if failures:  # nothing below means anything with NaNs in it
-        report.update(failures=failures, passed=False)
-        return report
     (ref_t, ref_i), (o32_t, o32_i), (o16_t, o16_i) = outputs["torch"], outputs["fp32"], outputs["fp16"]
-    rank = ranking_agreement(ref_t, ref_i, o16_t, o16_i)
-    recall = {}
-    for name, top in (("torch", rank["ref_top"]), ("fp16", rank["cand_top"])):
-        preds = {q.query_id: [ids[p] for p in top[row]] for row, q in scored.items()}
-        recall[name] = score_predictions(list(scored.values()), preds).mean_recall if scored else None
-    report.update({
-        "fp32_max_abs_text": float(np.abs(o32_t - ref_t).max()), "fp32_max_abs_image": float(np.abs(o32_i - ref_i).max()),
-        "fp16_min_cosine_text": _cosine(o16_t, ref_t), "fp16_min_cosine_image": _cosine(o16_i, ref_i),
-        "fp16_score_error": rank["score_error"], "fp16_score_error_max": rank["score_error_max"],
-        "fp16_top10_tie_aware": rank["tie_aware"], "fp16_top10_overlap": rank["overlap"],
-        "mean_recall_torch": recall["torch"], "mean_recall_fp16": recall["fp16"],
-    })
-    for key in ("fp32_max_abs_text", "fp32_max_abs_image"):
-        if not report[key] <= limits.fp32_max_abs:
-            failures.append(f"{key} {report[key]:.3g} > {limits.fp32_max_abs:g}")
-    for key in ("fp16_min_cosine_text", "fp16_min_cosine_image"):
-        if not report[key] >= limits.fp16_min_cosine:
-            failures.append(f"{key} {report[key]:.6f} < {limits.fp16_min_cosine}")
-    if not rank["tie_aware"] >= limits.fp16_min_tie_aware:
-        failures.append(f"fp16_top10_tie_aware {rank['tie_aware']:.4f} < {limits.fp16_min_tie_aware}")
-    if scored:
-        delta = recall["fp16"] - recall["torch"]
-        tolerance = max(limits.fp16_max_recall_delta, 100.0 / len(scored))
-        report.update(fp16_recall_delta=delta, recall_tolerance=tolerance)
-        if abs(delta) > tolerance:
-            failures.append(f"fp16 MeanRecall {recall['fp16']:.2f} vs torch {recall['torch']:.2f} on "
-                            f"{len(scored)} queries: |delta| {abs(delta):.2f} > {tolerance:.2f}")
-    else:
-        failures.append(f"no valid query has its positives among the gate's {len(ids)} images: recall cannot "
-                        "be checked (raise --parity-gallery)")
+    if finite["torch"] and finite["fp32"]:  # every check whose inputs are finite still runs
+        report.update(fp32_max_abs_text=float(np.abs(o32_t - ref_t).max()),
+                      fp32_max_abs_image=float(np.abs(o32_i - ref_i).max()))
+        for key in ("fp32_max_abs_text", "fp32_max_abs_image"):
+            if not report[key] <= limits.fp32_max_abs:
+                failures.append(f"{key} {report[key]:.3g} > {limits.fp32_max_abs:g}")
+    if finite["torch"] and finite["fp16"]:
+        failures += _fp16_checks(report, limits, outputs["torch"], outputs["fp16"], ids, scored)
     report["failures"] = failures
     report["passed"] = not failures
     return report
 
 
+def _fp16_checks(report: dict, limits: ParityLimits, ref, cand, ids, scored) -> list[str]:
+    """Cosine, tie-aware ranking and subset recall of fp16 against PyTorch; adds the figures to
+    `report` and returns the failures."""
+    (ref_t, ref_i), (o16_t, o16_i) = ref, cand
+    rank = ranking_agreement(ref_t, ref_i, o16_t, o16_i)
+    recall = {}
+    for name, top in (("torch", rank["ref_top"]), ("fp16", rank["cand_top"])):
+        preds = {q.query_id: [ids[p] for p in top[row]] for row, q in scored.items()}
+        recall[name] = score_predictions(list(scored.values()), preds).mean_recall if scored else None
+    report.update(fp16_min_cosine_text=_cosine(o16_t, ref_t), fp16_min_cosine_image=_cosine(o16_i, ref_i),
+                  fp16_score_error=rank["score_error"], fp16_score_error_max=rank["score_error_max"],
+                  fp16_top10_tie_aware=rank["tie_aware"], fp16_top10_overlap=rank["overlap"],
+                  mean_recall_torch=recall["torch"], mean_recall_fp16=recall["fp16"])
+    failures = []
+    for key in ("fp16_min_cosine_text", "fp16_min_cosine_image"):
+        if not report[key] >= limits.fp16_min_cosine:
+            failures.append(f"{key} {report[key]:.6f} < {limits.fp16_min_cosine}")
+    if not rank["tie_aware"] >= limits.fp16_min_tie_aware:
+        failures.append(f"fp16_top10_tie_aware {rank['tie_aware']:.4f} < {limits.fp16_min_tie_aware}")
+    if not scored:
+        failures.append(f"no valid query has its positives among the gate's {len(ids)} images: recall cannot "
+                        "be checked (raise --parity-gallery)")
+        return failures
+    delta = recall["fp16"] - recall["torch"]
+    tolerance = max(limits.fp16_max_recall_delta, 100.0 / len(scored))
+    report.update(fp16_recall_delta=delta, recall_tolerance=tolerance)
+    if abs(delta) > tolerance:
+        failures.append(f"fp16 MeanRecall {recall['fp16']:.2f} vs torch {recall['torch']:.2f} on "
+                        f"{len(scored)} queries: |delta| {abs(delta):.2f} > {tolerance:.2f}")
+    return failures
+
+
 def format_report(report: dict) -> str:
-    head = (f"parity on {report['queries']} valid queries x {report['gallery_images']} valid images "
-            f"(batch {report['batch_size']}, fp16 on {report['fp16_device']}):")
-    if "fp32_max_abs_text" not in report:
-        return head + "\n  FAILED: " + "; ".join(report["failures"])
     lim = report["limits"]
-    recall = (f"  fp16 vs torch MeanRecall on {report['recall_queries']} queries with their positives: "
-              f"{report['mean_recall_fp16']:.2f} vs {report['mean_recall_torch']:.2f} "
-              f"(delta {report['fp16_recall_delta']:+.2f}, tolerance {report['recall_tolerance']:.2f})\n"
-              if "fp16_recall_delta" in report else "")
-    return (f"{head}\n"
-            f"  fp32 vs torch max|diff|  text {report['fp32_max_abs_text']:.2e}  image {report['fp32_max_abs_image']:.2e}"
-            f"  (limit {lim['fp32_max_abs']:g})\n"
-            f"  fp16 vs torch min cosine text {report['fp16_min_cosine_text']:.6f}  image "
-            f"{report['fp16_min_cosine_image']:.6f}  (limit {lim['fp16_min_cosine']})\n"
-            f"  fp16 top-10 ids explained by score error {100 * report['fp16_top10_tie_aware']:.2f}% "
-            f"(limit {100 * lim['fp16_min_tie_aware']:.0f}%; score error {report['fp16_score_error']:.2e}, "
-            f"max {report['fp16_score_error_max']:.2e}); raw top-10 overlap {100 * report['fp16_top10_overlap']:.2f}% "
-            f"(information)\n"
-            f"{recall}"
-            f"  {'PASSED' if report['passed'] else 'FAILED: ' + '; '.join(report['failures'])}")
+    lines = [f"parity on {report['queries']} valid queries x {report['gallery_images']} valid images "
+             f"(batch {report['batch_size']}, fp16 on {report['fp16_device']}):"]
+    if "fp32_max_abs_text" in report:
+        lines.append(f"  fp32 vs torch max|diff|  text {report['fp32_max_abs_text']:.2e}  image "
+                     f"{report['fp32_max_abs_image']:.2e}  (limit {lim['fp32_max_abs']:g})")
+    if "fp16_min_cosine_text" in report:
+        lines += [f"  fp16 vs torch min cosine text {report['fp16_min_cosine_text']:.6f}  image "
+                  f"{report['fp16_min_cosine_image']:.6f}  (limit {lim['fp16_min_cosine']})",
+                  f"  fp16 top-10 ids explained by score error {100 * report['fp16_top10_tie_aware']:.2f}% "
+                  f"(limit {100 * lim['fp16_min_tie_aware']:.0f}%; score error {report['fp16_score_error']:.2e}, "
+                  f"max {report['fp16_score_error_max']:.2e}); raw top-10 overlap "
+                  f"{100 * report['fp16_top10_overlap']:.2f}% (information)"]
+    if "fp16_recall_delta" in report:
+        lines.append(f"  fp16 vs torch MeanRecall on {report['recall_queries']} queries with their positives: "
+                     f"{report['mean_recall_fp16']:.2f} vs {report['mean_recall_torch']:.2f} "
+                     f"(delta {report['fp16_recall_delta']:+.2f}, tolerance {report['recall_tolerance']:.2f})")
+    lines.append("  PASSED" if report["passed"] else "  FAILED: " + "; ".join(report["failures"]))
+    return "\n".join(lines)
