@@ -11,17 +11,22 @@ from .errors import MugeDataError
 
 @click.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True)
-@click.option("--train-queries", default=3000, show_default=True)
-@click.option("--eval-queries", default=500, show_default=True, help="Valid and test queries each.")
-@click.option("--gallery-size", default=1000, show_default=True, help="Images per split.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--train-queries", type=click.IntRange(min=1), default=3000, show_default=True)
+@click.option("--eval-queries", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Valid and test queries each.")
+@click.option("--gallery-size", type=click.IntRange(min=10), default=1000, show_default=True,
+              help="Images per split (a submission needs 10 per query).")
 def sample(out_dir, seed, train_queries, eval_queries, gallery_size):
     """Write the embedded sample dataset (MUGE layout) into OUT_DIR."""
     from .sample import make_sample
 
     click.echo(f"drawing the sample dataset into {out_dir} (seed {seed}) ...")
-    info = make_sample(out_dir, seed=seed, n_train_queries=train_queries, n_eval_queries=eval_queries,
-                       gallery_size=gallery_size)
+    try:
+        info = make_sample(out_dir, seed=seed, n_train_queries=train_queries, n_eval_queries=eval_queries,
+                           gallery_size=gallery_size)
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
     click.echo(json.dumps(info, ensure_ascii=False))
 
 
@@ -37,12 +42,14 @@ def score(ground_truth, pred, out, ranks):
     from .queries import read_queries
     from .submission import check_submission
 
-    try:
+    try:  # whatever is wrong, a result JSON is written, as the reference evaluator does
         gt = read_queries(ground_truth, require_ids=True)
-        report = check_submission(ground_truth, pred)
-    except MugeDataError as exc:
+        report = check_submission(ground_truth, pred, queries=gt, allow_bom=True)
+    except (MugeDataError, OSError) as exc:
         result = failure_json(str(exc))
         report = None
+    for w in report.warnings if report is not None else ():
+        click.echo(f"warning: {w}", err=True)
     if report is not None and not report.ok:
         result = failure_json(report.errors[0], "\n".join(report.errors))
     elif report is not None:
@@ -69,7 +76,7 @@ def check_submission_cmd(queries, pred):
 
     try:
         report = check_submission(queries, pred)
-    except MugeDataError as exc:
+    except (MugeDataError, OSError) as exc:
         raise click.ClickException(str(exc))
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)

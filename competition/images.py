@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import MugeDataError
+from .errors import MugeDataError, fits_int64
 from .io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,11 @@ def _parse_line(raw: bytes, path: str, lineno: int, offset: int) -> TsvRecord:
     if tab < 0:
         raise MugeDataError(path, "no tab: expected img_id<TAB>base64", lineno)
     head = line[:tab].strip()
-    try:
-        img_id = int(head)
-    except ValueError:
-        raise MugeDataError(path, f"image id {head[:40]!r} is not an integer", lineno) from None
+    if not head.isdigit():  # ASCII digits only: int() would also take "1_2_3", "+5" or " ٣"
+        raise MugeDataError(path, f"image id {head[:40]!r} is not a decimal integer", lineno)
+    img_id = int(head)
+    if not fits_int64(img_id):
+        raise MugeDataError(path, f"image id {head[:40].decode()} does not fit in a signed 64-bit integer", lineno)
     return TsvRecord(lineno, img_id, offset + tab + 1, line[tab + 1:])
 
 
@@ -170,7 +171,9 @@ class ImageTSV:
                         self.ids, self.offsets, self.lengths = z["ids"], z["offsets"], z["lengths"]
                         self.index_path = candidate
                         return
-            except (OSError, KeyError, ValueError):
+            except Exception as exc:  # absent, truncated or foreign: the index is only a cache, rebuild it
+                if os.path.exists(candidate):
+                    log.warning("ignoring unreadable index %s (%s); rebuilding it", candidate, type(exc).__name__)
                 continue
         self._build_index(size, mtime)
 

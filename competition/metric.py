@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .errors import fits_int64
 from .io import atomic_write_text
 from .queries import Query
 
@@ -36,17 +37,17 @@ class Score:
 def score_predictions(ground_truth: Sequence[Query], preds: Mapping[int, Sequence[int]], k: int = 10) -> Score:
     """Score predictions against ground-truth queries. Missing predictions count as misses here;
     `muge score` rejects them first, as the reference evaluator does."""
-    gts = [q for q in ground_truth if q.item_ids]
+    gts = [q for q in ground_truth if q.item_ids is not None]  # an empty list counts: a sure miss
     n = len(gts)
     if n == 0:
         raise ValueError("no ground-truth queries to score against")
     pred = np.zeros((n, k), dtype=np.int64)
     filled = np.zeros((n, k), dtype=bool)
     for row, q in enumerate(gts):
-        ids = list(preds.get(q.query_id, ()))[:k]
-        if ids:
-            pred[row, :len(ids)] = ids
-            filled[row, :len(ids)] = True
+        for col, item in enumerate(list(preds.get(q.query_id, ()))[:k]):
+            if fits_int64(item):  # a larger id (valid JSON, accepted by the evaluator) matches no ground truth
+                pred[row, col] = item
+                filled[row, col] = True
     gt_rows = np.repeat(np.arange(n, dtype=np.int64), [len(q.item_ids) for q in gts])
     gt_items = np.fromiter((i for q in gts for i in q.item_ids), dtype=np.int64, count=len(gt_rows))
     # dense ids so (row, item) fits one int64 key

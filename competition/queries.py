@@ -7,11 +7,15 @@ Test files carry no ids. Every problem is reported with the file and line it was
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from .errors import MugeDataError, is_int_id
+from .errors import MugeDataError, fits_int64, is_int_id
+
+log = logging.getLogger(__name__)
+UTF8_BOM = b"\xef\xbb\xbf"
 
 # schema name -> (id field, text field, ground-truth ids field)
 SCHEMAS = {
@@ -52,6 +56,8 @@ def parse_query_line(raw: str, path, lineno: int, require_ids: bool | None) -> t
     qid = obj[id_field]
     if not is_int_id(qid):
         raise MugeDataError(path, f"'{id_field}' must be an integer, got {qid!r}", lineno)
+    if not fits_int64(qid):
+        raise MugeDataError(path, f"'{id_field}' {qid} does not fit in a signed 64-bit integer", lineno)
     if text_field not in obj:
         raise MugeDataError(path, f"missing field '{text_field}'", lineno)
     text = obj[text_field]
@@ -60,11 +66,15 @@ def parse_query_line(raw: str, path, lineno: int, require_ids: bool | None) -> t
     item_ids = None
     if ids_field in obj:
         ids = obj[ids_field]
-        if not isinstance(ids, list) or not ids:
-            raise MugeDataError(path, f"'{ids_field}' must be a non-empty list of integers, got {ids!r}", lineno)
+        if not isinstance(ids, list):  # an empty list is a query no prediction can hit, as the evaluator scores it
+            raise MugeDataError(path, f"'{ids_field}' must be a list of integers, got {ids!r}", lineno)
         bad = [v for v in ids if not is_int_id(v)]
         if bad:
             raise MugeDataError(path, f"'{ids_field}' must hold integers only, got {bad[0]!r}", lineno)
+        big = [v for v in ids if not fits_int64(v)]
+        if big:
+            raise MugeDataError(path, f"'{ids_field}' holds {big[0]}, which does not fit in a signed 64-bit integer",
+                                lineno)
         item_ids = tuple(ids)
     elif require_ids:
         raise MugeDataError(path, f"missing field '{ids_field}' (ground-truth ids are required here)", lineno)
@@ -75,35 +85,60 @@ def iter_queries(path, require_ids: bool | None = None) -> Iterator[Query]:
     """Stream queries from a jsonl file. `require_ids`: True demands ground truth on every line."""
     path = os.fspath(path)
     seen: dict[int, int] = {}
-    empty = True
-    # utf-8-sig: accept (and drop) a UTF-8 byte-order mark.
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, raw in enumerate(f, start=1):
-            empty = False
-            query, _ = parse_query_line(raw, path, lineno, require_ids)
-            if query.query_id in seen:
-                raise MugeDataError(
-                    path, f"duplicate query id {query.query_id} (first seen on line {seen[query.query_id]})", lineno)
-            seen[query.query_id] = lineno
-            yield query
+    empty, no_truth = True, []
+    for lineno, raw in utf8_lines(path):
+        empty = False
+        query, _ = parse_query_line(raw, path, lineno, require_ids)
+        if query.query_id in seen:
+            raise MugeDataError(
+                path, f"duplicate query id {query.query_id} (first seen on line {seen[query.query_id]})", lineno)
+        seen[query.query_id] = lineno
+        if query.item_ids == ():
+            no_truth.append(lineno)
+        yield query
     if empty:
         raise MugeDataError(path, "empty file: no queries")
+    if no_truth:
+        log.warning("%s: %s with an empty ground-truth list (line %s): each is scored as a miss, as the reference "
+                    "evaluator does", path, plural(len(no_truth), "query", "queries"), first_of(no_truth))
+
+
+def utf8_lines(path: str, allow_bom: bool = True) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, one line in memory at a time. A line that is not UTF-8
+    (a GBK export, say) is an error naming the file and line; so is a byte-order mark when not
+    `allow_bom`."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(UTF8_BOM):
+                if not allow_bom:
+                    raise MugeDataError(path, "starts with a UTF-8 byte-order mark, which the reference evaluator "
+                                              "rejects: save the file without one", lineno)
+                raw = raw[len(UTF8_BOM):]
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MugeDataError(path, f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                                          "MUGE files are UTF-8: convert it, e.g. iconv -f GBK -t UTF-8", lineno) from None
+
+
+def plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def first_of(items: Sequence, shown: int = 20) -> str:
+    """'a, b, c' for the first `shown` items, then '... and N more'."""
+    head = ", ".join(str(x) for x in items[:shown])
+    return head + (f" ... and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def read_queries(path, require_ids: bool | None = None) -> list[Query]:
     return list(iter_queries(path, require_ids))
 
 
-def check_ground_truth_in_gallery(queries: Sequence[Query], gallery_ids, queries_path, gallery_path) -> None:
-    """Every ground-truth id must exist in the gallery; otherwise the split is inconsistent."""
-    gallery = set(int(i) for i in gallery_ids)
-    for q in queries:
-        for item in q.item_ids or ():
-            if item not in gallery:
-                raise MugeDataError(
-                    queries_path,
-                    f"query {q.query_id}: ground-truth image {item} is not in the gallery {gallery_path}",
-                    q.line)
+def ground_truth_not_in_gallery(queries: Sequence[Query], contains) -> list[tuple[Query, int]]:
+    """(query, id) for every ground-truth id that `contains(id)` says the gallery lacks: such an
+    id can never be retrieved, so its query may be a miss however good the model."""
+    return [(q, item) for q in queries for item in (q.item_ids or ()) if not contains(item)]
 
 
 def write_queries(path, queries: Sequence[Query], schema: str = "tianchi", with_ids: bool = True) -> None:

@@ -217,9 +217,22 @@ def _products(rng, n: int, ids) -> list[Product]:
                     pats[rng.integers(len(pats))]) for _ in range(n)]
 
 
+def _draws(out: list, n: int, kind: str, patience: int = 5_000):
+    """Yield until `out` holds n queries; refuse, rather than loop forever, once `patience` draws
+    in a row have added none (the phrase space or the gallery is exhausted)."""
+    stalled, have = 0, len(out)
+    while len(out) < n:
+        yield
+        stalled = 0 if len(out) > have else stalled + 1
+        have = len(out)
+        if stalled > patience:
+            raise ValueError(f"could draw only {len(out)} of {n} distinct {kind} queries from the sample's phrases "
+                             "and gallery: ask for fewer queries or a larger gallery")
+
+
 def _eval_queries(rng, gallery: list[Product], n: int, used: set, qids) -> list[Query]:
     out = []
-    while len(out) < n:
+    for _ in _draws(out, n, "valid/test"):
         anchor = gallery[int(rng.integers(len(gallery)))]
         kind = rng.random()
         colour = anchor.colour if kind < 0.9 else None
@@ -239,7 +252,7 @@ def _train_queries(rng, gallery: list[Product], n: int, used: set, qids) -> list
     for p in gallery:
         by_combo.setdefault((p.category, p.colour, p.pattern), []).append(p.img_id)
     out = []
-    while len(out) < n:
+    for _ in _draws(out, n, "train"):
         anchor = gallery[int(rng.integers(len(gallery)))]
         matches = by_combo[(anchor.category, anchor.colour, anchor.pattern)]
         k = min(len(matches), 1 + int(rng.random() < 0.5))  # a train query has 1-2 images
@@ -259,6 +272,13 @@ def make_sample(out_dir, seed: int = 0, n_train_queries: int = 3000, n_eval_quer
                 gallery_size: int = 1000, odd_fraction: float = 0.01, workers: int | None = None) -> dict:
     """Write the six MUGE files plus `example_pred.jsonl` into `out_dir`. Returns a summary."""
     t0 = time.time()
+    # ids are drawn without replacement from fixed ranges; queries need enough distinct phrases
+    if min(n_train_queries, n_eval_queries) < 1 or not 10 <= gallery_size <= 3_000_000 \
+            or n_train_queries + 2 * n_eval_queries > 900_000 or n_train_queries > 100 * gallery_size \
+            or n_eval_queries > 10 * gallery_size:
+        raise ValueError(f"sample sizes out of range: {n_train_queries} train queries, {n_eval_queries} valid/test "
+                         f"queries, {gallery_size} images per split (gallery 10..3,000,000; queries >= 1, at most "
+                         "100 train and 10 valid/test per gallery image, 900,000 in all)")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)

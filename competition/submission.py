@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import is_int_id
 from .io import atomic_write_text
-from .queries import SCHEMAS, Query, read_queries
+from .queries import SCHEMAS, UTF8_BOM, Query, read_queries
 
 TOP_K = 10
 
@@ -98,61 +98,87 @@ class SubmissionReport:
         return not self.errors
 
 
-def read_predictions(path, k: int = TOP_K) -> SubmissionReport:
-    """Parse a prediction file, collecting every problem (with its line) instead of stopping."""
+def _lines(path: str, allow_bom: bool, report: SubmissionReport):
+    """(line number, text) of every line; a BOM or a non-UTF-8 line is an error of the report."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(UTF8_BOM):
+                message = f"{path}:1: starts with a UTF-8 byte-order mark, which the reference evaluator rejects"
+                if allow_bom:
+                    report.warnings.append(message + " (scored anyway; save the file without one before uploading)")
+                else:
+                    report.errors.append(message + ": save the file without one")
+                raw = raw[len(UTF8_BOM):]
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                report.errors.append(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                     f"{exc.start + 1})")
+
+
+def read_predictions(path, k: int = TOP_K, allow_bom: bool = False) -> SubmissionReport:
+    """Parse a prediction file, collecting every problem (with its line) instead of stopping.
+    Rejects what the reference evaluator rejects: a UTF-8 BOM (unless `allow_bom`, which warns),
+    a file mixing the Tianchi and Chinese-CLIP schemas, a line that is not UTF-8 JSON."""
     path = os.fspath(path)
     report = SubmissionReport(path)
     if not os.path.isfile(path):
         report.errors.append(f"{path}: file not found")
         return report
     first_line: dict[int, int] = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            if not raw.strip():
-                report.errors.append(f"{where}: blank line is not valid JSON")
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                report.errors.append(f"{where}: not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(obj, dict):
-                report.errors.append(f"{where}: expected a JSON object")
-                continue
-            schema = next((s for s, (idf, _, _) in SCHEMAS.items() if idf in obj), None)
-            if schema is None:
-                report.errors.append(f"{where}: missing 'query_id' (or 'text_id')")
-                continue
-            id_field, _, ids_field = SCHEMAS[schema]
-            qid = obj[id_field]
-            if not is_int_id(qid):
-                report.errors.append(f"{where}: {id_field} {qid!r} is not an integer")
-                continue
-            if ids_field not in obj:
-                report.errors.append(f"{where}: query {qid} has no '{ids_field}'")
-                continue
-            problem = item_ids_problem(qid, obj[ids_field], k)
-            if problem:
-                report.errors.append(f"{where}: {problem}")
-                continue
-            if qid in first_line:
-                report.warnings.append(f"{where}: query {qid} predicted again (first on line {first_line[qid]}); "
-                                       "the evaluator keeps the last")
-            first_line[qid] = lineno
-            report.predictions[qid] = obj[ids_field]
+    first_schema: tuple[str, int] | None = None
+    for lineno, raw in _lines(path, allow_bom, report):
+        where = f"{path}:{lineno}"
+        if not raw.strip():
+            report.errors.append(f"{where}: blank line is not valid JSON")
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            report.errors.append(f"{where}: not valid JSON ({exc.msg})")
+            continue
+        if not isinstance(obj, dict):
+            report.errors.append(f"{where}: expected a JSON object")
+            continue
+        schema = next((s for s, (idf, _, _) in SCHEMAS.items() if idf in obj), None)
+        if schema is None:
+            report.errors.append(f"{where}: missing 'query_id' (or 'text_id')")
+            continue
+        id_field, _, ids_field = SCHEMAS[schema]
+        if first_schema is None:
+            first_schema = (id_field, lineno)
+        elif first_schema[0] != id_field:
+            report.errors.append(f"{where}: a '{id_field}' line in a file of '{first_schema[0]}' lines (first on "
+                                 f"line {first_schema[1]}); the reference evaluator rejects mixed schemas")
+            continue
+        qid = obj[id_field]
+        if not is_int_id(qid):
+            report.errors.append(f"{where}: {id_field} {qid!r} is not an integer")
+            continue
+        if ids_field not in obj:
+            report.errors.append(f"{where}: query {qid} has no '{ids_field}'")
+            continue
+        problem = item_ids_problem(qid, obj[ids_field], k)
+        if problem:
+            report.errors.append(f"{where}: {problem}")
+            continue
+        if qid in first_line:
+            report.warnings.append(f"{where}: query {qid} predicted again (first on line {first_line[qid]}); "
+                                   "the evaluator keeps the last")
+        first_line[qid] = lineno
+        report.predictions[qid] = obj[ids_field]
     if not first_line and not report.errors:
         report.errors.append(f"{path}: empty file: no predictions")
     return report
 
 
 def check_submission(queries_path, pred_path, k: int = TOP_K,
-                     queries: Sequence[Query] | None = None) -> SubmissionReport:
+                     queries: Sequence[Query] | None = None, allow_bom: bool = False) -> SubmissionReport:
     """Every problem the reference evaluator would reject `pred_path` for, against `queries_path`
     (`queries`: its queries, when the caller has read them already)."""
     if queries is None:
         queries = read_queries(queries_path)
-    report = read_predictions(pred_path, k)
+    report = read_predictions(pred_path, k, allow_bom)
     missing = [q.query_id for q in queries if q.query_id not in report.predictions]
     # a query whose line was malformed is already reported; do not report it twice as missing
     if missing:

@@ -65,7 +65,9 @@ def test_urlsafe_and_standard_base64_and_bom(tmp_path):
 @pytest.mark.parametrize("content, message, line", [
     ("1\tAAAA\n1\tAAAA\n", "duplicate image id 1 (first on line 1)", 2),
     ("1\tAAAA\n2 AAAA\n", "no tab", 2),
-    ("1\tAAAA\nabc\tAAAA\n", "is not an integer", 2),
+    ("1\tAAAA\nabc\tAAAA\n", "image id b'abc' is not a decimal integer", 2),
+    ("1\tAAAA\n1_2_3\tAAAA\n", "image id b'1_2_3' is not a decimal integer", 2),  # int() would say 123
+    ("1\tAAAA\n9223372036854775808\tAAAA\n", "does not fit in a signed 64-bit integer", 2),
     ("1\tAAAA\n\n2\tAAAA\n", "blank line", 2),
 ])
 def test_bad_tsv_lines(tmp_path, content, message, line):

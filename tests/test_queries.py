@@ -3,7 +3,7 @@ import json
 import pytest
 
 from competition import MugeDataError, read_queries
-from competition.queries import check_ground_truth_in_gallery
+from competition.queries import ground_truth_not_in_gallery
 
 
 def write(tmp_path, text, name="q.jsonl", encoding="utf-8"):
@@ -38,12 +38,17 @@ def test_bom_is_accepted(tmp_path):
     ('{"query_id": 2, "query_text": 7}', "must be a string"),
     ('{"query_id": 2, "query_text": "x", "item_ids": ["3"]}', "integers only"),
     ('{"query_id": 2, "query_text": "x", "item_ids": [true]}', "integers only"),
-    ('{"query_id": 2, "query_text": "x", "item_ids": []}', "non-empty list"),
+    ('{"query_id": 2, "query_text": "x", "item_ids": 5}', "must be a list of integers"),
+    ('{"query_id": 2, "query_text": "x", "item_ids": [9223372036854775808]}', "does not fit in a signed 64-bit"),
+    ('{"query_id": 9223372036854775808, "query_text": "x"}', "does not fit in a signed 64-bit"),
+    ('{"query_id": 2, "query_text": "你"}'.encode("gbk"), "not UTF-8 text (byte 0xc4 at column 32)"),
     ('{"query_id": 1, "query_text": "again"}', "duplicate query id 1 (first seen on line 1)"),
     ('[1, 2]', "expected a JSON object"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line2, message):
-    p = write(tmp_path, '{"query_id": 1, "query_text": "ok"}\n' + line2 + "\n")
+    p = tmp_path / "q.jsonl"  # a bytes line2 (a GBK export) reaches the reader as it is
+    p.write_bytes(b'{"query_id": 1, "query_text": "ok"}\n' + (line2 if isinstance(line2, bytes) else line2.encode())
+                  + b"\n")
     with pytest.raises(MugeDataError) as err:
         read_queries(p)
     assert message in str(err.value)
@@ -64,5 +69,18 @@ def test_require_ids(tmp_path):
 
 def test_ground_truth_absent_from_gallery(tmp_path):
     p = write(tmp_path, json.dumps({"query_id": 1, "query_text": "a", "item_ids": [10, 99]}) + "\n")
-    with pytest.raises(MugeDataError, match=r"q.jsonl:1: query 1: ground-truth image 99 is not in the gallery g.tsv"):
-        check_ground_truth_in_gallery(read_queries(p), [10, 11], p, "g.tsv")
+    missing = ground_truth_not_in_gallery(read_queries(p), {10, 11}.__contains__)
+    assert [(q.query_id, item) for q, item in missing] == [(1, 99)]
+
+
+def test_empty_ground_truth_is_a_miss_with_a_warning(tmp_path, caplog):
+    """As the reference evaluator: an empty item_ids list is accepted and scored as a miss."""
+    from competition import score_predictions
+
+    p = write(tmp_path, json.dumps({"query_id": 1, "query_text": "a", "item_ids": [10]}) + "\n"
+              + json.dumps({"query_id": 2, "query_text": "b", "item_ids": []}) + "\n")
+    queries = read_queries(p, require_ids=True)
+    assert queries[1].item_ids == ()
+    assert "1 query with an empty ground-truth list (line 2)" in caplog.text
+    score = score_predictions(queries, {1: list(range(10, 20)), 2: list(range(10))})
+    assert score.r1 == 50.0 and list(score.first_hit) == [1, 0]

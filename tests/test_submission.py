@@ -72,7 +72,29 @@ def test_check_submission_reports_every_problem(tmp_path):
     for expected in ("pred.jsonl:2: not valid JSON", "pred.jsonl:3: query_id '3' is not an integer",
                      "pred.jsonl:4: query 4: item_ids must hold exactly 10 ids, got 5",
                      "pred.jsonl:5: blank line", "pred.jsonl:6: query 5: duplicate item ids",
-                     "4 of 6 queries have no valid prediction: 2, 3, 4, 5"):
+                     "pred.jsonl:8: a 'text_id' line in a file of 'query_id' lines (first on line 1); the "
+                     "reference evaluator rejects mixed schemas",
+                     "5 of 6 queries have no valid prediction: 2, 3, 4, 5, 6"):
         assert expected in text, expected
     assert any("not in" in w for w in report.warnings)  # query 99 is extra: ignored
-    assert report.predictions.keys() == {1, 6, 99}
+    assert report.predictions.keys() == {1, 99}
+
+
+def test_evaluator_edges_bom_big_ids_and_encoding(tmp_path):
+    """Rejected here exactly when the reference evaluator rejects: a BOM, a non-UTF-8 line; an
+    id of 2**70 is valid JSON and an int, so it is accepted (and matches no ground truth)."""
+    qpath = tmp_path / "q.jsonl"
+    write_queries(qpath, [Query(1, "a", (7,)), Query(2, "b", (8,))])
+    lines = [json.dumps({"query_id": 1, "item_ids": [2**70] + TEN[1:]}), json.dumps({"query_id": 2, "item_ids": TEN})]
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text("\n".join(lines) + "\n")
+    assert check_submission(qpath, pred).ok
+    pred.write_bytes(b"\xef\xbb\xbf" + pred.read_bytes())
+    report = check_submission(qpath, pred)
+    assert not report.ok and "pred.jsonl:1: starts with a UTF-8 byte-order mark" in report.errors[0]
+    scored = check_submission(qpath, pred, allow_bom=True)  # `muge score` scores it, with a warning
+    assert scored.ok and "byte-order mark" in scored.warnings[0]
+    gbk_line = json.dumps({"query_id": 2, "query_text": "你", "item_ids": TEN}, ensure_ascii=False).encode("gbk")
+    pred.write_bytes(lines[0].encode() + b"\n" + gbk_line + b"\n")
+    report = check_submission(qpath, pred)
+    assert not report.ok and any(e.startswith(f"{pred}:2: not UTF-8 text (byte 0xc4") for e in report.errors)
