@@ -1,12 +1,22 @@
 """Checkpoints, written atomically: `last.pt` holds everything needed to resume; `best.pt` the
-model, its architecture and the config (what `muge export` needs)."""
+model, its architecture and the config (what `muge export` needs).
+
+Everything in a checkpoint is tensors and plain data (dicts, lists, tuples, numbers, strings),
+so it loads with `torch.load(weights_only=True)`: a file from elsewhere cannot run code when
+it is opened, and one holding anything else is refused with a clear message.
+"""
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 
 from competition.io import atomic_path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or not one of ours. The message names the file."""
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -16,16 +26,30 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    return torch.load(path, map_location=map_location, weights_only=False)
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[-1][:200]
+        raise CheckpointError(f"{path}: refused: it holds pickled objects other than tensors and plain data, which "
+                              f"could run code when loaded; muge checkpoints never do ({reason})") from None
+    except Exception as exc:  # truncated, not a zip, not a torch file
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt "
+                              f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or not {"model", "arch", "config"} <= ckpt.keys():
+        raise CheckpointError(f"{path}: not a muge checkpoint (expected a dict with model, arch and config)")
+    return ckpt
 
 
 def rng_state() -> dict:
+    """Every RNG's state as tensors and plain data (numpy's key array becomes a list)."""
     import random
 
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -37,7 +61,8 @@ def set_rng_state(state: dict) -> None:
     import numpy as np
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

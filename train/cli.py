@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import click
+import yaml
 
 
 @click.command()
@@ -20,8 +21,15 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
     from .main import run
     from .params import ConfigError, load_config
 
+    from competition import MugeDataError
+
+    from .checkpoint import CheckpointError
+    from .distributed import DistributedSetupError
+
     if resume_dir:
         config_path, out_dir = os.path.join(resume_dir, "config.yaml"), resume_dir
+        if not os.path.isfile(config_path):
+            raise click.ClickException(f"{config_path} not found: {resume_dir} is not a run directory")
     if not config_path:
         raise click.UsageError("give --config configs/NAME.yaml (or --resume RUN_DIR)")
     out_dir = out_dir or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
@@ -29,11 +37,11 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
         cfg = load_config(config_path, list(overrides))
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--config/--set")
-    from .distributed import DistributedSetupError
-
+    except yaml.YAMLError as exc:
+        raise click.ClickException(f"{config_path}: not valid YAML ({str(exc).splitlines()[0]})")
     try:
         best = run(cfg, data_dir, out_dir, resume=bool(resume_dir))
-    except DistributedSetupError as exc:
+    except (MugeDataError, CheckpointError, DistributedSetupError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc))
     click.echo(f"best valid MR {best['mean_recall']:.2f}; checkpoint {os.path.join(out_dir, 'best.pt')}")
 

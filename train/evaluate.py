@@ -37,6 +37,15 @@ def embed_gallery(model, tsv_path: str, size: int, rule: str, batch_size: int, w
     return dataset.tsv.ids[keep], feats[keep]
 
 
+def check_gallery(tsv_path: str, size: int, rule: str, batch_size: int, workers: int, device) -> None:
+    """Decode and resize every image of a gallery (no model): a bad one raises, naming its line."""
+    t0 = time.time()
+    dataset = GalleryImages(tsv_path, size, rule)
+    for _ in tqdm(gallery_loader(dataset, batch_size, workers, device), desc="check valid images", leave=False):
+        pass
+    log.info("checked the %d images of %s in %.1fs", len(dataset), tsv_path, time.time() - t0)
+
+
 @torch.no_grad()
 def embed_texts(model, tokenizer, texts, batch_size: int, device, precision: str = "fp32", progress: bool = True):
     model.eval()

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -16,10 +17,10 @@ from tqdm import tqdm
 
 from competition.io import atomic_write_text
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import PairDataset, split_files, train_loader
 from .distributed import World, barrier, cleanup, device_for, init_distributed
-from .evaluate import evaluate
+from .evaluate import check_gallery, evaluate
 from .loss import ClipLoss
 from .model import create_model
 from .optim import apply_freeze, create_optimizer
@@ -30,6 +31,7 @@ from .step import forward_backward
 from .tokenizer import prepare_tokenizer
 
 log = logging.getLogger(__name__)
+RESUME_KEYS = {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "history", "best"}
 
 
 def seed_everything(seed: int) -> None:
@@ -75,12 +77,16 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
     params = list(model.parameters())
     total, count, seen, t0 = 0.0, 0, 0, time.time()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not world.main, leave=False)
+    n = len(loader)
     for i, batch in enumerate(bar):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        boundary = (i + 1) % t.accum_steps == 0
+        # the epoch's last group may be short: it is stepped too (its gradients must not leak into
+        # the next epoch, and last.pt holds none), averaged over its own length
+        group = min(t.accum_steps, n - (i - i % t.accum_steps))
+        boundary = (i + 1) % t.accum_steps == 0 or i == n - 1
         skip_sync = not boundary and isinstance(model, DistributedDataParallel)
         with model.no_sync() if skip_sync else contextlib.nullcontext():
-            loss_value = forward_backward(model, criterion, batch, precision, device, scaler, 1.0 / t.accum_steps,
+            loss_value = forward_backward(model, criterion, batch, precision, device, scaler, 1.0 / group,
                                           t.grad_cache_chunk)
         if boundary:
             if t.grad_clip:
@@ -108,10 +114,16 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
 
 def run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False, stop_after_epoch: int | None = None) -> dict:
     """Train per `cfg`; returns the best epoch's metrics. `stop_after_epoch` simulates an
-    interruption (tests)."""
+    interruption (tests). A run directory this call created is removed again if training fails
+    before its first checkpoint: a bad input leaves nothing behind."""
     world = init_distributed()
+    created = not os.path.exists(out_dir)
     try:
         return _run(cfg, data_dir, out_dir, resume, stop_after_epoch, world)
+    except BaseException:
+        if world.main and created and not os.path.exists(os.path.join(out_dir, "last.pt")):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     finally:
         cleanup()
 
@@ -120,9 +132,13 @@ def _run(cfg, data_dir, out_dir, resume, stop_after_epoch, world: World) -> dict
     device = device_for(world)
     precision = resolve_precision(cfg.train.precision, device)
     seed_everything(cfg.train.seed)
-    os.makedirs(out_dir, exist_ok=True)
-    train_q, train_tsv = split_files(data_dir, "train")
+    train_q, train_tsv = split_files(data_dir, "train")  # inputs first: a bad one leaves no run dir
     valid_q, valid_tsv = split_files(data_dir, "valid")
+    ckpt = load_checkpoint(os.path.join(out_dir, "last.pt")) if resume else None  # refused before any work
+    if ckpt is not None and not RESUME_KEYS <= ckpt.keys():
+        raise CheckpointError(f"{os.path.join(out_dir, 'last.pt')}: cannot resume from it: it lacks "
+                              f"{', '.join(sorted(RESUME_KEYS - ckpt.keys()))}")
+    os.makedirs(out_dir, exist_ok=True)
     source = cfg.model.name if cfg.model.family == "chinese-clip" else cfg.model.text.name
     if world.main:
         tokenizer = prepare_tokenizer(cfg.model.text.tokenizer, source, train_q, out_dir, cfg.data.max_text_length)
@@ -133,7 +149,12 @@ def _run(cfg, data_dir, out_dir, resume, stop_after_epoch, world: World) -> dict
     model.to(device)
     dataset = PairDataset(train_q, train_tsv, cfg)
     loader = train_loader(dataset, tokenizer, cfg, world.rank, world.size, device)
-    steps_per_epoch = max(1, len(loader) // cfg.train.accum_steps)
+    if world.main and not cfg.eval.untrained and not cfg.data.skip_bad_images:
+        # every valid image decodes, or the run stops now rather than after its first epoch
+        check_gallery(valid_tsv, cfg.data.image_size, cfg.data.resize_rule, cfg.eval.batch_size, cfg.data.workers,
+                      device)
+    barrier()
+    steps_per_epoch = -(-len(loader) // cfg.train.accum_steps)  # a short last group is stepped too
     total_steps = steps_per_epoch * cfg.train.epochs
     apply_freeze(model, cfg.train.freeze, 0)
     optimizer = create_optimizer(model, cfg.train)
@@ -144,8 +165,7 @@ def _run(cfg, data_dir, out_dir, resume, stop_after_epoch, world: World) -> dict
     start_epoch, step, history = 0, 0, []
     best = {"mean_recall": -1.0}
     last_path, best_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "best.pt")
-    if resume:
-        ckpt = load_checkpoint(last_path)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

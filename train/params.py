@@ -5,6 +5,8 @@ Unknown keys are errors that list the valid ones, so a typo never silently train
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,11 +134,37 @@ def _build(cls, values: dict, where: str):
                           f"valid keys{' under ' + where if where else ''}: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in values.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            value = _build(hint, value or {}, f"{where}.{name}" if where else name)
-        kwargs[name] = value
+        hint, key = hints[name], f"{where}.{name}" if where else name
+        kwargs[name] = _build(hint, value or {}, key) if dataclasses.is_dataclass(hint) else _coerce(value, hint, key)
     return cls(**kwargs)
+
+
+# YAML 1.1 (PyYAML) reads 3e-4 as a string: a number without a dot is only a float in YAML 1.2
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(value, hint, key: str):
+    """`value` checked against the field's type (`int`, `float`, `str | None`, `dict`, ...)."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(hint) if union else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if isinstance(value, bool):
+            continue  # a bool is an int to Python, never to a config
+        if kind is int and isinstance(value, int):
+            return value
+        if kind is float and isinstance(value, (int, float)):
+            return float(value)
+        if kind is float and isinstance(value, str) and _NUMBER.match(value.strip()):
+            return float(value)
+        if kind in (str, dict, list) and isinstance(value, kind):
+            return value
+    names = " or ".join("null" if k is type(None) else {dict: "a mapping", list: "a list"}.get(k, k.__name__)
+                        for k in allowed)
+    raise ConfigError(f"{key}={value!r}: expected {names}")
 
 
 def to_dict(cfg) -> dict:
