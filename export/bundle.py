@@ -4,17 +4,18 @@ beside the destination and renamed into place only after every graph passes `onn
 loads in ONNX Runtime and passes the parity gate."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from importlib import metadata
 
 import torch
 
+from competition.io import sha256
 from competition.preprocess import TEXT_NORMALIZATION
 
 from .graphs import check_graph, export_graph, load_run_model, to_fp16
@@ -22,15 +23,8 @@ from .parity import ParityError, ParityLimits, ParitySettings, format_report, ru
 
 log = logging.getLogger(__name__)
 FORMAT = "muge-bundle/1"
+BUILDER = ".builder.json"  # in a build directory only: which process is building it
 GRAPHS = ("text.onnx", "image.onnx", "text.fp16.onnx", "image.fp16.onnx")
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict:
@@ -55,8 +49,11 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, checkpoint: str = "
     tsv_path = os.path.join(data_dir, "MR_valid_imgs.tsv")
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".", dir=parent)
+    prefix = "." + os.path.basename(out_dir) + "."
+    remove_stale_builds(parent, prefix)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     os.chmod(tmp, 0o755)
+    _write_json(os.path.join(tmp, BUILDER), {"pid": os.getpid(), "host": socket.gethostname()})
     try:
         shutil.copytree(os.path.join(run_dir, "tokenizer"), os.path.join(tmp, "tokenizer"))
         example_text = (torch.randint(5, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long))
@@ -87,12 +84,42 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, checkpoint: str = "
             raise ParityError(report)
         manifest["parity"] = report
         _write_json(os.path.join(tmp, "manifest.json"), manifest)
+        os.remove(os.path.join(tmp, BUILDER))
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("bundle %s written in %.1fs", out_dir, time.time() - t0)
     return manifest
+
+
+def remove_stale_builds(parent: str, prefix: str, max_age_s: float = 24 * 3600) -> None:
+    """Remove build directories of earlier exports of this bundle that were killed (SIGKILL,
+    SIGTERM, a lost machine) before they could clean up: ours by prefix, stale when the process
+    that wrote them is gone from this host, or when they are older than a day."""
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if not name.startswith(prefix) or not os.path.isdir(path) or not os.path.isfile(os.path.join(path, BUILDER)):
+            continue
+        try:
+            with open(os.path.join(path, BUILDER), encoding="utf-8") as f:
+                owner = json.load(f)
+            alive = owner.get("host") == socket.gethostname() and _pid_alive(int(owner["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            alive = False
+        if not alive or time.time() - os.path.getmtime(path) > max_age_s:
+            log.info("removing %s, left by an export that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_json(path: str, obj) -> None:

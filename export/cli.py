@@ -1,6 +1,7 @@
 """`muge export RUN_DIR --out BUNDLE_DIR`."""
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -14,21 +15,30 @@ import click
 @click.option("--checkpoint", default="best", show_default=True, help="best | last | a .pt path")
 @click.option("--opset", default=18, show_default=True)
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
-@click.option("--parity-queries", default=300, show_default=True)
-@click.option("--parity-gallery", default=1000, show_default=True, help="Valid images used by the gate.")
-@click.option("--parity-batch", default=32, show_default=True)
+@click.option("--parity-queries", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--parity-gallery", type=click.IntRange(min=10), default=1000, show_default=True,
+              help="Valid images used by the gate.")
+@click.option("--parity-batch", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="Where the fp16 graphs are checked.")
 def export(run_dir, out_dir, data_dir, checkpoint, opset, exporter, parity_queries, parity_gallery, parity_batch,
            device):
     """Export RUN_DIR's checkpoint to an ONNX bundle (fp32 + fp16) behind a parity gate."""
+    from competition import MugeDataError
+    from train.checkpoint import CheckpointError
+
     from .bundle import export_bundle
     from .parity import ParityError, ParitySettings
 
+    # SIGTERM unwinds like Ctrl-C, so the build directory is removed on the way out (SIGKILL
+    # cannot be caught: the next export removes what it leaves)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         export_bundle(run_dir, out_dir, data_dir, checkpoint, opset, exporter,
                       ParitySettings(parity_queries, parity_gallery, parity_batch), device=device)
     except ParityError as exc:
         click.echo(f"export refused, no bundle written: {exc}", err=True)
         sys.exit(2)
+    except (CheckpointError, MugeDataError, FileNotFoundError) as exc:
+        raise click.ClickException(f"{exc}; no bundle written")
     click.echo(f"bundle written to {out_dir}")

@@ -29,6 +29,7 @@ def predict(bundle_dir, data_dir, split, out_path, device, precision, threads, w
     from competition import MugeDataError, SubmissionError
     from competition.topk import NonFiniteError
 
+    from .runtime import BundleError
     from .submit import PredictOptions, predict_split
 
     name = os.path.basename(os.path.normpath(bundle_dir))
@@ -37,7 +38,7 @@ def predict(bundle_dir, data_dir, split, out_path, device, precision, threads, w
                           skip_bad_images=skip_bad_images, cache_dir=cache_dir, schema=schema)
     try:
         summary = predict_split(bundle_dir, data_dir, split, out_path, opts)
-    except (MugeDataError, SubmissionError, NonFiniteError, FileNotFoundError, ValueError) as exc:
+    except (MugeDataError, SubmissionError, NonFiniteError, BundleError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc))
     if "mean_recall" in summary:
         click.echo(f"{split}: R@1 {summary['r1']:.2f}  R@5 {summary['r5']:.2f}  R@10 {summary['r10']:.2f}  "

@@ -62,11 +62,25 @@ class GalleryEmbeddings:
     skipped: SkippedImages = field(default_factory=SkippedImages)
     from_cache: bool = False
 
-def _cache_dir(cache_root: str, encoders: BundleEncoders, input_path: str, kind: str) -> str:
-    m = encoders.manifest
-    key = hashlib.sha256(json.dumps([m["files"], m["image_size"], m["resize_rule"], m["max_text_length"],
-                                     encoders.choice.fp16]).encode()).hexdigest()[:16]
+def _cache_dir(cache_root: str, encoders: BundleEncoders, input_path: str, kind: str, *settings) -> str:
+    """Keyed by the graphs really loaded (verified against the manifest), the preprocessing, and
+    every setting that changes the result (`--skip-bad-images` for the gallery)."""
+    key = hashlib.sha256(json.dumps([encoders.graph_hashes, encoders.image_size, encoders.resize_rule,
+                                     encoders.tokenizer.max_length, *settings]).encode()).hexdigest()[:16]
     return os.path.join(cache_root, key, f"{kind}-{file_fingerprint(input_path)}")
+
+
+def _load_npz(path: str, *keys: str) -> dict | None:
+    """The arrays of a cache file, or None when it is absent or unreadable (a run killed while
+    the disk filled, say): a cache is recomputed, never trusted half-written."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in keys}
+    except Exception as exc:
+        log.warning("ignoring unreadable cache file %s (%s); recomputing it", path, type(exc).__name__)
+        return None
 
 def _save_npz(path: str, **arrays) -> None:
     with atomic_path(path, suffix=".npz") as tmp:
@@ -79,20 +93,24 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, work
     Decode tasks are `encoders.batch_size` lines each, so the image graph sees one batch shape.
     `stop_after_chunks` simulates an interruption (tests)."""
     global _TSV
-    cache = _cache_dir(cache_root, encoders, tsv_path, "gallery")
+    cache = _cache_dir(cache_root, encoders, tsv_path, "gallery", skip_bad)
     final = os.path.join(cache, "gallery.npz")
-    if os.path.isfile(final):
-        with np.load(final, allow_pickle=False) as z:
-            skipped = SkippedImages([tuple(x) for x in json.loads(str(z["skipped"]))])
-            log.info("gallery embeddings reused from %s", final)
-            return GalleryEmbeddings(z["ids"], z["features"], skipped, from_cache=True)
+    cached = _load_npz(final, "ids", "features", "skipped")
+    if cached is not None:
+        skipped = SkippedImages([tuple(x) for x in json.loads(str(cached["skipped"]))])
+        log.info("gallery embeddings reused from %s", final)
+        return GalleryEmbeddings(cached["ids"], cached["features"], skipped, from_cache=True)
     os.makedirs(cache, exist_ok=True)
     tsv = ImageTSV(tsv_path)
     n = len(tsv)
     n_chunks = (n + chunk_size - 1) // chunk_size
-    done = 0
-    while done < n_chunks and os.path.isfile(os.path.join(cache, f"chunk-{done:05d}.npz")):
-        done += 1
+    chunks: list[dict] = []  # the completed chunks, read once
+    while len(chunks) < n_chunks:
+        loaded = _load_npz(os.path.join(cache, f"chunk-{len(chunks):05d}.npz"), "ids", "features", "skipped")
+        if loaded is None:
+            break
+        chunks.append(loaded)
+    done = len(chunks)
     if done:
         log.info("resuming the gallery after %d of %d completed chunks", done, n_chunks)
     size, rule, batch_size = encoders.image_size, encoders.resize_rule, encoders.batch_size
@@ -132,8 +150,9 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, work
                 bar.update(len(pos) + len(b))
             pos = np.concatenate(kept) if kept else np.zeros(0, np.int64)
             f = np.concatenate(feats) if feats else np.zeros((0, encoders.dim), np.float32)
-            _save_npz(os.path.join(cache, f"chunk-{chunk:05d}.npz"), ids=tsv.ids[pos], features=f,
-                      skipped=np.array(json.dumps(bad)))
+            arrays = {"ids": tsv.ids[pos], "features": f, "skipped": np.array(json.dumps(bad))}
+            _save_npz(os.path.join(cache, f"chunk-{chunk:05d}.npz"), **arrays)
+            chunks.append(arrays)
             if stop_after_chunks is not None and chunk + 1 - done >= stop_after_chunks:
                 raise KeyboardInterrupt(f"stopped after {stop_after_chunks} chunk(s)")
         bar.close()
@@ -142,13 +161,9 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, work
             pool.terminate()
             pool.join()
         _TSV = None
-    ids, feats, skipped = [], [], SkippedImages()
-    for chunk in range(n_chunks):
-        with np.load(os.path.join(cache, f"chunk-{chunk:05d}.npz"), allow_pickle=False) as z:
-            ids.append(z["ids"])
-            feats.append(z["features"])
-            skipped.items.extend(tuple(x) for x in json.loads(str(z["skipped"])))
-    result = GalleryEmbeddings(np.concatenate(ids), np.concatenate(feats).astype(np.float32), skipped)
+    skipped = SkippedImages([tuple(x) for c in chunks for x in json.loads(str(c["skipped"]))])
+    result = GalleryEmbeddings(np.concatenate([c["ids"] for c in chunks]),
+                               np.concatenate([c["features"] for c in chunks]).astype(np.float32), skipped)
     _save_npz(final, ids=result.ids, features=result.features, skipped=np.array(json.dumps(skipped.items)))
     for chunk in range(n_chunks):
         os.remove(os.path.join(cache, f"chunk-{chunk:05d}.npz"))
@@ -162,10 +177,9 @@ def embed_queries(encoders: BundleEncoders, queries_path: str, cache_root: str):
     queries = read_queries(queries_path)
     cache = _cache_dir(cache_root, encoders, queries_path, "queries")
     path = os.path.join(cache, "queries.npz")
-    if os.path.isfile(path):
-        with np.load(path) as z:
-            if len(z["ids"]) == len(queries):
-                return queries, z["features"]
+    cached = _load_npz(path, "ids", "features")
+    if cached is not None and np.array_equal(cached["ids"], [q.query_id for q in queries]):
+        return queries, cached["features"]
     texts = [q.text for q in queries]
     batch_size = encoders.text_batch
     feats = np.concatenate([encoders.encode_text(texts[i:i + batch_size])

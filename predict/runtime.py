@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from competition.io import atomic_write_text, sha256
 from competition.preprocess import TextTokenizer
 from competition.topk import NonFiniteError, first_nonfinite_row
 
@@ -79,17 +80,69 @@ def session(path: str, choice: RuntimeChoice, threads: int | None = None):
     return ort.InferenceSession(path, opts, providers=list(choice.providers))
 
 
+def _load_session(path: str, choice: RuntimeChoice, threads: int | None):
+    try:
+        return session(path, choice, threads)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+        raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+
+
 def text_lengths(max_length: int, step: int = 16) -> tuple[int, ...]:
     """The padded lengths the text graph sees: multiples of `step`, and `max_length` itself."""
     return tuple(sorted({*range(step, max_length, step), max_length}))
 
 
+class BundleError(ValueError):
+    """A bundle that is incomplete, corrupt or altered. The message names the file."""
+
+
+MANIFEST_KEYS = ("image_size", "resize_rule", "max_text_length", "embed_dim", "files")
+VERIFIED = ".verified.json"  # graphs whose sha256 matched the manifest, by (inode, size, mtime, ctime)
+
+
 def read_manifest(bundle_dir: str) -> dict:
     path = os.path.join(bundle_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {bundle_dir} is not an export bundle (run `muge export`)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        raise BundleError(f"{path} not found: {bundle_dir} is not an export bundle (run `muge export`)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc}); re-export the bundle") from None
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise BundleError(f"{path}: no '{missing[0]}': not a muge bundle manifest (re-export the bundle)")
+    return manifest
+
+
+def verify_graph(bundle_dir: str, name: str, manifest: dict) -> str:
+    """The graph's sha256, which must be the manifest's: a graph copied in from another export
+    (or damaged) would otherwise give silently wrong embeddings, and reuse a stale cache. Hashing
+    is skipped while the file's inode, size, mtime and ctime are those of its last verification."""
+    path = os.path.join(bundle_dir, name)
+    expected = manifest["files"].get(name)
+    if not os.path.isfile(path):
+        raise BundleError(f"{path} not found: the bundle is incomplete (re-export it)")
+    if not expected:
+        raise BundleError(f"{os.path.join(bundle_dir, MANIFEST)}: no sha256 for {name} (re-export the bundle)")
+    st = os.stat(path)
+    stamp = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected]
+    stamps_path = os.path.join(bundle_dir, VERIFIED)
+    try:
+        with open(stamps_path, encoding="utf-8") as f:
+            stamps = json.load(f)
+    except (OSError, ValueError):
+        stamps = {}
+    if not isinstance(stamps, dict) or stamps.get(name) != stamp:
+        actual = sha256(path)
+        if actual != expected:
+            raise BundleError(f"{path}: its sha256 {actual[:16]}... is not the manifest's {expected[:16]}...: the "
+                              "graph was altered or copied from another export; re-export the bundle")
+        try:
+            atomic_write_text(stamps_path, json.dumps({**(stamps if isinstance(stamps, dict) else {}), name: stamp}))
+        except OSError:  # a read-only bundle is verified again next time
+            pass
+    return expected
 
 
 class BundleEncoders:
@@ -106,12 +159,21 @@ class BundleEncoders:
         self.choice = choice or choose_runtime(device, precision)
         suffix = ".fp16.onnx" if self.choice.fp16 else ".onnx"
         self.text_graph, self.image_graph = "text" + suffix, "image" + suffix
-        self.text = session(os.path.join(bundle_dir, self.text_graph), self.choice, threads)
-        self.image = session(os.path.join(bundle_dir, self.image_graph), self.choice, threads)
-        self.tokenizer = TextTokenizer(os.path.join(bundle_dir, "tokenizer"), self.manifest["max_text_length"])
-        self.image_size = int(self.manifest["image_size"])
-        self.resize_rule = self.manifest["resize_rule"]
-        self.dim = int(self.manifest["embed_dim"])
+        # what is really loaded: caches are keyed by these hashes
+        self.graph_hashes = {g: verify_graph(bundle_dir, g, self.manifest) for g in (self.text_graph, self.image_graph)}
+        self.text = _load_session(os.path.join(bundle_dir, self.text_graph), self.choice, threads)
+        self.image = _load_session(os.path.join(bundle_dir, self.image_graph), self.choice, threads)
+        tokenizer_dir = os.path.join(bundle_dir, "tokenizer")
+        try:
+            self.image_size = int(self.manifest["image_size"])
+            self.resize_rule = str(self.manifest["resize_rule"])
+            self.dim = int(self.manifest["embed_dim"])
+            self.tokenizer = TextTokenizer(tokenizer_dir, int(self.manifest["max_text_length"]))
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"{os.path.join(bundle_dir, MANIFEST)}: bad value ({exc})") from None
+        except Exception as exc:  # the tokenizers library raises its own exception type
+            raise BundleError(f"{tokenizer_dir}: no readable tokenizer.json ({str(exc).splitlines()[0][:200]}); "
+                              "re-export the bundle") from None
         self.batch_size = int(batch_size or DEFAULT_BATCH[self.choice.device])
         self.text_batch = int(text_batch)
         self.lengths = text_lengths(self.tokenizer.max_length)

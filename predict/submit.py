@@ -6,7 +6,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from competition import score_predictions, write_submission
+from competition import ground_truth_not_in_gallery, score_predictions, write_submission
+from competition.queries import first_of
 from competition.metric import success_json, write_result
 from competition.topk import exact_topk
 
@@ -59,7 +60,17 @@ def predict_split(bundle_dir: str, data_dir: str, split: str, out_path: str, opt
                "skipped_images": len(gallery.skipped.items), "gallery_cached": gallery.from_cache,
                "gallery_seconds": round(t_gallery, 2), "topk_seconds": round(topk_s, 3),
                "seconds": round(time.time() - t0, 1), "runtime": enc.describe()}
-    if all(q.item_ids for q in queries):  # ground truth present: score it like the evaluator
+    truth = [q for q in queries if q.item_ids is not None]
+    if truth and len(truth) < len(queries):
+        lacking = [q.line for q in queries if q.item_ids is None]
+        log.warning("%s: %d of %d queries have no item_ids (lines %s): the split is not scored", queries_path,
+                    len(lacking), len(queries), first_of(lacking))
+    if truth and len(truth) == len(queries):  # ground truth present: score it like the evaluator
+        absent = ground_truth_not_in_gallery(queries, set(gallery.ids.tolist()).__contains__)
+        if absent:
+            log.warning("%d ground-truth id(s) of %s are not among the %d embedded images of %s, so their queries "
+                        "can miss however good the model (query:id %s)", len(absent), queries_path, len(gallery.ids),
+                        tsv_path, first_of([f"{q.query_id}:{i}" for q, i in absent]))
         score = score_predictions(queries, preds)
         result_path = os.path.splitext(out_path)[0] + ".result.json"
         write_result(result_path, success_json(score))

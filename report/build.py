@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -103,8 +104,11 @@ def read_history(run_dir: str | None) -> list[dict]:
     manifest = os.path.join(run_dir, "manifest.json")
     from_bundle = os.path.isfile(manifest)
     if from_bundle:
-        with open(manifest, encoding="utf-8") as f:
-            run_dir = os.path.dirname(json.load(f)["source_checkpoint"])
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                run_dir = os.path.dirname(json.load(f)["source_checkpoint"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MugeDataError(manifest, f"not a readable bundle manifest ({type(exc).__name__}: {exc})") from None
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         if from_bundle:  # the bundle travelled without its run: no curves, but still a report
@@ -149,10 +153,17 @@ def report_data(queries_path: str, images_path: str, pred_paths: list[str], run_
     }
 
 
+# In the JSON blob inside <script>, <, > and & become \u escapes: no text (a query holding
+# "<!--<script>", say) can end the script element or change how the HTML parser reads it.
+_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+_PLACEHOLDER = re.compile(r"__TITLE__|__DATA__")
+
+
 def render(data: dict) -> str:
     template = resources.files(__package__).joinpath("template.html").read_text(encoding="utf-8")
-    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
-    return template.replace("__TITLE__", _escape(data["title"])).replace("__DATA__", blob)
+    values = {"__TITLE__": _escape(data["title"]),
+              "__DATA__": json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_SCRIPT_SAFE)}
+    return _PLACEHOLDER.sub(lambda m: values[m.group()], template)  # one pass: no value is searched again
 
 
 def _escape(text: str) -> str:

@@ -14,9 +14,10 @@ import click
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False),
               help="Training run (or bundle) directory: adds its valid-recall curves.")
-@click.option("--thumb-size", default=64, show_default=True, help="Thumbnail edge in pixels.")
-@click.option("--quality", default=70, show_default=True, help="Thumbnail JPEG quality.")
-@click.option("--workers", type=int, default=None, help="Thumbnail processes (default: all cores).")
+@click.option("--thumb-size", type=click.IntRange(8, 512), default=64, show_default=True,
+              help="Thumbnail edge in pixels.")
+@click.option("--quality", type=click.IntRange(1, 95), default=70, show_default=True, help="Thumbnail JPEG quality.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Thumbnail processes (default: all cores).")
 def report(queries_path, images_path, preds, out_path, run_dir, thumb_size, quality, workers):
     """Write a self-contained HTML report: metrics, first-hit histogram, per-query top-10 with
     ground truth marked and missed truth shown, filters, and a comparison of two runs."""

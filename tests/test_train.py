@@ -141,11 +141,22 @@ def test_warmup_cosine_values():
     ("model.family=clip", "model.family='clip'; expected one of dual, chinese-clip"),
     ("train.batch_size=0", "train.batch_size=0; expected a positive integer"),
     ("train.grad_cache_chunk=5", "must divide train.batch_size"),
+    ("train.epochs=2.5", "train.epochs=2.5: expected int"),
+    ("train.epochs=true", "train.epochs=True: expected int"),
+    ("train.grad_clip=yes", "train.grad_clip=True: expected float or null"),
+    ("model.text.config=[1]", "model.text.config=[1]: expected a mapping"),
+    ("data.augment.random_resized_crop=0.5", "expected a list"),
 ])
 def test_bad_config_keys(override, message):
     with pytest.raises(ConfigError) as err:
         load_config("configs/sample.yaml", [override])
     assert message in str(err.value)
+
+
+def test_config_numbers_are_coerced_to_their_fields():
+    """YAML 1.1 (PyYAML) reads 3e-4 as a string and 1 as an int: float fields get floats."""
+    cfg = load_config("configs/sample.yaml", ["train.lr.head=3e-4", "train.weight_decay=1", "train.grad_clip=null"])
+    assert cfg.train.lr.head == 3e-4 and isinstance(cfg.train.weight_decay, float) and cfg.train.grad_clip is None
 
 
 def test_presets_load():
