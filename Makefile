@@ -93,8 +93,9 @@ browser:
 	    --no-install-recommends $(BROWSER_PKGS) >/dev/null; \
 	fi
 
-# pytest exits 5 when it collects nothing; that fails here too.
+# ruff (configured in pyproject.toml) first; pytest exits 5 when it collects nothing, which fails too.
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: $(BUNDLE)/manifest.json

@@ -26,7 +26,7 @@ def sample(out_dir, seed, train_queries, eval_queries, gallery_size):
         info = make_sample(out_dir, seed=seed, n_train_queries=train_queries, n_eval_queries=eval_queries,
                            gallery_size=gallery_size)
     except ValueError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(info, ensure_ascii=False))
 
 
@@ -77,7 +77,7 @@ def check_submission_cmd(queries, pred):
     try:
         report = check_submission(queries, pred)
     except (MugeDataError, OSError) as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from None
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
     for e in report.errors:

@@ -6,8 +6,8 @@ the number of ground-truth queries. Vectorised: one `np.isin` over (query, item)
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 from .errors import MugeDataError, fits_int64, is_int_id
 
@@ -117,8 +117,9 @@ def utf8_lines(path: str, allow_bom: bool = True) -> Iterator[tuple[int, str]]:
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise MugeDataError(path, f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
-                                          "MUGE files are UTF-8: convert it, e.g. iconv -f GBK -t UTF-8", lineno) from None
+                byte, column = raw[exc.start], exc.start + 1
+                raise MugeDataError(path, f"not UTF-8 text (byte {byte:#04x} at column {column}); MUGE files are "
+                                          "UTF-8: convert it, e.g. iconv -f GBK -t UTF-8", lineno) from None
 
 
 def plural(n: int, one: str, many: str) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -55,7 +55,9 @@ def validate_predictions(preds: Mapping[int, Sequence], expected_ids: Iterable[i
         if not is_int_id(qid):
             problems.append(f"query id {qid!r} is not an integer")
             continue
-        problem = item_ids_problem(qid, [_as_id(v) for v in ids] if isinstance(ids, (list, tuple, np.ndarray)) else ids, k)
+        if isinstance(ids, (list, tuple, np.ndarray)):
+            ids = [_as_id(v) for v in ids]
+        problem = item_ids_problem(qid, ids, k)
         if problem:
             problems.append(problem)
     missing = [q for q in expected_ids if q not in preds]

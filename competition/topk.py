@@ -10,8 +10,9 @@ of a per-row partial sort. Shared by training-time evaluation and by `predict`.
 Non-finite input (NaN or inf in a query or gallery row) is refused with `NonFiniteError`, which
 names the first bad row: a NaN has no rank, and silently ranking it anywhere would hide a broken
 model. So are finite inputs large enough for a score to overflow float32 (whether that gives inf
-or NaN depends on the BLAS), checked by a bound before any product is computed. Callers that know what a row is (an image id, a query id) check first with
-`first_nonfinite_row` and say so in their own terms.
+or NaN depends on the BLAS), checked by a bound before any product is computed. Callers that
+know what a row is (an image id, a query id) check first with `first_nonfinite_row` and say so
+in their own terms.
 """
 from __future__ import annotations
 

@@ -37,9 +37,9 @@ def _versions() -> dict:
     return out
 
 
-def export_bundle(run_dir: str, out_dir: str, data_dir: str, checkpoint: str = "best", opset: int = 18,
-                  exporter: str = "dynamo", settings: ParitySettings = ParitySettings(),
-                  limits: ParityLimits = ParityLimits(), device: str = "auto") -> dict:
+def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str = "best", opset: int = 18,
+                  exporter: str = "dynamo", settings: ParitySettings | None = None,
+                  limits: ParityLimits | None = None, device: str = "auto") -> dict:
     """Write the bundle to `out_dir` (replacing an old one only on success); return its manifest."""
     t0 = time.time()
     model, ckpt, ckpt_path = load_run_model(run_dir, checkpoint)
@@ -78,7 +78,7 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, checkpoint: str = "
             manifest["embed_dim"] = int(model.encode_text(*example_text).shape[1])
         _write_json(os.path.join(tmp, "manifest.json"), manifest)
         log.info("parity gate on %s ...", data_dir)
-        report = run_parity(model, tmp, queries_path, tsv_path, settings, limits, device)
+        report = run_parity(model, tmp, queries_path, tsv_path, settings=settings, limits=limits, device=device)
         print(format_report(report), flush=True)
         if not report["passed"]:
             raise ParityError(report)

@@ -34,11 +34,11 @@ def export(run_dir, out_dir, data_dir, checkpoint, opset, exporter, parity_queri
     # cannot be caught: the next export removes what it leaves)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        export_bundle(run_dir, out_dir, data_dir, checkpoint, opset, exporter,
-                      ParitySettings(parity_queries, parity_gallery, parity_batch), device=device)
+        export_bundle(run_dir, out_dir, data_dir, checkpoint=checkpoint, opset=opset, exporter=exporter,
+                      settings=ParitySettings(parity_queries, parity_gallery, parity_batch), device=device)
     except ParityError as exc:
         click.echo(f"export refused, no bundle written: {exc}", err=True)
         sys.exit(2)
     except (CheckpointError, MugeDataError, FileNotFoundError) as exc:
-        raise click.ClickException(f"{exc}; no bundle written")
+        raise click.ClickException(f"{exc}; no bundle written") from None
     click.echo(f"bundle written to {out_dir}")

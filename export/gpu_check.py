@@ -44,8 +44,8 @@ SHAPES = {  # name -> (preset, overrides for realistic shapes, overrides for --s
                         f"model.config={{projection_dim: 512, text_config: {{{LAYERS_768}, max_position_embeddings: "
                         f"512}}, vision_config: {{{LAYERS_768}, image_size: 224, patch_size: 16}}}}"],
                        ["model.name=null", "model.text.tokenizer=char-vocab",
-                        f"model.config={{projection_dim: 32, text_config: {{{LAYERS_32}, max_position_embeddings: 64}}, "
-                        f"vision_config: {{{LAYERS_32}, image_size: 32, patch_size: 8}}}}"]),
+                        f"model.config={{projection_dim: 32, text_config: {{{LAYERS_32}, max_position_embeddings: "
+                        f"64}}, vision_config: {{{LAYERS_32}, image_size: 32, patch_size: 8}}}}"]),
 }
 SMALL = ["data.image_size=32", "data.max_text_length=24", "train.batch_size=16", "eval.batch_size=64"]
 GRAPH_BATCHES = (64, 128, 256)
@@ -120,7 +120,8 @@ def check_shape(name: str, small: bool, sample_dir: str, bench_dir: str, work: s
         parity = export_bundle(run_dir, bundle, sample_dir)["parity"]
     except ParityError as err:
         parity = err.report
-    row.update(export_seconds=round(time.time() - t0, 1), gate_passed=parity["passed"], gate_device=parity["fp16_device"],
+    row.update(export_seconds=round(time.time() - t0, 1), gate_passed=parity["passed"],
+               gate_device=parity["fp16_device"],
                gate_tie_aware=parity.get("fp16_top10_tie_aware"), gate_overlap=parity.get("fp16_top10_overlap"),
                gate_recall_delta=parity.get("fp16_recall_delta"), gate_failures=parity["failures"])
     if not parity["passed"]:
@@ -165,7 +166,8 @@ def device_name() -> str:
 @click.command("gpu")
 @click.option("--small", is_flag=True, help="Tiny shapes and a small split: runs on a CPU in a minute or two.")
 @click.option("--models", default=",".join(SHAPES), show_default=True, help="Comma-separated shapes to check.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps per epoch (default 30, small 4).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Training steps per epoch (default 30, small 4).")
 @click.option("--gallery", type=click.IntRange(min=10), default=None, help="Test images (default 30000, small 300).")
 @click.option("--queries", type=click.IntRange(min=1), default=None, help="Test queries (default 5000, small 50).")
 @click.option("--workers", type=click.IntRange(min=0), default=max(1, min(12, (os.cpu_count() or 2) - 2)),
@@ -181,7 +183,8 @@ def bench_gpu(small, models, steps, gallery, queries, workers, work_dir, json_ou
     names = [m.strip() for m in models.split(",") if m.strip()]
     unknown = sorted(set(names) - set(SHAPES))
     if unknown:
-        raise click.BadParameter(f"unknown model {unknown[0]!r}; expected one of {', '.join(SHAPES)}", param_hint="--models")
+        raise click.BadParameter(f"unknown model {unknown[0]!r}; expected one of {', '.join(SHAPES)}",
+                                 param_hint="--models")
     if not small and not torch.cuda.is_available():
         raise click.ClickException("no CUDA GPU visible: the realistic shapes need one (use --small on a CPU)")
     steps = steps or (4 if small else 30)

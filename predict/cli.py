@@ -9,7 +9,8 @@ import click
 
 @click.command()
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--data", "data_dir", default="data/sample", show_default=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data", "data_dir", default="data/sample", show_default=True,
+              type=click.Path(exists=True, file_okay=False))
 @click.option("--split", default="test", show_default=True, help="test | valid (valid is also scored)")
 @click.option("--out", "out_path", help="Submission path (default submissions/<bundle>-<split>.jsonl).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
@@ -21,7 +22,8 @@ import click
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per graph call (one fixed shape). Default: 128 on CUDA, 64 on CPU.")
 @click.option("--cache-dir", default="cache/embeddings", show_default=True)
-@click.option("--skip-bad-images", is_flag=True, help="Leave undecodable gallery images out (reported) instead of stopping.")
+@click.option("--skip-bad-images", is_flag=True,
+              help="Leave undecodable gallery images out (reported) instead of stopping.")
 @click.option("--schema", type=click.Choice(["tianchi", "chinese-clip"]), default="tianchi", show_default=True)
 def predict(bundle_dir, data_dir, split, out_path, device, precision, threads, workers, batch_size, cache_dir,
             skip_bad_images, schema):
@@ -39,7 +41,7 @@ def predict(bundle_dir, data_dir, split, out_path, device, precision, threads, w
     try:
         summary = predict_split(bundle_dir, data_dir, split, out_path, opts)
     except (MugeDataError, SubmissionError, NonFiniteError, BundleError, FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from None
     if "mean_recall" in summary:
         click.echo(f"{split}: R@1 {summary['r1']:.2f}  R@5 {summary['r5']:.2f}  R@10 {summary['r10']:.2f}  "
                    f"MR {summary['mean_recall']:.2f}  ->  {summary['result']}")

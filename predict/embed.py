@@ -10,6 +10,7 @@ resumes from its last completed chunk.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import itertools
 import json
@@ -28,20 +29,28 @@ from competition.io import atomic_path
 from .runtime import BundleEncoders
 
 log = logging.getLogger(__name__)
-_TSV: ImageTSV | None = None  # this process's gallery; each worker opens its own (cached index, own descriptor)
 
 
-def _init_worker(tsv_path: str) -> None:
-    global _TSV
-    _TSV = ImageTSV(tsv_path)
+def _open_tsv(tsv_path: str) -> ImageTSV:
+    """This process's handle on a gallery: each worker opens its own (cached index, own
+    descriptor), once per version of the file."""
+    st = os.stat(tsv_path)
+    return _open_tsv_version(tsv_path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_tsv_version(tsv_path: str, size: int, mtime_ns: int) -> ImageTSV:
+    return ImageTSV(tsv_path)
+
 
 def file_fingerprint(path: str) -> str:
     st = os.stat(path)
     return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
-def decode_range(start: int, end: int, size: int, rule: str, skip_bad: bool):
+
+def decode_range(tsv_path: str, start: int, end: int, size: int, rule: str, skip_bad: bool):
     """Decode + resize TSV positions [start, end) -> (uint8 pixels, kept positions, bad list)."""
-    tsv = _TSV
+    tsv = _open_tsv(tsv_path)
     pixels, kept, bad = [], [], []
     for pos in range(start, end):
         img_id = int(tsv.ids[pos])
@@ -55,12 +64,14 @@ def decode_range(start: int, end: int, size: int, rule: str, skip_bad: bool):
     arr = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
     return arr, np.asarray(kept, np.int64), bad
 
+
 @dataclass
 class GalleryEmbeddings:
     ids: np.ndarray
     features: np.ndarray
     skipped: SkippedImages = field(default_factory=SkippedImages)
     from_cache: bool = False
+
 
 def _cache_dir(cache_root: str, encoders: BundleEncoders, input_path: str, kind: str, *settings) -> str:
     """Keyed by the graphs really loaded (verified against the manifest), the preprocessing, and
@@ -87,12 +98,11 @@ def _save_npz(path: str, **arrays) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, workers: int = 2,
-                  chunk_size: int = 4096, skip_bad: bool = False, stop_after_chunks: int | None = None) -> GalleryEmbeddings:
+
+def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, *, workers: int = 2,
+                  chunk_size: int = 4096, skip_bad: bool = False) -> GalleryEmbeddings:
     """Embed every image of `tsv_path` (file order), reusing and extending the on-disk cache.
-    Decode tasks are `encoders.batch_size` lines each, so the image graph sees one batch shape.
-    `stop_after_chunks` simulates an interruption (tests)."""
-    global _TSV
+    Decode tasks are `encoders.batch_size` lines each, so the image graph sees one batch shape."""
     cache = _cache_dir(cache_root, encoders, tsv_path, "gallery", skip_bad)
     final = os.path.join(cache, "gallery.npz")
     cached = _load_npz(final, "ids", "features", "skipped")
@@ -114,17 +124,19 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, work
     if done:
         log.info("resuming the gallery after %d of %d completed chunks", done, n_chunks)
     size, rule, batch_size = encoders.image_size, encoders.resize_rule, encoders.batch_size
-    _TSV = tsv
     # spawn, not fork: a forked child can inherit a lock held by one of the parent's threads
     # (ONNX Runtime, tqdm, the import lock) and hang
-    pool = mp.get_context("spawn").Pool(workers, _init_worker, (tsv_path,)) if workers > 0 else None
+    pool = mp.get_context("spawn").Pool(workers) if workers > 0 else None
     t0, embedded = time.time(), 0
 
     def submit(r):  # a decode task: async in the pool, or deferred to `fetch` without one
-        return pool.apply_async(decode_range, (*r, size, rule, skip_bad)) if pool else r
+        return pool.apply_async(decode_range, (tsv_path, *r, size, rule, skip_bad)) if pool else r
 
     def fetch(task):
-        return task.get() if pool else decode_range(*task, size, rule, skip_bad)
+        return task.get() if pool else decode_range(tsv_path, *task, size, rule, skip_bad)
+
+    def describe(pos):
+        return lambda r: f"image {tsv.ids[pos[r]]} ({tsv_path}:{pos[r] + 1})"
 
     try:
         bar = tqdm(total=n, initial=done * chunk_size if done < n_chunks else n, unit="img", desc="embed gallery",
@@ -142,7 +154,7 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, work
                     inflight.append(submit(nxt))
                 if len(pixels):
                     f = encoders.encode_images(pixels)
-                    encoders.require_finite(f, "image", lambda r: f"image {tsv.ids[pos[r]]} ({tsv_path}:{pos[r] + 1})")
+                    encoders.require_finite(f, "image", describe(pos))
                     feats.append(f)
                 kept.append(pos)
                 bad.extend(b)
@@ -153,14 +165,11 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, work
             arrays = {"ids": tsv.ids[pos], "features": f, "skipped": np.array(json.dumps(bad))}
             _save_npz(os.path.join(cache, f"chunk-{chunk:05d}.npz"), **arrays)
             chunks.append(arrays)
-            if stop_after_chunks is not None and chunk + 1 - done >= stop_after_chunks:
-                raise KeyboardInterrupt(f"stopped after {stop_after_chunks} chunk(s)")
         bar.close()
     finally:
         if pool:
             pool.terminate()
             pool.join()
-        _TSV = None
     skipped = SkippedImages([tuple(x) for c in chunks for x in json.loads(str(c["skipped"]))])
     result = GalleryEmbeddings(np.concatenate([c["ids"] for c in chunks]),
                                np.concatenate([c["features"] for c in chunks]).astype(np.float32), skipped)

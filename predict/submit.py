@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 
 from competition import ground_truth_not_in_gallery, score_predictions, write_submission
-from competition.queries import first_of
 from competition.metric import success_json, write_result
+from competition.queries import first_of
 from competition.topk import exact_topk
 
 from .embed import embed_gallery, embed_queries
@@ -31,11 +31,12 @@ class PredictOptions:
     k: int = 10
 
 
-def predict_split(bundle_dir: str, data_dir: str, split: str, out_path: str, opts: PredictOptions = PredictOptions(),
+def predict_split(bundle_dir: str, data_dir: str, split: str, out_path: str, opts: PredictOptions | None = None,
                   encoders: BundleEncoders | None = None) -> dict:
     """Write the top-K submission for `split`; on a split with ground truth also score it and
     write `<out>.result.json`. Returns a summary."""
     t0 = time.time()
+    opts = opts or PredictOptions()
     queries_path = os.path.join(data_dir, f"MR_{split}_queries.jsonl")
     tsv_path = os.path.join(data_dir, f"MR_{split}_imgs.tsv")
     enc = encoders or BundleEncoders(bundle_dir, opts.device, opts.precision, opts.threads,
@@ -44,7 +45,8 @@ def predict_split(bundle_dir: str, data_dir: str, split: str, out_path: str, opt
     if enc.choice.device == "cuda":
         log.info("warmed up %d input shapes on CUDA in %.1fs", 1 + len(enc.lengths), enc.warmup())
     t_gallery = time.time()
-    gallery = embed_gallery(enc, tsv_path, opts.cache_dir, opts.workers, opts.chunk_size, opts.skip_bad_images)
+    gallery = embed_gallery(enc, tsv_path, opts.cache_dir, workers=opts.workers, chunk_size=opts.chunk_size,
+                            skip_bad=opts.skip_bad_images)
     t_gallery = time.time() - t_gallery
     if gallery.skipped.items:
         log.warning("%s", gallery.skipped.summary())

@@ -26,6 +26,7 @@ def small_sample(tmp_path_factory):
 def runs(small_sample, tmp_path_factory):
     """One-epoch tiny runs of each family on the small sample."""
     from tiny import tiny_config
+
     from train.main import run
 
     out = {}
@@ -61,6 +62,11 @@ def write_tsv(path, rows, urlsafe=False) -> str:
             payload = data if isinstance(data, str) else enc(data).decode()
             f.write(f"{img_id}\t{payload}\n")
     return str(path)
+
+
+def not_an_image(tsv_line: bytes) -> bytes:
+    """The same TSV line with its image replaced by valid base64 of bytes that are no image."""
+    return tsv_line.split(b"\t")[0] + b"\tbm90IGFuIGltYWdl\n"  # base64 of "not an image"
 
 
 def rgb_at(img, xy=(0, 0)):

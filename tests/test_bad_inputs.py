@@ -12,9 +12,10 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import not_an_image
+from tiny import tiny_config
 
 from muge_cli import cli
-from tiny import tiny_config
 from train.params import save_config
 
 FAST_EXPORT = ["--exporter", "torchscript", "--parity-queries", "40", "--parity-gallery", "60", "--parity-batch", "16"]
@@ -129,7 +130,7 @@ def test_a_damaged_bundle_is_named(tiny_bundle, small_sample, tmp_path, damage, 
 
 
 def test_skip_bad_images_is_part_of_the_cache_key(tiny_bundle, data, tmp_path):
-    edit_lines(data / "MR_test_imgs.tsv", lambda ls: ls[:4] + [ls[4].split(b"\t")[0] + b"\tbm90IGFuIGltYWdl\n"] + ls[5:])
+    edit_lines(data / "MR_test_imgs.tsv", lambda ls: ls[:4] + [not_an_image(ls[4])] + ls[5:])
     accepted(predict(tiny_bundle, data, tmp_path, "--skip-bad-images"), '"skipped_images": 1')
     (tmp_path / "sub.jsonl").unlink()
     refused(predict(tiny_bundle, data, tmp_path), "MR_test_imgs.tsv:5: image", "bytes are not an image")
@@ -276,7 +277,7 @@ def test_train_refuses_bad_inputs_before_work_and_leaves_no_run_dir(small_sample
             "data.workers='abc': expected int")
     refused(muge("train", "--resume", tmp_path, "--data", small_sample), "config.yaml not found")
     assert not out.exists()
-    edit_lines(data / "MR_valid_imgs.tsv", lambda ls: ls[:6] + [ls[6].split(b"\t")[0] + b"\tbm90IGFuIGltYWdl\n"] + ls[7:])
+    edit_lines(data / "MR_valid_imgs.tsv", lambda ls: ls[:6] + [not_an_image(ls[6])] + ls[7:])
     refused(muge("train", "--config", preset, "--data", data, "--out", out), "MR_valid_imgs.tsv:7: image",
             "bytes are not an image")
     assert not out.exists()  # found before the first epoch, and nothing left behind
@@ -284,7 +285,7 @@ def test_train_refuses_bad_inputs_before_work_and_leaves_no_run_dir(small_sample
 
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_a_bad_train_image_names_its_line_from_any_worker(data, preset, tmp_path, workers):
-    edit_lines(data / "MR_train_imgs.tsv", lambda ls: [x.split(b"\t")[0] + b"\tbm90IGFuIGltYWdl\n" for x in ls])
+    edit_lines(data / "MR_train_imgs.tsv", lambda ls: [not_an_image(x) for x in ls])
     result = refused(muge("train", "--config", preset, "--data", data, "--out", tmp_path / "run",
                           "--set", f"data.workers={workers}"), "MR_train_imgs.tsv:", "bytes are not an image")
     assert "DataLoader" not in result.output and not (tmp_path / "run").exists()

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from tiny import tiny_config
+
 from train.loss import ClipLoss
 from train.model import create_model
 from train.step import forward_backward
@@ -51,7 +51,7 @@ def _batch(n: int = 12, seed: int = 0) -> dict:
 def _step(model, batch, chunk=None):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1)  # dropout masks
-    loss = forward_backward(model, ClipLoss(), batch, "fp32", CPU, NO_SCALER, chunk=chunk)
+    loss = forward_backward(model, ClipLoss(), batch, precision="fp32", device=CPU, scaler=NO_SCALER, chunk=chunk)
     return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

@@ -36,7 +36,7 @@ def test_export_loads_and_passes_gate(runs, small_sample, tmp_path, monkeypatch,
     model, _, _ = load_run_model(runs[family])
     for bs in (1, 7):
         report = run_parity(model, str(out), str(small_sample / "MR_valid_queries.jsonl"),
-                            str(small_sample / "MR_valid_imgs.tsv"), ParitySettings(21, 21, bs))
+                            str(small_sample / "MR_valid_imgs.tsv"), settings=ParitySettings(21, 21, bs))
         assert report["passed"], report
     import predict.runtime as runtime
 
@@ -93,8 +93,9 @@ def test_failed_export_keeps_previous_bundle(runs, small_sample, tmp_path, monke
 
 def test_export_bench_runs_on_a_tiny_preset(tmp_path):
     """The benchmark itself (not its speed): builds, exports, times both encoders, outputs agree."""
-    from export.bench import bench_preset
     from tiny import tiny_config
+
+    from export.bench import bench_preset
     from train.params import save_config
 
     preset = tmp_path / "tiny.yaml"

@@ -5,10 +5,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import jpeg_bytes, rgb_at, write_tsv
 from PIL import Image
 
 from competition import ImageTSV, MugeDataError, SkippedImages, decode_image, iter_tsv
-from conftest import jpeg_bytes, rgb_at, write_tsv
 
 
 def test_index_reads_by_id_and_matches_iteration(tmp_path):

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import not_an_image
 
 from competition import ImageTSV, MugeDataError, SubmissionError, check_submission, read_queries
 from competition.topk import NonFiniteError, exact_topk
@@ -162,12 +163,24 @@ def test_predicted_ranking_equals_brute_force(tiny_bundle, small_sample, tmp_pat
     assert check_submission(small_sample / "MR_valid_queries.jsonl", out).ok
 
 
-def test_cache_reuse_and_resume_after_interruption(tiny_bundle, small_sample, tmp_path):
+def test_cache_reuse_and_resume_after_interruption(tiny_bundle, small_sample, tmp_path, monkeypatch):
+    import predict.embed as embed_mod
+
     enc = BundleEncoders(tiny_bundle, batch_size=8)
     tsv_path = str(small_sample / "MR_test_imgs.tsv")
     cache = str(tmp_path / "cache")
+    real_save, saved = embed_mod._save_npz, []
+
+    def interrupted_after_two_chunks(path, **arrays):  # Ctrl-C while the third chunk is being saved
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        real_save(path, **arrays)
+        saved.append(path)
+
+    monkeypatch.setattr(embed_mod, "_save_npz", interrupted_after_two_chunks)
     with pytest.raises(KeyboardInterrupt):
-        embed_gallery(enc, tsv_path, cache, workers=2, chunk_size=32, stop_after_chunks=2)
+        embed_gallery(enc, tsv_path, cache, workers=2, chunk_size=32)
+    monkeypatch.setattr(embed_mod, "_save_npz", real_save)
     chunks = [f for _, _, fs in os.walk(cache) for f in fs if f.startswith("chunk-")]
     assert sorted(chunks) == ["chunk-00000.npz", "chunk-00001.npz"]
     resumed = embed_gallery(enc, tsv_path, cache, workers=2, chunk_size=32)
@@ -185,10 +198,10 @@ def test_cache_reuse_and_resume_after_interruption(tiny_bundle, small_sample, tm
 def broken_data(small_sample, tmp_path):
     d = tmp_path / "data"
     shutil.copytree(small_sample, d, ignore=shutil.ignore_patterns("*.idx.npz"))
-    lines = (d / "MR_test_imgs.tsv").read_text().splitlines(keepends=True)
-    bad_id = int(lines[4].split("\t")[0])
-    lines[4] = f"{bad_id}\tbm90IGFuIGltYWdl\n"  # base64 of "not an image"
-    (d / "MR_test_imgs.tsv").write_text("".join(lines))
+    lines = (d / "MR_test_imgs.tsv").read_bytes().splitlines(keepends=True)
+    bad_id = int(lines[4].split(b"\t")[0])
+    lines[4] = not_an_image(lines[4])
+    (d / "MR_test_imgs.tsv").write_bytes(b"".join(lines))
     return d, bad_id
 
 

@@ -5,9 +5,9 @@ import struct
 
 import numpy as np
 import pytest
+from browser import Browser, find_chromium
 from click.testing import CliRunner
 
-from browser import Browser, find_chromium
 from competition import ImageTSV, read_queries, score_predictions
 from report.build import first_hit_histogram, report_data
 from report.cli import report
@@ -127,7 +127,8 @@ def test_report_renders_and_filters_in_chromium(two_runs, runs, browser, tmp_pat
     assert _png_size(tmp_path / "report.png") == (1280, 900)
 
     def shown_ranks(run):
-        return js(f"[...document.querySelectorAll('.query')].map(q => +q.querySelectorAll('.badge')[{run}].dataset.rank)")
+        return js("[...document.querySelectorAll('.query')]"
+                  f".map(q => +q.querySelectorAll('.badge')[{run}].dataset.rank)")
 
     def click(selector):
         js(f"document.querySelector({json.dumps(selector)}).click()")

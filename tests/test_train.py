@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-
 from tiny import tiny_config
+
 from train.data import PairDataset, train_loader
 from train.loss import ClipLoss, clip_loss, duplicate_mask
 from train.model import create_model, param_layout

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from tiny import tiny_config
+
 from train.checkpoint import load_checkpoint
 from train.main import run
 from train.params import load_config
@@ -15,13 +15,24 @@ def _weights(path):
     return load_checkpoint(str(path))["model"]
 
 
-@pytest.mark.parametrize("accum", [[], ["train.accum_steps=3", "train.batch_size=16", "data.limit_pairs=160"]], ids=["accum1", "accum3"])
-def test_resume_after_interruption_matches_uninterrupted_run(small_sample, tmp_path, accum):
+ACCUM3 = ["train.accum_steps=3", "train.batch_size=16", "data.limit_pairs=160"]
+
+
+@pytest.mark.parametrize("accum", [[], ACCUM3], ids=["accum1", "accum3"])
+def test_resume_after_interruption_matches_uninterrupted_run(small_sample, tmp_path, monkeypatch, accum):
     """accum3: 10 batches of 16 per epoch in groups of 3, 3, 3 and 1: the short last group is stepped
     at the epoch's end, so nothing leaks into the next epoch and resume stays bit-identical."""
     cfg = tiny_config("dual", "train.epochs=2", "eval.untrained=false", "train.grad_clip=1.0", *accum)
     run(cfg, str(small_sample), str(tmp_path / "a"))
-    run(cfg, str(small_sample), str(tmp_path / "b"), stop_after_epoch=1)  # "killed" after epoch 1
+    import train.main
+
+    def killed(history, path):  # Ctrl-C right after epoch 1's checkpoint and metrics are written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.main, "plot_curves", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, str(small_sample), str(tmp_path / "b"))
+    monkeypatch.undo()
     first = load_checkpoint(str(tmp_path / "b" / "last.pt"))
     assert first["epoch"] == 1 and first["step"] == (4 if accum else 9)
     resumed = load_config(str(tmp_path / "b" / "config.yaml"))

@@ -13,36 +13,36 @@ import yaml
 @click.option("--data", "data_dir", default="data/sample", show_default=True, type=click.Path(file_okay=False),
               help="Directory holding the MUGE files.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run directory (default runs/<preset>).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. train.epochs=5.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. train.epochs=5.")
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False),
               help="Continue the run in this directory from its last.pt.")
 def train(config_path, data_dir, out_dir, overrides, resume_dir):
     """Fine-tune a dual encoder or Chinese-CLIP on MUGE train; score valid every epoch."""
-    from .main import run
-    from .params import ConfigError, load_config
-
     from competition import MugeDataError
 
     from .checkpoint import CheckpointError
     from .distributed import DistributedSetupError
+    from .main import run
+    from .params import ConfigError, load_config
 
     if resume_dir:
         config_path, out_dir = os.path.join(resume_dir, "config.yaml"), resume_dir
         if not os.path.isfile(config_path):
-            raise click.ClickException(f"{config_path} not found: {resume_dir} is not a run directory")
+            raise click.ClickException(f"{config_path} not found: {resume_dir} is not a run directory") from None
     if not config_path:
         raise click.UsageError("give --config configs/NAME.yaml (or --resume RUN_DIR)")
     out_dir = out_dir or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
     try:
         cfg = load_config(config_path, list(overrides))
     except ConfigError as exc:
-        raise click.BadParameter(str(exc), param_hint="--config/--set")
+        raise click.BadParameter(str(exc), param_hint="--config/--set") from None
     except yaml.YAMLError as exc:
-        raise click.ClickException(f"{config_path}: not valid YAML ({str(exc).splitlines()[0]})")
+        raise click.ClickException(f"{config_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     try:
         best = run(cfg, data_dir, out_dir, resume=bool(resume_dir))
     except (MugeDataError, CheckpointError, DistributedSetupError, FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from None
     click.echo(f"best valid MR {best['mean_recall']:.2f}; checkpoint {os.path.join(out_dir, 'best.pt')}")
 
 

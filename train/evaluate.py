@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def embed_gallery(model, tsv_path: str, size: int, rule: str, batch_size: int, workers: int, device,
+def embed_gallery(model, tsv_path: str, *, size: int, rule: str, batch_size: int, workers: int, device,
                   precision: str = "fp32", skip_bad: bool = False, progress: bool = True):
     """(image ids, L2-normalised features) of every decodable gallery image, in file order."""
     dataset = GalleryImages(tsv_path, size, rule, skip_bad)
@@ -37,7 +37,7 @@ def embed_gallery(model, tsv_path: str, size: int, rule: str, batch_size: int, w
     return dataset.tsv.ids[keep], feats[keep]
 
 
-def check_gallery(tsv_path: str, size: int, rule: str, batch_size: int, workers: int, device) -> None:
+def check_gallery(tsv_path: str, *, size: int, rule: str, batch_size: int, workers: int, device) -> None:
     """Decode and resize every image of a gallery (no model): a bad one raises, naming its line."""
     t0 = time.time()
     dataset = GalleryImages(tsv_path, size, rule)
@@ -47,7 +47,7 @@ def check_gallery(tsv_path: str, size: int, rule: str, batch_size: int, workers:
 
 
 @torch.no_grad()
-def embed_texts(model, tokenizer, texts, batch_size: int, device, precision: str = "fp32", progress: bool = True):
+def embed_texts(model, tokenizer, texts, *, batch_size: int, device, precision: str = "fp32", progress: bool = True):
     model.eval()
     out = []
     for start in tqdm(range(0, len(texts), batch_size), desc="embed queries", disable=not progress, leave=False):
@@ -58,14 +58,15 @@ def embed_texts(model, tokenizer, texts, batch_size: int, device, precision: str
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def evaluate(model, tokenizer, queries_path: str, tsv_path: str, size: int, rule: str, batch_size: int,
+def evaluate(model, tokenizer, queries_path: str, tsv_path: str, *, size: int, rule: str, batch_size: int,
              workers: int, device, precision: str = "fp32", skip_bad: bool = False, progress: bool = True):
     """Score the model on a split with the official metric. Returns competition's `Score`."""
     t0 = time.time()
     queries = read_queries(queries_path, require_ids=True)
-    ids, gallery = embed_gallery(model, tsv_path, size, rule, batch_size, workers, device, precision, skip_bad,
-                                 progress)
-    q = embed_texts(model, tokenizer, [x.text for x in queries], batch_size, device, precision, progress)
+    ids, gallery = embed_gallery(model, tsv_path, size=size, rule=rule, batch_size=batch_size, workers=workers,
+                                 device=device, precision=precision, skip_bad=skip_bad, progress=progress)
+    q = embed_texts(model, tokenizer, [x.text for x in queries], batch_size=batch_size, device=device,
+                    precision=precision, progress=progress)
     _, pos = exact_topk(q, gallery, k=10)
     preds = {x.query_id: ids[row].tolist() for x, row in zip(queries, pos)}
     score = score_predictions(queries, preds)

@@ -86,8 +86,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
         boundary = (i + 1) % t.accum_steps == 0 or i == n - 1
         skip_sync = not boundary and isinstance(model, DistributedDataParallel)
         with model.no_sync() if skip_sync else contextlib.nullcontext():
-            loss_value = forward_backward(model, criterion, batch, precision, device, scaler, 1.0 / group,
-                                          t.grad_cache_chunk)
+            loss_value = forward_backward(model, criterion, batch, precision=precision, device=device, scaler=scaler,
+                                          scale=1.0 / group, chunk=t.grad_cache_chunk)
         if boundary:
             if t.grad_clip:
                 scaler.unscale_(optimizer)
@@ -112,14 +112,13 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
     return total / max(count, 1), step, samples_s
 
 
-def run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False, stop_after_epoch: int | None = None) -> dict:
-    """Train per `cfg`; returns the best epoch's metrics. `stop_after_epoch` simulates an
-    interruption (tests). A run directory this call created is removed again if training fails
-    before its first checkpoint: a bad input leaves nothing behind."""
+def run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False) -> dict:
+    """Train per `cfg`; returns the best epoch's metrics. A run directory this call created is
+    removed again if training fails before its first checkpoint: a bad input leaves nothing behind."""
     world = init_distributed()
     created = not os.path.exists(out_dir)
     try:
-        return _run(cfg, data_dir, out_dir, resume, stop_after_epoch, world)
+        return _run(cfg, data_dir, out_dir, resume, world)
     except BaseException:
         if world.main and created and not os.path.exists(os.path.join(out_dir, "last.pt")):
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -128,7 +127,7 @@ def run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False, stop_aft
         cleanup()
 
 
-def _run(cfg, data_dir, out_dir, resume, stop_after_epoch, world: World) -> dict:
+def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
     device = device_for(world)
     precision = resolve_precision(cfg.train.precision, device)
     seed_everything(cfg.train.seed)
@@ -151,8 +150,8 @@ def _run(cfg, data_dir, out_dir, resume, stop_after_epoch, world: World) -> dict
     loader = train_loader(dataset, tokenizer, cfg, world.rank, world.size, device)
     if world.main and not cfg.eval.untrained and not cfg.data.skip_bad_images:
         # every valid image decodes, or the run stops now rather than after its first epoch
-        check_gallery(valid_tsv, cfg.data.image_size, cfg.data.resize_rule, cfg.eval.batch_size, cfg.data.workers,
-                      device)
+        check_gallery(valid_tsv, size=cfg.data.image_size, rule=cfg.data.resize_rule, batch_size=cfg.eval.batch_size,
+                      workers=cfg.data.workers, device=device)
     barrier()
     steps_per_epoch = -(-len(loader) // cfg.train.accum_steps)  # a short last group is stepped too
     total_steps = steps_per_epoch * cfg.train.epochs
@@ -185,9 +184,9 @@ def _run(cfg, data_dir, out_dir, resume, stop_after_epoch, world: World) -> dict
                                   find_unused_parameters=False) if world.size > 1 else model
 
     def score_now(epoch: int, train_loss, samples_s) -> dict:
-        s = evaluate(model, tokenizer, valid_q, valid_tsv, cfg.data.image_size, cfg.data.resize_rule,
-                     cfg.eval.batch_size, cfg.data.workers, device, precision, cfg.data.skip_bad_images,
-                     progress=True)
+        s = evaluate(model, tokenizer, valid_q, valid_tsv, size=cfg.data.image_size, rule=cfg.data.resize_rule,
+                     batch_size=cfg.eval.batch_size, workers=cfg.data.workers, device=device, precision=precision,
+                     skip_bad=cfg.data.skip_bad_images)
         return {"epoch": epoch, "step": step, "train_loss": train_loss, "samples_per_s": samples_s, **s.as_dict()}
 
     if not resume and cfg.eval.untrained and world.main:
@@ -222,8 +221,6 @@ def _run(cfg, data_dir, out_dir, resume, stop_after_epoch, world: World) -> dict
                               "".join(json.dumps(h) + "\n" for h in history))
             plot_curves(history, os.path.join(out_dir, "curves.png"))
         barrier()
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-            break
     if world.main:
         untrained = next((h for h in history if h["epoch"] == 0), None)
         msg = f"best valid MR {best['mean_recall']:.2f} at epoch {best.get('epoch')}"

@@ -22,11 +22,12 @@ from torch.nn.parallel import DistributedDataParallel
 from .precision import autocast
 
 
-def forward_backward(model, criterion, batch: dict, precision, device, scaler, scale: float = 1.0,
+def forward_backward(model, criterion, batch: dict, *, precision, device, scaler, scale: float = 1.0,
                      chunk: int | None = None) -> torch.Tensor:
     """Accumulate the gradients of `scale` x the batch's loss; return the detached global-batch loss."""
     if chunk and chunk < len(batch["pixels"]):
-        return grad_cache_step(model, criterion, batch, chunk, precision, device, scaler, scale)
+        return grad_cache_step(model, criterion, batch, precision=precision, device=device, scaler=scaler,
+                               scale=scale, chunk=chunk)
     with autocast(precision, device):
         img, txt, log_scale = model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
     loss, value = criterion(img, txt, log_scale, batch["image_ids"], batch["query_ids"])
@@ -45,8 +46,8 @@ def _set_rng_state(state: tuple, device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def grad_cache_step(model, criterion, batch: dict, chunk: int, precision, device, scaler,
-                    scale: float = 1.0) -> torch.Tensor:
+def grad_cache_step(model, criterion, batch: dict, *, precision, device, scaler, scale: float = 1.0,
+                    chunk: int) -> torch.Tensor:
     module = model.module if isinstance(model, DistributedDataParallel) else model
     slices = [slice(i, i + chunk) for i in range(0, len(batch["pixels"]), chunk)]
 
