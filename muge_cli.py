@@ -3,7 +3,6 @@ or `muge predict` never pays for importing torch."""
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 
 import click
@@ -52,10 +51,9 @@ class LazyGroup(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose: bool):
     """Fine-tune, export, predict and score Tianchi MUGE text-to-image retrieval."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "matplotlib", "PIL", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from competition.logs import setup_logging
+
+    setup_logging(verbose)
 
 
 class BenchGroup(LazyGroup):
@@ -68,7 +66,10 @@ def bench():
 
 
 def main():
+    from competition.logs import quiet_progress
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_progress()  # before any subcommand imports tqdm
     cli(prog_name="muge")
 
 

@@ -66,20 +66,20 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
             to_fp16(os.path.join(tmp, f"{kind}.onnx"), os.path.join(tmp, f"{kind}.fp16.onnx"))
         for name in GRAPHS:
             check_graph(os.path.join(tmp, name))
+        with torch.no_grad():
+            embed_dim = int(model.encode_text(*example_text).shape[1])
         manifest = {
-            "format": FORMAT, "family": ckpt["arch"]["family"], "embed_dim": None,
+            "format": FORMAT, "family": ckpt["arch"]["family"], "embed_dim": embed_dim,
             "image_size": size, "resize_rule": cfg["data"]["resize_rule"], "image_input": "uint8 NHWC, resized",
             "max_text_length": max_len, "text_normalization": TEXT_NORMALIZATION, "opset": opset,
             "exporter": exporter, "source_checkpoint": os.path.abspath(ckpt_path), "source_sha256": sha256(ckpt_path),
             "source_epoch": ckpt.get("epoch"), "source_valid_metrics": ckpt.get("metrics"),
             "libraries": _versions(), "files": {n: sha256(os.path.join(tmp, n)) for n in GRAPHS},
         }
-        with torch.no_grad():
-            manifest["embed_dim"] = int(model.encode_text(*example_text).shape[1])
-        _write_json(os.path.join(tmp, "manifest.json"), manifest)
+        _write_json(os.path.join(tmp, "manifest.json"), manifest)  # the gate runs the bundle as predict will
         log.info("parity gate on %s ...", data_dir)
         report = run_parity(model, tmp, queries_path, tsv_path, settings=settings, limits=limits, device=device)
-        print(format_report(report), flush=True)
+        log.log(logging.INFO if report["passed"] else logging.ERROR, "%s", format_report(report))
         if not report["passed"]:
             raise ParityError(report)
         manifest["parity"] = report

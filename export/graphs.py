@@ -7,6 +7,7 @@ host only decodes and resizes (`competition.preprocess.resize_image`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -86,16 +87,48 @@ def export_graph(model, kind: str, path: str, example: tuple, opset: int = 18, e
     return path
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _captured(name: str):
+    """The records of logger `name` (and its children), kept from the console."""
+    logger, handler = logging.getLogger(name), _Records()
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
 def to_fp16(src: str, dst: str) -> str:
-    """fp16 weights and compute, fp32 (and uint8/int64) inputs and outputs kept as they are."""
+    """fp16 weights and compute, fp32 (and uint8/int64) inputs and outputs kept as they are.
+    The converter's notes (one per initializer shared by fp32 and fp16 nodes, each listing every
+    node) go to DEBUG; one INFO line says what was converted."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = convert_float_to_float16(onnx.load(src), keep_io_types=True, disable_shape_infer=False)
-    wrapped = OnnxModel(model)
-    wrapped.topological_sort()  # the converter appends its Cast nodes after their consumers
+    with _captured("onnxruntime.transformers") as notes:
+        model = convert_float_to_float16(onnx.load(src), keep_io_types=True, disable_shape_infer=False)
+        wrapped = OnnxModel(model)
+        wrapped.topological_sort()  # the converter appends its Cast nodes after their consumers
+    for record in notes:
+        log.debug("fp16 converter: %s", record.getMessage())
     onnx.save_model(wrapped.model, dst)
+    log.info("%s -> %s (%d nodes; %d converter notes, shown with -v)", os.path.basename(src), os.path.basename(dst),
+             len(wrapped.model.graph.node), len(notes))
     return dst
 
 

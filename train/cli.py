@@ -47,8 +47,8 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
 
 
 if __name__ == "__main__":  # torchrun -m train.cli ...
-    import logging
+    from competition.logs import quiet_progress, setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    quiet_progress()
+    setup_logging()
     train(prog_name="muge train")
