@@ -42,3 +42,10 @@ def fits_int64(value: int) -> bool:
 def is_int_id(value) -> bool:
     """MUGE ids are JSON integers; bools are ints in Python but not ids."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def first_of(items, shown: int = 20, sep: str = ", ") -> str:
+    """The first `shown` items joined by `sep`, then '... and N more': how every message lists things."""
+    items = list(items)
+    head = sep.join(str(x) for x in items[:shown])
+    return head + (f"{sep}... and {len(items) - shown} more" if len(items) > shown else "")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import MugeDataError, fits_int64
+from .errors import MugeDataError, first_of, fits_int64
 from .io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -275,6 +275,4 @@ class SkippedImages:
     def summary(self) -> str:
         if not self.items:
             return "no images skipped"
-        ids = ", ".join(str(i) for i, _, _ in self.items[:20])
-        more = f" and {len(self.items) - 20} more" if len(self.items) > 20 else ""
-        return f"skipped {len(self.items)} undecodable image(s): {ids}{more}"
+        return f"skipped {len(self.items)} undecodable image(s): {first_of(i for i, _, _ in self.items)}"

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .errors import MugeDataError, fits_int64, is_int_id
+from .errors import MugeDataError, first_of, fits_int64, is_int_id
 
 log = logging.getLogger(__name__)
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -125,11 +125,6 @@ def utf8_lines(path: str, allow_bom: bool = True) -> Iterator[tuple[int, str]]:
 def plural(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
-
-def first_of(items: Sequence, shown: int = 20) -> str:
-    """'a, b, c' for the first `shown` items, then '... and N more'."""
-    head = ", ".join(str(x) for x in items[:shown])
-    return head + (f" ... and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def read_queries(path, require_ids: bool | None = None) -> list[Query]:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .io import atomic_path, atomic_write_text
+from .layout import SPLITS, split_paths
 from .queries import Query, write_queries
 
 COLOURS = {  # name -> (RGB, synonyms)
@@ -55,7 +56,6 @@ CATEGORIES = {
 PREFIXES = ["", "", "", "新款", "2024新款", "韩版", "ins风", "高级感", "夏季", "百搭", "简约", "网红", "日系", "复古"]
 SUFFIXES = ["", "", "", "女", "男", "女夏", "学生", "潮", "大容量", "ins", "情侣", "小众设计", "清新", "正品"]
 SIZE = 224
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)
@@ -307,11 +307,12 @@ def make_sample(out_dir, seed: int = 0, n_train_queries: int = 3000, n_eval_quer
     start = 0
     for split in SPLITS:
         n = len(galleries[split])
-        with atomic_path(os.path.join(out_dir, f"MR_{split}_imgs.tsv")) as tmp:
+        queries_path, tsv_path = split_paths(out_dir, split)
+        with atomic_path(tsv_path) as tmp:
             with open(tmp, "w", encoding="ascii") as f:
                 f.writelines(lines[start:start + n])
         start += n
-        write_queries(os.path.join(out_dir, f"MR_{split}_queries.jsonl"), queries[split],
+        write_queries(queries_path, queries[split],
                       with_ids=split != "test")
     test_ids = [p.img_id for p in galleries["test"]]
     example = [json.dumps({"query_id": q.query_id, "query_text": q.text,

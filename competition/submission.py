@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import is_int_id
+from .errors import first_of, is_int_id
 from .io import atomic_write_text
 from .queries import SCHEMAS, UTF8_BOM, Query, read_queries
 
@@ -21,9 +21,7 @@ class SubmissionError(ValueError):
 
     def __init__(self, problems: Sequence[str]):
         self.problems = list(problems)
-        shown = "\n  ".join(self.problems[:20])
-        more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
-        super().__init__(f"{len(self.problems)} problem(s):\n  {shown}{more}")
+        super().__init__(f"{len(self.problems)} problem(s):\n  {first_of(self.problems, sep=chr(10) + '  ')}")
 
 
 def _as_id(value):
@@ -62,9 +60,8 @@ def validate_predictions(preds: Mapping[int, Sequence], expected_ids: Iterable[i
             problems.append(problem)
     missing = [q for q in expected_ids if q not in preds]
     if missing:
-        shown = ", ".join(str(q) for q in missing[:20])
-        problems.append(f"{len(missing)} quer{'y has' if len(missing) == 1 else 'ies have'} no prediction: {shown}"
-                        + (" ..." if len(missing) > 20 else ""))
+        problems.append(f"{len(missing)} quer{'y has' if len(missing) == 1 else 'ies have'} no prediction: "
+                        f"{first_of(missing)}")
     return problems
 
 
@@ -184,9 +181,7 @@ def check_submission(queries_path, pred_path, k: int = TOP_K,
     missing = [q.query_id for q in queries if q.query_id not in report.predictions]
     # a query whose line was malformed is already reported; do not report it twice as missing
     if missing:
-        shown = ", ".join(str(q) for q in missing[:20])
-        report.errors.append(f"{len(missing)} of {len(queries)} queries have no valid prediction: {shown}"
-                             + (" ..." if len(missing) > 20 else ""))
+        report.errors.append(f"{len(missing)} of {len(queries)} queries have no valid prediction: {first_of(missing)}")
     expected = {q.query_id for q in queries}
     extra = [q for q in report.predictions if q not in expected]
     if extra:

@@ -16,6 +16,7 @@ from importlib import metadata
 import torch
 
 from competition.io import sha256
+from competition.layout import split_files
 from competition.preprocess import TEXT_NORMALIZATION
 
 from .graphs import check_graph, export_graph, load_run_model, to_fp16
@@ -45,8 +46,7 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
     model, ckpt, ckpt_path = load_run_model(run_dir, checkpoint)
     cfg = ckpt["config"]
     size, max_len = cfg["data"]["image_size"], cfg["data"]["max_text_length"]
-    queries_path = os.path.join(data_dir, "MR_valid_queries.jsonl")
-    tsv_path = os.path.join(data_dir, "MR_valid_imgs.tsv")
+    queries_path, tsv_path = split_files(data_dir, "valid")
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     prefix = "." + os.path.basename(out_dir) + "."

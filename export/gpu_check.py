@@ -55,22 +55,23 @@ def write_repeated_split(sample_dir: str, out_dir: str, n_images: int, n_queries
     """A MUGE directory whose test split is the sample's test images and queries repeated under
     new ids (`n_images` lines, `n_queries` queries); train and valid are linked to the sample's."""
     from competition.io import atomic_path
+    from competition.layout import split_paths
     from competition.queries import Query, read_queries, write_queries
 
     os.makedirs(out_dir, exist_ok=True)
     for split in ("train", "valid"):
-        for name in (f"MR_{split}_queries.jsonl", f"MR_{split}_imgs.tsv"):
-            dst = os.path.join(out_dir, name)
+        for src, dst in zip(split_paths(sample_dir, split), split_paths(out_dir, split)):
             if not os.path.exists(dst):
-                os.symlink(os.path.abspath(os.path.join(sample_dir, name)), dst)
-    with open(os.path.join(sample_dir, "MR_test_imgs.tsv"), "rb") as f:
+                os.symlink(os.path.abspath(src), dst)
+    (src_queries, src_tsv), (queries_path, tsv_path) = split_paths(sample_dir, "test"), split_paths(out_dir, "test")
+    with open(src_tsv, "rb") as f:
         payloads = [line.split(b"\t", 1)[1] for line in f if line.strip()]
-    with atomic_path(os.path.join(out_dir, "MR_test_imgs.tsv")) as tmp, open(tmp, "wb") as f:
+    with atomic_path(tsv_path) as tmp, open(tmp, "wb") as f:
         for i in range(n_images):
             f.write(b"%d\t" % (500_000_000 + i) + payloads[i % len(payloads)])
-    texts = [q.text for q in read_queries(os.path.join(sample_dir, "MR_test_queries.jsonl"))]
-    write_queries(os.path.join(out_dir, "MR_test_queries.jsonl"),
-                  [Query(50_000_000 + i, texts[i % len(texts)]) for i in range(n_queries)], with_ids=False)
+    texts = [q.text for q in read_queries(src_queries)]
+    write_queries(queries_path, [Query(50_000_000 + i, texts[i % len(texts)]) for i in range(n_queries)],
+                  with_ids=False)
     return out_dir
 
 
@@ -178,6 +179,7 @@ def bench_gpu(small, models, steps, gallery, queries, workers, work_dir, json_ou
     """The whole chain at realistic shapes on this GPU (or tiny ones on a CPU with --small): one table."""
     import torch
 
+    from competition.layout import split_paths
     from competition.sample import make_sample
 
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -192,7 +194,7 @@ def bench_gpu(small, models, steps, gallery, queries, workers, work_dir, json_ou
     work = work_dir or tempfile.mkdtemp(prefix="muge-gpu-check-")
     try:
         sample_dir = os.path.join(work, "sample")
-        if not os.path.isfile(os.path.join(sample_dir, "MR_test_queries.jsonl")):
+        if not os.path.isfile(split_paths(sample_dir, "test")[0]):
             sizes = dict(n_train_queries=240, n_eval_queries=40, gallery_size=120) if small else {}
             make_sample(sample_dir, seed=1, **sizes)
         bench_dir = write_repeated_split(sample_dir, os.path.join(work, "bench"), gallery, queries)

@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass
 
 from competition import ground_truth_not_in_gallery, score_predictions, write_submission
+from competition.errors import first_of
+from competition.layout import split_files
 from competition.metric import success_json, write_result
-from competition.queries import first_of
 from competition.topk import exact_topk
 
 from .embed import embed_gallery, embed_queries
@@ -37,8 +38,7 @@ def predict_split(bundle_dir: str, data_dir: str, split: str, out_path: str, opt
     write `<out>.result.json`. Returns a summary."""
     t0 = time.time()
     opts = opts or PredictOptions()
-    queries_path = os.path.join(data_dir, f"MR_{split}_queries.jsonl")
-    tsv_path = os.path.join(data_dir, f"MR_{split}_imgs.tsv")
+    queries_path, tsv_path = split_files(data_dir, split)
     enc = encoders or BundleEncoders(bundle_dir, opts.device, opts.precision, opts.threads,
                                      batch_size=opts.batch_size)
     log.info("predicting %s with %s on %s", split, bundle_dir, enc.describe())

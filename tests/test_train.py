@@ -5,7 +5,7 @@ from tiny import tiny_config
 
 from train.data import PairDataset, train_loader
 from train.loss import ClipLoss, clip_loss, duplicate_mask
-from train.model import create_model, param_layout
+from train.model import create_model
 from train.optim import apply_freeze, create_optimizer, lr_scale
 from train.params import ConfigError, load_config
 from train.scheduler import create_scheduler, lr_factor
@@ -111,7 +111,7 @@ def test_freezing_and_progressive_unfreeze(small_sample, tmp_path):
 
 def test_param_layout_chinese_clip(small_sample, tmp_path):
     _, _, model, _, _ = _setup(small_sample, tmp_path, "chinese-clip")
-    layout = param_layout(model)
+    layout = model.param_layout()
     assert layout["clip.text_model.encoder.layer.1.attention.self.query.weight"] == ("text", 2, 2)
     assert layout["clip.vision_model.encoder.layers.0.mlp.fc1.weight"] == ("image", 1, 2)
     assert layout["clip.vision_model.embeddings.patch_embedding.weight"][:2] == ("image", 0)

@@ -19,6 +19,8 @@ import time
 import click
 import numpy as np
 
+from competition.layout import split_paths
+
 CHARS = ("连衣裙女夏季新款韩版宽松显瘦白色黑色红色蓝色碎花长袖短袖"
          "男士运动鞋帆布鞋双肩包托特包斜挎包手机壳水杯马克杯帽子棒球帽")
 
@@ -61,11 +63,12 @@ def write_muge_train(out_dir: str, images: int, pairs: int, seed: int = 0) -> No
         variants.append(base64.urlsafe_b64encode(buf.getvalue()).decode())
     ids = rng.choice(np.arange(100_000, 10_000_000), images, replace=False)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "MR_train_imgs.tsv"), "w") as f:
+    queries_path, tsv_path = split_paths(out_dir, "train")
+    with open(tsv_path, "w") as f:
         for k, img_id in enumerate(tqdm(ids.tolist(), desc="writing images", leave=False)):
             f.write(f"{img_id}\t{variants[k % 256]}\n")
     chars = list(CHARS)
-    with open(os.path.join(out_dir, "MR_train_queries.jsonl"), "w", encoding="utf-8") as f:
+    with open(queries_path, "w", encoding="utf-8") as f:
         written, qid = 0, 0
         while written < pairs:
             n = min(int(rng.integers(1, 3)), pairs - written)
@@ -97,13 +100,13 @@ def bench_data(images, pairs, batches, batch_size, workers, config_path, directo
     tmp = None if directory else tempfile.TemporaryDirectory()
     data_dir = directory or tmp.name
     try:
-        if not os.path.isfile(os.path.join(data_dir, "MR_train_queries.jsonl")):
+        queries, tsv_path = split_paths(data_dir, "train")
+        if not os.path.isfile(queries):
             t = time.time()
             write_muge_train(data_dir, images, pairs)
-            size_mb = os.path.getsize(os.path.join(data_dir, "MR_train_imgs.tsv")) / 2**20
+            size_mb = os.path.getsize(tsv_path) / 2**20
             click.echo(f"wrote {images:,} images ({size_mb:.0f} MiB TSV) and {pairs:,} pairs in {time.time() - t:.0f}s")
         cfg = load_config(config_path, [f"data.workers={workers}", f"train.batch_size={batch_size}"])
-        queries, tsv_path = (os.path.join(data_dir, f) for f in ("MR_train_queries.jsonl", "MR_train_imgs.tsv"))
         if os.path.exists(tsv_path + ".idx.npz"):  # measure building the index, not loading it
             os.remove(tsv_path + ".idx.npz")
         tokenizer = prepare_tokenizer("char-vocab", None, queries, data_dir, cfg.data.max_text_length)

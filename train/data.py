@@ -7,7 +7,6 @@ and DDP's feature gathering needs equal batches on every rank.
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import torch
@@ -20,15 +19,6 @@ from .params import Config
 from .transform import augment_image, augment_text
 
 log = logging.getLogger(__name__)
-
-
-def split_files(data_dir: str, split: str) -> tuple[str, str]:
-    q = os.path.join(data_dir, f"MR_{split}_queries.jsonl")
-    t = os.path.join(data_dir, f"MR_{split}_imgs.tsv")
-    for path in (q, t):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found (expected the MUGE layout in {data_dir})")
-    return q, t
 
 
 class PairDataset(Dataset):

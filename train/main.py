@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -16,13 +15,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from competition.io import atomic_write_text
+from competition.layout import split_files
 
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import PairDataset, split_files, train_loader
+from .data import PairDataset, train_loader
 from .distributed import World, barrier, cleanup, device_for, init_distributed
 from .evaluate import check_gallery, evaluate
 from .loss import ClipLoss
-from .model import create_model
+from .model import FAMILIES, create_model
 from .optim import apply_freeze, create_optimizer
 from .params import Config, save_config, to_dict
 from .precision import grad_scaler, resolve_precision
@@ -97,8 +97,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            with torch.no_grad():
-                _unwrap(model).logit_scale.clamp_(0, math.log(cfg.model.logit_scale_max))
+            _unwrap(model).clamp_logit_scale()
         total += float(loss_value)
         count += 1
         seen += len(batch["pixels"]) * world.size
@@ -138,7 +137,7 @@ def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
         raise CheckpointError(f"{os.path.join(out_dir, 'last.pt')}: cannot resume from it: it lacks "
                               f"{', '.join(sorted(RESUME_KEYS - ckpt.keys()))}")
     os.makedirs(out_dir, exist_ok=True)
-    source = cfg.model.name if cfg.model.family == "chinese-clip" else cfg.model.text.name
+    source = FAMILIES[cfg.model.family].tokenizer_source(cfg.model)
     if world.main:
         tokenizer = prepare_tokenizer(cfg.model.text.tokenizer, source, train_q, out_dir, cfg.data.max_text_length)
     barrier()

@@ -6,8 +6,13 @@ chinese-clip  `transformers.ChineseCLIPModel`, fine-tuned end to end with its ow
 
 Images enter as uint8 [batch, height, width, 3] (already resized by
 `competition.preprocess.resize_image`); cast, scaling, mean/std and transpose happen in
-`PixelNormalize`, so the exported ONNX graph contains them too. `create_model` returns the model
-and an `arch` dict from which `build_from_arch` rebuilds it without weights or network.
+`PixelNormalize`, so the exported ONNX graph contains them too.
+
+Each family is one class that owns what differs: how it is created from a config (`create`), the
+plain `arch` dict from which it is rebuilt offline without weights (`to_arch` / `from_arch`),
+its parameter layout for layer-wise lr decay and freezing (`param_layout`), gradient
+checkpointing, the logit-scale clamp, and where its tokenizer comes from. A new family is one
+more class registered in `FAMILIES`.
 """
 from __future__ import annotations
 
@@ -21,6 +26,10 @@ from torch import nn
 
 from .params import ModelConfig
 
+Layout = dict[str, tuple[str, int, int]]  # parameter name -> (group, layer id, top block id)
+
+POOLINGS = ("cls", "mean", "mean_max", "attentive")
+HEADS = ("linear", "mlp")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -41,6 +50,8 @@ class PixelNormalize(nn.Module):
 class TextPool(nn.Module):
     def __init__(self, kind: str, width: int):
         super().__init__()
+        if kind not in POOLINGS:
+            raise ValueError(f"unknown text pooling {kind!r}; expected one of {', '.join(POOLINGS)}")
         self.kind = kind
         self.out_dim = 2 * width if kind == "mean_max" else width
         if kind == "attentive":
@@ -61,24 +72,111 @@ class TextPool(nn.Module):
 
 
 def projection_head(kind: str, in_dim: int, out_dim: int, dropout: float) -> nn.Module:
+    if kind not in HEADS:
+        raise ValueError(f"unknown projection head {kind!r}; expected one of {', '.join(HEADS)}")
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     return nn.Sequential(nn.Linear(in_dim, in_dim), nn.LayerNorm(in_dim), nn.GELU(), nn.Dropout(dropout),
                          nn.Linear(in_dim, out_dim))
 
 
-class DualEncoder(nn.Module):
-    def __init__(self, text: nn.Module, image: nn.Module, pooling: str, embed_dim: int, head: str, dropout: float,
-                 mean, std, logit_scale_init: float, logit_scale_max: float):
+def _hf_kwargs(name: str) -> dict:
+    # a local directory never touches the network
+    return {"local_files_only": True} if os.path.isdir(name) else {}
+
+
+_LAYER = re.compile(r"\.layers?\.(\d+)\.")
+
+
+def _transformer_layout(names: list[str], prefix: str, group: str) -> Layout:
+    """A Hugging Face transformer tower: embeddings 0, layer i -> i + 1, anything above the last
+    layer (final norms) top + 1."""
+    members = [n for n in names if n.startswith(prefix)]
+    ids = {n: int(m.group(1)) + 1 for n in members if (m := _LAYER.search(n[len(prefix) - 1:]))}
+    top = max(ids.values(), default=0)
+    layout = {}
+    for n in members:
+        is_stem = "embeddings" in n or "pre_layrnorm" in n
+        layout[n] = (group, ids.get(n, 0 if is_stem else top + 1), top)
+    return layout
+
+
+def _with_head_group(model: nn.Module, layout: Layout) -> Layout:
+    for n, _ in model.named_parameters():  # projections, pooling, logit scale
+        layout.setdefault(n, ("head", 0, 0))
+    return layout
+
+
+class RetrievalModel(nn.Module):
+    """What the training loop, export and the optimizer ask of every family."""
+
+    family: str
+    arch: dict
+    logit_scale_max: float
+
+    def forward(self, pixels, input_ids, attention_mask):
+        """(image features, text features, log logit scale): the call DDP wraps."""
+        return self.encode_image(pixels), self.encode_text(input_ids, attention_mask), self.logit_scale
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        self.logit_scale.clamp_(0, math.log(self.logit_scale_max))
+
+    def to_arch(self) -> dict:
+        return {"family": self.family, **self.arch}
+
+
+class DualEncoder(RetrievalModel):
+    family = "dual"
+
+    def __init__(self, text: nn.Module, image: nn.Module, arch: dict, logit_scale_init: float = 1.0):
         super().__init__()
+        self.arch, self.logit_scale_max = arch, arch["logit_scale_max"]
         self.text = text
         self.image = image
-        self.pool = TextPool(pooling, text.config.hidden_size)
-        self.text_proj = projection_head(head, self.pool.out_dim, embed_dim, dropout)
-        self.image_proj = projection_head(head, image.num_features, embed_dim, dropout)
-        self.pixels = PixelNormalize(mean, std)
+        self.pool = TextPool(arch["pooling"], text.config.hidden_size)
+        self.text_proj = projection_head(arch["head"], self.pool.out_dim, arch["embed_dim"], arch["head_dropout"])
+        self.image_proj = projection_head(arch["head"], image.num_features, arch["embed_dim"], arch["head_dropout"])
+        self.pixels = PixelNormalize(arch["mean"], arch["std"])
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
-        self.logit_scale_max = logit_scale_max
+
+    @staticmethod
+    def tokenizer_source(cfg: ModelConfig) -> str | None:
+        return cfg.text.name
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, vocab_size: int | None = None) -> DualEncoder:
+        import timm
+        from transformers import AutoModel, BertConfig, BertModel
+
+        t, i = cfg.text, cfg.image
+        if t.name:
+            text = AutoModel.from_pretrained(t.name, add_pooling_layer=False, **_hf_kwargs(t.name))
+        else:
+            conf = dict(t.config)
+            if vocab_size:
+                conf["vocab_size"] = vocab_size
+            text = BertModel(BertConfig(**conf), add_pooling_layer=False)
+        kwargs = dict(i.kwargs)
+        if i.checkpoint:
+            kwargs["pretrained_cfg_overlay"] = {"file": i.checkpoint}
+        image = timm.create_model(i.name, pretrained=i.pretrained or bool(i.checkpoint), num_classes=0, **kwargs)
+        arch = {"text_config": text.config.to_dict(), "text_model_type": text.config.model_type,
+                "image_name": i.name, "image_kwargs": dict(i.kwargs), "pooling": t.pooling, "embed_dim": cfg.embed_dim,
+                "head": cfg.head, "head_dropout": cfg.head_dropout,
+                "mean": tuple(image.pretrained_cfg.get("mean", CLIP_MEAN)),
+                "std": tuple(image.pretrained_cfg.get("std", CLIP_STD)), "logit_scale_max": cfg.logit_scale_max}
+        return cls(text, image, arch, cfg.logit_scale_init)
+
+    @classmethod
+    def from_arch(cls, arch: dict) -> DualEncoder:
+        import timm
+        from transformers import AutoConfig, AutoModel
+
+        conf = {k: v for k, v in arch["text_config"].items() if k != "model_type"}
+        text = AutoModel.from_config(AutoConfig.for_model(arch["text_model_type"], **conf), add_pooling_layer=False)
+        image = timm.create_model(arch["image_name"], pretrained=False, num_classes=0, **arch["image_kwargs"])
+        return cls(text, image, {k: v for k, v in arch.items() if k != "family"})
 
     def encode_text(self, input_ids, attention_mask):
         hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -87,21 +185,64 @@ class DualEncoder(nn.Module):
     def encode_image(self, pixels):
         return F.normalize(self.image_proj(self.image(self.pixels(pixels))), dim=-1)
 
-    def forward(self, pixels, input_ids, attention_mask):
-        """(image features, text features, log logit scale): the call DDP wraps."""
-        return self.encode_image(pixels), self.encode_text(input_ids, attention_mask), self.logit_scale
+    def set_grad_checkpointing(self) -> None:
+        self.text.gradient_checkpointing_enable()
+        self.image.set_grad_checkpointing(True)
+
+    def param_layout(self, coarse: bool = False) -> Layout:
+        """Text: the transformer layout. Image: timm's own group matcher, by block (or by stage
+        when `coarse`, as freezing wants); a last group of final norms/heads only counts as top + 1."""
+        from timm.models import group_parameters
+
+        layout = _transformer_layout([n for n, _ in self.named_parameters()], "text.", "text")
+        groups = group_parameters(self.image, self.image.group_matcher(coarse=coarse))
+        ordered = sorted(groups)
+        last = groups[ordered[-1]]
+        final_only = len(ordered) > 1 and all(n.split(".")[0] in ("head", "norm", "fc_norm", "final_conv")
+                                              for n in last)
+        top = len(ordered) - (2 if final_only else 1)
+        for rank, gid in enumerate(ordered):
+            for n in groups[gid]:
+                layout["image." + n] = ("image", rank, top)
+        return _with_head_group(self, layout)
 
 
-class ChineseCLIPEncoder(nn.Module):
+class ChineseCLIPEncoder(RetrievalModel):
+    family = "chinese-clip"
+
     def __init__(self, clip: nn.Module, logit_scale_max: float):
         super().__init__()
         self.clip = clip
         self.pixels = PixelNormalize(CLIP_MEAN, CLIP_STD)
         self.logit_scale_max = logit_scale_max
+        self.arch = {"clip_config": clip.config.to_dict(), "logit_scale_max": logit_scale_max}
 
     @property
     def logit_scale(self):
         return self.clip.logit_scale
+
+    @staticmethod
+    def tokenizer_source(cfg: ModelConfig) -> str | None:
+        return cfg.name
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, vocab_size: int | None = None) -> ChineseCLIPEncoder:
+        from transformers import ChineseCLIPConfig, ChineseCLIPModel
+
+        if cfg.name:
+            clip = ChineseCLIPModel.from_pretrained(cfg.name, **_hf_kwargs(cfg.name))
+        else:
+            conf = dict(cfg.config)
+            if vocab_size:
+                conf.setdefault("text_config", {})["vocab_size"] = vocab_size
+            clip = ChineseCLIPModel(ChineseCLIPConfig(**conf))
+        return cls(clip, cfg.logit_scale_max)
+
+    @classmethod
+    def from_arch(cls, arch: dict) -> ChineseCLIPEncoder:
+        from transformers import ChineseCLIPConfig, ChineseCLIPModel
+
+        return cls(ChineseCLIPModel(ChineseCLIPConfig(**arch["clip_config"])), arch["logit_scale_max"])
 
     @staticmethod
     def _features(out):
@@ -114,120 +255,29 @@ class ChineseCLIPEncoder(nn.Module):
     def encode_image(self, pixels):
         return F.normalize(self._features(self.clip.get_image_features(pixel_values=self.pixels(pixels))), dim=-1)
 
-    def forward(self, pixels, input_ids, attention_mask):
-        """(image features, text features, log logit scale): the call DDP wraps."""
-        return self.encode_image(pixels), self.encode_text(input_ids, attention_mask), self.logit_scale
+    def set_grad_checkpointing(self) -> None:
+        self.clip.gradient_checkpointing_enable()
+
+    def param_layout(self, coarse: bool = False) -> Layout:
+        """Both towers are transformers (`coarse` changes nothing)."""
+        names = [n for n, _ in self.named_parameters()]
+        layout = {**_transformer_layout(names, "clip.text_model.", "text"),
+                  **_transformer_layout(names, "clip.vision_model.", "image")}
+        return _with_head_group(self, layout)
 
 
-def _hf_kwargs(name: str) -> dict:
-    # a local directory never touches the network
-    return {"local_files_only": True} if os.path.isdir(name) else {}
+FAMILIES = {cls.family: cls for cls in (DualEncoder, ChineseCLIPEncoder)}
 
 
-def create_model(cfg: ModelConfig, vocab_size: int | None = None) -> tuple[nn.Module, dict]:
+def create_model(cfg: ModelConfig, vocab_size: int | None = None) -> tuple[RetrievalModel, dict]:
     """Build the model named by `cfg`, loading weights from the hub or a local dir where named.
     Returns (model, arch), `arch` being enough for `build_from_arch` to rebuild it offline."""
-    import timm
-    from transformers import AutoModel, BertConfig, BertModel, ChineseCLIPConfig, ChineseCLIPModel
-
-    if cfg.family == "chinese-clip":
-        if cfg.name:
-            clip = ChineseCLIPModel.from_pretrained(cfg.name, **_hf_kwargs(cfg.name))
-        else:
-            conf = dict(cfg.config)
-            if vocab_size:
-                conf.setdefault("text_config", {})["vocab_size"] = vocab_size
-            clip = ChineseCLIPModel(ChineseCLIPConfig(**conf))
-        arch = {"family": "chinese-clip", "clip_config": clip.config.to_dict(), "logit_scale_max": cfg.logit_scale_max}
-        model = ChineseCLIPEncoder(clip, cfg.logit_scale_max)
-    else:
-        t = cfg.text
-        if t.name:
-            text = AutoModel.from_pretrained(t.name, add_pooling_layer=False, **_hf_kwargs(t.name))
-        else:
-            conf = dict(t.config)
-            if vocab_size:
-                conf["vocab_size"] = vocab_size
-            text = BertModel(BertConfig(**conf), add_pooling_layer=False)
-        i = cfg.image
-        kwargs = dict(i.kwargs)
-        if i.checkpoint:
-            kwargs["pretrained_cfg_overlay"] = {"file": i.checkpoint}
-        image = timm.create_model(i.name, pretrained=i.pretrained or bool(i.checkpoint), num_classes=0, **kwargs)
-        mean = tuple(image.pretrained_cfg.get("mean", CLIP_MEAN))
-        std = tuple(image.pretrained_cfg.get("std", CLIP_STD))
-        arch = {"family": "dual", "text_config": text.config.to_dict(), "text_model_type": text.config.model_type,
-                "image_name": i.name, "image_kwargs": dict(i.kwargs), "pooling": t.pooling, "embed_dim": cfg.embed_dim,
-                "head": cfg.head, "head_dropout": cfg.head_dropout, "mean": mean, "std": std,
-                "logit_scale_max": cfg.logit_scale_max}
-        model = DualEncoder(text, image, t.pooling, cfg.embed_dim, cfg.head, cfg.head_dropout, mean, std,
-                            cfg.logit_scale_init, cfg.logit_scale_max)
+    model = FAMILIES[cfg.family].create(cfg, vocab_size)
     if cfg.grad_checkpointing:
-        set_grad_checkpointing(model)
-    return model, arch
+        model.set_grad_checkpointing()
+    return model, model.to_arch()
 
 
-def build_from_arch(arch: dict) -> nn.Module:
+def build_from_arch(arch: dict) -> RetrievalModel:
     """The model's architecture with random weights (a state_dict is loaded next). Offline."""
-    import timm
-    from transformers import AutoConfig, AutoModel, ChineseCLIPConfig, ChineseCLIPModel
-
-    if arch["family"] == "chinese-clip":
-        return ChineseCLIPEncoder(ChineseCLIPModel(ChineseCLIPConfig(**arch["clip_config"])), arch["logit_scale_max"])
-    conf = dict(arch["text_config"])
-    text_conf = AutoConfig.for_model(arch["text_model_type"], **{k: v for k, v in conf.items() if k != "model_type"})
-    text = AutoModel.from_config(text_conf, add_pooling_layer=False)
-    image = timm.create_model(arch["image_name"], pretrained=False, num_classes=0, **arch["image_kwargs"])
-    return DualEncoder(text, image, arch["pooling"], arch["embed_dim"], arch["head"], arch["head_dropout"],
-                       arch["mean"], arch["std"], 1.0, arch["logit_scale_max"])
-
-
-def set_grad_checkpointing(model: nn.Module) -> None:
-    if isinstance(model, DualEncoder):
-        model.text.gradient_checkpointing_enable()
-        model.image.set_grad_checkpointing(True)
-    else:
-        model.clip.gradient_checkpointing_enable()
-
-
-_TEXT_LAYER = re.compile(r"\.layers?\.(\d+)\.")
-
-
-def param_layout(model: nn.Module, coarse: bool = False) -> dict[str, tuple[str, int, int]]:
-    """name -> (group, layer id, top block id) for every parameter.
-
-    Groups: "head" (projections, pooling, logit scale), "text", "image". Inside a tower, id 0 is
-    the stem/embeddings, blocks count up from 1, and anything above the last block (final norms)
-    gets top+1. `coarse` groups a timm tower by stage instead of by block (used by freezing).
-    """
-    from timm.models import group_parameters
-
-    layout: dict[str, tuple[str, int, int]] = {}
-    if isinstance(model, DualEncoder):
-        towers = {"text": "text.", "image": "image."}
-    else:
-        towers = {"text": "clip.text_model.", "image": "clip.vision_model."}
-    names = [n for n, _ in model.named_parameters()]
-    # transformer towers (HF text; Chinese-CLIP vision): embeddings 0, layer i -> i+1, the rest top+1
-    for group, prefix in towers.items():
-        if group == "image" and isinstance(model, DualEncoder):
-            continue
-        members = [n for n in names if n.startswith(prefix)]
-        ids = {n: int(m.group(1)) + 1 for n in members if (m := _TEXT_LAYER.search(n[len(prefix) - 1:]))}
-        top = max(ids.values(), default=0)
-        for n in members:
-            is_stem = "embeddings" in n or "pre_layrnorm" in n
-            layout[n] = (group, ids.get(n, 0 if is_stem else top + 1), top)
-    if isinstance(model, DualEncoder):  # timm tower: its own group matcher
-        groups = group_parameters(model.image, model.image.group_matcher(coarse=coarse))
-        ordered = sorted(groups)
-        last = groups[ordered[-1]]
-        final_only = len(ordered) > 1 and all(n.split(".")[0] in ("head", "norm", "fc_norm", "final_conv")
-                                              for n in last)
-        top = len(ordered) - (2 if final_only else 1)
-        for rank, gid in enumerate(ordered):
-            for n in groups[gid]:
-                layout["image." + n] = ("image", rank, top)
-    for n in names:
-        layout.setdefault(n, ("head", 0, 0))
-    return layout
+    return FAMILIES[arch["family"]].from_arch(arch)

@@ -8,7 +8,6 @@ import logging
 import torch
 from torch import nn
 
-from .model import param_layout
 from .params import FreezeConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -22,7 +21,7 @@ def lr_scale(layer_id: int, top: int, decay: float) -> float:
 
 def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     base = {"head": cfg.lr.head, "text": cfg.lr.text, "image": cfg.lr.image}
-    layout = param_layout(model)
+    layout = model.param_layout()
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         group, layer, top = layout[name]
@@ -47,7 +46,7 @@ def apply_freeze(model: nn.Module, freeze: FreezeConfig, epoch: int = 0) -> dict
             step = freeze.schedule.get(start, freeze.schedule.get(str(start), {}))
             spec["text"] = step.get("text_layers", spec["text"])
             spec["image"] = step.get("image_stages", spec["image"])
-    layout = param_layout(model, coarse=True)
+    layout = model.param_layout(coarse=True)
     counts = {"head": 0, "text": 0, "image": 0}
     for name, p in model.named_parameters():
         group, layer, top = layout[name]

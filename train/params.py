@@ -188,10 +188,13 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 
 def check(cfg: Config) -> Config:
+    from competition.preprocess import RESIZE_RULES
+
+    from .model import FAMILIES, HEADS, POOLINGS  # the model owns its kinds; imported late (it needs torch)
+
     m, d, t = cfg.model, cfg.data, cfg.train
-    choices = [("model.family", m.family, ("dual", "chinese-clip")), ("model.head", m.head, ("linear", "mlp")),
-               ("model.text.pooling", m.text.pooling, ("cls", "mean", "mean_max", "attentive")),
-               ("data.resize_rule", d.resize_rule, ("squash", "shorter-crop")),
+    choices = [("model.family", m.family, FAMILIES), ("model.head", m.head, HEADS),
+               ("model.text.pooling", m.text.pooling, POOLINGS), ("data.resize_rule", d.resize_rule, RESIZE_RULES),
                ("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))]
     for key, value, allowed in choices:
         if value not in allowed:
