@@ -1,5 +1,6 @@
 """Export: tiny dual and tiny Chinese-CLIP runs -> bundle -> ORT, behind the parity gate."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -146,6 +147,7 @@ def _near_tied_run(run_dir, out, alpha=0.01):
 
 
 def test_gate_passes_a_near_tied_model_and_reports_every_figure(runs, small_sample, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="export.bundle")
     run_dir = _near_tied_run(runs["dual"], tmp_path / "near-tied")
     manifest = export_bundle(run_dir, str(tmp_path / "bundle"), str(small_sample), exporter="torchscript",
                              settings=ParitySettings(40, 120, 16), device="cpu")

@@ -103,7 +103,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
         seen += len(batch["pixels"]) * world.size
         if world.main and (i % t.log_every == 0 or i == len(loader) - 1):
             scale = _unwrap(model).logit_scale.exp().item()
-            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False,
                             temp=f"{1 / scale:.4f}", samples_s=f"{seen / (time.time() - t0):.1f}")
     samples_s = seen / max(time.time() - t0, 1e-9)
     if world.main:
