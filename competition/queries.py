@@ -103,23 +103,29 @@ def iter_queries(path, require_ids: bool | None = None) -> Iterator[Query]:
                     "evaluator does", path, plural(len(no_truth), "query", "queries"), first_of(no_truth))
 
 
-def utf8_lines(path: str, allow_bom: bool = True) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file, one line in memory at a time. A line that is not UTF-8
-    (a GBK export, say) is an error naming the file and line; so is a byte-order mark when not
-    `allow_bom`."""
+def utf8_lines(path: str, problems: list[str] | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, one line in memory at a time; a leading byte-order mark
+    is dropped. A line that is not UTF-8 (a GBK export, say) raises an error naming the file and
+    line or, given `problems`, is recorded there and skipped."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1 and raw.startswith(UTF8_BOM):
-                if not allow_bom:
-                    raise MugeDataError(path, "starts with a UTF-8 byte-order mark, which the reference evaluator "
-                                              "rejects: save the file without one", lineno)
                 raw = raw[len(UTF8_BOM):]
             try:
-                yield lineno, raw.decode("utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                byte, column = raw[exc.start], exc.start + 1
-                raise MugeDataError(path, f"not UTF-8 text (byte {byte:#04x} at column {column}); MUGE files are "
-                                          "UTF-8: convert it, e.g. iconv -f GBK -t UTF-8", lineno) from None
+                err = MugeDataError(path, f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                                          "MUGE files are UTF-8: convert it, e.g. iconv -f GBK -t UTF-8", lineno)
+                if problems is None:
+                    raise err from None
+                problems.append(str(err))
+                continue
+            yield lineno, text
+
+
+def starts_with_bom(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(UTF8_BOM)) == UTF8_BOM
 
 
 def plural(n: int, one: str, many: str) -> str:

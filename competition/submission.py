@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import first_of, is_int_id
 from .io import atomic_write_text
-from .queries import SCHEMAS, UTF8_BOM, Query, read_queries
+from .queries import SCHEMAS, Query, read_queries, starts_with_bom, utf8_lines
 
 TOP_K = 10
 
@@ -97,24 +97,6 @@ class SubmissionReport:
         return not self.errors
 
 
-def _lines(path: str, allow_bom: bool, report: SubmissionReport):
-    """(line number, text) of every line; a BOM or a non-UTF-8 line is an error of the report."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(UTF8_BOM):
-                message = f"{path}:1: starts with a UTF-8 byte-order mark, which the reference evaluator rejects"
-                if allow_bom:
-                    report.warnings.append(message + " (scored anyway; save the file without one before uploading)")
-                else:
-                    report.errors.append(message + ": save the file without one")
-                raw = raw[len(UTF8_BOM):]
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                report.errors.append(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
-                                     f"{exc.start + 1})")
-
-
 def read_predictions(path, k: int = TOP_K, allow_bom: bool = False) -> SubmissionReport:
     """Parse a prediction file, collecting every problem (with its line) instead of stopping.
     Rejects what the reference evaluator rejects: a UTF-8 BOM (unless `allow_bom`, which warns),
@@ -126,7 +108,13 @@ def read_predictions(path, k: int = TOP_K, allow_bom: bool = False) -> Submissio
         return report
     first_line: dict[int, int] = {}
     first_schema: tuple[str, int] | None = None
-    for lineno, raw in _lines(path, allow_bom, report):
+    if starts_with_bom(path):
+        message = f"{path}:1: starts with a UTF-8 byte-order mark, which the reference evaluator rejects"
+        if allow_bom:
+            report.warnings.append(message + " (scored anyway; save the file without one before uploading)")
+        else:
+            report.errors.append(message + ": save the file without one")
+    for lineno, raw in utf8_lines(path, report.errors):
         where = f"{path}:{lineno}"
         if not raw.strip():
             report.errors.append(f"{where}: blank line is not valid JSON")

@@ -100,11 +100,10 @@ def check_shape(name: str, small: bool, sample_dir: str, bench_dir: str, work: s
     from .parity import ParityError
 
     preset, big, tiny = SHAPES[name]
-    overrides = (tiny + SMALL) if small else big
-    base = load_config(os.path.join(CONFIGS, preset), overrides)
-    overrides += ["train.epochs=2", f"data.limit_pairs={steps * base.train.batch_size}", "eval.untrained=false",
-                  f"data.workers={workers}", "train.warmup_steps=5"]
-    cfg = load_config(os.path.join(CONFIGS, preset), overrides)
+    cfg = load_config(os.path.join(CONFIGS, preset), [*(tiny + SMALL if small else big), "train.epochs=2",
+                                                      "eval.untrained=false", f"data.workers={workers}",
+                                                      "train.warmup_steps=5"])
+    cfg.data.limit_pairs = steps * cfg.train.batch_size
     row = {"model": name, "batch_size": cfg.train.batch_size, "steps_per_epoch": steps}
     run_dir, bundle = os.path.join(work, "runs", name), os.path.join(work, "bundles", name)
     log.info("[%s] training 2 x %d steps of batch %d", name, steps, cfg.train.batch_size)

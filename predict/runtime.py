@@ -187,11 +187,9 @@ class BundleEncoders:
         """Run every input shape once (on CUDA each new shape costs seconds); returns seconds."""
         t0 = time.perf_counter()
         self._run_images(np.zeros((self.batch_size, self.image_size, self.image_size, 3), np.uint8))
+        empty = np.zeros((0, 0), np.int64)
         for length in self.lengths:
-            ids = np.full((self.text_batch, length), self.tokenizer.pad_id, np.int64)
-            mask = np.zeros_like(ids)
-            mask[:, 0] = 1
-            self.text.run(None, {"input_ids": ids, "attention_mask": mask})
+            self._run_text(empty, empty, length)
         return time.perf_counter() - t0
 
     def _run_images(self, pixels: np.ndarray) -> np.ndarray:
@@ -212,18 +210,21 @@ class BundleEncoders:
     def encode_text(self, texts) -> np.ndarray:
         """texts -> float32 [n, dim], in graph calls of `text_batch` rows padded to one of `lengths`."""
         texts = list(texts)
-        out = []
-        for start in range(0, len(texts), self.text_batch):
-            ids, mask = self.tokenizer(texts[start:start + self.text_batch])
-            n, length = ids.shape
-            padded = next(x for x in self.lengths if x >= length)
-            full_ids = np.full((self.text_batch, padded), self.tokenizer.pad_id, np.int64)
-            full_mask = np.zeros((self.text_batch, padded), np.int64)
-            full_ids[:n, :length], full_mask[:n, :length] = ids, mask
-            full_mask[n:, 0] = 1  # padding rows attend to one token: no all-masked row
-            feats = self.text.run(None, {"input_ids": full_ids, "attention_mask": full_mask})[0]
-            out.append(feats[:n].astype(np.float32, copy=False))
+        out = [self._run_text(*self.tokenizer(texts[start:start + self.text_batch]))
+               for start in range(0, len(texts), self.text_batch)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def _run_text(self, ids: np.ndarray, mask: np.ndarray, length: int | None = None) -> np.ndarray:
+        """One text-graph call of `text_batch` rows padded to `length` (default: the shortest of
+        `lengths` that holds them); returns the given rows' embeddings."""
+        n, have = ids.shape
+        length = length or next(x for x in self.lengths if x >= have)
+        full_ids = np.full((self.text_batch, length), self.tokenizer.pad_id, np.int64)
+        full_mask = np.zeros((self.text_batch, length), np.int64)
+        full_ids[:n, :have], full_mask[:n, :have] = ids, mask
+        full_mask[n:, 0] = 1  # padding rows attend to one token: no all-masked row
+        feats = self.text.run(None, {"input_ids": full_ids, "attention_mask": full_mask})[0]
+        return feats[:n].astype(np.float32, copy=False)
 
     def require_finite(self, features: np.ndarray, kind: str, describe_row) -> None:
         """Refuse NaN/inf embeddings, naming the graph and the first bad item (`describe_row(i)`)."""
