@@ -22,6 +22,7 @@ BENCHES = {  # `muge bench NAME`
     "predict": "predict.bench:bench_predict",
     "export": "export.bench:bench_export",
     "data": "train.bench:bench_data",
+    "train": "train.bench_train:bench_train",
     "gpu": "export.gpu_check:bench_gpu",
 }
 

@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+try:
+    import simplejpeg
+except ImportError:  # every image then goes through PIL alone
+    simplejpeg = None
+
 from .errors import MugeDataError, first_of, fits_int64
 from .io import atomic_path
 
@@ -102,10 +107,47 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+def _has_exif(data: bytes) -> bool:
+    """Whether a JPEG's header segments (before the scan) hold an EXIF block (which may rotate it)."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:  # start of scan: no more header segments
+            return False
+        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\x00\x00":
+            return True
+        pos += 2 + length
+    return True  # a header we cannot walk: let PIL decide
+
+
+def _decode_plain_jpeg(data: bytes) -> Image.Image | None:
+    """The fast path: libjpeg-turbo through simplejpeg, ~1.7x PIL's decode on MUGE's 224 px JPEGs
+    (`muge bench decode`). Both run libjpeg-turbo's accurate DCT and fancy upsampling, so the
+    pixels are PIL's own (a test compares every sample image). None wherever PIL must decide:
+    not a JPEG, not YCbCr or grey, EXIF present, too many pixels, or any decoder complaint."""
+    if simplejpeg is None or not data.startswith(b"\xff\xd8") or _has_exif(data):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray") or height * width > (Image.MAX_IMAGE_PIXELS or 2**62):
+            return None
+        return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True), "RGB")
+    except ValueError:
+        return None
+
+
 def decode_image(data: bytes, path=None, line: int | None = None, img_id: int | None = None,
                  draft: int | None = None) -> Image.Image:
     """Bytes of an image file -> an RGB PIL image, upright per EXIF. Errors name the image.
     `draft`: a JPEG may be decoded at a reduced scale no smaller than draft x draft (thumbnails)."""
+    if not draft and (img := _decode_plain_jpeg(data)) is not None:
+        return img
+    return decode_image_pil(data, path, line, img_id, draft)
+
+
+def decode_image_pil(data: bytes, path=None, line: int | None = None, img_id: int | None = None,
+                     draft: int | None = None) -> Image.Image:
+    """`decode_image` through PIL alone: every format, EXIF rotation, and the error messages."""
     what = f"image {img_id}" if img_id is not None else "image"
     try:
         with warnings.catch_warnings():

@@ -78,10 +78,11 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def __call__(self, texts) -> tuple[np.ndarray, np.ndarray]:
-        """texts -> (input_ids, attention_mask), int64 [batch, longest <= max_length]."""
+    def __call__(self, texts, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """texts -> (input_ids, attention_mask), int64 [batch, longest <= max_length], or
+        [batch, pad_to] for a fixed shape (a compiled training step)."""
         encs = self.tok.encode_batch([normalize_text(t) for t in texts])
-        length = max(1, max(len(e.ids) for e in encs))
+        length = max(1, pad_to or 0, max(len(e.ids) for e in encs))
         ids = np.full((len(encs), length), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encs), length), dtype=np.int64)
         for row, e in enumerate(encs):

@@ -47,7 +47,8 @@ SHAPES = {  # name -> (preset, overrides for realistic shapes, overrides for --s
                         f"model.config={{projection_dim: 32, text_config: {{{LAYERS_32}, max_position_embeddings: "
                         f"64}}, vision_config: {{{LAYERS_32}, image_size: 32, patch_size: 8}}}}"]),
 }
-SMALL = ["data.image_size=32", "data.max_text_length=24", "train.batch_size=16", "eval.batch_size=64"]
+SMALL = ["train.compile=null", "data.image_size=32", "data.max_text_length=24", "train.batch_size=16",
+         "eval.batch_size=64"]  # compile: the default (on for CUDA only)
 GRAPH_BATCHES = (64, 128, 256)
 
 

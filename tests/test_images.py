@@ -157,3 +157,31 @@ def test_sample_gallery_decodes(small_sample):
         modes.add(Image.open(io.BytesIO(tsv.read_bytes(img_id))).format)
         assert img.mode == "RGB" and img.size == (224, 224)
     assert "JPEG" in modes
+
+
+def test_fast_jpeg_path_gives_pils_pixels(small_sample):
+    """`decode_image` decodes plain JPEGs through simplejpeg: the pixels must be PIL's own, for every
+    image of the sample (odd modes and formats included) and the edge cases, so that training and
+    predict (which share the function) see exactly what PIL would have given."""
+    from competition.images import _decode_plain_jpeg, decode_image_pil
+
+    fast = 0
+    for split in ("train", "valid", "test"):
+        tsv = ImageTSV(str(small_sample / f"MR_{split}_imgs.tsv"))
+        for img_id in tsv.ids.tolist():
+            data = tsv.read_bytes(img_id)
+            fast += _decode_plain_jpeg(data) is not None
+            assert np.array_equal(np.asarray(decode_image(data)), np.asarray(decode_image_pil(data))), img_id
+    assert fast > 0.9 * sum(len(ImageTSV(str(small_sample / f"MR_{s}_imgs.tsv"))) for s in ("train", "valid", "test"))
+    gray, cmyk = jpeg_bytes(128, mode="L"), jpeg_bytes((0, 255, 255, 0), mode="CMYK")
+    assert np.array_equal(np.asarray(decode_image(gray)), np.asarray(decode_image_pil(gray)))
+    assert _decode_plain_jpeg(cmyk) is None  # PIL's CMYK conversion, not libjpeg-turbo's
+    img, exif = Image.new("RGB", (40, 20), (0, 0, 255)), Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif.tobytes())
+    assert _decode_plain_jpeg(buf.getvalue()) is None  # EXIF: PIL rotates it
+    truncated = tsv.read_bytes(tsv.ids[0])[:-200]
+    assert _decode_plain_jpeg(truncated) is None  # a complaint: PIL raises the named error
+    with pytest.raises(MugeDataError, match="truncated or corrupt"):
+        decode_image(truncated)

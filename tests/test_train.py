@@ -164,3 +164,19 @@ def test_presets_load():
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.train.epochs >= 1
     assert load_config("configs/cnclip-vit-b16.yaml").train.lr.text == 5e-5
+
+
+def test_persistent_workers_see_each_epoch(small_sample, tmp_path):
+    """Workers outlive epochs; the epoch reaches them with every index, so each epoch's batch is
+    the one the dataset gives for (epoch, i), and epochs differ (augmentation is seeded by both)."""
+    cfg, tok, _, _, ds = _setup(small_sample, tmp_path, "dual", "data.workers=1", "data.augment.hflip=0.5")
+    loader = train_loader(ds, tok, cfg, 0, 1, torch.device("cpu"), pad_to=cfg.data.max_text_length)
+    assert loader.persistent_workers
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        batch = next(iter(loader))
+        keys = list(loader.sampler)[:cfg.train.batch_size]
+        assert all(k[0] == epoch for k in keys)
+        assert np.array_equal(batch["pixels"].numpy(), np.stack([ds[k][0] for k in keys]))
+        assert batch["input_ids"].shape[1] == cfg.data.max_text_length  # pad_to: one static text shape
+    assert not np.array_equal(ds[(0, 5)][0], ds[(1, 5)][0])

@@ -2,7 +2,13 @@
 
 The dataset holds ids, texts and the TSV's offset index only; DataLoader workers decode images
 by id with `pread`. Batches are full (drop_last): the contrastive loss wants a constant batch
-and DDP's feature gathering needs equal batches on every rank.
+and DDP's feature gathering needs equal batches on every rank. Workers persist across epochs;
+the epoch reaches them with every index (`EpochSampler`).
+
+Throughput per worker (one core, 224 px MUGE-sized JPEGs; `muge bench train` measures it on your
+data): decode ~0.35 ms, the cnclip preset's pipeline (no augmentation) ~0.45 ms, the bert-convnext
+preset's (crop, colour jitter, flip) ~2.2 ms. A loop at S samples/s needs about S x that time
+workers (plus one): 2,400 samples/s takes 2 workers for cnclip and 6 for bert-convnext.
 """
 from __future__ import annotations
 
@@ -58,10 +64,12 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """`key`: a pair index (this dataset's `epoch`), or (epoch, index) from `EpochSampler`."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         for attempt in range(16):  # a bad image (with skip_bad_images) is replaced by the next pair
             j = (i + attempt) % len(self)
-            rng = np.random.default_rng([self.seed, self.epoch, j])
+            rng = np.random.default_rng([self.seed, epoch, j])
             try:
                 img = self.tsv.load(int(self.image_ids[j]))
             except MugeDataError as err:
@@ -75,13 +83,25 @@ class PairDataset(Dataset):
         raise MugeDataError(self.tsv.path, f"16 consecutive undecodable images from pair {i}")
 
 
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler whose indices carry their epoch, `(epoch, i)`: persistent workers keep
+    the dataset copy they started with and would never see an epoch set on the main process's."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, i) for i in super().__iter__())
+
+
 class Collate:
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    """Samples -> one batch of tensors; text padded to the batch's longest, or always to `pad_to`
+    (a compiled step then sees one shape and never recompiles)."""
+
+    def __init__(self, tokenizer, pad_to: int | None = None):
+        self.tokenizer, self.pad_to = tokenizer, pad_to
 
     def __call__(self, batch):
         pixels, texts, image_ids, query_ids = zip(*batch)
-        ids, mask = self.tokenizer(texts)
+        ids, mask = self.tokenizer(texts, pad_to=self.pad_to)
         return {"pixels": torch.from_numpy(np.stack(pixels)), "input_ids": torch.from_numpy(ids),
                 "attention_mask": torch.from_numpy(mask), "image_ids": torch.as_tensor(np.array(image_ids)),
                 "query_ids": torch.as_tensor(np.array(query_ids))}
@@ -91,15 +111,15 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def train_loader(dataset: PairDataset, tokenizer, cfg: Config, rank: int, world: int, device) -> DataLoader:
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
-                                 drop_last=True)
+def train_loader(dataset: PairDataset, tokenizer, cfg: Config, rank: int, world: int, device,
+                 pad_to: int | None = None) -> DataLoader:
+    sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
     if len(dataset) // world < cfg.train.batch_size:
         raise ValueError(f"{len(dataset)} pairs over {world} process(es) do not fill one batch of "
                          f"{cfg.train.batch_size}; lower train.batch_size")
     return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=cfg.data.workers, collate_fn=Collate(tokenizer), worker_init_fn=_worker_init,
-                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      num_workers=cfg.data.workers, collate_fn=Collate(tokenizer, pad_to), worker_init_fn=_worker_init,
+                      pin_memory=device.type == "cuda", persistent_workers=cfg.data.workers > 0,
                       prefetch_factor=4 if cfg.data.workers else None)
 
 

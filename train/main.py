@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -24,9 +25,10 @@ from .evaluate import check_gallery, evaluate
 from .loss import ClipLoss
 from .model import FAMILIES, create_model
 from .optim import apply_freeze, create_optimizer
-from .params import Config, save_config, to_dict
+from .params import Config, TrainConfig, save_config, to_dict
 from .precision import grad_scaler, resolve_precision
 from .scheduler import create_scheduler
+from .speed import compile_enabled, configure_backends, match_param_layout, optimize_model
 from .step import forward_backward
 from .tokenizer import prepare_tokenizer
 
@@ -70,45 +72,100 @@ def _unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+@dataclass
+class EpochStats:
+    loss: float
+    step: int
+    samples_s: float          # the whole epoch, start-up included
+    steady_samples: int       # samples after the first `warmup` batches (compile, cuDNN autotuning, workers' start)
+    steady_seconds: float
+    first_batch_s: float      # the first batch's wall time: a compiled model's one-time compile shows here
+
+    @property
+    def steady_samples_s(self) -> float:
+        return self.steady_samples / max(self.steady_seconds, 1e-9)
+
+
+def train_step(model, criterion, batch: dict, optimizer, scheduler, scaler, t: TrainConfig, *, precision, device,
+               group: int = 1, boundary: bool = True) -> torch.Tensor:
+    """Forward and backward one batch (as 1/`group` of an accumulation group) and, at a group's
+    `boundary`, clip, step and clamp. Returns the detached loss, on the device: no host sync."""
+    skip_sync = not boundary and isinstance(model, DistributedDataParallel)
+    with model.no_sync() if skip_sync else contextlib.nullcontext():
+        loss = forward_backward(model, criterion, batch, precision=precision, device=device, scaler=scaler,
+                                scale=1.0 / group, chunk=t.grad_cache_chunk)
+    if boundary:
+        if t.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]
+                                            if p.grad is not None], t.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        _unwrap(model).clamp_logit_scale()
+    return loss
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg: Config, precision, device,
-                    world: World, epoch: int, step: int) -> tuple[float, int, float]:
+                    world: World, epoch: int, step: int, *, max_batches: int | None = None,
+                    warmup: int = 3) -> EpochStats:
+    """One pass over `loader` (or its first `max_batches`). The host waits for the device only at
+    log intervals and at the `warmup` mark."""
     t = cfg.train
     model.train()
-    params = list(model.parameters())
-    total, count, seen, t0 = 0.0, 0, 0, time.time()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not world.main, leave=False)
-    n = len(loader)
+    n = len(loader) if max_batches is None else min(max_batches, len(loader))
+    total, count, seen = torch.zeros((), device=device), 0, 0
+    warmup = max(0, min(warmup, n - 1))
+    t0 = time.perf_counter()
+    first_batch_s, steady = 0.0, (t0, 0)
+    bar = tqdm(loader, total=n, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not world.main, leave=False)
     for i, batch in enumerate(bar):
+        if i == n:
+            break
+        if i == warmup:
+            _sync(device)
+            steady = (time.perf_counter(), seen)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # the epoch's last group may be short: it is stepped too (its gradients must not leak into
         # the next epoch, and last.pt holds none), averaged over its own length
         group = min(t.accum_steps, n - (i - i % t.accum_steps))
         boundary = (i + 1) % t.accum_steps == 0 or i == n - 1
-        skip_sync = not boundary and isinstance(model, DistributedDataParallel)
-        with model.no_sync() if skip_sync else contextlib.nullcontext():
-            loss_value = forward_backward(model, criterion, batch, precision=precision, device=device, scaler=scaler,
-                                          scale=1.0 / group, chunk=t.grad_cache_chunk)
-        if boundary:
-            if t.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], t.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            _unwrap(model).clamp_logit_scale()
-        total += float(loss_value)
+        total += train_step(model, criterion, batch, optimizer, scheduler, scaler, t, precision=precision,
+                            device=device, group=group, boundary=boundary)
+        step += boundary
         count += 1
         seen += len(batch["pixels"]) * world.size
-        if world.main and (i % t.log_every == 0 or i == len(loader) - 1):
+        if i == 0:
+            _sync(device)
+            first_batch_s = time.perf_counter() - t0
+        if world.main and (i % t.log_every == 0 or i == n - 1):
             scale = _unwrap(model).logit_scale.exp().item()
-            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False,
-                            temp=f"{1 / scale:.4f}", samples_s=f"{seen / (time.time() - t0):.1f}")
-    samples_s = seen / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{total.item() / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            temp=f"{1 / scale:.4f}", samples_s=f"{seen / (time.perf_counter() - t0):.1f}",
+                            refresh=False)
+    _sync(device)
+    end = time.perf_counter()
+    stats = EpochStats(loss=total.item() / max(count, 1), step=step, samples_s=seen / max(end - t0, 1e-9),
+                       steady_samples=seen - steady[1], steady_seconds=end - steady[0], first_batch_s=first_batch_s)
     if world.main:
-        log.info("epoch %d: loss %.4f, %.1f samples/s", epoch + 1, total / max(count, 1), samples_s)
-    return total / max(count, 1), step, samples_s
+        log.info("epoch %d: loss %.4f, %.1f samples/s (%.1f after its first %d batches; the first took %.1fs)",
+                 epoch + 1, stats.loss, stats.samples_s, stats.steady_samples_s, warmup, first_batch_s)
+    return stats
+
+
+def wrap_ddp(model, world: World, device):
+    """DDP over the parameters that train now: build it again whenever freezing changes them (a
+    DDP reducer only ever syncs the parameters that required grad when it was built)."""
+    if world.size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=False)
 
 
 def run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False) -> dict:
@@ -129,6 +186,8 @@ def run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False) -> dict:
 def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
     device = device_for(world)
     precision = resolve_precision(cfg.train.precision, device)
+    compiled = compile_enabled(cfg.train.compile, device)
+    configure_backends(device)
     seed_everything(cfg.train.seed)
     train_q, train_tsv = split_files(data_dir, "train")  # inputs first: a bad one leaves no run dir
     valid_q, valid_tsv = split_files(data_dir, "valid")
@@ -144,9 +203,10 @@ def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
     if not world.main:
         tokenizer = prepare_tokenizer(cfg.model.text.tokenizer, source, train_q, out_dir, cfg.data.max_text_length)
     model, arch = create_model(cfg.model, tokenizer.vocab_size)
-    model.to(device)
+    optimize_model(model.to(device), device, compiled)  # before the optimizer: its state takes the params' layout
     dataset = PairDataset(train_q, train_tsv, cfg)
-    loader = train_loader(dataset, tokenizer, cfg, world.rank, world.size, device)
+    loader = train_loader(dataset, tokenizer, cfg, world.rank, world.size, device,
+                          pad_to=cfg.data.max_text_length if compiled else None)
     if world.main and not cfg.eval.untrained and not cfg.data.skip_bad_images:
         # every valid image decodes, or the run stops now rather than after its first epoch
         check_gallery(valid_tsv, size=cfg.data.image_size, rule=cfg.data.resize_rule, batch_size=cfg.eval.batch_size,
@@ -154,7 +214,7 @@ def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
     barrier()
     steps_per_epoch = -(-len(loader) // cfg.train.accum_steps)  # a short last group is stepped too
     total_steps = steps_per_epoch * cfg.train.epochs
-    apply_freeze(model, cfg.train.freeze, 0)
+    trainable = apply_freeze(model, cfg.train.freeze, 0)
     optimizer = create_optimizer(model, cfg.train)
     scheduler = create_scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     scaler = grad_scaler(precision, device)
@@ -166,6 +226,7 @@ def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        match_param_layout(optimizer)
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
@@ -176,11 +237,10 @@ def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
     n_params = sum(p.numel() for p in model.parameters())
     if world.main:
-        log.info("%s model, %.1fM parameters, %s on %s x%d; %d pairs, %d steps/epoch, %d epochs",
-                 cfg.model.family, n_params / 1e6, precision, device.type, world.size, len(dataset),
-                 steps_per_epoch, cfg.train.epochs)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  find_unused_parameters=False) if world.size > 1 else model
+        log.info("%s model, %.1fM parameters, %s%s on %s x%d; %d pairs, %d steps/epoch, %d epochs",
+                 cfg.model.family, n_params / 1e6, precision, ", compiled" if compiled else "", device.type,
+                 world.size, len(dataset), steps_per_epoch, cfg.train.epochs)
+    ddp = None
 
     def score_now(epoch: int, train_loss, samples_s) -> dict:
         s = evaluate(model, tokenizer, valid_q, valid_tsv, size=cfg.data.image_size, rule=cfg.data.resize_rule,
@@ -194,12 +254,16 @@ def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
         log.info("untrained model: MR %.2f", record["mean_recall"])
     barrier()
     for epoch in range(start_epoch, cfg.train.epochs):
-        apply_freeze(model, cfg.train.freeze, epoch)
+        now = apply_freeze(model, cfg.train.freeze, epoch)
+        if ddp is None or now != trainable:
+            ddp, trainable = wrap_ddp(model, world, device), now
         seed_everything(cfg.train.seed * 1000 + epoch)  # dropout etc.: a function of (seed, epoch) alone
-        dataset.epoch = epoch
         loader.sampler.set_epoch(epoch)
-        loss, step, samples_s = train_one_epoch(ddp, criterion, loader, optimizer, scheduler, scaler, cfg,
-                                                precision, device, world, epoch, step)
+        if compiled and epoch == start_epoch and world.main:
+            log.info("the first batch compiles the model (torch.compile): a minute or more, once")
+        stats = train_one_epoch(ddp, criterion, loader, optimizer, scheduler, scaler, cfg, precision, device, world,
+                                epoch, step)
+        loss, step, samples_s = stats.loss, stats.step, stats.steady_samples_s
         last_epoch = epoch + 1 == cfg.train.epochs
         if world.main:
             if (epoch + 1) % cfg.eval.every_epochs == 0 or last_epoch:

@@ -1,5 +1,5 @@
-"""`create_optimizer`: AdamW with head / text / image parameter groups, layer-wise lr decay
-inside each tower, and no weight decay on norms, biases and the logit scale. `apply_freeze`
+"""`create_optimizer`: AdamW (fused on CUDA) with head / text / image parameter groups, layer-wise
+lr decay inside each tower, and no weight decay on norms, biases and the logit scale. `apply_freeze`
 trains only the top N blocks of each tower."""
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
                                     "group": group, "layer": layer})
         g["params"].append(p)
         g["names"].append(name)
-    return torch.optim.AdamW(list(groups.values()), betas=tuple(cfg.betas), eps=cfg.eps)
+    # on CUDA one fused kernel updates every tensor; elsewhere torch's foreach default
+    fused = all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(list(groups.values()), betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def apply_freeze(model: nn.Module, freeze: FreezeConfig, epoch: int = 0) -> dict[str, int]:

@@ -100,6 +100,7 @@ class TrainConfig:
     hard_negative_weight: float = 1.0
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     precision: str = "auto"            # auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    compile: bool | None = None        # torch.compile the model; None: on for CUDA, off on CPU
     seed: int = 0
     log_every: int = 10
 

@@ -1,0 +1,47 @@
+"""How a model trains fast on its device: backend flags, channels-last weights, torch.compile.
+
+- TF32 matmuls/convolutions and cuDNN autotuning on CUDA. Every training shape is fixed (full
+  batches, text padded to `max_text_length` when compiled), so cuDNN searches once per shape.
+- Channels-last weights on CUDA: convolutions then run NHWC kernels. The input already is
+  channels-last: `PixelNormalize` permutes the NHWC uint8 batch into an NCHW view of it.
+- `torch.compile` of the model in place (`nn.Module.compile`): the state_dict keys, DDP wrapping,
+  `no_sync`, gradient caching and checkpoints are the same as eager. Only `forward` (the training
+  call) is compiled; evaluation's `encode_image` / `encode_text` run eager.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def compile_enabled(requested: bool | None, device: torch.device) -> bool:
+    """`train.compile`: None (the default) compiles on CUDA only; CPU compile is slow to start and
+    seldom pays for small models."""
+    return device.type == "cuda" if requested is None else bool(requested)
+
+
+def configure_backends(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def optimize_model(model: nn.Module, device: torch.device, compile: bool) -> nn.Module:
+    """Channels-last on CUDA, then compile in place when asked. Returns the same module."""
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile(dynamic=False)  # one static graph: training shapes never change
+    return model
+
+
+def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give loaded optimizer state its parameter's memory layout: fused and foreach AdamW walk a
+    parameter and its moments as flat memory, so a checkpoint saved with other strides (a CPU run
+    resumed on CUDA, where weights are channels-last) must not pair the wrong elements."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
