@@ -104,6 +104,7 @@ bench: $(BUNDLE)/manifest.json
 	$(MUGE) bench tsv --size-mb 1024
 	$(MUGE) bench export
 	$(MUGE) bench data
+	$(MUGE) bench train --config $(CONFIG) --data $(DATA)
 
 # The whole chain at realistic shapes on this machine's GPU, as one table (random weights, no
 # network). ARGS="--small" runs tiny shapes on a CPU; ARGS="--json out.json" keeps the figures.
