@@ -126,8 +126,6 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
     first_batch_s, steady = 0.0, (t0, 0)
     bar = tqdm(loader, total=n, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not world.main, leave=False)
     for i, batch in enumerate(bar):
-        if i == n:
-            break
         if i == warmup:
             _sync(device)
             steady = (time.perf_counter(), seen)
@@ -149,6 +147,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
             bar.set_postfix(loss=f"{total.item() / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             temp=f"{1 / scale:.4f}", samples_s=f"{seen / (time.perf_counter() - t0):.1f}",
                             refresh=False)
+        if i + 1 == n:  # `max_batches`: stop without fetching another batch
+            break
     _sync(device)
     end = time.perf_counter()
     stats = EpochStats(loss=total.item() / max(count, 1), step=step, samples_s=seen / max(end - t0, 1e-9),
