@@ -137,6 +137,48 @@ def test_ddp_two_processes_equal_one_process_on_the_union(tmp_path):
             _assert_same(torch.load(tmp_path / f"{family}-rank{rank}.pt"), single)
 
 
+def _unfreeze_worker(rank: int, world: int, init_file: str, out_dir: str):
+    """A freezing schedule under DDP, as `train.main` runs it: the wrapper is rebuilt when the
+    trainable set changes, so the newly unfrozen parameters' gradients are all-reduced too."""
+    import torch.distributed as dist
+
+    from train.distributed import World
+    from train.main import wrap_ddp
+    from train.optim import apply_freeze
+    from train.params import FreezeConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        full = _batch()
+        half = len(full["pixels"]) // world
+        local = {k: v[rank * half:(rank + 1) * half] for k, v in full.items()}
+        model, here = _model("dual", dropout=False), World(rank, rank, world)
+        trainable = apply_freeze(model, FreezeConfig(text_layers=1, image_stages=1), 0)
+        ddp = wrap_ddp(model, here, CPU)
+        _step(ddp, local)  # a frozen epoch
+        now = apply_freeze(model, FreezeConfig(text_layers=1, image_stages=1, schedule={1: {"text_layers": 99,
+                                                                                           "image_stages": 99}}), 1)
+        assert now != trainable
+        ddp = wrap_ddp(model, here, CPU)
+        loss, grads = _step(ddp, local)
+        torch.save((loss, {n.removeprefix("module."): g for n, g in grads.items()}),
+                   os.path.join(out_dir, f"unfrozen-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_after_unfreezing_equals_one_process(tmp_path):
+    """Without rebuilding DDP, the parameters frozen when it was built would keep each rank's own
+    gradient (never averaged) and the ranks would drift apart."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_unfreeze_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    single = _step(_model("dual", dropout=False), _batch())
+    for rank in (0, 1):
+        _assert_same(torch.load(tmp_path / f"unfrozen-rank{rank}.pt"), single)
+
+
 def test_torchrun_trains_resumes_and_only_rank0_writes(small_sample, tmp_path):
     from train.params import save_config
 
