@@ -1,5 +1,6 @@
-"""Checkpoint -> bundle: `text.onnx`, `image.onnx`, their fp16 twins, `tokenizer/` and
-`manifest.json`; everything `predict` needs and nothing more. Built in a temporary directory
+"""Checkpoint -> bundle: `text.onnx`, `image.onnx` (transformer towers fused, `export.optimize`),
+their fp16 twins, with `--int8` their int8 twins, `tokenizer/` and `manifest.json`; everything
+`predict` needs and nothing more. Built in a temporary directory
 beside the destination and renamed into place only after every graph passes `onnx.checker`,
 loads in ONNX Runtime and passes the parity gate."""
 from __future__ import annotations
@@ -20,12 +21,14 @@ from competition.layout import split_files
 from competition.preprocess import TEXT_NORMALIZATION
 
 from .graphs import check_graph, export_graph, load_run_model, to_fp16
+from .optimize import TRANSFORMER_EXPORT, eager_attention, fuse, fusion_plan, to_int8
 from .parity import ParityError, ParityLimits, ParitySettings, format_report, run_parity
 
 log = logging.getLogger(__name__)
 FORMAT = "muge-bundle/1"
 BUILDER = ".builder.json"  # in a build directory only: which process is building it
 GRAPHS = ("text.onnx", "image.onnx", "text.fp16.onnx", "image.fp16.onnx")
+INT8_GRAPHS = ("text.int8.onnx", "image.int8.onnx")
 
 
 def _versions() -> dict:
@@ -40,10 +43,15 @@ def _versions() -> dict:
 
 def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str = "best", opset: int = 18,
                   exporter: str = "dynamo", settings: ParitySettings | None = None,
-                  limits: ParityLimits | None = None, device: str = "auto") -> dict:
-    """Write the bundle to `out_dir` (replacing an old one only on success); return its manifest."""
+                  limits: ParityLimits | None = None, device: str = "auto", fused: bool = True,
+                  int8: bool = False) -> dict:
+    """Write the bundle to `out_dir` (replacing an old one only on success); return its manifest.
+    `fused`: transformer towers exported for and through ORT's fusion; `int8`: add int8 graphs."""
     t0 = time.time()
     model, ckpt, ckpt_path = load_run_model(run_dir, checkpoint)
+    plans = {kind: fusion_plan(ckpt["arch"], kind) if fused else None for kind in ("text", "image")}
+    if any(plans.values()):
+        eager_attention(model)
     cfg = ckpt["config"]
     size, max_len = cfg["data"]["image_size"], cfg["data"]["max_text_length"]
     queries_path, tsv_path = split_files(data_dir, "valid")
@@ -58,13 +66,18 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
         shutil.copytree(os.path.join(run_dir, "tokenizer"), os.path.join(tmp, "tokenizer"))
         example_text = (torch.randint(5, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long))
         example_image = (torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8),)
-        log.info("exporting the text encoder (%s, opset %d) ...", exporter, opset)
-        export_graph(model, "text", os.path.join(tmp, "text.onnx"), example_text, opset, exporter)
-        log.info("exporting the image encoder ...")
-        export_graph(model, "image", os.path.join(tmp, "image.onnx"), example_image, opset, exporter)
-        for kind in ("text", "image"):
-            to_fp16(os.path.join(tmp, f"{kind}.onnx"), os.path.join(tmp, f"{kind}.fp16.onnx"))
-        for name in GRAPHS:
+        exports, fusion = {}, {}
+        for kind, example in (("text", example_text), ("image", example_image)):
+            how = TRANSFORMER_EXPORT if plans[kind] else {"exporter": exporter, "opset": opset}
+            log.info("exporting the %s encoder (%s, opset %d) ...", kind, how["exporter"], how["opset"])
+            path = export_graph(model, kind, os.path.join(tmp, f"{kind}.onnx"), example, how["opset"], how["exporter"])
+            exports[kind] = f"{how['exporter']}, opset {how['opset']}"
+            fusion[kind] = fuse(path, plans[kind]) if plans[kind] else {}
+            to_fp16(path, os.path.join(tmp, f"{kind}.fp16.onnx"))
+            if int8:
+                to_int8(path, os.path.join(tmp, f"{kind}.int8.onnx"))
+        graphs = GRAPHS + (INT8_GRAPHS if int8 else ())
+        for name in graphs:
             check_graph(os.path.join(tmp, name))
         with torch.no_grad():
             embed_dim = int(model.encode_text(*example_text).shape[1])
@@ -72,9 +85,10 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
             "format": FORMAT, "family": ckpt["arch"]["family"], "embed_dim": embed_dim,
             "image_size": size, "resize_rule": cfg["data"]["resize_rule"], "image_input": "uint8 NHWC, resized",
             "max_text_length": max_len, "text_normalization": TEXT_NORMALIZATION, "opset": opset,
-            "exporter": exporter, "source_checkpoint": os.path.abspath(ckpt_path), "source_sha256": sha256(ckpt_path),
+            "exporter": exporter, "graph_exports": exports, "fusion": fusion,
+            "source_checkpoint": os.path.abspath(ckpt_path), "source_sha256": sha256(ckpt_path),
             "source_epoch": ckpt.get("epoch"), "source_valid_metrics": ckpt.get("metrics"),
-            "libraries": _versions(), "files": {n: sha256(os.path.join(tmp, n)) for n in GRAPHS},
+            "libraries": _versions(), "files": {n: sha256(os.path.join(tmp, n)) for n in graphs},
         }
         _write_json(os.path.join(tmp, "manifest.json"), manifest)  # the gate runs the bundle as predict will
         log.info("parity gate on %s ...", data_dir)

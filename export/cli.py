@@ -13,16 +13,20 @@ import click
 @click.option("--data", "data_dir", default="data/sample", show_default=True,
               help="MUGE directory whose valid split feeds the parity gate.")
 @click.option("--checkpoint", default="best", show_default=True, help="best | last | a .pt path")
-@click.option("--opset", default=18, show_default=True)
-@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
+@click.option("--opset", default=18, show_default=True, help="For graphs not fused (see --fuse).")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+              help="For graphs not fused (see --fuse).")
 @click.option("--parity-queries", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--parity-gallery", type=click.IntRange(min=10), default=1000, show_default=True,
               help="Valid images used by the gate.")
 @click.option("--parity-batch", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="Where the fp16 graphs are checked.")
+@click.option("--fuse/--no-fuse", default=True, show_default=True,
+              help="Export transformer towers for ORT's fusion (TorchScript exporter, eager attention) and fuse them.")
+@click.option("--int8", is_flag=True, help="Also write gated int8 graphs for CPU predict (--precision int8).")
 def export(run_dir, out_dir, data_dir, checkpoint, opset, exporter, parity_queries, parity_gallery, parity_batch,
-           device):
+           device, fuse, int8):
     """Export RUN_DIR's checkpoint to an ONNX bundle (fp32 + fp16) behind a parity gate."""
     from competition import MugeDataError
     from train.checkpoint import CheckpointError
@@ -35,7 +39,8 @@ def export(run_dir, out_dir, data_dir, checkpoint, opset, exporter, parity_queri
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         export_bundle(run_dir, out_dir, data_dir, checkpoint=checkpoint, opset=opset, exporter=exporter,
-                      settings=ParitySettings(parity_queries, parity_gallery, parity_batch), device=device)
+                      settings=ParitySettings(parity_queries, parity_gallery, parity_batch), device=device,
+                      fused=fuse, int8=int8)
     except ParityError as exc:
         click.echo(f"export refused, no bundle written: {exc}", err=True)
         sys.exit(2)

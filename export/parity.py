@@ -16,6 +16,8 @@ Checks, each against `ParityLimits`:
 - Recall: MeanRecall (x100) of fp16 vs PyTorch on the queries whose positives are in the subset
   gallery, within a tolerance of `fp16_max_recall_delta` points, or one query's worth
   (100 / queries scored) when that is larger.
+- int8 graphs (`muge export --int8`), when the bundle has them: the same cosine, ranking and
+  recall checks against PyTorch, with the `int8_*` limits (int8 weights move scores more).
 - Every output finite: a NaN or inf embedding fails the gate, naming the graph and the input.
 The bundle is run through `predict.runtime`, i.e. exactly as `muge predict` will run it.
 """
@@ -41,6 +43,9 @@ class ParityLimits:
     fp16_min_cosine: float = 0.999
     fp16_min_tie_aware: float = 0.99
     fp16_max_recall_delta: float = 1.0  # MeanRecall points (x100) on the gate's subset
+    int8_min_cosine: float = 0.98
+    int8_min_tie_aware: float = 0.95
+    int8_max_recall_delta: float = 2.0
 
 
 @dataclass
@@ -110,7 +115,11 @@ def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, *, sett
     fp32 = BundleEncoders(bundle_dir, choice=RuntimeChoice(("CPUExecutionProvider",), False), batch_size=bs,
                           text_batch=bs)
     gpu = choose_runtime(device, "fp16")
-    fp16 = BundleEncoders(bundle_dir, choice=RuntimeChoice(gpu.providers, True), batch_size=bs, text_batch=bs)
+    reduced = {"fp16": BundleEncoders(bundle_dir, choice=RuntimeChoice(gpu.providers, True), batch_size=bs,
+                                      text_batch=bs)}
+    if "text.int8.onnx" in fp32.manifest["files"]:
+        reduced["int8"] = BundleEncoders(bundle_dir, choice=choose_runtime("cpu", "int8"), batch_size=bs,
+                                         text_batch=bs)
     pixels = np.stack([resize_image(tsv.load(i), fp32.image_size, fp32.resize_rule) for i in ids])
     model = model.eval().float().cpu()
 
@@ -124,8 +133,9 @@ def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, *, sett
         return model.encode_image(torch.from_numpy(batch)).numpy()
 
     outputs = {}
-    for name, text_fn, image_fn in (("torch", torch_text, torch_image), ("fp32", fp32.encode_text, fp32.encode_images),
-                                    ("fp16", fp16.encode_text, fp16.encode_images)):
+    runs = [("torch", torch_text, torch_image), ("fp32", fp32.encode_text, fp32.encode_images)]
+    runs += [(name, enc.encode_text, enc.encode_images) for name, enc in reduced.items()]
+    for name, text_fn, image_fn in runs:
         outputs[name] = (_batched(text_fn, texts, bs, f"parity: {name} text"),
                          _batched(image_fn, pixels, bs, f"parity: {name} image"))
     report = {"queries": len(texts), "gallery_images": len(ids), "recall_queries": len(scored), "batch_size": bs,
@@ -148,41 +158,44 @@ def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, *, sett
         for key in ("fp32_max_abs_text", "fp32_max_abs_image"):
             if not report[key] <= limits.fp32_max_abs:
                 failures.append(f"{key} {report[key]:.3g} > {limits.fp32_max_abs:g}")
-    if finite["torch"] and finite["fp16"]:
-        failures += _fp16_checks(report, limits, outputs["torch"], outputs["fp16"], ids, scored)
+    for name in reduced:
+        if finite["torch"] and finite[name]:
+            failures += _reduced_precision_checks(name, report, limits, outputs["torch"], outputs[name], ids, scored)
     report["failures"] = failures
     report["passed"] = not failures
     return report
 
 
-def _fp16_checks(report: dict, limits: ParityLimits, ref, cand, ids, scored) -> list[str]:
-    """Cosine, tie-aware ranking and subset recall of fp16 against PyTorch; adds the figures to
-    `report` and returns the failures."""
-    (ref_t, ref_i), (o16_t, o16_i) = ref, cand
-    rank = ranking_agreement(ref_t, ref_i, o16_t, o16_i)
+def _reduced_precision_checks(name: str, report: dict, limits: ParityLimits, ref, cand, ids, scored) -> list[str]:
+    """Cosine, tie-aware ranking and subset recall of the `name` graphs (fp16 | int8) against
+    PyTorch, with the `name_*` limits; adds the figures to `report` and returns the failures."""
+    (ref_t, ref_i), (out_t, out_i) = ref, cand
+    min_cosine, min_tie_aware, max_delta = (getattr(limits, f"{name}_{k}") for k in
+                                            ("min_cosine", "min_tie_aware", "max_recall_delta"))
+    rank = ranking_agreement(ref_t, ref_i, out_t, out_i)
     recall = {}
-    for name, top in (("torch", rank["ref_top"]), ("fp16", rank["cand_top"])):
+    for who, top in (("torch", rank["ref_top"]), (name, rank["cand_top"])):
         preds = {q.query_id: [ids[p] for p in top[row]] for row, q in scored.items()}
-        recall[name] = score_predictions(list(scored.values()), preds).mean_recall if scored else None
-    report.update(fp16_min_cosine_text=_cosine(o16_t, ref_t), fp16_min_cosine_image=_cosine(o16_i, ref_i),
-                  fp16_score_error=rank["score_error"], fp16_score_error_max=rank["score_error_max"],
-                  fp16_top10_tie_aware=rank["tie_aware"], fp16_top10_overlap=rank["overlap"],
-                  mean_recall_torch=recall["torch"], mean_recall_fp16=recall["fp16"])
+        recall[who] = score_predictions(list(scored.values()), preds).mean_recall if scored else None
+    report.update({f"{name}_min_cosine_text": _cosine(out_t, ref_t), f"{name}_min_cosine_image": _cosine(out_i, ref_i),
+                   f"{name}_score_error": rank["score_error"], f"{name}_score_error_max": rank["score_error_max"],
+                   f"{name}_top10_tie_aware": rank["tie_aware"], f"{name}_top10_overlap": rank["overlap"],
+                   "mean_recall_torch": recall["torch"], f"mean_recall_{name}": recall[name]})
     failures = []
-    for key in ("fp16_min_cosine_text", "fp16_min_cosine_image"):
-        if not report[key] >= limits.fp16_min_cosine:
-            failures.append(f"{key} {report[key]:.6f} < {limits.fp16_min_cosine}")
-    if not rank["tie_aware"] >= limits.fp16_min_tie_aware:
-        failures.append(f"fp16_top10_tie_aware {rank['tie_aware']:.4f} < {limits.fp16_min_tie_aware}")
+    for key in (f"{name}_min_cosine_text", f"{name}_min_cosine_image"):
+        if not report[key] >= min_cosine:
+            failures.append(f"{key} {report[key]:.6f} < {min_cosine}")
+    if not rank["tie_aware"] >= min_tie_aware:
+        failures.append(f"{name}_top10_tie_aware {rank['tie_aware']:.4f} < {min_tie_aware}")
     if not scored:
         failures.append(f"no valid query has its positives among the gate's {len(ids)} images: recall cannot "
                         "be checked (raise --parity-gallery)")
         return failures
-    delta = recall["fp16"] - recall["torch"]
-    tolerance = max(limits.fp16_max_recall_delta, 100.0 / len(scored))
-    report.update(fp16_recall_delta=delta, recall_tolerance=tolerance)
+    delta = recall[name] - recall["torch"]
+    tolerance = max(max_delta, 100.0 / len(scored))
+    report.update({f"{name}_recall_delta": delta, f"{name}_recall_tolerance": tolerance})
     if abs(delta) > tolerance:
-        failures.append(f"fp16 MeanRecall {recall['fp16']:.2f} vs torch {recall['torch']:.2f} on "
+        failures.append(f"{name} MeanRecall {recall[name]:.2f} vs torch {recall['torch']:.2f} on "
                         f"{len(scored)} queries: |delta| {abs(delta):.2f} > {tolerance:.2f}")
     return failures
 
@@ -194,16 +207,17 @@ def format_report(report: dict) -> str:
     if "fp32_max_abs_text" in report:
         lines.append(f"  fp32 vs torch max|diff|  text {report['fp32_max_abs_text']:.2e}  image "
                      f"{report['fp32_max_abs_image']:.2e}  (limit {lim['fp32_max_abs']:g})")
-    if "fp16_min_cosine_text" in report:
-        lines += [f"  fp16 vs torch min cosine text {report['fp16_min_cosine_text']:.6f}  image "
-                  f"{report['fp16_min_cosine_image']:.6f}  (limit {lim['fp16_min_cosine']})",
-                  f"  fp16 top-10 ids explained by score error {100 * report['fp16_top10_tie_aware']:.2f}% "
-                  f"(limit {100 * lim['fp16_min_tie_aware']:.0f}%; score error {report['fp16_score_error']:.2e}, "
-                  f"max {report['fp16_score_error_max']:.2e}); raw top-10 overlap "
-                  f"{100 * report['fp16_top10_overlap']:.2f}% (information)"]
-    if "fp16_recall_delta" in report:
-        lines.append(f"  fp16 vs torch MeanRecall on {report['recall_queries']} queries with their positives: "
-                     f"{report['mean_recall_fp16']:.2f} vs {report['mean_recall_torch']:.2f} "
-                     f"(delta {report['fp16_recall_delta']:+.2f}, tolerance {report['recall_tolerance']:.2f})")
+    for name in ("fp16", "int8"):
+        if f"{name}_min_cosine_text" in report:
+            lines += [f"  {name} vs torch min cosine text {report[f'{name}_min_cosine_text']:.6f}  image "
+                      f"{report[f'{name}_min_cosine_image']:.6f}  (limit {lim[f'{name}_min_cosine']})",
+                      f"  {name} top-10 ids explained by score error {100 * report[f'{name}_top10_tie_aware']:.2f}% "
+                      f"(limit {100 * lim[f'{name}_min_tie_aware']:.0f}%; score error "
+                      f"{report[f'{name}_score_error']:.2e}, max {report[f'{name}_score_error_max']:.2e}); raw top-10 "
+                      f"overlap {100 * report[f'{name}_top10_overlap']:.2f}% (information)"]
+        if f"{name}_recall_delta" in report:
+            lines.append(f"  {name} vs torch MeanRecall on {report['recall_queries']} queries with their positives: "
+                         f"{report[f'mean_recall_{name}']:.2f} vs {report['mean_recall_torch']:.2f} (delta "
+                         f"{report[f'{name}_recall_delta']:+.2f}, tolerance {report[f'{name}_recall_tolerance']:.2f})")
     lines.append("  PASSED" if report["passed"] else "  FAILED: " + "; ".join(report["failures"]))
     return "\n".join(lines)

@@ -14,8 +14,8 @@ import click
 @click.option("--split", default="test", show_default=True, help="test | valid (valid is also scored)")
 @click.option("--out", "out_path", help="Submission path (default submissions/<bundle>-<split>.jsonl).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp16", "fp32"]), default="auto", show_default=True,
-              help="auto: fp16 graphs on CUDA, fp32 on CPU.")
+@click.option("--precision", type=click.Choice(["auto", "fp16", "fp32", "int8"]), default="auto", show_default=True,
+              help="auto: fp16 graphs on CUDA, fp32 on CPU; int8 (CPU) needs a bundle from `muge export --int8`.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (CPU).")
 @click.option("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), show_default=True,
               help="Image decode processes.")

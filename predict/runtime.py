@@ -49,20 +49,34 @@ def cuda_device_count() -> int:
 class RuntimeChoice:
     providers: tuple[str, ...]
     fp16: bool
+    int8: bool = False
 
     @property
     def device(self) -> str:
         return "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
+    @property
+    def precision(self) -> str:
+        return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
+
+    @property
+    def suffix(self) -> str:
+        """The graphs' file suffix: text.onnx, text.fp16.onnx, text.int8.onnx."""
+        return {"int8": ".int8.onnx", "fp16": ".fp16.onnx", "fp32": ".onnx"}[self.precision]
+
 
 def choose_runtime(device: str = "auto", precision: str = "auto") -> RuntimeChoice:
-    """device: auto | cuda | cpu; precision: auto | fp16 | fp32 (auto: fp16 on CUDA, fp32 on CPU,
-    where ORT's fp16 kernels are slower than fp32)."""
+    """device: auto | cuda | cpu; precision: auto | fp16 | fp32 | int8 (auto: fp16 on CUDA, fp32 on
+    CPU, where ORT's fp16 kernels are slower than fp32; int8, from `muge export --int8`, on CPU only)."""
     import onnxruntime as ort
 
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count() > 0
     if device == "cuda" and not has_cuda:
         raise RuntimeError("--device cuda: no CUDA GPU (or no CUDA provider in onnxruntime) on this machine")
+    if precision == "int8":
+        if device == "cuda":
+            raise RuntimeError("--precision int8 runs on the CPU (dynamic int8 kernels); drop --device cuda")
+        return RuntimeChoice(("CPUExecutionProvider",), False, True)
     use_cuda = has_cuda if device == "auto" else device == "cuda"
     fp16 = use_cuda if precision == "auto" else precision == "fp16"
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if use_cuda else ("CPUExecutionProvider",)
@@ -157,8 +171,10 @@ class BundleEncoders:
         self.bundle_dir = bundle_dir
         self.manifest = read_manifest(bundle_dir)
         self.choice = choice or choose_runtime(device, precision)
-        suffix = ".fp16.onnx" if self.choice.fp16 else ".onnx"
-        self.text_graph, self.image_graph = "text" + suffix, "image" + suffix
+        self.text_graph, self.image_graph = "text" + self.choice.suffix, "image" + self.choice.suffix
+        if self.choice.int8 and self.text_graph not in self.manifest["files"]:
+            raise BundleError(f"{bundle_dir} has no int8 graphs: export it with `muge export --int8`, or predict "
+                              "with another --precision")
         # what is really loaded: caches are keyed by these hashes
         self.graph_hashes = {g: verify_graph(bundle_dir, g, self.manifest) for g in (self.text_graph, self.image_graph)}
         self.text = _load_session(os.path.join(bundle_dir, self.text_graph), self.choice, threads)
@@ -181,7 +197,7 @@ class BundleEncoders:
             raise ValueError(f"batch sizes must be positive, got images {self.batch_size}, text {self.text_batch}")
 
     def describe(self) -> str:
-        return f"{self.choice.device} ({'fp16' if self.choice.fp16 else 'fp32'} graphs, image batch {self.batch_size})"
+        return f"{self.choice.device} ({self.choice.precision} graphs, image batch {self.batch_size})"
 
     def warmup(self) -> float:
         """Run every input shape once (on CUDA each new shape costs seconds); returns seconds."""

@@ -42,6 +42,9 @@ def predict_split(bundle_dir: str, data_dir: str, split: str, out_path: str, opt
     enc = encoders or BundleEncoders(bundle_dir, opts.device, opts.precision, opts.threads,
                                      batch_size=opts.batch_size)
     log.info("predicting %s with %s on %s", split, bundle_dir, enc.describe())
+    if enc.choice.precision == "fp32" and "text.int8.onnx" in enc.manifest["files"]:
+        log.info("this bundle also has gated int8 graphs: --precision int8 runs them (faster on CPUs with "
+                 "VNNI; see the manifest's parity report)")
     if enc.choice.device == "cuda":
         log.info("warmed up %d input shapes on CUDA in %.1fs", 1 + len(enc.lengths), enc.warmup())
     t_gallery = time.time()

@@ -1,0 +1,87 @@
+"""Graph optimisation for the bundle: ONNX Runtime's transformer fusion, and int8 for CPU.
+
+Fusion. ORT's transformer optimizer rewrites a transformer tower's subgraphs into its fused
+kernels (Attention, SkipLayerNormalization, BiasGelu / QuickGelu, EmbedLayerNormalization). It
+recognises the patterns of the TorchScript exporter's graph of a model built with eager
+attention; a graph of torch's SDPA (either exporter) or of the dynamo exporter fuses nothing.
+So a transformer tower is exported that way (`TRANSFORMER_EXPORT`) and then fused:
+- the dual family's text tower (BERT-like) and Chinese-CLIP's text tower: model type `bert`;
+- Chinese-CLIP's vision tower (a CLIP ViT): model type `clip`.
+A timm image tower (convnext, resnet, ...) has no such pattern and is shipped as exported.
+The fused-op counts go into the manifest; the fused graph is what the gate checks and what
+ships, and the fp16 graph is made from it.
+
+int8 (`muge export --int8`). Dynamic quantization (`quantize_dynamic`): int8 weights, per-tensor
+scales, activations quantized per call; MatMul / Gemm / Attention nodes only, so every fused
+op stays. Gated like fp16 (ranking and recall; `ParityLimits.int8_*`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+TRANSFORMER_EXPORT = {"exporter": "torchscript", "opset": 17}
+FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu",
+             "FastGelu", "QuickGelu", "Gelu", "LayerNormalization")
+
+
+def fusion_plan(arch: dict, kind: str) -> dict | None:
+    """{model_type, num_heads, hidden_size, layers} for a transformer tower; None for one that has
+    no pattern to fuse (a timm CNN)."""
+    if arch["family"] == "chinese-clip":
+        key, model_type = ("text_config", "bert") if kind == "text" else ("vision_config", "clip")
+        conf = arch["clip_config"][key]
+    elif kind == "text" and arch.get("text_model_type") in ("bert", "roberta"):
+        conf, model_type = arch["text_config"], "bert"
+    else:
+        return None
+    return {"model_type": model_type, "num_heads": int(conf["num_attention_heads"]),
+            "hidden_size": int(conf["hidden_size"]), "layers": int(conf["num_hidden_layers"])}
+
+
+def fuse(path: str, plan: dict) -> dict:
+    """Fuse the graph at `path` in place; returns the fused-op counts (zeros left out)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = optimize_model(path, model_type=plan["model_type"], num_heads=plan["num_heads"],
+                           hidden_size=plan["hidden_size"], opt_level=0)
+    counts = {k: v for k, v in model.get_fused_operator_statistics().items() if v and k in FUSED_OPS}
+    model.save_model_to_file(path)
+    attention = counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0)
+    level = logging.INFO if attention == plan["layers"] else logging.WARNING
+    log.log(level, "%s: fused %s (%d attention nodes for %d layers)", os.path.basename(path),
+            ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing", attention, plan["layers"])
+    return counts
+
+
+def to_int8(src: str, dst: str) -> str:
+    """Dynamic int8 quantization of `src`'s MatMul / Gemm / Attention weights into `dst`."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # the quantizer re-infers every shape; the dynamo exporter's own value_info (symbolic batch
+    # dims) can contradict that inference, so the copy it reads carries none
+    model = onnx.load(src)
+    del model.graph.value_info[:]
+    plain = dst + ".in.onnx"
+    onnx.save_model(model, plain)
+    try:
+        quantize_dynamic(plain, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm", "Attention"],
+                         # the fused graph's contrib ops carry no type information for the quantizer
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        os.remove(plain)
+    log.info("%s -> %s (int8 weights, %.0f -> %.0f MiB)", os.path.basename(src), os.path.basename(dst),
+             os.path.getsize(src) / 2**20, os.path.getsize(dst) / 2**20)
+    return dst
+
+
+def eager_attention(model) -> None:
+    """Switch every Hugging Face tower of `model` to eager attention (same weights, same outputs
+    up to float rounding): the pattern ORT's optimizer fuses."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.set_attn_implementation("eager")
