@@ -1,9 +1,12 @@
-"""`muge bench export`: ONNX Runtime (fp32, the graphs `predict` runs on CPU) vs PyTorch eager,
-both on this machine's CPU, for the text and image encoders of each named preset.
+"""`muge bench export`: the graphs `predict` runs on a CPU against PyTorch eager, for the text and
+image encoders of each named preset: ORT fp32 as the bundle ships it (transformer towers fused,
+`export.optimize`) and, with `--int8`, the int8 graphs of `muge export --int8`.
 
 Models are built from the presets with random weights (no hub access needed): the speed of an
 encoder does not depend on its weight values. A text tower named by hub id is replaced by a
-random `BertConfig` of the same default size (bert-base: 12 layers, 768 wide, vocab 21128).
+random `BertConfig` of the same default size (bert-base: 12 layers, 768 wide, vocab 21128), and
+the Chinese-CLIP preset by ViT-B/16 + RoBERTa-base shapes. `--json OUT` keeps one row per
+(model, encoder, batch).
 """
 from __future__ import annotations
 
@@ -16,8 +19,11 @@ from functools import partial
 import click
 import numpy as np
 
-PRESETS = ("configs/sample.yaml", "configs/bert-convnext.yaml")
+PRESETS = ("configs/sample.yaml", "configs/bert-convnext.yaml", "configs/cnclip-vit-b16.yaml")
 BERT_CHINESE_VOCAB = 21128
+LAYERS_768 = "hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12, intermediate_size: 3072"
+VIT_B16 = [f"model.config={{projection_dim: 512, text_config: {{{LAYERS_768}, max_position_embeddings: 512, "
+           f"vocab_size: {BERT_CHINESE_VOCAB}}}, vision_config: {{{LAYERS_768}, image_size: 224, patch_size: 16}}}}"]
 
 
 def _random_model(preset: str):
@@ -26,8 +32,10 @@ def _random_model(preset: str):
     from train.params import load_config
 
     cfg = load_config(preset, ["model.image.pretrained=false", "model.text.name=null", "model.name=null"])
-    vocab = BERT_CHINESE_VOCAB if cfg.model.family == "dual" and not cfg.model.text.config else 1000
-    model, _ = create_model(cfg.model, vocab_size=vocab)
+    if cfg.model.family == "chinese-clip" and not cfg.model.config:
+        cfg = load_config(preset, ["model.name=null", *VIT_B16])
+    vocab = BERT_CHINESE_VOCAB if not cfg.model.text.config else 1000
+    model, _ = create_model(cfg.model, vocab_size=None if cfg.model.family == "chinese-clip" else vocab)
     return model.eval(), cfg.data.image_size, cfg.data.max_text_length, vocab
 
 
@@ -55,25 +63,37 @@ def _inputs(kind: str, batch: int, size: int, seq: int, vocab: int, rng) -> dict
 
 
 def bench_preset(preset: str, batches: tuple[int, ...], min_runs: int, budget_s: float, echo,
-                 threads: int | None = None) -> list[dict]:
+                 threads: int | None = None, int8: bool = False) -> list[dict]:
     import torch
 
     from predict.runtime import RuntimeChoice, session
 
     from .graphs import export_graph
+    from .optimize import TRANSFORMER_EXPORT, eager_attention, fuse, fusion_plan, to_int8
 
     model, size, seq, vocab = _random_model(preset)
+    arch = model.to_arch()
+    plans = {kind: fusion_plan(arch, kind) for kind in ("text", "image")}
+    if any(plans.values()):
+        eager_attention(model)  # as `muge export` builds fused graphs
     name = os.path.splitext(os.path.basename(preset))[0]
     rng = np.random.default_rng(0)
+    cpu = RuntimeChoice(("CPUExecutionProvider",), False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("text", "image"):
             example = tuple(torch.from_numpy(v) for v in _inputs(kind, 2, size, seq, vocab, rng).values())
             t = time.perf_counter()
-            path = export_graph(model, kind, os.path.join(tmp, f"{kind}.onnx"), example)
-            echo(f"  {name}/{kind}: exported in {time.perf_counter() - t:.0f}s "
-                 f"({os.path.getsize(path) / 2**20:.0f} MiB)")
-            sess = session(path, RuntimeChoice(("CPUExecutionProvider",), False), threads)
+            how = TRANSFORMER_EXPORT if plans[kind] else {"exporter": "dynamo", "opset": 18}
+            path = export_graph(model, kind, os.path.join(tmp, f"{kind}.onnx"), example, how["opset"], how["exporter"])
+            fused = fuse(path, plans[kind]) if plans[kind] else {}
+            attention = fused.get("Attention", 0) + fused.get("MultiHeadAttention", 0)
+            quantized = to_int8(path, os.path.join(tmp, f"{kind}.int8.onnx")) if int8 else None
+            echo(f"  {name}/{kind}: exported in {time.perf_counter() - t:.0f}s ({os.path.getsize(path) / 2**20:.0f} "
+                 f"MiB), {attention} fused attention nodes")
+            sessions = {"fp32": session(path, cpu, threads)}
+            if quantized:
+                sessions["int8"] = session(quantized, cpu, threads)
             encode = model.encode_text if kind == "text" else model.encode_image
             for batch in batches:
                 feeds = _inputs(kind, batch, size, seq, vocab, rng)
@@ -81,14 +101,23 @@ def bench_preset(preset: str, batches: tuple[int, ...], min_runs: int, budget_s:
                 with torch.inference_mode():
                     ref = encode(*tensors).numpy()
                     t_torch = _time(partial(encode, *tensors), min_runs, budget_s)
-                got = sess.run(None, feeds)[0]
-                t_ort = _time(partial(sess.run, None, feeds), min_runs, budget_s)
+                ms, diff = {}, {}
+                for precision, sess in sessions.items():
+                    got = sess.run(None, feeds)[0]
+                    ms[precision] = 1e3 * _time(partial(sess.run, None, feeds), min_runs, budget_s)
+                    diff[precision] = float(np.abs(ref - got).max())
                 row = {"model": name, "encoder": kind, "batch": batch, "torch_ms": 1e3 * t_torch,
-                       "ort_ms": 1e3 * t_ort, "speedup": t_torch / t_ort,
-                       "max_abs_diff": float(np.abs(ref - got).max())}
+                       "ort_fp32_ms": ms["fp32"], "ort_int8_ms": ms.get("int8"),
+                       "speedup_fp32": 1e3 * t_torch / ms["fp32"],
+                       "speedup_int8": 1e3 * t_torch / ms["int8"] if "int8" in ms else None,
+                       "fused_attention_nodes": attention, "max_abs_diff_fp32": diff["fp32"],
+                       "max_abs_diff_int8": diff.get("int8")}
                 rows.append(row)
-                echo(f"  {name:>12} {kind:>5} batch {batch:>2}: torch {row['torch_ms']:8.1f} ms  "
-                     f"ORT {row['ort_ms']:8.1f} ms  x{row['speedup']:.2f}  (max |diff| {row['max_abs_diff']:.1e})")
+                int8_cell = (f"  int8 {row['ort_int8_ms']:8.1f} ms x{row['speedup_int8']:.2f}"
+                             if row["ort_int8_ms"] is not None else "")
+                echo(f"  {name:>14} {kind:>5} batch {batch:>2}: torch {row['torch_ms']:8.1f} ms  ORT fp32 "
+                     f"{row['ort_fp32_ms']:8.1f} ms x{row['speedup_fp32']:.2f}{int8_cell}  (fp32 max |diff| "
+                     f"{row['max_abs_diff_fp32']:.1e})")
     return rows
 
 
@@ -99,20 +128,30 @@ def bench_preset(preset: str, batches: tuple[int, ...], min_runs: int, budget_s:
 @click.option("--min-runs", default=3, show_default=True, help="Timed runs per case (median reported).")
 @click.option("--budget", default=2.0, show_default=True, help="Seconds per case to keep repeating within.")
 @click.option("--threads", type=int, default=None, help="torch and ORT intra-op threads (default: all cores).")
-def bench_export(presets, batches, min_runs, budget, threads):
-    """Encoders on CPU: ONNX Runtime fp32 (ours) vs PyTorch eager, batch 1/8/32."""
+@click.option("--int8/--no-int8", default=True, show_default=True, help="Also time the int8 graphs.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the rows here too.")
+def bench_export(presets, batches, min_runs, budget, threads, int8, json_out):
+    """Encoders on CPU: ONNX Runtime fp32 (fused) and int8 (ours) vs PyTorch eager, batch 1/8/32."""
+    import json
+
     import torch
+
+    from competition.io import atomic_write_text
 
     if threads:
         torch.set_num_threads(threads)
     click.echo(f"encoders on CPU ({os.cpu_count()} CPUs, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads): PyTorch eager vs ONNX Runtime fp32, median of >= {min_runs} runs")
+               f"{torch.get_num_threads()} threads): PyTorch eager vs ONNX Runtime, median of >= {min_runs} runs")
     rows = []
     for preset in presets:
-        rows += bench_preset(preset, tuple(batches), min_runs, budget, click.echo, threads)
-    click.echo("speed-up (torch time / ORT time):")
+        rows += bench_preset(preset, tuple(batches), min_runs, budget, click.echo, threads, int8)
+    click.echo("speed-up (torch time / ORT time), fp32" + (" | int8" if int8 else "") + ":")
     for model in dict.fromkeys(r["model"] for r in rows):
         for kind in ("text", "image"):
-            cells = "  ".join(f"b{r['batch']} x{r['speedup']:.2f}" for r in rows
-                              if r["model"] == model and r["encoder"] == kind)
-            click.echo(f"  {model:>12} {kind:>5}: {cells}")
+            cells = "  ".join(f"b{r['batch']} x{r['speedup_fp32']:.2f}"
+                              + (f" | x{r['speedup_int8']:.2f}" if r["speedup_int8"] is not None else "")
+                              for r in rows if r["model"] == model and r["encoder"] == kind)
+            click.echo(f"  {model:>14} {kind:>5}: {cells}")
+    if json_out:
+        atomic_write_text(json_out, json.dumps(rows, indent=2) + "\n")
+        click.echo(f"rows written to {json_out}")

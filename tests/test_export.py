@@ -103,10 +103,15 @@ def test_export_bench_runs_on_a_tiny_preset(tmp_path):
     preset = tmp_path / "tiny.yaml"
     save_config(tiny_config("dual"), str(preset))
     lines = []
-    rows = bench_preset(str(preset), (1, 3), min_runs=1, budget_s=0.0, echo=lines.append)
+    rows = bench_preset(str(preset), (1, 3), min_runs=1, budget_s=0.0, echo=lines.append, int8=True)
     assert [(r["encoder"], r["batch"]) for r in rows] == [("text", 1), ("text", 3), ("image", 1), ("image", 3)]
-    assert all(r["torch_ms"] > 0 and r["ort_ms"] > 0 and r["max_abs_diff"] < 1e-4 for r in rows)
+    keys = {"model", "encoder", "batch", "torch_ms", "ort_fp32_ms", "ort_int8_ms", "speedup_fp32", "speedup_int8",
+            "fused_attention_nodes"}
+    assert all(keys <= r.keys() and r["torch_ms"] > 0 and r["ort_fp32_ms"] > 0 and r["ort_int8_ms"] > 0
+               and r["max_abs_diff_fp32"] < 1e-4 for r in rows)
+    assert [r["fused_attention_nodes"] for r in rows] == [2, 2, 0, 0]  # the tiny BERT's 2 layers; a CNN has none
     assert len(lines) == 6  # an export line per encoder, a timing line per case
+    assert bench_preset(str(preset), (2,), min_runs=1, budget_s=0.0, echo=lines.append)[0]["ort_int8_ms"] is None
 
 
 def test_ranking_agreement_accepts_near_ties_and_catches_wrong_rows():
