@@ -66,11 +66,15 @@ def to_int8(src: str, dst: str) -> str:
     del model.graph.value_info[:]
     plain = dst + ".in.onnx"
     onnx.save_model(model, plain)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs a line per tensor to the root logger, and advice
     try:
         quantize_dynamic(plain, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm", "Attention"],
                          # the fused graph's contrib ops carry no type information for the quantizer
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
+        root.setLevel(level)
         os.remove(plain)
     log.info("%s -> %s (int8 weights, %.0f -> %.0f MiB)", os.path.basename(src), os.path.basename(dst),
              os.path.getsize(src) / 2**20, os.path.getsize(dst) / 2**20)
