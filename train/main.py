@@ -97,8 +97,7 @@ def train_step(model, criterion, batch: dict, optimizer, scheduler, scaler, t: T
     if boundary:
         if t.grad_clip:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]
-                                            if p.grad is not None], t.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], t.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
