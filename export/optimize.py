@@ -88,4 +88,7 @@ def eager_attention(model) -> None:
 
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
-            module.set_attn_implementation("eager")
+            if hasattr(module, "set_attn_implementation"):
+                module.set_attn_implementation("eager")
+            else:  # transformers before set_attn_implementation: the config field it sets
+                module.config._attn_implementation = "eager"
