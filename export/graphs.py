@@ -97,7 +97,7 @@ class _Records(logging.Handler):
 
 
 @contextlib.contextmanager
-def _captured(name: str):
+def captured_logs(name: str):
     """The records of logger `name` (and its children), kept from the console."""
     logger, handler = logging.getLogger(name), _Records()
     saved = logger.level, logger.propagate
@@ -120,7 +120,7 @@ def to_fp16(src: str, dst: str) -> str:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    with _captured("onnxruntime.transformers") as notes:
+    with captured_logs("onnxruntime.transformers") as notes:
         model = convert_float_to_float16(onnx.load(src), keep_io_types=True, disable_shape_infer=False)
         wrapped = OnnxModel(model)
         wrapped.topological_sort()  # the converter appends its Cast nodes after their consumers

@@ -17,11 +17,13 @@ op stays. Gated like fp16 (ranking and recall; `ParityLimits.int8_*`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
 log = logging.getLogger(__name__)
 TRANSFORMER_EXPORT = {"exporter": "torchscript", "opset": 17}
+OPTIMIZER_LOGGERS = ("onnx_model", "onnx_model_bert", "onnx_model_clip", "fusion_utils", "fusion_base")
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu",
              "FastGelu", "QuickGelu", "Gelu", "LayerNormalization")
 
@@ -44,10 +46,15 @@ def fuse(path: str, plan: dict) -> dict:
     """Fuse the graph at `path` in place; returns the fused-op counts (zeros left out)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model = optimize_model(path, model_type=plan["model_type"], num_heads=plan["num_heads"],
-                           hidden_size=plan["hidden_size"], opt_level=0)
-    counts = {k: v for k, v in model.get_fused_operator_statistics().items() if v and k in FUSED_OPS}
-    model.save_model_to_file(path)
+    from .graphs import captured_logs
+
+    with contextlib.ExitStack() as quiet:  # the optimizer's per-step notes; its result is logged below
+        for name in OPTIMIZER_LOGGERS:
+            quiet.enter_context(captured_logs(name))
+        model = optimize_model(path, model_type=plan["model_type"], num_heads=plan["num_heads"],
+                               hidden_size=plan["hidden_size"], opt_level=0)
+        counts = {k: v for k, v in model.get_fused_operator_statistics().items() if v and k in FUSED_OPS}
+        model.save_model_to_file(path)
     attention = counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0)
     level = logging.INFO if attention == plan["layers"] else logging.WARNING
     log.log(level, "%s: fused %s (%d attention nodes for %d layers)", os.path.basename(path),
