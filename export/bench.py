@@ -68,14 +68,10 @@ def bench_preset(preset: str, batches: tuple[int, ...], min_runs: int, budget_s:
 
     from predict.runtime import RuntimeChoice, session
 
-    from .graphs import export_graph
-    from .optimize import TRANSFORMER_EXPORT, eager_attention, fuse, fusion_plan, to_int8
+    from .optimize import attention_nodes, export_tower, prepare_fusion, to_int8
 
     model, size, seq, vocab = _random_model(preset)
-    arch = model.to_arch()
-    plans = {kind: fusion_plan(arch, kind) for kind in ("text", "image")}
-    if any(plans.values()):
-        eager_attention(model)  # as `muge export` builds fused graphs
+    plans = prepare_fusion(model, model.to_arch())  # the graphs as `muge export` builds them
     name = os.path.splitext(os.path.basename(preset))[0]
     rng = np.random.default_rng(0)
     cpu = RuntimeChoice(("CPUExecutionProvider",), False)
@@ -84,10 +80,8 @@ def bench_preset(preset: str, batches: tuple[int, ...], min_runs: int, budget_s:
         for kind in ("text", "image"):
             example = tuple(torch.from_numpy(v) for v in _inputs(kind, 2, size, seq, vocab, rng).values())
             t = time.perf_counter()
-            how = TRANSFORMER_EXPORT if plans[kind] else {"exporter": "dynamo", "opset": 18}
-            path = export_graph(model, kind, os.path.join(tmp, f"{kind}.onnx"), example, how["opset"], how["exporter"])
-            fused = fuse(path, plans[kind]) if plans[kind] else {}
-            attention = fused.get("Attention", 0) + fused.get("MultiHeadAttention", 0)
+            path = os.path.join(tmp, f"{kind}.onnx")
+            attention = attention_nodes(export_tower(model, kind, path, example, plans[kind])[1])
             quantized = to_int8(path, os.path.join(tmp, f"{kind}.int8.onnx")) if int8 else None
             echo(f"  {name}/{kind}: exported in {time.perf_counter() - t:.0f}s ({os.path.getsize(path) / 2**20:.0f} "
                  f"MiB), {attention} fused attention nodes")

@@ -20,8 +20,8 @@ from competition.io import sha256
 from competition.layout import split_files
 from competition.preprocess import TEXT_NORMALIZATION
 
-from .graphs import check_graph, export_graph, load_run_model, to_fp16
-from .optimize import TRANSFORMER_EXPORT, eager_attention, fuse, fusion_plan, to_int8
+from .graphs import check_graph, load_run_model, to_fp16
+from .optimize import export_tower, prepare_fusion, to_int8
 from .parity import ParityError, ParityLimits, ParitySettings, format_report, run_parity
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,7 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
     `fused`: transformer towers exported for and through ORT's fusion; `int8`: add int8 graphs."""
     t0 = time.time()
     model, ckpt, ckpt_path = load_run_model(run_dir, checkpoint)
-    plans = {kind: fusion_plan(ckpt["arch"], kind) if fused else None for kind in ("text", "image")}
-    if any(plans.values()):
-        eager_attention(model)
+    plans = prepare_fusion(model, ckpt["arch"], fused)
     cfg = ckpt["config"]
     size, max_len = cfg["data"]["image_size"], cfg["data"]["max_text_length"]
     queries_path, tsv_path = split_files(data_dir, "valid")
@@ -68,11 +66,9 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
         example_image = (torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8),)
         exports, fusion = {}, {}
         for kind, example in (("text", example_text), ("image", example_image)):
-            how = TRANSFORMER_EXPORT if plans[kind] else {"exporter": exporter, "opset": opset}
-            log.info("exporting the %s encoder (%s, opset %d) ...", kind, how["exporter"], how["opset"])
-            path = export_graph(model, kind, os.path.join(tmp, f"{kind}.onnx"), example, how["opset"], how["exporter"])
-            exports[kind] = f"{how['exporter']}, opset {how['opset']}"
-            fusion[kind] = fuse(path, plans[kind]) if plans[kind] else {}
+            path = os.path.join(tmp, f"{kind}.onnx")
+            exports[kind], fusion[kind] = export_tower(model, kind, path, example, plans[kind], opset=opset,
+                                                       exporter=exporter)
             to_fp16(path, os.path.join(tmp, f"{kind}.fp16.onnx"))
             if int8:
                 to_int8(path, os.path.join(tmp, f"{kind}.int8.onnx"))

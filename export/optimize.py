@@ -21,6 +21,8 @@ import contextlib
 import logging
 import os
 
+from .graphs import captured_logs, export_graph
+
 log = logging.getLogger(__name__)
 TRANSFORMER_EXPORT = {"exporter": "torchscript", "opset": 17}
 OPTIMIZER_LOGGERS = ("onnx_model", "onnx_model_bert", "onnx_model_clip", "fusion_utils", "fusion_base")
@@ -42,11 +44,33 @@ def fusion_plan(arch: dict, kind: str) -> dict | None:
             "hidden_size": int(conf["hidden_size"]), "layers": int(conf["num_hidden_layers"])}
 
 
+def prepare_fusion(model, arch: dict, fused: bool = True) -> dict:
+    """{kind: fusion plan or None} for both towers; where any tower will be fused, `model` is
+    switched to eager attention first (the pattern the optimizer recognises)."""
+    plans = {kind: fusion_plan(arch, kind) if fused else None for kind in ("text", "image")}
+    if any(plans.values()):
+        eager_attention(model)
+    return plans
+
+
+def export_tower(model, kind: str, path: str, example: tuple, plan: dict | None, *, opset: int = 18,
+                 exporter: str = "dynamo") -> tuple[str, dict]:
+    """Export one tower as a bundle ships it: a tower with a fusion `plan` through
+    `TRANSFORMER_EXPORT` and `fuse`, any other with `exporter` / `opset`. Returns (how it was
+    exported, the fused-op counts)."""
+    how = TRANSFORMER_EXPORT if plan else {"exporter": exporter, "opset": opset}
+    log.info("exporting the %s encoder (%s, opset %d) ...", kind, how["exporter"], how["opset"])
+    export_graph(model, kind, path, example, how["opset"], how["exporter"])
+    return f"{how['exporter']}, opset {how['opset']}", fuse(path, plan) if plan else {}
+
+
+def attention_nodes(counts: dict) -> int:
+    return counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0)
+
+
 def fuse(path: str, plan: dict) -> dict:
     """Fuse the graph at `path` in place; returns the fused-op counts (zeros left out)."""
     from onnxruntime.transformers.optimizer import optimize_model
-
-    from .graphs import captured_logs
 
     with contextlib.ExitStack() as quiet:  # the optimizer's per-step notes; its result is logged below
         for name in OPTIMIZER_LOGGERS:
@@ -55,7 +79,7 @@ def fuse(path: str, plan: dict) -> dict:
                                hidden_size=plan["hidden_size"], opt_level=0)
         counts = {k: v for k, v in model.get_fused_operator_statistics().items() if v and k in FUSED_OPS}
         model.save_model_to_file(path)
-    attention = counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0)
+    attention = attention_nodes(counts)
     level = logging.INFO if attention == plan["layers"] else logging.WARNING
     log.log(level, "%s: fused %s (%d attention nodes for %d layers)", os.path.basename(path),
             ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing", attention, plan["layers"])

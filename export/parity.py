@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from competition import ImageTSV, read_queries, resize_image, score_predictions
 from competition.topk import exact_topk, first_nonfinite_row
-from predict.runtime import BundleEncoders, RuntimeChoice, choose_runtime
+from predict.runtime import BundleEncoders, RuntimeChoice, choose_runtime, has_graphs
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, *, sett
     gpu = choose_runtime(device, "fp16")
     reduced = {"fp16": BundleEncoders(bundle_dir, choice=RuntimeChoice(gpu.providers, True), batch_size=bs,
                                       text_batch=bs)}
-    if "text.int8.onnx" in fp32.manifest["files"]:
+    if has_graphs(fp32.manifest, "int8"):
         reduced["int8"] = BundleEncoders(bundle_dir, choice=choose_runtime("cpu", "int8"), batch_size=bs,
                                          text_batch=bs)
     pixels = np.stack([resize_image(tsv.load(i), fp32.image_size, fp32.resize_rule) for i in ids])

@@ -45,6 +45,14 @@ def cuda_device_count() -> int:
         return 0
 
 
+SUFFIXES = {"fp32": ".onnx", "fp16": ".fp16.onnx", "int8": ".int8.onnx"}  # text.onnx, text.fp16.onnx, ...
+
+
+def has_graphs(manifest: dict, precision: str) -> bool:
+    """Whether a bundle holds the graphs of `precision` (int8 only with `muge export --int8`)."""
+    return f"text{SUFFIXES[precision]}" in manifest["files"]
+
+
 @dataclass(frozen=True)
 class RuntimeChoice:
     providers: tuple[str, ...]
@@ -61,8 +69,7 @@ class RuntimeChoice:
 
     @property
     def suffix(self) -> str:
-        """The graphs' file suffix: text.onnx, text.fp16.onnx, text.int8.onnx."""
-        return {"int8": ".int8.onnx", "fp16": ".fp16.onnx", "fp32": ".onnx"}[self.precision]
+        return SUFFIXES[self.precision]
 
 
 def choose_runtime(device: str = "auto", precision: str = "auto") -> RuntimeChoice:
@@ -172,7 +179,7 @@ class BundleEncoders:
         self.manifest = read_manifest(bundle_dir)
         self.choice = choice or choose_runtime(device, precision)
         self.text_graph, self.image_graph = "text" + self.choice.suffix, "image" + self.choice.suffix
-        if self.choice.int8 and self.text_graph not in self.manifest["files"]:
+        if self.choice.int8 and not has_graphs(self.manifest, "int8"):
             raise BundleError(f"{bundle_dir} has no int8 graphs: export it with `muge export --int8`, or predict "
                               "with another --precision")
         # what is really loaded: caches are keyed by these hashes

@@ -13,7 +13,7 @@ from competition.metric import success_json, write_result
 from competition.topk import exact_topk
 
 from .embed import embed_gallery, embed_queries
-from .runtime import BundleEncoders
+from .runtime import BundleEncoders, has_graphs
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def predict_split(bundle_dir: str, data_dir: str, split: str, out_path: str, opt
     enc = encoders or BundleEncoders(bundle_dir, opts.device, opts.precision, opts.threads,
                                      batch_size=opts.batch_size)
     log.info("predicting %s with %s on %s", split, bundle_dir, enc.describe())
-    if enc.choice.precision == "fp32" and "text.int8.onnx" in enc.manifest["files"]:
+    if enc.choice.precision == "fp32" and has_graphs(enc.manifest, "int8"):
         log.info("this bundle also has gated int8 graphs: --precision int8 runs them (faster on CPUs with "
                  "VNNI; see the manifest's parity report)")
     if enc.choice.device == "cuda":

@@ -1,5 +1,6 @@
 """Scale-out equivalences: DDP over gloo vs one process, gradient caching vs the full batch,
 and a real `torchrun` launch with resume."""
+import contextlib
 import json
 import os
 import subprocess
@@ -107,23 +108,33 @@ def test_grad_cache_restores_batchnorm_statistics():
     assert any(not torch.equal(before[n], b) for n, b in model.named_buffers() if n.endswith("running_mean"))
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
+@contextlib.contextmanager
+def _gloo_rank(rank: int, world: int, init_file: str):
+    """This process as gloo rank `rank` of `world`; yields its slice of `_batch()`."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         full = _batch()
         half = len(full["pixels"]) // world
-        local = {k: v[rank * half:(rank + 1) * half] for k, v in full.items()}
-        for family, chunk in (("dual", None), ("chinese-clip", 3)):  # 3: gradient caching under DDP too
-            ddp = DistributedDataParallel(_model(family, dropout=False))
-            result = _step(ddp, local, chunk)
-            grads = {n.removeprefix("module."): g for n, g in result[1].items()}
-            torch.save((result[0], grads), os.path.join(out_dir, f"{family}-rank{rank}.pt"))
+        yield {k: v[rank * half:(rank + 1) * half] for k, v in full.items()}
     finally:
         dist.destroy_process_group()
+
+
+def _save_step(result, path):
+    loss, grads = result
+    torch.save((loss, {n.removeprefix("module."): g for n, g in grads.items()}), path)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
+    from torch.nn.parallel import DistributedDataParallel
+
+    with _gloo_rank(rank, world, init_file) as local:
+        for family, chunk in (("dual", None), ("chinese-clip", 3)):  # 3: gradient caching under DDP too
+            ddp = DistributedDataParallel(_model(family, dropout=False))
+            _save_step(_step(ddp, local, chunk), os.path.join(out_dir, f"{family}-rank{rank}.pt"))
 
 
 def test_ddp_two_processes_equal_one_process_on_the_union(tmp_path):
@@ -140,19 +151,12 @@ def test_ddp_two_processes_equal_one_process_on_the_union(tmp_path):
 def _unfreeze_worker(rank: int, world: int, init_file: str, out_dir: str):
     """A freezing schedule under DDP, as `train.main` runs it: the wrapper is rebuilt when the
     trainable set changes, so the newly unfrozen parameters' gradients are all-reduced too."""
-    import torch.distributed as dist
-
     from train.distributed import World
     from train.main import wrap_ddp
     from train.optim import apply_freeze
     from train.params import FreezeConfig
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        full = _batch()
-        half = len(full["pixels"]) // world
-        local = {k: v[rank * half:(rank + 1) * half] for k, v in full.items()}
+    with _gloo_rank(rank, world, init_file) as local:
         model, here = _model("dual", dropout=False), World(rank, rank, world)
         trainable = apply_freeze(model, FreezeConfig(text_layers=1, image_stages=1), 0)
         ddp = wrap_ddp(model, here, CPU)
@@ -161,11 +165,7 @@ def _unfreeze_worker(rank: int, world: int, init_file: str, out_dir: str):
                                                                                            "image_stages": 99}}), 1)
         assert now != trainable
         ddp = wrap_ddp(model, here, CPU)
-        loss, grads = _step(ddp, local)
-        torch.save((loss, {n.removeprefix("module."): g for n, g in grads.items()}),
-                   os.path.join(out_dir, f"unfrozen-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        _save_step(_step(ddp, local), os.path.join(out_dir, f"unfrozen-rank{rank}.pt"))
 
 
 def test_ddp_after_unfreezing_equals_one_process(tmp_path):

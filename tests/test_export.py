@@ -54,7 +54,7 @@ def test_export_loads_and_passes_gate(runs, small_sample, tmp_path, monkeypatch,
 
 
 def test_corrupted_export_fails_gate_and_leaves_no_bundle(runs, small_sample, tmp_path, monkeypatch):
-    import export.bundle as bundle_mod
+    import export.optimize as optimize_mod
     from export.graphs import export_graph as real_export
 
     def perturbed(model, kind, path, example, opset=18, exporter="dynamo"):
@@ -68,7 +68,7 @@ def test_corrupted_export_fails_gate_and_leaves_no_bundle(runs, small_sample, tm
             onnx.save(m, path)
         return path
 
-    monkeypatch.setattr(bundle_mod, "export_graph", perturbed)
+    monkeypatch.setattr(optimize_mod, "export_graph", perturbed)  # the graphs export_bundle writes
     out = tmp_path / "bundle"
     with pytest.raises(ParityError) as err:
         export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript", settings=FAST)
@@ -81,12 +81,12 @@ def test_failed_export_keeps_previous_bundle(runs, small_sample, tmp_path, monke
     out = tmp_path / "bundle"
     export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript", settings=FAST)
     before = (out / "manifest.json").read_text()
-    import export.bundle as bundle_mod
+    import export.optimize as optimize_mod
 
     def broken(*a, **k):
         raise RuntimeError("exporter crashed")
 
-    monkeypatch.setattr(bundle_mod, "export_graph", broken)
+    monkeypatch.setattr(optimize_mod, "export_graph", broken)
     with pytest.raises(RuntimeError):
         export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript", settings=FAST)
     assert (out / "manifest.json").read_text() == before

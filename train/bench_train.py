@@ -36,13 +36,6 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
     return peak / 2 if precision == "fp32" else peak
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def synthetic_batch(real: dict, vocab_size: int, device) -> dict:
     """Random pixels and token ids shaped like a real batch, with its attention mask (so the text
     tower does the same work), and distinct ids (no duplicate positives)."""
@@ -75,17 +68,19 @@ def model_flops_per_sample(model, criterion, batch: dict, precision: str, device
 
 def time_steps(step, n: int, warmup: int, device) -> tuple[float, float]:
     """(seconds per step after `warmup` steps, the first step's seconds)."""
+    from .speed import synchronize
+
     t = time.perf_counter()
     step()
-    _sync(device)
+    synchronize(device)
     first = time.perf_counter() - t
     for _ in range(max(warmup - 1, 0)):
         step()
-    _sync(device)
+    synchronize(device)
     t = time.perf_counter()
     for _ in range(n):
         step()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - t) / n, first
 
 
@@ -140,7 +135,7 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, json_
     from .params import load_config
     from .precision import grad_scaler, resolve_precision
     from .scheduler import create_scheduler
-    from .speed import compile_enabled, configure_backends, optimize_model
+    from .speed import compile_enabled, compile_model, configure_backends, optimize_model
     from .tokenizer import prepare_tokenizer
 
     cfg = load_config(config_path, list(overrides))
@@ -183,7 +178,7 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, json_
 
         def time_compiled():
             nonlocal compiled_s, compile_s
-            model.compile(dynamic=False)
+            compile_model(model)
             compiled_s, compile_s = time_steps(step, steps, warmup, device)
             click.echo(f"  bare step, compiled   {bs / compiled_s:10,.1f} samples/s  (x{eager_s / compiled_s:.2f} "
                        f"eager; the first step, compiling, took {compile_s:.1f}s)")

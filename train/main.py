@@ -28,7 +28,7 @@ from .optim import apply_freeze, create_optimizer
 from .params import Config, TrainConfig, save_config, to_dict
 from .precision import grad_scaler, resolve_precision
 from .scheduler import create_scheduler
-from .speed import compile_enabled, configure_backends, match_param_layout, optimize_model
+from .speed import compile_enabled, configure_backends, match_param_layout, optimize_model, synchronize
 from .step import forward_backward
 from .tokenizer import prepare_tokenizer
 
@@ -106,11 +106,6 @@ def train_step(model, criterion, batch: dict, optimizer, scheduler, scaler, t: T
     return loss
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg: Config, precision, device,
                     world: World, epoch: int, step: int, *, max_batches: int | None = None,
                     warmup: int = 3) -> EpochStats:
@@ -126,7 +121,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
     bar = tqdm(loader, total=n, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not world.main, leave=False)
     for i, batch in enumerate(bar):
         if i == warmup:
-            _sync(device)
+            synchronize(device)
             steady = (time.perf_counter(), seen)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # the epoch's last group may be short: it is stepped too (its gradients must not leak into
@@ -139,7 +134,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
         count += 1
         seen += len(batch["pixels"]) * world.size
         if i == 0:
-            _sync(device)
+            synchronize(device)
             first_batch_s = time.perf_counter() - t0
         if world.main and (i % t.log_every == 0 or i == n - 1):
             scale = _unwrap(model).logit_scale.exp().item()
@@ -148,7 +143,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
                             refresh=False)
         if i + 1 == n:  # `max_batches`: stop without fetching another batch
             break
-    _sync(device)
+    synchronize(device)
     end = time.perf_counter()
     stats = EpochStats(loss=total.item() / max(count, 1), step=step, samples_s=seen / max(end - t0, 1e-9),
                        steady_samples=seen - steady[1], steady_seconds=end - steady[0], first_batch_s=first_batch_s)

@@ -32,8 +32,18 @@ def optimize_model(model: nn.Module, device: torch.device, compile: bool) -> nn.
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if compile:
-        model.compile(dynamic=False)  # one static graph: training shapes never change
+        compile_model(model)
     return model
+
+
+def compile_model(model: nn.Module) -> None:
+    model.compile(dynamic=False)  # one static graph: training shapes never change
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing marks); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
