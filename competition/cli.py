@@ -17,14 +17,16 @@ from .errors import MugeDataError
               help="Valid and test queries each.")
 @click.option("--gallery-size", type=click.IntRange(min=10), default=1000, show_default=True,
               help="Images per split (a submission needs 10 per query).")
-def sample(out_dir, seed, train_queries, eval_queries, gallery_size):
+@click.option("--hard", is_flag=True, help="Finer attributes, weaker cues, more near-duplicates: a sample with "
+              "headroom for measuring what helps (`make bench-quality`).")
+def sample(out_dir, seed, train_queries, eval_queries, gallery_size, hard):
     """Write the embedded sample dataset (MUGE layout) into OUT_DIR."""
-    from .sample import make_sample
+    from .sample import EASY, HARD, make_sample
 
-    click.echo(f"drawing the sample dataset into {out_dir} (seed {seed}) ...")
+    click.echo(f"drawing the {'hard ' if hard else ''}sample dataset into {out_dir} (seed {seed}) ...")
     try:
         info = make_sample(out_dir, seed=seed, n_train_queries=train_queries, n_eval_queries=eval_queries,
-                           gallery_size=gallery_size)
+                           gallery_size=gallery_size, difficulty=HARD if hard else EASY)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(info, ensure_ascii=False))

@@ -7,6 +7,11 @@ exercised). Queries are Chinese search phrases built from the attributes with sy
 filler words. Valid/test queries name two or three attributes and every gallery image that
 matches is a positive, so same-category/other-colour images are near-miss distractors.
 Deterministic for a seed: every image is drawn from its own (seed, split, index) stream.
+
+`HARD` (`muge sample --hard`) keeps the layout and the generator but leaves the model headroom:
+near shades of the colours (深蓝 beside 蓝色 and 天蓝), stripes and dots in two sizes, smaller
+products under uneven light and more noise, often beside a smaller second product, and eval
+queries that name every attribute, so each has few positives among many near-duplicates.
 """
 from __future__ import annotations
 
@@ -37,11 +42,29 @@ COLOURS = {  # name -> (RGB, synonyms)
     "紫色": ((125, 55, 170), ["紫色", "紫", "香芋紫"]),
     "橙色": ((246, 130, 25), ["橙色", "橘色", "橙"]),
 }
-PATTERNS = {
-    "纯色": ["纯色", "素色"],
-    "条纹": ["条纹", "竖条纹", "横条纹"],
-    "格子": ["格子", "格纹", "英伦格子"],
-    "波点": ["波点", "圆点", "复古波点"],
+NEAR_SHADES = {  # HARD adds these beside COLOURS: each is close to one of them
+    "深蓝色": ((22, 40, 110), ["深蓝色", "深蓝", "藏青色"]),
+    "天蓝色": ((105, 170, 230), ["天蓝色", "天蓝", "浅蓝色"]),
+    "酒红色": ((128, 22, 44), ["酒红色", "酒红", "枣红色"]),
+    "米色": ((232, 218, 186), ["米色", "米白色", "奶白色"]),
+    "卡其色": ((186, 156, 104), ["卡其色", "卡其"]),
+    "墨绿色": ((22, 78, 50), ["墨绿色", "墨绿", "深绿色"]),
+    "浅粉色": ((250, 200, 214), ["浅粉色", "浅粉", "樱花粉"]),
+    "深灰色": ((72, 72, 76), ["深灰色", "深灰", "炭灰色"]),
+}
+PATTERNS = {  # name -> (how it is drawn, spacing range in px at 224, synonyms)
+    "纯色": ("plain", (16, 28), ["纯色", "素色"]),
+    "条纹": ("stripes", (16, 28), ["条纹", "竖条纹", "横条纹"]),
+    "格子": ("check", (16, 28), ["格子", "格纹", "英伦格子"]),
+    "波点": ("dots", (16, 28), ["波点", "圆点", "复古波点"]),
+}
+HARD_PATTERNS = {
+    "纯色": ("plain", (16, 28), ["纯色", "素色"]),
+    "细条纹": ("stripes", (9, 13), ["细条纹", "细条", "窄条纹"]),
+    "宽条纹": ("stripes", (26, 36), ["宽条纹", "粗条纹", "宽条"]),
+    "格子": ("check", (16, 28), ["格子", "格纹", "英伦格子"]),
+    "小波点": ("dots", (10, 14), ["小波点", "小圆点", "碎点"]),
+    "大波点": ("dots", (28, 38), ["大波点", "大圆点", "复古波点"]),
 }
 CATEGORIES = {
     "连衣裙": ["连衣裙", "裙子", "长裙"],
@@ -56,6 +79,23 @@ CATEGORIES = {
 PREFIXES = ["", "", "", "新款", "2024新款", "韩版", "ins风", "高级感", "夏季", "百搭", "简约", "网红", "日系", "复古"]
 SUFFIXES = ["", "", "", "女", "男", "女夏", "学生", "潮", "大容量", "ins", "情侣", "小众设计", "清新", "正品"]
 SIZE = 224
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """What the generator draws from. `EASY` is the default sample; `HARD` leaves headroom."""
+    colours: dict
+    patterns: dict
+    scale: tuple[float, float] = (0.6, 0.95)  # product size, fraction of the frame
+    noise: int = 6                 # +- per-pixel noise
+    lighting: float = 0.0          # up to this much brighter/darker product (a weaker colour cue)
+    second_product: float = 0.0    # chance of a smaller other product in the picture
+    full_queries: float = 0.55     # eval queries naming colour and pattern (else one of them)
+
+
+EASY = Difficulty(COLOURS, PATTERNS)
+HARD = Difficulty({**COLOURS, **NEAR_SHADES}, HARD_PATTERNS, scale=(0.45, 0.8), noise=14, lighting=0.25,
+                  second_product=0.6, full_queries=0.9)
 
 
 @dataclass(frozen=True)
@@ -103,26 +143,26 @@ def _shape_mask(category: str) -> Image.Image:
     return m
 
 
-def _texture(colour: str, pattern: str, rng: np.random.Generator) -> Image.Image:
-    rgb = COLOURS[colour][0]
+def _texture(rgb: tuple, pattern: tuple, rng: np.random.Generator) -> Image.Image:
+    kind, (low, high), _ = pattern
     light = sum(rgb) > 600
     accent = (40, 40, 40) if light else (250, 250, 250)
     tex = Image.new("RGB", (SIZE, SIZE), rgb)
     d = ImageDraw.Draw(tex)
-    step = int(rng.integers(16, 28))
-    if pattern == "条纹":
+    step = int(rng.integers(low, high))
+    if kind == "stripes":
         width = step // 2 - 2
         vertical = rng.random() < 0.5
         for p in range(0, SIZE, step):
             d.rectangle((p, 0, p + width, SIZE) if vertical else (0, p, SIZE, p + width), fill=accent)
-    elif pattern == "格子":
+    elif kind == "check":
         dark = tuple(int(c * 0.55) for c in rgb) if not light else (90, 90, 90)
         for p in range(0, SIZE, step):
             d.rectangle((p, 0, p + 5, SIZE), fill=dark)
             d.rectangle((0, p, SIZE, p + 5), fill=dark)
             d.line((p + step // 2, 0, p + step // 2, SIZE), fill=accent, width=1)
             d.line((0, p + step // 2, SIZE, p + step // 2), fill=accent, width=1)
-    elif pattern == "波点":
+    elif kind == "dots":
         r = max(3, step // 5)
         for y in range(0, SIZE, step):
             for x in range((y // step % 2) * step // 2, SIZE, step):
@@ -130,36 +170,49 @@ def _texture(colour: str, pattern: str, rng: np.random.Generator) -> Image.Image
     return tex
 
 
-def draw_product(p: Product, rng: np.random.Generator) -> Image.Image:
-    bg_top = rng.integers(185, 256, 3)
-    bg_bottom = np.clip(bg_top - rng.integers(0, 40, 3), 150, 255)
-    grad = np.linspace(0, 1, SIZE)[:, None, None]
-    bg = (bg_top * (1 - grad) + bg_bottom * grad).astype(np.uint8).repeat(SIZE, axis=1)
-    canvas = Image.fromarray(bg, "RGB")
+def _paste_product(canvas: Image.Image, p: Product, rng: np.random.Generator, d: Difficulty, scale_range,
+                   shift) -> None:
+    """Draw `p` onto `canvas` at a random size in `scale_range`, angle, and `shift(rng)` from the centre."""
     mask = _shape_mask(p.category)
     outline = mask.filter(ImageFilter.MaxFilter(5))
-    layer = _texture(p.colour, p.pattern, rng)
-    scale = float(rng.uniform(0.6, 0.95))
+    layer = _texture(d.colours[p.colour][0], d.patterns[p.pattern], rng)
+    scale = float(rng.uniform(*scale_range))
     angle = float(rng.uniform(-12, 12))
-    shift = rng.integers(-18, 19, 2)
+    offset = shift(rng)
+    if d.lighting:
+        gain = 1 + float(rng.uniform(-d.lighting, d.lighting))
+        layer = Image.fromarray((np.asarray(layer, np.float32) * gain).clip(0, 255).astype(np.uint8), "RGB")
 
     def place(img: Image.Image, fill) -> Image.Image:
         size = max(8, int(SIZE * scale))
         img = img.resize((size, size), Image.BILINEAR).rotate(angle, resample=Image.BILINEAR, fillcolor=fill)
         out = Image.new(img.mode, (SIZE, SIZE), fill)
-        out.paste(img, ((SIZE - size) // 2 + int(shift[0]), (SIZE - size) // 2 + int(shift[1])))
+        out.paste(img, ((SIZE - size) // 2 + int(offset[0]), (SIZE - size) // 2 + int(offset[1])))
         return out
 
     shade = tuple(int(c) for c in rng.integers(20, 70, 3))
     canvas.paste(Image.new("RGB", (SIZE, SIZE), shade), (0, 0), place(outline, 0))
     canvas.paste(place(layer, (0, 0, 0)), (0, 0), place(mask, 0))
-    arr = np.asarray(canvas).astype(np.int16) + rng.integers(-6, 7, (SIZE, SIZE, 3))
+
+
+def draw_product(p: Product, rng: np.random.Generator, d: Difficulty = EASY) -> Image.Image:
+    bg_top = rng.integers(185, 256, 3)
+    bg_bottom = np.clip(bg_top - rng.integers(0, 40, 3), 150, 255)
+    grad = np.linspace(0, 1, SIZE)[:, None, None]
+    bg = (bg_top * (1 - grad) + bg_bottom * grad).astype(np.uint8).repeat(SIZE, axis=1)
+    canvas = Image.fromarray(bg, "RGB")
+    if d.second_product and rng.random() < d.second_product:  # smaller, off-centre, behind the product
+        other = _products(rng, 1, iter([0]), d, exclude=p.category)[0]
+        corner = lambda r: r.choice([-1, 1], 2) * r.integers(50, 76, 2)  # noqa: E731
+        _paste_product(canvas, other, rng, d, (0.25, 0.4), corner)
+    _paste_product(canvas, p, rng, d, d.scale, lambda r: r.integers(-18, 19, 2))
+    arr = np.asarray(canvas).astype(np.int16) + rng.integers(-d.noise, d.noise + 1, (SIZE, SIZE, 3))
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB")
 
 
-def encode_product(p: Product, rng: np.random.Generator, odd: str | None) -> bytes:
+def encode_product(p: Product, rng: np.random.Generator, odd: str | None, d: Difficulty = EASY) -> bytes:
     """JPEG bytes, or for `odd` products a valid but unusual file."""
-    img = draw_product(p, rng)
+    img = draw_product(p, rng, d)
     buf = io.BytesIO()
     if odd == "png-rgba":
         alpha = Image.new("L", img.size, 255)
@@ -178,22 +231,22 @@ def encode_product(p: Product, rng: np.random.Generator, odd: str | None) -> byt
 
 
 def _render(args) -> str:
-    seed, split, index, product, odd = args
+    seed, split, index, product, odd, difficulty = args
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
-    data = encode_product(product, rng, odd)
+    data = encode_product(product, rng, odd, difficulty)
     urlsafe = rng.random() < 0.5  # both base64 alphabets occur, as in the wild
     text = (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(data).decode("ascii")
     return f"{product.img_id}\t{text}\n"
 
 
 # --- queries ------------------------------------------------------------------------------------
-def _phrase(rng, category, colour=None, pattern=None) -> str:
+def _phrase(rng, d: Difficulty, category, colour=None, pattern=None) -> str:
     pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
     parts = []
     if colour:
-        parts.append(pick(COLOURS[colour][1]))
+        parts.append(pick(d.colours[colour][1]))
     if pattern:
-        parts.append(pick(PATTERNS[pattern]))
+        parts.append(pick(d.patterns[pattern][2]))
     if len(parts) == 2 and rng.random() < 0.25:
         parts.reverse()
     core = "".join(parts) + pick(CATEGORIES[category])
@@ -203,17 +256,17 @@ def _phrase(rng, category, colour=None, pattern=None) -> str:
     return text
 
 
-def _unique_text(rng, used: set, *attrs) -> str | None:
+def _unique_text(rng, used: set, d: Difficulty, *attrs) -> str | None:
     for _ in range(50):
-        text = _phrase(rng, *attrs)
+        text = _phrase(rng, d, *attrs)
         if text not in used:
             used.add(text)
             return text
     return None
 
 
-def _products(rng, n: int, ids) -> list[Product]:
-    cats, cols, pats = list(CATEGORIES), list(COLOURS), list(PATTERNS)
+def _products(rng, n: int, ids, d: Difficulty, exclude: str | None = None) -> list[Product]:
+    cats, cols, pats = [c for c in CATEGORIES if c != exclude], list(d.colours), list(d.patterns)
     return [Product(int(next(ids)), cats[rng.integers(len(cats))], cols[rng.integers(len(cols))],
                     pats[rng.integers(len(pats))]) for _ in range(n)]
 
@@ -231,24 +284,24 @@ def _draws(out: list, n: int, kind: str, patience: int = 5_000):
                              "and gallery: ask for fewer queries or a larger gallery")
 
 
-def _eval_queries(rng, gallery: list[Product], n: int, used: set, qids) -> list[Query]:
+def _eval_queries(rng, gallery: list[Product], n: int, used: set, qids, d: Difficulty) -> list[Query]:
     out = []
     for _ in _draws(out, n, "valid/test"):
         anchor = gallery[int(rng.integers(len(gallery)))]
         kind = rng.random()
         colour = anchor.colour if kind < 0.9 else None
-        pattern = anchor.pattern if kind < 0.55 or kind >= 0.9 else None
+        pattern = anchor.pattern if kind < d.full_queries or kind >= 0.9 else None
         pos = [p.img_id for p in gallery if p.category == anchor.category
                and (colour is None or p.colour == colour) and (pattern is None or p.pattern == pattern)]
         if len(pos) > 20:
             continue
-        text = _unique_text(rng, used, anchor.category, colour, pattern)
+        text = _unique_text(rng, used, d, anchor.category, colour, pattern)
         if text:
             out.append(Query(int(next(qids)), text, tuple(pos)))
     return out
 
 
-def _train_queries(rng, gallery: list[Product], n: int, used: set, qids) -> list[Query]:
+def _train_queries(rng, gallery: list[Product], n: int, used: set, qids, d: Difficulty) -> list[Query]:
     by_combo: dict[tuple, list[int]] = {}
     for p in gallery:
         by_combo.setdefault((p.category, p.colour, p.pattern), []).append(p.img_id)
@@ -259,7 +312,7 @@ def _train_queries(rng, gallery: list[Product], n: int, used: set, qids) -> list
         k = min(len(matches), 1 + int(rng.random() < 0.5))  # a train query has 1-2 images
         pos = [anchor.img_id] + [m for m in rng.permutation(matches).tolist() if m != anchor.img_id][:k - 1]
         pattern = anchor.pattern if rng.random() < 0.85 else None
-        text = _unique_text(rng, used, anchor.category, anchor.colour, pattern)
+        text = _unique_text(rng, used, d, anchor.category, anchor.colour, pattern)
         if text:
             out.append(Query(int(next(qids)), text, tuple(int(i) for i in pos)))
     return out
@@ -270,7 +323,8 @@ def _id_stream(rng, low: int, high: int, n: int):
 
 
 def make_sample(out_dir, seed: int = 0, n_train_queries: int = 3000, n_eval_queries: int = 500,
-                gallery_size: int = 1000, odd_fraction: float = 0.01, workers: int | None = None) -> dict:
+                gallery_size: int = 1000, odd_fraction: float = 0.01, workers: int | None = None,
+                difficulty: Difficulty = EASY) -> dict:
     """Write the six MUGE files plus `example_pred.jsonl` into `out_dir`. Returns a summary."""
     t0 = time.time()
     # ids are drawn without replacement from fixed ranges; queries need enough distinct phrases
@@ -286,11 +340,12 @@ def make_sample(out_dir, seed: int = 0, n_train_queries: int = 3000, n_eval_quer
     img_ids = _id_stream(rng, 100_000, 9_999_999, 3 * gallery_size)
     qids = _id_stream(rng, 1_000, 999_999, n_train_queries + 2 * n_eval_queries)
     used: set[str] = set()
-    galleries = {split: _products(rng, gallery_size, img_ids) for split in SPLITS}
+    d = difficulty
+    galleries = {split: _products(rng, gallery_size, img_ids, d) for split in SPLITS}
     queries = {
-        "train": _train_queries(rng, galleries["train"], n_train_queries, used, qids),
-        "valid": _eval_queries(rng, galleries["valid"], n_eval_queries, used, qids),
-        "test": _eval_queries(rng, galleries["test"], n_eval_queries, used, qids),
+        "train": _train_queries(rng, galleries["train"], n_train_queries, used, qids, d),
+        "valid": _eval_queries(rng, galleries["valid"], n_eval_queries, used, qids, d),
+        "test": _eval_queries(rng, galleries["test"], n_eval_queries, used, qids, d),
     }
     odd_kinds = ["png-rgba", "gray", "cmyk", "palette"]
     jobs = []
@@ -301,7 +356,7 @@ def make_sample(out_dir, seed: int = 0, n_train_queries: int = 3000, n_eval_quer
                 odd = odd_kinds[int(rng.integers(len(odd_kinds)))]
                 if odd == "gray" and p.colour not in ("黑色", "白色", "灰色"):
                     odd = "png-rgba"
-            jobs.append((seed, split, i, p, odd))
+            jobs.append((seed, split, i, p, odd, d))
     with Pool(workers or min(4, os.cpu_count() or 1)) as pool:
         lines = pool.map(_render, jobs, chunksize=32)
     start = 0
@@ -323,7 +378,8 @@ def make_sample(out_dir, seed: int = 0, n_train_queries: int = 3000, n_eval_quer
     attrs = {p.img_id: [p.category, p.colour, p.pattern] for s in SPLITS for p in galleries[s]}
     atomic_write_text(os.path.join(out_dir, "sample_attributes.json"), json.dumps(attrs, ensure_ascii=False))
     positives = [len(q.item_ids) for q in queries["valid"]]
-    return {"dir": out_dir, "seconds": round(time.time() - t0, 1),
+    return {"dir": out_dir, "difficulty": "hard" if d == HARD else "easy" if d == EASY else "custom",
+            "seconds": round(time.time() - t0, 1),
             "queries": {s: len(q) for s, q in queries.items()},
             "images": {s: len(g) for s, g in galleries.items()},
             "valid_positives_mean": round(float(np.mean(positives)), 2)}
