@@ -52,6 +52,12 @@ def _refuse_overflow(dim: int, queries: tuple[float, int], gallery: tuple[float,
                              "large are not L2-normalised")
 
 
+def _require_finite(block: np.ndarray) -> np.ndarray:
+    if not np.isfinite(block).all():
+        raise NonFiniteError("re-ranked scores are not finite (NaN or inf)")
+    return block
+
+
 def _select(rows, scores, cols, k):
     """Keep, for each row, the k best (score desc, col asc) of flat candidate triples."""
     order = np.lexsort((cols, -scores, rows))
@@ -75,11 +81,13 @@ def _block_candidates(scores: np.ndarray, k: int, floor: np.ndarray | None):
 
 
 def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_chunk: int = 32768,
-               query_block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+               query_block: int = 1024, rescore=None) -> tuple[np.ndarray, np.ndarray]:
     """Return (scores [Q, k], gallery positions [Q, k]), best first, k <= len(gallery).
 
     Memory: one [query_block, gallery_chunk] float32 block at a time (128 MiB by default)
     whatever the sizes; `gallery` may be a memory-mapped array, read chunk by chunk.
+    `rescore(block, rows, cols)`: the score to rank by, from a block of inner products and the
+    query rows / gallery columns it covers (re-ranking, `predict.rerank`); it must be finite.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     n_gallery = gallery.shape[0]
@@ -108,7 +116,10 @@ def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_ch
                 g = np.ascontiguousarray(gallery[start:start + gallery_chunk], dtype=np.float32)
                 if q0 == 0:  # the first query block reads every chunk: check each once
                     _refuse_overflow(queries.shape[1], q_max, _checked_max(g, "gallery", start))
-            r, s, c = _block_candidates(qb @ g.T, k, floor)
+            block = qb @ g.T
+            if rescore is not None:
+                block = _require_finite(rescore(block, slice(q0, q0 + len(qb)), slice(start, start + len(g))))
+            r, s, c = _block_candidates(block, k, floor)
             rows, vals, cols = _select(np.concatenate([rows, r]), np.concatenate([vals, s]),
                                        np.concatenate([cols, c + start]), k)
             if len(rows) == len(qb) * k:  # every row has k: its k-th best bounds later chunks

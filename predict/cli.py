@@ -8,7 +8,8 @@ import click
 
 
 @click.command()
-@click.option("--bundle", "bundle_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--bundle", "bundle_dirs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="An export bundle; repeat it for an ensemble of bundles.")
 @click.option("--data", "data_dir", default="data/sample", show_default=True,
               type=click.Path(exists=True, file_okay=False))
 @click.option("--split", default="test", show_default=True, help="test | valid (valid is also scored)")
@@ -25,8 +26,18 @@ import click
 @click.option("--skip-bad-images", is_flag=True,
               help="Leave undecodable gallery images out (reported) instead of stopping.")
 @click.option("--schema", type=click.Choice(["tianchi", "chinese-clip"]), default="tianchi", show_default=True)
-def predict(bundle_dir, data_dir, split, out_path, device, precision, threads, workers, batch_size, cache_dir,
-            skip_bad_images, schema):
+@click.option("--weights", help="Ensemble weights, one per --bundle (0.6,0.4), or 'auto' to pick them on the valid "
+              "split; default equal.")
+@click.option("--tta", type=click.Choice(["hflip"]), help="Gallery test-time augmentation: each image's embedding "
+              "averaged with its mirror's (twice the image-graph time; cached apart).")
+@click.option("--rerank", type=click.Choice(["qbnorm", "dual-softmax"]),
+              help="Re-rank against a bank of train queries (QB-Norm's dynamic inverted softmax, or dual-softmax).")
+@click.option("--rerank-beta", type=click.FloatRange(min=0, min_open=True),
+              help="Re-ranking inverse temperature (default: the bundles' trained logit scale).")
+@click.option("--bank", type=click.Path(exists=True, dir_okay=False),
+              help="The query bank for --rerank (default: DATA's MR_train_queries.jsonl).")
+def predict(bundle_dirs, data_dir, split, out_path, device, precision, threads, workers, batch_size, cache_dir,
+            skip_bad_images, schema, weights, tta, rerank, rerank_beta, bank):
     """Embed a split's gallery and queries with ONNX Runtime and write the exact top-10 submission."""
     from competition import MugeDataError, SubmissionError
     from competition.topk import NonFiniteError
@@ -34,12 +45,15 @@ def predict(bundle_dir, data_dir, split, out_path, device, precision, threads, w
     from .runtime import BundleError
     from .submit import PredictOptions, predict_split
 
-    name = os.path.basename(os.path.normpath(bundle_dir))
+    name = "+".join(os.path.basename(os.path.normpath(b)) for b in bundle_dirs)
     out_path = out_path or os.path.join("submissions", f"{name}-{split}.jsonl")
+    if weights and len(bundle_dirs) == 1:
+        raise click.UsageError("--weights needs two or more --bundle")
     opts = PredictOptions(device=device, precision=precision, threads=threads, workers=workers, batch_size=batch_size,
-                          skip_bad_images=skip_bad_images, cache_dir=cache_dir, schema=schema)
+                          skip_bad_images=skip_bad_images, cache_dir=cache_dir, schema=schema, tta=tta,
+                          weights=weights, rerank=rerank, rerank_beta=rerank_beta, bank=bank)
     try:
-        summary = predict_split(bundle_dir, data_dir, split, out_path, opts)
+        summary = predict_split(list(bundle_dirs), data_dir, split, out_path, opts)
     except (MugeDataError, SubmissionError, NonFiniteError, BundleError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if "mean_recall" in summary:

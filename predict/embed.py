@@ -73,15 +73,18 @@ class GalleryEmbeddings:
     from_cache: bool = False
 
 
+TTA = ("hflip",)
+
+
 def _cache_dir(cache_root: str, encoders: BundleEncoders, input_path: str, kind: str, *settings) -> str:
     """Keyed by the graphs really loaded (verified against the manifest), the preprocessing, and
-    every setting that changes the result (`--skip-bad-images` for the gallery)."""
+    every setting that changes the result (`--skip-bad-images` and `--tta` for the gallery)."""
     key = hashlib.sha256(json.dumps([encoders.graph_hashes, encoders.image_size, encoders.resize_rule,
                                      encoders.tokenizer.max_length, *settings]).encode()).hexdigest()[:16]
     return os.path.join(cache_root, key, f"{kind}-{file_fingerprint(input_path)}")
 
 
-def _load_npz(path: str, *keys: str) -> dict | None:
+def load_npz(path: str, *keys: str) -> dict | None:
     """The arrays of a cache file, or None when it is absent or unreadable (a run killed while
     the disk filled, say): a cache is recomputed, never trusted half-written."""
     if not os.path.isfile(path):
@@ -93,19 +96,31 @@ def _load_npz(path: str, *keys: str) -> dict | None:
         log.warning("ignoring unreadable cache file %s (%s); recomputing it", path, type(exc).__name__)
         return None
 
-def _save_npz(path: str, **arrays) -> None:
+def save_npz(path: str, **arrays) -> None:
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
 
+def encode_gallery_images(encoders: BundleEncoders, pixels: np.ndarray, tta: str | None = None) -> np.ndarray:
+    """Image embeddings; with `tta="hflip"` the L2-normalised mean of each image's and its mirror's."""
+    feats = encoders.encode_images(pixels)
+    if tta is None:
+        return feats
+    if tta not in TTA:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; expected one of {', '.join(TTA)}")
+    feats = feats + encoders.encode_images(pixels[:, :, ::-1])
+    return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+
+
 def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, *, workers: int = 2,
-                  chunk_size: int = 4096, skip_bad: bool = False) -> GalleryEmbeddings:
+                  chunk_size: int = 4096, skip_bad: bool = False, tta: str | None = None) -> GalleryEmbeddings:
     """Embed every image of `tsv_path` (file order), reusing and extending the on-disk cache.
-    Decode tasks are `encoders.batch_size` lines each, so the image graph sees one batch shape."""
-    cache = _cache_dir(cache_root, encoders, tsv_path, "gallery", skip_bad)
+    Decode tasks are `encoders.batch_size` lines each, so the image graph sees one batch shape.
+    `tta`: see `encode_gallery_images`; cached apart from the plain embeddings."""
+    cache = _cache_dir(cache_root, encoders, tsv_path, "gallery", skip_bad, *([tta] if tta else []))
     final = os.path.join(cache, "gallery.npz")
-    cached = _load_npz(final, "ids", "features", "skipped")
+    cached = load_npz(final, "ids", "features", "skipped")
     if cached is not None:
         skipped = SkippedImages([tuple(x) for x in json.loads(str(cached["skipped"]))])
         log.info("gallery embeddings reused from %s", final)
@@ -116,7 +131,7 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, *, w
     n_chunks = (n + chunk_size - 1) // chunk_size
     chunks: list[dict] = []  # the completed chunks, read once
     while len(chunks) < n_chunks:
-        loaded = _load_npz(os.path.join(cache, f"chunk-{len(chunks):05d}.npz"), "ids", "features", "skipped")
+        loaded = load_npz(os.path.join(cache, f"chunk-{len(chunks):05d}.npz"), "ids", "features", "skipped")
         if loaded is None:
             break
         chunks.append(loaded)
@@ -153,7 +168,7 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, *, w
                 if nxt is not None:  # keep the workers busy while this batch runs on the encoder
                     inflight.append(submit(nxt))
                 if len(pixels):
-                    f = encoders.encode_images(pixels)
+                    f = encode_gallery_images(encoders, pixels, tta)
                     encoders.require_finite(f, "image", describe(pos))
                     feats.append(f)
                 kept.append(pos)
@@ -163,7 +178,7 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, *, w
             pos = np.concatenate(kept) if kept else np.zeros(0, np.int64)
             f = np.concatenate(feats) if feats else np.zeros((0, encoders.dim), np.float32)
             arrays = {"ids": tsv.ids[pos], "features": f, "skipped": np.array(json.dumps(bad))}
-            _save_npz(os.path.join(cache, f"chunk-{chunk:05d}.npz"), **arrays)
+            save_npz(os.path.join(cache, f"chunk-{chunk:05d}.npz"), **arrays)
             chunks.append(arrays)
         bar.close()
     finally:
@@ -173,7 +188,7 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, *, w
     skipped = SkippedImages([tuple(x) for c in chunks for x in json.loads(str(c["skipped"]))])
     result = GalleryEmbeddings(np.concatenate([c["ids"] for c in chunks]),
                                np.concatenate([c["features"] for c in chunks]).astype(np.float32), skipped)
-    _save_npz(final, ids=result.ids, features=result.features, skipped=np.array(json.dumps(skipped.items)))
+    save_npz(final, ids=result.ids, features=result.features, skipped=np.array(json.dumps(skipped.items)))
     for chunk in range(n_chunks):
         os.remove(os.path.join(cache, f"chunk-{chunk:05d}.npz"))
     dt = time.time() - t0
@@ -186,7 +201,7 @@ def embed_queries(encoders: BundleEncoders, queries_path: str, cache_root: str):
     queries = read_queries(queries_path)
     cache = _cache_dir(cache_root, encoders, queries_path, "queries")
     path = os.path.join(cache, "queries.npz")
-    cached = _load_npz(path, "ids", "features")
+    cached = load_npz(path, "ids", "features")
     if cached is not None and np.array_equal(cached["ids"], [q.query_id for q in queries]):
         return queries, cached["features"]
     texts = [q.text for q in queries]
@@ -195,5 +210,5 @@ def embed_queries(encoders: BundleEncoders, queries_path: str, cache_root: str):
                             for i in tqdm(range(0, len(texts), batch_size), desc="embed queries", leave=False)])
     encoders.require_finite(feats, "text", lambda r: f"query {queries[r].query_id} ({queries_path}:{queries[r].line})")
     os.makedirs(cache, exist_ok=True)
-    _save_npz(path, ids=np.array([q.query_id for q in queries]), features=feats)
+    save_npz(path, ids=np.array([q.query_id for q in queries]), features=feats)
     return queries, feats

@@ -1,18 +1,29 @@
-"""Bundle + split -> embeddings -> exact top-K -> validated submission (and, on valid, the score)."""
+"""Bundle(s) + split -> embeddings -> exact top-K -> validated submission (and, on valid, the score).
+
+One bundle is the plain chain. Several are an ensemble (`predict.ensemble`); `tta` averages each
+gallery image with its mirror; `rerank` re-ranks against a bank of train queries
+(`predict.rerank`). Each is off unless asked for, and each keeps the top-K exact.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 
-from competition import ground_truth_not_in_gallery, score_predictions, write_submission
+import numpy as np
+
+from competition import SkippedImages, ground_truth_not_in_gallery, score_predictions, write_submission
 from competition.errors import first_of
+from competition.io import atomic_write_text
 from competition.layout import split_files
 from competition.metric import success_json, write_result
 from competition.topk import exact_topk
 
 from .embed import embed_gallery, embed_queries
+from .ensemble import align, fuse, parse_weights, pick_weights
+from .rerank import DEFAULT_BETA, cached_bank_stats, rescorer
 from .runtime import BundleEncoders, has_graphs
 
 log = logging.getLogger(__name__)
@@ -30,51 +41,128 @@ class PredictOptions:
     cache_dir: str = "cache/embeddings"
     schema: str = "tianchi"
     k: int = 10
+    tta: str | None = None          # "hflip": each gallery image is the mean of it and its mirror
+    weights: str | None = None      # ensembles: "0.6,0.4" (one per bundle) or "auto" (picked on valid); None: equal
+    rerank: str | None = None       # "qbnorm" | "dual-softmax", against the `bank` queries
+    rerank_beta: float | None = None  # None: the bundles' logit scale (their trained inverse temperature)
+    bank: str | None = None         # the query bank (a queries file); None: the data's train queries
 
 
-def predict_split(bundle_dir: str, data_dir: str, split: str, out_path: str, opts: PredictOptions | None = None,
-                  encoders: BundleEncoders | None = None) -> dict:
-    """Write the top-K submission for `split`; on a split with ground truth also score it and
-    write `<out>.result.json`. Returns a summary."""
+@dataclass
+class SplitEmbeddings:
+    queries: list
+    query_features: list[np.ndarray]    # per bundle
+    gallery_ids: np.ndarray
+    gallery_features: list[np.ndarray]  # per bundle, rows in `gallery_ids` order
+    skipped: SkippedImages
+    cached: bool
+    seconds: float
+
+
+def embed_split(encoders: list[BundleEncoders], data_dir: str, split: str, opts: PredictOptions) -> SplitEmbeddings:
+    """Each bundle's embeddings of a split's queries and gallery (cached per bundle)."""
+    queries_path, tsv_path = split_files(data_dir, split)
+    t0, galleries, query_features, queries = time.time(), [], [], None
+    for enc in encoders:
+        galleries.append(embed_gallery(enc, tsv_path, opts.cache_dir, workers=opts.workers,
+                                       chunk_size=opts.chunk_size, skip_bad=opts.skip_bad_images, tta=opts.tta))
+        queries, feats = embed_queries(enc, queries_path, opts.cache_dir)
+        query_features.append(feats)
+    seconds = time.time() - t0
+    ids, features = align([g.ids for g in galleries], [g.features for g in galleries])
+    if len(ids) < opts.k:
+        raise ValueError(f"{tsv_path}: only {len(ids)} usable images; a submission needs {opts.k} per query")
+    return SplitEmbeddings(queries, query_features, ids, features, galleries[0].skipped,
+                           all(g.from_cache for g in galleries), seconds)
+
+
+def _weights(encoders, data_dir: str, split: str, emb: SplitEmbeddings, opts: PredictOptions):
+    """(weights, how they were chosen as a record) for this ensemble."""
+    weights = parse_weights(opts.weights, len(encoders))
+    if weights != "auto":
+        return weights, {"weights": list(weights), "chosen": "given" if opts.weights else "equal"}
+    valid = emb if split == "valid" else embed_split(encoders, data_dir, "valid", opts)
+    if any(q.item_ids is None for q in valid.queries):
+        raise ValueError(f"--weights auto needs ground truth: {split_files(data_dir, 'valid')[0]} has queries "
+                         "without item_ids")
+    t0 = time.time()
+    weights, table = pick_weights(valid.queries, valid.query_features, valid.gallery_ids, valid.gallery_features,
+                                  opts.k)
+    log.info("--weights auto: %s (valid MR %.2f, best of %d grid points in %.1fs)%s",
+             ",".join(f"{w:g}" for w in weights), max(r["mean_recall"] for r in table), len(table),
+             time.time() - t0, "; picked on the split being scored, so its score is optimistic"
+             if split == "valid" else "")
+    return weights, {"weights": list(weights), "chosen": "auto (valid grid)", "grid": table}
+
+
+def _rescore(encoders, data_dir: str, weights, queries: np.ndarray, gallery: np.ndarray, opts: PredictOptions):
+    """The re-ranking's `rescore` for `exact_topk`, and a record of its settings."""
+    bank_path = opts.bank or split_files(data_dir, "train")[0]
+    bank = fuse([embed_queries(enc, bank_path, opts.cache_dir)[1] for enc in encoders], weights)
+    scales = [enc.manifest.get("logit_scale") for enc in encoders]
+    beta = opts.rerank_beta or (float(np.dot(weights, scales)) if None not in scales else DEFAULT_BETA)
+    stats = cached_bank_stats(bank, gallery, beta, opts.cache_dir)
+    record = {"method": opts.rerank, "beta": round(beta, 4), "bank": bank_path, "bank_queries": len(bank)}
+    return rescorer(opts.rerank, queries, gallery, stats, beta), record
+
+
+def predict_split(bundle_dirs, data_dir: str, split: str, out_path: str, opts: PredictOptions | None = None,
+                  encoders=None) -> dict:
+    """Write the top-K submission for `split` from one bundle (a path) or an ensemble (a list of
+    paths); on a split with ground truth also score it and write `<out>.result.json`; an
+    ensemble's weights go to `<out>.ensemble.json`. Returns a summary."""
     t0 = time.time()
     opts = opts or PredictOptions()
+    dirs = [bundle_dirs] if isinstance(bundle_dirs, (str, os.PathLike)) else list(bundle_dirs)
     queries_path, tsv_path = split_files(data_dir, split)
-    enc = encoders or BundleEncoders(bundle_dir, opts.device, opts.precision, opts.threads,
-                                     batch_size=opts.batch_size)
-    log.info("predicting %s with %s on %s", split, bundle_dir, enc.describe())
-    if enc.choice.precision == "fp32" and has_graphs(enc.manifest, "int8"):
-        log.info("this bundle also has gated int8 graphs: --precision int8 runs them (faster on CPUs with "
-                 "VNNI; see the manifest's parity report)")
-    if enc.choice.device == "cuda":
-        log.info("warmed up %d input shapes on CUDA in %.1fs", 1 + len(enc.lengths), enc.warmup())
-    t_gallery = time.time()
-    gallery = embed_gallery(enc, tsv_path, opts.cache_dir, workers=opts.workers, chunk_size=opts.chunk_size,
-                            skip_bad=opts.skip_bad_images)
-    t_gallery = time.time() - t_gallery
-    if gallery.skipped.items:
-        log.warning("%s", gallery.skipped.summary())
-    if len(gallery.ids) < opts.k:
-        raise ValueError(f"{tsv_path}: only {len(gallery.ids)} usable images; a submission needs {opts.k} per query")
-    queries, qfeat = embed_queries(enc, queries_path, opts.cache_dir)
+    if encoders is None:
+        encoders = [BundleEncoders(d, opts.device, opts.precision, opts.threads, batch_size=opts.batch_size)
+                    for d in dirs]
+    elif not isinstance(encoders, (list, tuple)):
+        encoders = [encoders]
+    for d, enc in zip(dirs, encoders):
+        log.info("predicting %s with %s on %s", split, d, enc.describe())
+        if enc.choice.precision == "fp32" and has_graphs(enc.manifest, "int8"):
+            log.info("this bundle also has gated int8 graphs: --precision int8 runs them (faster on CPUs with "
+                     "VNNI; see the manifest's parity report)")
+        if enc.choice.device == "cuda":
+            log.info("warmed up %d input shapes on CUDA in %.1fs", 1 + len(enc.lengths), enc.warmup())
+    emb = embed_split(encoders, data_dir, split, opts)
+    if emb.skipped.items:
+        log.warning("%s", emb.skipped.summary())
+    queries, gallery_ids = emb.queries, emb.gallery_ids
+    weights, ensemble = _weights(encoders, data_dir, split, emb, opts)
+    qfeat, gfeat = fuse(emb.query_features, weights), fuse(emb.gallery_features)
+    rescore, rerank = _rescore(encoders, data_dir, weights, qfeat, gfeat, opts) if opts.rerank else (None, None)
     t1 = time.time()
-    _, pos = exact_topk(qfeat, gallery.features, k=opts.k)
+    _, pos = exact_topk(qfeat, gfeat, k=opts.k, rescore=rescore)
     topk_s = time.time() - t1
-    preds = {q.query_id: gallery.ids[row].tolist() for q, row in zip(queries, pos)}
+    preds = {q.query_id: gallery_ids[row].tolist() for q, row in zip(queries, pos)}
     write_submission(out_path, queries, preds, schema=opts.schema, k=opts.k)
-    summary = {"split": split, "submission": out_path, "queries": len(queries), "gallery": len(gallery.ids),
-               "skipped_images": len(gallery.skipped.items), "gallery_cached": gallery.from_cache,
-               "gallery_seconds": round(t_gallery, 2), "topk_seconds": round(topk_s, 3),
-               "seconds": round(time.time() - t0, 1), "runtime": enc.describe()}
+    summary = {"split": split, "submission": out_path, "queries": len(queries), "gallery": len(gallery_ids),
+               "skipped_images": len(emb.skipped.items), "gallery_cached": emb.cached,
+               "gallery_seconds": round(emb.seconds, 2), "topk_seconds": round(topk_s, 3),
+               "seconds": round(time.time() - t0, 1), "runtime": encoders[0].describe()}
+    if opts.tta:
+        summary["tta"] = opts.tta
+    if rerank:
+        summary["rerank"] = rerank
+    if len(encoders) > 1:
+        ensemble = {"bundles": [os.path.abspath(d) for d in dirs], **ensemble}
+        record = os.path.splitext(out_path)[0] + ".ensemble.json"
+        atomic_write_text(record, json.dumps(ensemble, indent=1, ensure_ascii=False) + "\n")
+        summary.update(weights=ensemble["weights"], ensemble=record)
+
     truth = [q for q in queries if q.item_ids is not None]
     if truth and len(truth) < len(queries):
         lacking = [q.line for q in queries if q.item_ids is None]
         log.warning("%s: %d of %d queries have no item_ids (lines %s): the split is not scored", queries_path,
                     len(lacking), len(queries), first_of(lacking))
     if truth and len(truth) == len(queries):  # ground truth present: score it like the evaluator
-        absent = ground_truth_not_in_gallery(queries, set(gallery.ids.tolist()).__contains__)
+        absent = ground_truth_not_in_gallery(queries, set(gallery_ids.tolist()).__contains__)
         if absent:
             log.warning("%d ground-truth id(s) of %s are not among the %d embedded images of %s, so their queries "
-                        "can miss however good the model (query:id %s)", len(absent), queries_path, len(gallery.ids),
+                        "can miss however good the model (query:id %s)", len(absent), queries_path, len(gallery_ids),
                         tsv_path, first_of([f"{q.query_id}:{i}" for q, i in absent]))
         score = score_predictions(queries, preds)
         result_path = os.path.splitext(out_path)[0] + ".result.json"

@@ -169,7 +169,7 @@ def test_cache_reuse_and_resume_after_interruption(tiny_bundle, small_sample, tm
     enc = BundleEncoders(tiny_bundle, batch_size=8)
     tsv_path = str(small_sample / "MR_test_imgs.tsv")
     cache = str(tmp_path / "cache")
-    real_save, saved = embed_mod._save_npz, []
+    real_save, saved = embed_mod.save_npz, []
 
     def interrupted_after_two_chunks(path, **arrays):  # Ctrl-C while the third chunk is being saved
         if len(saved) == 2:
@@ -177,10 +177,10 @@ def test_cache_reuse_and_resume_after_interruption(tiny_bundle, small_sample, tm
         real_save(path, **arrays)
         saved.append(path)
 
-    monkeypatch.setattr(embed_mod, "_save_npz", interrupted_after_two_chunks)
+    monkeypatch.setattr(embed_mod, "save_npz", interrupted_after_two_chunks)
     with pytest.raises(KeyboardInterrupt):
         embed_gallery(enc, tsv_path, cache, workers=2, chunk_size=32)
-    monkeypatch.setattr(embed_mod, "_save_npz", real_save)
+    monkeypatch.setattr(embed_mod, "save_npz", real_save)
     chunks = [f for _, _, fs in os.walk(cache) for f in fs if f.startswith("chunk-")]
     assert sorted(chunks) == ["chunk-00000.npz", "chunk-00001.npz"]
     resumed = embed_gallery(enc, tsv_path, cache, workers=2, chunk_size=32)
