@@ -12,6 +12,7 @@ COMMANDS = {  # name -> "module:attribute"
     "score": "competition.cli:score",
     "check-submission": "competition.cli:check_submission_cmd",
     "train": "train.cli:train",
+    "average": "train.cli:average",
     "export": "export.cli:export",
     "predict": "predict.cli:predict",
     "report": "report.cli:report",
@@ -24,6 +25,7 @@ BENCHES = {  # `muge bench NAME`
     "data": "train.bench:bench_data",
     "train": "train.bench_train:bench_train",
     "gpu": "export.gpu_check:bench_gpu",
+    "quality": "export.bench_quality:bench_quality",
 }
 
 

@@ -46,6 +46,27 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
     click.echo(f"best valid MR {best['mean_recall']:.2f}; checkpoint {os.path.join(out_dir, 'best.pt')}")
 
 
+@click.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
+@click.option("--checkpoint", default="best", show_default=True, help="best | last: which checkpoint of each run.")
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
+              help="Score the soup on this MUGE directory's valid split (recorded in best.pt).")
+def average(run_dirs, out_dir, checkpoint, data_dir):
+    """Average the weights of runs fine-tuned from the same start (a uniform model soup)."""
+    from competition import MugeDataError
+
+    from .average import average_runs
+    from .checkpoint import CheckpointError
+
+    try:
+        soup = average_runs(list(run_dirs), out_dir, checkpoint=checkpoint, data_dir=data_dir)
+    except (CheckpointError, MugeDataError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(f"{exc}; nothing written") from None
+    scored = f"; valid MR {soup['metrics']['mean_recall']:.2f}" if "metrics" in soup else ""
+    click.echo(f"averaged {len(run_dirs)} runs into {os.path.join(out_dir, 'best.pt')}{scored}")
+
+
 if __name__ == "__main__":  # torchrun -m train.cli ...
     from competition.logs import quiet_progress, setup_logging
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from competition import ImageTSV, MugeDataError, read_queries
 from competition.preprocess import resize_image
 
-from .params import Config
+from .params import Config, data_seed
 from .transform import augment_image, augment_text
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class PairDataset(Dataset):
         self.query_ids = np.array([q.query_id for q in queries], dtype=np.int64)[self.query_index]
         self.aug, self.size, self.rule = cfg.data.augment, cfg.data.image_size, cfg.data.resize_rule
         self.skip_bad = cfg.data.skip_bad_images
-        self.seed = cfg.train.seed
+        self.seed = data_seed(cfg.train)
         self.epoch = 0
 
     def text(self, query: int) -> str:
@@ -114,7 +114,8 @@ def _worker_init(_):
 
 def train_loader(dataset: PairDataset, tokenizer, cfg: Config, rank: int, world: int, device,
                  pad_to: int | None = None) -> DataLoader:
-    sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
+    sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=data_seed(cfg.train),
+                           drop_last=True)
     if len(dataset) // world < cfg.train.batch_size:
         raise ValueError(f"{len(dataset)} pairs over {world} process(es) do not fill one batch of "
                          f"{cfg.train.batch_size}; lower train.batch_size")

@@ -59,7 +59,8 @@ def embed_texts(model, tokenizer, texts, *, batch_size: int, device, precision: 
 
 
 def evaluate(model, tokenizer, queries_path: str, tsv_path: str, *, size: int, rule: str, batch_size: int,
-             workers: int, device, precision: str = "fp32", skip_bad: bool = False, progress: bool = True):
+             workers: int, device, precision: str = "fp32", skip_bad: bool = False, progress: bool = True,
+             label: str = "valid"):
     """Score the model on a split with the official metric. Returns competition's `Score`."""
     t0 = time.time()
     queries = read_queries(queries_path, require_ids=True)
@@ -70,5 +71,5 @@ def evaluate(model, tokenizer, queries_path: str, tsv_path: str, *, size: int, r
     _, pos = exact_topk(q, gallery, k=10)
     preds = {x.query_id: ids[row].tolist() for x, row in zip(queries, pos)}
     score = score_predictions(queries, preds)
-    log.info("valid: %s [%.1fs, %d images]", score.summary(), time.time() - t0, len(ids))
+    log.info("%s: %s [%.1fs, %d images]", label, score.summary(), time.time() - t0, len(ids))
     return score

@@ -21,11 +21,12 @@ from competition.layout import split_files
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import PairDataset, train_loader
 from .distributed import World, barrier, cleanup, device_for, init_distributed
+from .ema import ModelEma
 from .evaluate import check_gallery, evaluate
 from .loss import ClipLoss
 from .model import FAMILIES, create_model
 from .optim import apply_freeze, create_optimizer
-from .params import Config, TrainConfig, save_config, to_dict
+from .params import Config, TrainConfig, data_seed, save_config, to_dict
 from .precision import grad_scaler, resolve_precision
 from .scheduler import create_scheduler
 from .speed import compile_enabled, configure_backends, match_param_layout, optimize_model, synchronize
@@ -59,6 +60,8 @@ def plot_curves(history: list[dict], path: str) -> None:
     a.set(title="train loss", xlabel="epoch")
     for key in ("r1", "r5", "r10", "mean_recall"):
         b.plot(epochs, [h.get(key) for h in history], "o-", label=key)
+    if any("ema" in h for h in history):
+        b.plot(epochs, [h.get("ema", {}).get("mean_recall") for h in history], "s--", label="mean_recall (EMA)")
     b.set(title="valid recall (x100)", xlabel="epoch")
     b.legend()
     fig.tight_layout()
@@ -108,9 +111,9 @@ def train_step(model, criterion, batch: dict, optimizer, scheduler, scaler, t: T
 
 def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg: Config, precision, device,
                     world: World, epoch: int, step: int, *, max_batches: int | None = None,
-                    warmup: int = 3) -> EpochStats:
-    """One pass over `loader` (or its first `max_batches`). The host waits for the device only at
-    log intervals and at the `warmup` mark."""
+                    warmup: int = 3, ema: ModelEma | None = None) -> EpochStats:
+    """One pass over `loader` (or its first `max_batches`), updating `ema` after each optimizer
+    step. The host waits for the device only at log intervals and at the `warmup` mark."""
     t = cfg.train
     model.train()
     n = len(loader) if max_batches is None else min(max_batches, len(loader))
@@ -131,6 +134,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
         total += train_step(model, criterion, batch, optimizer, scheduler, scaler, t, precision=precision,
                             device=device, group=group, boundary=boundary)
         step += boundary
+        if boundary and ema is not None:
+            ema.update(_unwrap(model))
         count += 1
         seen += len(batch["pixels"]) * world.size
         if i == 0:
@@ -151,6 +156,15 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, cfg:
         log.info("epoch %d: loss %.4f, %.1f samples/s (%.1f after its first %d batches; the first took %.1fs)",
                  epoch + 1, stats.loss, stats.samples_s, stats.steady_samples_s, warmup, first_batch_s)
     return stats
+
+
+def _best_candidate(record: dict) -> dict:
+    """An epoch's record as a best.pt candidate: the trained weights' scores, or the EMA's where
+    they are higher (then `weights: ema`, and best.pt holds the EMA)."""
+    averaged = record.get("ema")
+    if averaged and averaged["mean_recall"] > record.get("mean_recall", -1):
+        return {**{k: v for k, v in record.items() if k != "ema"}, **averaged, "weights": "ema"}
+    return record
 
 
 def wrap_ddp(model, world: World, device):
@@ -214,6 +228,7 @@ def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
     scaler = grad_scaler(precision, device)
     criterion = ClipLoss(cfg.train.label_smoothing, cfg.train.hard_negative_margin, cfg.train.hard_negative_weight,
                          cfg.model.logit_scale_max)
+    ema = ModelEma(model, cfg.train.ema) if cfg.train.ema else None
     start_epoch, step, history = 0, 0, []
     best = {"mean_recall": -1.0}
     last_path, best_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "best.pt")
@@ -225,6 +240,10 @@ def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         start_epoch, step, history, best = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"]
+        if ema is not None and "ema" in ckpt:
+            ema.load_state_dict(ckpt["ema"])
+        elif ema is not None and world.main:
+            log.warning("%s holds no EMA of the weights: the average starts from the resumed weights", last_path)
         if world.main:
             log.info("resuming %s after epoch %d (step %d)", out_dir, start_epoch, step)
     elif world.main:
@@ -240,7 +259,14 @@ def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
         s = evaluate(model, tokenizer, valid_q, valid_tsv, size=cfg.data.image_size, rule=cfg.data.resize_rule,
                      batch_size=cfg.eval.batch_size, workers=cfg.data.workers, device=device, precision=precision,
                      skip_bad=cfg.data.skip_bad_images)
-        return {"epoch": epoch, "step": step, "train_loss": train_loss, "samples_per_s": samples_s, **s.as_dict()}
+        record = {"epoch": epoch, "step": step, "train_loss": train_loss, "samples_per_s": samples_s, **s.as_dict()}
+        if ema is not None and epoch > 0:
+            with ema.applied(model):
+                record["ema"] = evaluate(model, tokenizer, valid_q, valid_tsv, size=cfg.data.image_size,
+                                         rule=cfg.data.resize_rule, batch_size=cfg.eval.batch_size,
+                                         workers=cfg.data.workers, device=device, precision=precision,
+                                         skip_bad=cfg.data.skip_bad_images, label="valid (EMA)").as_dict()
+        return record
 
     if not resume and cfg.eval.untrained and world.main:
         record = score_now(0, None, None)
@@ -251,12 +277,12 @@ def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
         now = apply_freeze(model, cfg.train.freeze, epoch)
         if ddp is None or now != trainable:
             ddp, trainable = wrap_ddp(model, world, device), now
-        seed_everything(cfg.train.seed * 1000 + epoch)  # dropout etc.: a function of (seed, epoch) alone
+        seed_everything(data_seed(cfg.train) * 1000 + epoch)  # dropout etc.: a function of (seed, epoch) alone
         loader.sampler.set_epoch(epoch)
         if compiled and epoch == start_epoch and world.main:
             log.info("the first batch compiles the model (torch.compile): a minute or more, once")
         stats = train_one_epoch(ddp, criterion, loader, optimizer, scheduler, scaler, cfg, precision, device, world,
-                                epoch, step)
+                                epoch, step, ema=ema)
         loss, step, samples_s = stats.loss, stats.step, stats.steady_samples_s
         last_epoch = epoch + 1 == cfg.train.epochs
         if world.main:
@@ -265,15 +291,17 @@ def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
             else:
                 record = {"epoch": epoch + 1, "step": step, "train_loss": loss, "samples_per_s": samples_s}
             history.append(record)
-            improved = record.get("mean_recall", -1) > best["mean_recall"]
-            if improved:
-                best = record
-                save_checkpoint(best_path, {"model": model.state_dict(), "arch": arch, "config": to_dict(cfg),
-                                            "epoch": epoch + 1, "metrics": record})
+            candidate = _best_candidate(record)
+            if candidate.get("mean_recall", -1) > best["mean_recall"]:
+                best = candidate
+                with ema.applied(model) if candidate.get("weights") == "ema" else contextlib.nullcontext():
+                    save_checkpoint(best_path, {"model": model.state_dict(), "arch": arch, "config": to_dict(cfg),
+                                                "epoch": epoch + 1, "metrics": candidate})
             save_checkpoint(last_path, {
                 "model": model.state_dict(), "arch": arch, "config": to_dict(cfg), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                "epoch": epoch + 1, "step": step, "history": history, "best": best})
+                "epoch": epoch + 1, "step": step, "history": history, "best": best,
+                **({"ema": ema.state_dict()} if ema is not None else {})})
             atomic_write_text(os.path.join(out_dir, "metrics.jsonl"),
                               "".join(json.dumps(h) + "\n" for h in history))
             plot_curves(history, os.path.join(out_dir, "curves.png"))
@@ -281,6 +309,8 @@ def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
     if world.main:
         untrained = next((h for h in history if h["epoch"] == 0), None)
         msg = f"best valid MR {best['mean_recall']:.2f} at epoch {best.get('epoch')}"
+        if best.get("weights") == "ema":
+            msg += " (the EMA of the weights)"
         if untrained:
             msg += f" (untrained MR {untrained['mean_recall']:.2f})"
         log.info("%s; run in %s", msg, out_dir)

@@ -101,7 +101,9 @@ class TrainConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     precision: str = "auto"            # auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool | None = None        # torch.compile the model; None: on for CUDA, off on CPU
-    seed: int = 0
+    ema: float | None = None           # decay of an EMA of the weights (e.g. 0.999): scored each epoch, may be best.pt
+    seed: int = 0                      # the random start (weights not loaded) and, unless data_seed, the data
+    data_seed: int | None = None       # data order, augmentation, dropout (soup runs: one seed, several data_seeds)
     log_every: int = 10
 
 
@@ -168,6 +170,10 @@ def _coerce(value, hint, key: str):
     raise ConfigError(f"{key}={value!r}: expected {names}")
 
 
+def data_seed(t: TrainConfig) -> int:
+    return t.seed if t.data_seed is None else t.data_seed
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -205,6 +211,8 @@ def check(cfg: Config) -> Config:
     for key, value in positive:
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}={value!r}; expected a positive integer")
+    if t.ema is not None and not 0 < t.ema < 1:
+        raise ConfigError(f"train.ema={t.ema!r}; expected a decay in (0, 1), e.g. 0.999, or null")
     if t.grad_cache_chunk is not None and (t.grad_cache_chunk < 1 or t.batch_size % t.grad_cache_chunk):
         raise ConfigError(f"train.grad_cache_chunk={t.grad_cache_chunk} must divide train.batch_size={t.batch_size}")
     return cfg
