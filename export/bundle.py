@@ -77,13 +77,14 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
             check_graph(os.path.join(tmp, name))
         with torch.no_grad():
             embed_dim = int(model.encode_text(*example_text).shape[1])
+            logit_scale = float(model.logit_scale.exp())
         manifest = {
             "format": FORMAT, "family": ckpt["arch"]["family"], "embed_dim": embed_dim,
             "image_size": size, "resize_rule": cfg["data"]["resize_rule"], "image_input": "uint8 NHWC, resized",
-            "max_text_length": max_len, "text_normalization": TEXT_NORMALIZATION, "opset": opset,
+            "max_text_length": max_len, "text_normalization": TEXT_NORMALIZATION, "logit_scale": logit_scale,
+            "opset": opset,
             "exporter": exporter, "graph_exports": exports, "fusion": fusion,
-            "source_checkpoint": os.path.abspath(ckpt_path), "source_sha256": sha256(ckpt_path),
-            "source_epoch": ckpt.get("epoch"), "source_valid_metrics": ckpt.get("metrics"),
+            **_source(ckpt, ckpt_path),
             "libraries": _versions(), "files": {n: sha256(os.path.join(tmp, n)) for n in graphs},
         }
         _write_json(os.path.join(tmp, "manifest.json"), manifest)  # the gate runs the bundle as predict will
@@ -101,6 +102,16 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
         raise
     log.info("bundle %s written in %.1fs", out_dir, time.time() - t0)
     return manifest
+
+
+def _source(ckpt: dict, ckpt_path: str) -> dict:
+    """Where the weights came from: the run's checkpoint, or published weights (`--pretrained`,
+    whose stand-in run directory is temporary)."""
+    if ckpt.get("source"):
+        return {"source_pretrained": ckpt["source"], "source_checkpoint": None, "source_sha256": None,
+                "source_epoch": 0, "source_valid_metrics": None}
+    return {"source_checkpoint": os.path.abspath(ckpt_path), "source_sha256": sha256(ckpt_path),
+            "source_epoch": ckpt.get("epoch"), "source_valid_metrics": ckpt.get("metrics")}
 
 
 def remove_stale_builds(parent: str, prefix: str, max_age_s: float = 24 * 3600) -> None:

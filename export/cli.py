@@ -1,14 +1,19 @@
 """`muge export RUN_DIR --out BUNDLE_DIR`."""
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import sys
+import tempfile
 
 import click
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--pretrained", metavar="NAME_OR_DIR", help="Zero-shot: export Chinese-CLIP weights (hub name, e.g. "
+              "OFA-Sys/chinese-clip-vit-base-patch16, or a local directory) instead of a run.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
 @click.option("--data", "data_dir", default="data/sample", show_default=True,
               help="MUGE directory whose valid split feeds the parity gate.")
@@ -25,9 +30,9 @@ import click
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="Export transformer towers for ORT's fusion (TorchScript exporter, eager attention) and fuse them.")
 @click.option("--int8", is_flag=True, help="Also write gated int8 graphs for CPU predict (--precision int8).")
-def export(run_dir, out_dir, data_dir, checkpoint, opset, exporter, parity_queries, parity_gallery, parity_batch,
-           device, fuse, int8):
-    """Export RUN_DIR's checkpoint to an ONNX bundle (fp32 + fp16) behind a parity gate."""
+def export(run_dir, pretrained, out_dir, data_dir, checkpoint, opset, exporter, parity_queries, parity_gallery,
+           parity_batch, device, fuse, int8):
+    """Export RUN_DIR's checkpoint (or --pretrained weights) to an ONNX bundle (fp32 + fp16) behind a parity gate."""
     from competition import MugeDataError
     from train.checkpoint import CheckpointError
 
@@ -37,7 +42,18 @@ def export(run_dir, out_dir, data_dir, checkpoint, opset, exporter, parity_queri
     # SIGTERM unwinds like Ctrl-C, so the build directory is removed on the way out (SIGKILL
     # cannot be caught: the next export removes what it leaves)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if bool(run_dir) == bool(pretrained):
+        raise click.UsageError("give a RUN_DIR or --pretrained NAME_OR_DIR (one of them)")
+    staging = None
     try:
+        if pretrained:  # a stand-in run directory beside the bundle, removed afterwards
+            from .pretrained import pretrained_run
+
+            parent = os.path.dirname(os.path.abspath(out_dir))
+            os.makedirs(parent, exist_ok=True)
+            run_dir = staging = tempfile.mkdtemp(prefix=".pretrained-", dir=parent)
+            pretrained_run(pretrained, staging)
+            checkpoint = "best"
         export_bundle(run_dir, out_dir, data_dir, checkpoint=checkpoint, opset=opset, exporter=exporter,
                       settings=ParitySettings(parity_queries, parity_gallery, parity_batch), device=device,
                       fused=fuse, int8=int8)
@@ -46,4 +62,12 @@ def export(run_dir, out_dir, data_dir, checkpoint, opset, exporter, parity_queri
         sys.exit(2)
     except (CheckpointError, MugeDataError, FileNotFoundError) as exc:
         raise click.ClickException(f"{exc}; no bundle written") from None
+    except OSError as exc:  # --pretrained: not on the hub / no network, or not a model directory
+        if not pretrained:
+            raise
+        raise click.ClickException(f"--pretrained {pretrained}: cannot load Chinese-CLIP weights "
+                                   f"({str(exc).splitlines()[0][:300]}); no bundle written") from None
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
     click.echo(f"bundle written to {out_dir}")

@@ -106,9 +106,12 @@ def read_history(run_dir: str | None) -> list[dict]:
     if from_bundle:
         try:
             with open(manifest, encoding="utf-8") as f:
-                run_dir = os.path.dirname(json.load(f)["source_checkpoint"])
+                source = json.load(f)["source_checkpoint"]
         except (ValueError, KeyError, TypeError) as exc:
             raise MugeDataError(manifest, f"not a readable bundle manifest ({type(exc).__name__}: {exc})") from None
+        if source is None:  # `muge export --pretrained`: no run, no curves
+            return []
+        run_dir = os.path.dirname(source)
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         if from_bundle:  # the bundle travelled without its run: no curves, but still a report
