@@ -14,11 +14,11 @@ BUNDLE ?= bundles/$(notdir $(RUN))
 NPROC  ?= 1
 SET    ?=
 
-.PHONY: setup sample train export submit validate report browser test bench gpu-check clean help
+.PHONY: setup sample train export submit validate report browser test bench bench-quality gpu-check clean help
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make submit | validate | report | train | export | sample | test | bench | gpu-check | setup   (see README.md)"
+	@echo "make submit | validate | report | train | export | sample | test | bench | bench-quality | gpu-check | setup   (see README.md)"
 
 # -- install -----------------------------------------------------------------------------------
 # Re-runs only when setup.cfg / pyproject.toml change. torch and torchvision are pinned as a
@@ -105,6 +105,12 @@ bench: $(BUNDLE)/manifest.json
 	$(MUGE) bench export
 	$(MUGE) bench data
 	$(MUGE) bench train --config $(CONFIG) --data $(DATA)
+
+# What each quality feature is worth: trains on the hard sample (drawn into data/hard when missing)
+# and scores the plain chain, TTA, re-ranking, EMA, ensembles and a soup on valid, as one table.
+# ARGS="--pretrained DIR" adds a zero-shot row; ARGS="--reuse" keeps the runs already trained.
+bench-quality: $(STAMP)
+	$(MUGE) bench quality $(ARGS)
 
 # The whole chain at realistic shapes on this machine's GPU, as one table (random weights, no
 # network). ARGS="--small" runs tiny shapes on a CPU; ARGS="--json out.json" keeps the figures.
