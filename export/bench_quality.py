@@ -23,31 +23,38 @@ import click
 log = logging.getLogger(__name__)
 
 
-def _train(cfg_path: str, data: str, run_dir: str, overrides: list[str], reuse: bool) -> float:
+def _timed(work: str, key: str, done: str, reuse: bool, fn) -> float:
+    """Run `fn` and record its seconds in `work/seconds.json`; with `reuse`, skip it when `done`
+    exists and its seconds are on record."""
+    path = os.path.join(work, "seconds.json")
+    times = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            times = json.load(f)
+    if reuse and os.path.exists(done) and key in times:
+        return times[key]
+    t0 = time.time()
+    fn()
+    times[key] = time.time() - t0
+    os.makedirs(work, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(times, f, indent=1)
+    return times[key]
+
+
+def _train(cfg_path: str, data: str, run_dir: str, overrides: list[str]) -> None:
     from train.main import run
     from train.params import load_config
 
-    stamp = os.path.join(run_dir, "bench-seconds.json")
-    if reuse and os.path.isfile(os.path.join(run_dir, "best.pt")) and os.path.isfile(stamp):
-        with open(stamp, encoding="utf-8") as f:
-            return json.load(f)["seconds"]
     shutil.rmtree(run_dir, ignore_errors=True)
     log.info("training %s (%s)", run_dir, " ".join(overrides) or "the preset as it is")
-    t0 = time.time()
     run(load_config(cfg_path, overrides), data, run_dir)
-    seconds = time.time() - t0
-    with open(stamp, "w", encoding="utf-8") as f:
-        json.dump({"seconds": seconds}, f)
-    return seconds
 
 
-def _export(run_dir: str | None, bundle: str, data: str, reuse: bool, pretrained: str | None = None) -> float:
+def _export(run_dir: str | None, bundle: str, data: str, pretrained: str | None = None) -> None:
     from .bundle import export_bundle
     from .pretrained import pretrained_run
 
-    if reuse and os.path.isfile(os.path.join(bundle, "manifest.json")):
-        return 0.0
-    t0 = time.time()
     if pretrained:
         run_dir = bundle + ".weights"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -57,7 +64,20 @@ def _export(run_dir: str | None, bundle: str, data: str, reuse: bool, pretrained
     finally:
         if pretrained:
             shutil.rmtree(run_dir, ignore_errors=True)
-    return time.time() - t0
+
+
+def _history(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _ema_note(run_dir: str) -> str:
+    history = [h for h in _history(run_dir) if "ema" in h]
+    trained = max(history, key=lambda h: h["mean_recall"])
+    ema = max(history, key=lambda h: h["ema"]["mean_recall"])
+    holds = "EMA" if ema["ema"]["mean_recall"] > trained["mean_recall"] else "trained"
+    return (f"best EMA MR {ema['ema']['mean_recall']:.2f} (epoch {ema['epoch']}), best trained "
+            f"{trained['mean_recall']:.2f} (epoch {trained['epoch']}): best.pt holds the {holds} weights")
 
 
 def _predict(bundles: list[str], data: str, work: str, name: str, workers: int, **options) -> dict:
@@ -75,13 +95,14 @@ def _predict(bundles: list[str], data: str, work: str, name: str, workers: int, 
 def format_rows(rows: list[dict], data: str) -> str:
     plain = rows[0]["mean_recall"]
     lines = [f"muge bench quality on {data} (valid)",
-             "| feature | R@1 | R@5 | R@10 | MR | ΔMR | train+export s | predict s |", "|" + "---|" * 8]
+             "| feature | R@1 | R@5 | R@10 | MR | ΔMR | train+export s | predict s | note |", "|" + "---|" * 9]
     for r in rows:
         if r.get("mean_recall") is None:
-            lines.append(f"| {r['feature']} | | | | n/a | | | {r.get('note', '')} |")
+            lines.append(f"| {r['feature']} | | | | n/a | | | | {r.get('note', '')} |")
             continue
         lines.append(f"| {r['feature']} | {r['r1']:.2f} | {r['r5']:.2f} | {r['r10']:.2f} | {r['mean_recall']:.2f} | "
-                     f"{r['mean_recall'] - plain:+.2f} | {r['build_seconds']:.0f} | {r['predict_seconds']:.1f} |")
+                     f"{r['mean_recall'] - plain:+.2f} | {r['build_seconds']:.0f} | {r['predict_seconds']:.1f} | "
+                     f"{r.get('note', '')} |")
     return "\n".join(lines)
 
 
@@ -111,31 +132,34 @@ def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, worker
     run = {k: os.path.join(runs, k) for k in ("a", "b", "c", "soup")}
     bundle = {k: os.path.join(bundles, k) for k in ("a", "b", "c", "soup", "zero-shot")}
     t0 = time.time()
-    build = {"a": _train(config_path, data_dir, run["a"], [], reuse),
-             "b": _train(config_path, data_dir, run["b"], ["train.data_seed=1"], reuse),
-             "c": _train(config_path, data_dir, run["c"], [f"train.ema={ema_decay}"], reuse)}
-    t_soup = time.time()
-    average_runs([run["a"], run["b"]], run["soup"])
-    build["soup"] = build["a"] + build["b"] + time.time() - t_soup
+    overrides = {"a": [], "b": ["train.data_seed=1"], "c": [f"train.ema={ema_decay}"]}
+    build = {k: _timed(work_dir, f"train-{k}", os.path.join(run[k], "best.pt"), reuse,
+                       lambda k=k: _train(config_path, data_dir, run[k], overrides[k])) for k in overrides}
+    build["soup"] = build["a"] + build["b"] + _timed(work_dir, "average", os.path.join(run["soup"], "best.pt"), reuse,
+                                                     lambda: average_runs([run["a"], run["b"]], run["soup"]))
     for k in ("a", "b", "c", "soup"):
-        build[k] += _export(run[k], bundle[k], data_dir, reuse)
-    a = [bundle["a"]]
-    plan = [("plain chain (run A)", a, {}, build["a"]),
-            ("--tta hflip", a, {"tta": "hflip"}, build["a"]),
-            ("--rerank qbnorm", a, {"rerank": "qbnorm"}, build["a"]),
-            ("--rerank dual-softmax", a, {"rerank": "dual-softmax"}, build["a"]),
-            (f"train.ema={ema_decay} (run C)", [bundle["c"]], {}, build["c"]),
-            ("ensemble A+B, equal weights", [bundle["a"], bundle["b"]], {}, build["a"] + build["b"]),
-            ("ensemble A+B, --weights auto (picked on valid)", [bundle["a"], bundle["b"]], {"weights": "auto"},
-             build["a"] + build["b"]),
-            ("muge average A B (soup)", [bundle["soup"]], {}, build["soup"])]
+        build[k] += _timed(work_dir, f"export-{k}", os.path.join(bundle[k], "manifest.json"), reuse,
+                           lambda k=k: _export(run[k], bundle[k], data_dir))
+    a, ab = [bundle["a"]], [bundle["a"], bundle["b"]]
+    mr = {k: max(h["mean_recall"] for h in _history(run[k])) for k in ("a", "b")}
+    plan = [("plain chain (run A)", a, {}, build["a"], ""),
+            ("--tta hflip", a, {"tta": "hflip"}, build["a"], ""),
+            ("--rerank qbnorm", a, {"rerank": "qbnorm"}, build["a"], "bank: the train queries"),
+            ("--rerank dual-softmax", a, {"rerank": "dual-softmax"}, build["a"], "bank: the train queries"),
+            (f"train.ema={ema_decay} (run C)", [bundle["c"]], {}, build["c"], _ema_note(run["c"])),
+            ("ensemble A+B, equal weights", ab, {}, build["a"] + build["b"], "B: A with train.data_seed=1"),
+            ("ensemble A+B, --weights auto", ab, {"weights": "auto"}, build["a"] + build["b"], "weights {}, picked "
+             "on valid itself (optimistic)"),
+            ("muge average A B (soup)", [bundle["soup"]], {}, build["soup"],
+             f"A {mr['a']:.2f} and B {mr['b']:.2f}, trained from one random init")]
     rows = []
-    for i, (feature, bundles_used, options, seconds) in enumerate(plan):
+    for i, (feature, bundles_used, options, seconds, note) in enumerate(plan):
         summary = _predict(bundles_used, data_dir, work_dir, f"row{i}", workers, **options)
-        rows.append({"feature": feature, "build_seconds": seconds, **{k: summary.get(k) for k in (
-            "r1", "r5", "r10", "mean_recall", "predict_seconds", "weights")}})
+        rows.append({"feature": feature, "build_seconds": seconds, "note": note.format(summary.get("weights")),
+                     **{k: summary.get(k) for k in ("r1", "r5", "r10", "mean_recall", "predict_seconds", "weights")}})
     if pretrained:
-        seconds = _export(None, bundle["zero-shot"], data_dir, reuse, pretrained=pretrained)
+        seconds = _timed(work_dir, "export-zero-shot", os.path.join(bundle["zero-shot"], "manifest.json"), reuse,
+                         lambda: _export(None, bundle["zero-shot"], data_dir, pretrained=pretrained))
         summary = _predict([bundle["zero-shot"]], data_dir, work_dir, "zero-shot", workers)
         rows.append({"feature": f"zero-shot {pretrained}", "build_seconds": seconds,
                      **{k: summary.get(k) for k in ("r1", "r5", "r10", "mean_recall", "predict_seconds")}})
