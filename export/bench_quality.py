@@ -148,14 +148,14 @@ def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, worker
             ("--rerank dual-softmax", a, {"rerank": "dual-softmax"}, build["a"], "bank: the train queries"),
             (f"train.ema={ema_decay} (run C)", [bundle["c"]], {}, build["c"], _ema_note(run["c"])),
             ("ensemble A+B, equal weights", ab, {}, build["a"] + build["b"], "B: A with train.data_seed=1"),
-            ("ensemble A+B, --weights auto", ab, {"weights": "auto"}, build["a"] + build["b"], "weights {}, picked "
-             "on valid itself (optimistic)"),
+            ("ensemble A+B, --weights auto", ab, {"weights": "auto"}, build["a"] + build["b"],
+             lambda summary: f"weights {summary['weights']}, picked on valid itself (optimistic)"),
             ("muge average A B (soup)", [bundle["soup"]], {}, build["soup"],
              f"A {mr['a']:.2f} and B {mr['b']:.2f}, trained from one random init")]
     rows = []
     for i, (feature, bundles_used, options, seconds, note) in enumerate(plan):
         summary = _predict(bundles_used, data_dir, work_dir, f"row{i}", workers, **options)
-        rows.append({"feature": feature, "build_seconds": seconds, "note": note.format(summary.get("weights")),
+        rows.append({"feature": feature, "build_seconds": seconds, "note": note(summary) if callable(note) else note,
                      **{k: summary.get(k) for k in ("r1", "r5", "r10", "mean_recall", "predict_seconds", "weights")}})
     if pretrained:
         seconds = _timed(work_dir, "export-zero-shot", os.path.join(bundle["zero-shot"], "manifest.json"), reuse,

@@ -37,6 +37,8 @@ from tqdm import tqdm
 
 from competition.topk import exact_topk
 
+from .embed import load_npz, save_npz
+
 log = logging.getLogger(__name__)
 METHODS = ("qbnorm", "dual-softmax")
 DEFAULT_BETA = 20.0  # when a bundle records no logit scale
@@ -79,8 +81,6 @@ def bank_stats(bank: np.ndarray, gallery: np.ndarray, beta: float, bank_block: i
 
 def cached_bank_stats(bank: np.ndarray, gallery: np.ndarray, beta: float, cache_root: str) -> BankStats:
     """`bank_stats`, kept on disk under a hash of the bank, the gallery and β."""
-    from .embed import load_npz, save_npz
-
     h = hashlib.blake2b(digest_size=12)
     for arr in (bank, gallery):
         a = np.ascontiguousarray(arr, dtype=np.float32)
