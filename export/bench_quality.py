@@ -20,6 +20,8 @@ import time
 
 import click
 
+from report.build import read_history
+
 log = logging.getLogger(__name__)
 
 
@@ -53,26 +55,16 @@ def _train(cfg_path: str, data: str, run_dir: str, overrides: list[str]) -> None
 
 def _export(run_dir: str | None, bundle: str, data: str, pretrained: str | None = None) -> None:
     from .bundle import export_bundle
-    from .pretrained import pretrained_run
+    from .pretrained import export_pretrained
 
     if pretrained:
-        run_dir = bundle + ".weights"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        pretrained_run(pretrained, run_dir)
-    try:
+        export_pretrained(pretrained, bundle, data)
+    else:
         export_bundle(run_dir, bundle, data)
-    finally:
-        if pretrained:
-            shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _history(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _ema_note(run_dir: str) -> str:
-    history = [h for h in _history(run_dir) if "ema" in h]
+    history = [h for h in read_history(run_dir) if "ema" in h]
     trained = max(history, key=lambda h: h["mean_recall"])
     ema = max(history, key=lambda h: h["ema"]["mean_recall"])
     holds = "EMA" if ema["ema"]["mean_recall"] > trained["mean_recall"] else "trained"
@@ -141,7 +133,7 @@ def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, worker
         build[k] += _timed(work_dir, f"export-{k}", os.path.join(bundle[k], "manifest.json"), reuse,
                            lambda k=k: _export(run[k], bundle[k], data_dir))
     a, ab = [bundle["a"]], [bundle["a"], bundle["b"]]
-    mr = {k: max(h["mean_recall"] for h in _history(run[k])) for k in ("a", "b")}
+    mr = {k: max(h["mean_recall"] for h in read_history(run[k])) for k in ("a", "b")}
     plan = [("plain chain (run A)", a, {}, build["a"], ""),
             ("--tta hflip", a, {"tta": "hflip"}, build["a"], ""),
             ("--rerank qbnorm", a, {"rerank": "qbnorm"}, build["a"], "bank: the train queries"),

@@ -1,11 +1,8 @@
 """`muge export RUN_DIR --out BUNDLE_DIR`."""
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import sys
-import tempfile
 
 import click
 
@@ -44,19 +41,15 @@ def export(run_dir, pretrained, out_dir, data_dir, checkpoint, opset, exporter, 
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if bool(run_dir) == bool(pretrained):
         raise click.UsageError("give a RUN_DIR or --pretrained NAME_OR_DIR (one of them)")
-    staging = None
+    options = dict(opset=opset, exporter=exporter, device=device, fused=fuse, int8=int8,
+                   settings=ParitySettings(parity_queries, parity_gallery, parity_batch))
     try:
-        if pretrained:  # a stand-in run directory beside the bundle, removed afterwards
-            from .pretrained import pretrained_run
+        if pretrained:
+            from .pretrained import export_pretrained
 
-            parent = os.path.dirname(os.path.abspath(out_dir))
-            os.makedirs(parent, exist_ok=True)
-            run_dir = staging = tempfile.mkdtemp(prefix=".pretrained-", dir=parent)
-            pretrained_run(pretrained, staging)
-            checkpoint = "best"
-        export_bundle(run_dir, out_dir, data_dir, checkpoint=checkpoint, opset=opset, exporter=exporter,
-                      settings=ParitySettings(parity_queries, parity_gallery, parity_batch), device=device,
-                      fused=fuse, int8=int8)
+            export_pretrained(pretrained, out_dir, data_dir, **options)
+        else:
+            export_bundle(run_dir, out_dir, data_dir, checkpoint=checkpoint, **options)
     except ParityError as exc:
         click.echo(f"export refused, no bundle written: {exc}", err=True)
         sys.exit(2)
@@ -67,7 +60,4 @@ def export(run_dir, pretrained, out_dir, data_dir, checkpoint, opset, exporter, 
             raise
         raise click.ClickException(f"--pretrained {pretrained}: cannot load Chinese-CLIP weights "
                                    f"({str(exc).splitlines()[0][:300]}); no bundle written") from None
-    finally:
-        if staging:
-            shutil.rmtree(staging, ignore_errors=True)
     click.echo(f"bundle written to {out_dir}")

@@ -94,6 +94,7 @@ def check_shape(name: str, small: bool, sample_dir: str, bench_dir: str, work: s
     import torch
 
     from predict.submit import PredictOptions, predict_split
+    from report.build import read_history
     from train.main import run
     from train.params import load_config
 
@@ -110,7 +111,7 @@ def check_shape(name: str, small: bool, sample_dir: str, bench_dir: str, work: s
     log.info("[%s] training 2 x %d steps of batch %d", name, steps, cfg.train.batch_size)
     t0 = time.time()
     run(cfg, sample_dir, run_dir)
-    history = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8")]
+    history = read_history(run_dir)
     row.update(train_seconds=round(time.time() - t0, 1), train_samples_per_s=round(history[-1]["samples_per_s"], 1))
     if torch.cuda.is_available():
         row["train_peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

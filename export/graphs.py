@@ -40,10 +40,10 @@ class ImageGraph(nn.Module):
 
 def load_run_model(run_dir: str, checkpoint: str = "best"):
     """(model in eval mode, checkpoint dict, checkpoint path) rebuilt offline from the run."""
-    from train.checkpoint import load_checkpoint
+    from train.checkpoint import checkpoint_path, load_checkpoint
     from train.model import build_from_arch
 
-    path = checkpoint if os.path.isfile(checkpoint) else os.path.join(run_dir, f"{checkpoint}.pt")
+    path = checkpoint_path(run_dir, checkpoint)
     ckpt = load_checkpoint(path)
     model = build_from_arch(ckpt["arch"])
     model.load_state_dict(ckpt["model"])

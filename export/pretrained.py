@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 
 from competition.io import sha256
 
@@ -47,3 +49,18 @@ def pretrained_run(name: str, run_dir: str, max_text_length: int | None = None) 
                                                        "config": to_dict(cfg), "epoch": 0, "metrics": None,
                                                        "source": source})
     return source
+
+
+def export_pretrained(name: str, out_dir: str, data_dir: str, **export_options) -> dict:
+    """`muge export --pretrained`: stage `name` as a run directory beside `out_dir`, export it
+    with `export_bundle` (same gate), and remove the stand-in run whatever happens."""
+    from .bundle import export_bundle
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".pretrained-", dir=parent)
+    try:
+        pretrained_run(name, staging)
+        return export_bundle(staging, out_dir, data_dir, checkpoint="best", **export_options)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -18,13 +18,9 @@ import torch
 
 from competition.io import sha256
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def _checkpoint_path(run_dir: str, checkpoint: str) -> str:
-    return os.path.join(run_dir, f"{checkpoint}.pt")
 
 
 def _same_tokenizer(a: str, b: str) -> bool:
@@ -58,7 +54,7 @@ def average_runs(run_dirs: list[str], out_dir: str, checkpoint: str = "best", da
     when `data_dir` is given)."""
     if len(run_dirs) < 2:
         raise ValueError("muge average needs two or more runs")
-    paths = [_checkpoint_path(r, checkpoint) for r in run_dirs]
+    paths = [checkpoint_path(r, checkpoint) for r in run_dirs]
     ckpts = [load_checkpoint(p) for p in paths]
     for path, ckpt, run in zip(paths[1:], ckpts[1:], run_dirs[1:]):
         if ckpt["arch"] != ckpts[0]["arch"]:

@@ -19,6 +19,11 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not one of ours. The message names the file."""
 
 
+def checkpoint_path(run_dir: str, checkpoint: str = "best") -> str:
+    """`checkpoint` as a file: a path as it is, or `best` | `last` inside `run_dir`."""
+    return checkpoint if os.path.isfile(checkpoint) else os.path.join(run_dir, f"{checkpoint}.pt")
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(state, tmp)

@@ -255,17 +255,16 @@ def _run(cfg, data_dir, out_dir, resume, world: World) -> dict:
                  world.size, len(dataset), steps_per_epoch, cfg.train.epochs)
     ddp = None
 
+    def valid_scores(label: str = "valid") -> dict:
+        return evaluate(model, tokenizer, valid_q, valid_tsv, size=cfg.data.image_size, rule=cfg.data.resize_rule,
+                        batch_size=cfg.eval.batch_size, workers=cfg.data.workers, device=device, precision=precision,
+                        skip_bad=cfg.data.skip_bad_images, label=label).as_dict()
+
     def score_now(epoch: int, train_loss, samples_s) -> dict:
-        s = evaluate(model, tokenizer, valid_q, valid_tsv, size=cfg.data.image_size, rule=cfg.data.resize_rule,
-                     batch_size=cfg.eval.batch_size, workers=cfg.data.workers, device=device, precision=precision,
-                     skip_bad=cfg.data.skip_bad_images)
-        record = {"epoch": epoch, "step": step, "train_loss": train_loss, "samples_per_s": samples_s, **s.as_dict()}
+        record = {"epoch": epoch, "step": step, "train_loss": train_loss, "samples_per_s": samples_s, **valid_scores()}
         if ema is not None and epoch > 0:
             with ema.applied(model):
-                record["ema"] = evaluate(model, tokenizer, valid_q, valid_tsv, size=cfg.data.image_size,
-                                         rule=cfg.data.resize_rule, batch_size=cfg.eval.batch_size,
-                                         workers=cfg.data.workers, device=device, precision=precision,
-                                         skip_bad=cfg.data.skip_bad_images, label="valid (EMA)").as_dict()
+                record["ema"] = valid_scores("valid (EMA)")
         return record
 
     if not resume and cfg.eval.untrained and world.main:
