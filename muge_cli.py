@@ -17,16 +17,8 @@ COMMANDS = {  # name -> "module:attribute"
     "predict": "predict.cli:predict",
     "report": "report.cli:report",
 }
-BENCHES = {  # `muge bench NAME`
-    "tsv": "competition.bench:bench_tsv",
-    "topk": "predict.bench:bench_topk",
-    "predict": "predict.bench:bench_predict",
-    "export": "export.bench:bench_export",
-    "data": "train.bench:bench_data",
-    "train": "train.bench_train:bench_train",
-    "gpu": "export.gpu_check:bench_gpu",
-    "quality": "export.bench_quality:bench_quality",
-}
+BENCHES = {name: f"bench.{name}:bench_{name}"  # `muge bench NAME` is bench/NAME.py
+           for name in ("tsv", "topk", "predict", "export", "data", "train", "gpu", "quality")}
 
 
 class LazyGroup(click.Group):

@@ -73,10 +73,10 @@ def _block_candidates(scores: np.ndarray, k: int, floor: np.ndarray | None):
         rows, cols = np.indices(scores.shape).reshape(2, -1)
         return rows, scores.ravel(), cols
     bounds = (np.arange(k) * n_cols) // k
-    t = np.maximum.reduceat(scores, bounds, axis=1).min(axis=1)
+    threshold = np.maximum.reduceat(scores, bounds, axis=1).min(axis=1)
     if floor is not None:
-        t = np.maximum(t, floor)
-    rows, cols = np.nonzero(scores >= t[:, None])
+        threshold = np.maximum(threshold, floor)
+    rows, cols = np.nonzero(scores >= threshold[:, None])
     return rows, scores[rows, cols], cols
 
 
@@ -95,10 +95,10 @@ def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_ch
         raise ValueError(f"shape mismatch: queries {queries.shape}, gallery {gallery.shape}")
     q_max = _checked_max(queries, "queries")
     k = min(k, n_gallery)
-    out_s = np.empty((len(queries), k), dtype=np.float32)
-    out_i = np.empty((len(queries), k), dtype=np.int64)
+    out_scores = np.empty((len(queries), k), dtype=np.float32)
+    out_pos = np.empty((len(queries), k), dtype=np.int64)
     if k == 0:
-        return out_s, out_i
+        return out_scores, out_pos
     resident = n_gallery <= gallery_chunk  # one chunk: convert once, reuse for every query block
     g_all = np.ascontiguousarray(gallery, dtype=np.float32) if resident else None
     if resident:
@@ -124,6 +124,6 @@ def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_ch
                                        np.concatenate([cols, c + start]), k)
             if len(rows) == len(qb) * k:  # every row has k: its k-th best bounds later chunks
                 floor = vals.reshape(len(qb), k)[:, -1]
-        out_s[q0:q0 + len(qb)] = vals.reshape(len(qb), k)
-        out_i[q0:q0 + len(qb)] = cols.reshape(len(qb), k)
-    return out_s, out_i
+        out_scores[q0:q0 + len(qb)] = vals.reshape(len(qb), k)
+        out_pos[q0:q0 + len(qb)] = cols.reshape(len(qb), k)
+    return out_scores, out_pos

@@ -22,7 +22,7 @@ from competition.preprocess import TEXT_NORMALIZATION
 
 from .graphs import check_graph, load_run_model, to_fp16
 from .optimize import export_tower, prepare_fusion, to_int8
-from .parity import ParityError, ParityLimits, ParitySettings, format_report, run_parity
+from .parity import ParityError, ParityLimits, ParitySettings, run_parity
 
 log = logging.getLogger(__name__)
 FORMAT = "muge-bundle/1"
@@ -90,10 +90,10 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
         _write_json(os.path.join(tmp, "manifest.json"), manifest)  # the gate runs the bundle as predict will
         log.info("parity gate on %s ...", data_dir)
         report = run_parity(model, tmp, queries_path, tsv_path, settings=settings, limits=limits, device=device)
-        log.log(logging.INFO if report["passed"] else logging.ERROR, "%s", format_report(report))
-        if not report["passed"]:
+        log.log(logging.INFO if report.passed else logging.ERROR, "%s", report.render())
+        if not report.passed:
             raise ParityError(report)
-        manifest["parity"] = report
+        manifest["parity"] = report.to_dict()
         _write_json(os.path.join(tmp, "manifest.json"), manifest)
         os.remove(os.path.join(tmp, BUILDER))
         _replace_dir(tmp, out_dir)
@@ -102,6 +102,22 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
         raise
     log.info("bundle %s written in %.1fs", out_dir, time.time() - t0)
     return manifest
+
+
+def export_pretrained(name: str, out_dir: str, data_dir: str, **export_options) -> dict:
+    """`muge export --pretrained`: stage `name` as a run directory beside `out_dir`
+    (`train.pretrained`), export it with `export_bundle` (same gate), and remove the stand-in run
+    whatever happens."""
+    from train.pretrained import pretrained_run
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".pretrained-", dir=parent)
+    try:
+        pretrained_run(name, staging)
+        return export_bundle(staging, out_dir, data_dir, checkpoint="best", **export_options)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _source(ckpt: dict, ckpt_path: str) -> dict:

@@ -33,7 +33,7 @@ def export(run_dir, pretrained, out_dir, data_dir, checkpoint, opset, exporter, 
     from competition import MugeDataError
     from train.checkpoint import CheckpointError
 
-    from .bundle import export_bundle
+    from .bundle import export_bundle, export_pretrained
     from .parity import ParityError, ParitySettings
 
     # SIGTERM unwinds like Ctrl-C, so the build directory is removed on the way out (SIGKILL
@@ -45,8 +45,6 @@ def export(run_dir, pretrained, out_dir, data_dir, checkpoint, opset, exporter, 
                    settings=ParitySettings(parity_queries, parity_gallery, parity_batch))
     try:
         if pretrained:
-            from .pretrained import export_pretrained
-
             export_pretrained(pretrained, out_dir, data_dir, **options)
         else:
             export_bundle(run_dir, out_dir, data_dir, checkpoint=checkpoint, **options)

@@ -13,7 +13,7 @@ ships, and the fp16 graph is made from it.
 
 int8 (`muge export --int8`). Dynamic quantization (`quantize_dynamic`): int8 weights, per-tensor
 scales, activations quantized per call; MatMul / Gemm / Attention nodes only, so every fused
-op stays. Gated like fp16 (ranking and recall; `ParityLimits.int8_*`).
+op stays. Gated like fp16 (ranking and recall; `ParityLimits.int8`).
 """
 from __future__ import annotations
 

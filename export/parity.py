@@ -16,15 +16,17 @@ Checks, each against `ParityLimits`:
 - Recall: MeanRecall (x100) of fp16 vs PyTorch on the queries whose positives are in the subset
   gallery, within a tolerance of `fp16_max_recall_delta` points, or one query's worth
   (100 / queries scored) when that is larger.
+The figures are a `ParityReport`: one dataclass per precision (`Fp32Parity`, `ReducedParity`),
+rendered for the log and serialised into the manifest in one place.
 - int8 graphs (`muge export --int8`), when the bundle has them: the same cosine, ranking and
-  recall checks against PyTorch, with the `int8_*` limits (int8 weights move scores more).
+  recall checks against PyTorch, with the `int8` limits (int8 weights move scores more).
 - Every output finite: a NaN or inf embedding fails the gate, naming the graph and the input.
 The bundle is run through `predict.runtime`, i.e. exactly as `muge predict` will run it.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -35,17 +37,23 @@ from competition.topk import exact_topk, first_nonfinite_row
 from predict.runtime import BundleEncoders, RuntimeChoice, choose_runtime, has_graphs
 
 log = logging.getLogger(__name__)
+REDUCED = ("fp16", "int8")  # the precisions checked by cosine, ranking and recall
+
+
+@dataclass
+class ReducedLimits:
+    """What a reduced-precision graph (fp16, int8) must reach against PyTorch."""
+
+    min_cosine: float
+    min_tie_aware: float
+    max_recall_delta: float  # MeanRecall points (x100) on the gate's subset
 
 
 @dataclass
 class ParityLimits:
     fp32_max_abs: float = 1e-4
-    fp16_min_cosine: float = 0.999
-    fp16_min_tie_aware: float = 0.99
-    fp16_max_recall_delta: float = 1.0  # MeanRecall points (x100) on the gate's subset
-    int8_min_cosine: float = 0.98
-    int8_min_tie_aware: float = 0.95
-    int8_max_recall_delta: float = 2.0
+    fp16: ReducedLimits = field(default_factory=lambda: ReducedLimits(0.999, 0.99, 1.0))
+    int8: ReducedLimits = field(default_factory=lambda: ReducedLimits(0.98, 0.95, 2.0))
 
 
 @dataclass
@@ -55,10 +63,77 @@ class ParitySettings:
     batch_size: int = 32
 
 
+@dataclass
+class Fp32Parity:
+    max_abs_text: float
+    max_abs_image: float
+
+
+@dataclass
+class ReducedParity:
+    """fp16 or int8 graphs against PyTorch (module docstring)."""
+
+    min_cosine_text: float
+    min_cosine_image: float
+    score_error: float
+    score_error_max: float
+    top10_tie_aware: float
+    top10_overlap: float  # information only
+    mean_recall_torch: float | None = None
+    mean_recall: float | None = None
+    recall_delta: float | None = None
+    recall_tolerance: float | None = None
+
+
+@dataclass
+class ParityReport:
+    queries: int
+    gallery_images: int
+    recall_queries: int
+    batch_size: int
+    fp16_device: str
+    limits: ParityLimits
+    fp32: Fp32Parity | None = None
+    fp16: ReducedParity | None = None
+    int8: ReducedParity | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        """The manifest's `parity` entry."""
+        return {**asdict(self), "passed": self.passed}
+
+    def render(self) -> str:
+        lim = self.limits
+        lines = [f"parity on {self.queries} valid queries x {self.gallery_images} valid images "
+                 f"(batch {self.batch_size}, fp16 on {self.fp16_device}):"]
+        if self.fp32 is not None:
+            lines.append(f"  fp32 vs torch max|diff|  text {self.fp32.max_abs_text:.2e}  image "
+                         f"{self.fp32.max_abs_image:.2e}  (limit {lim.fp32_max_abs:g})")
+        for name in REDUCED:
+            got, want = getattr(self, name), getattr(lim, name)
+            if got is None:
+                continue
+            lines += [f"  {name} vs torch min cosine text {got.min_cosine_text:.6f}  image {got.min_cosine_image:.6f}  "
+                      f"(limit {want.min_cosine})",
+                      f"  {name} top-10 ids explained by score error {100 * got.top10_tie_aware:.2f}% (limit "
+                      f"{100 * want.min_tie_aware:.0f}%; score error {got.score_error:.2e}, max "
+                      f"{got.score_error_max:.2e}); raw top-10 overlap {100 * got.top10_overlap:.2f}% (information)"]
+            if got.recall_delta is not None:
+                lines.append(f"  {name} vs torch MeanRecall on {self.recall_queries} queries with their positives: "
+                             f"{got.mean_recall:.2f} vs {got.mean_recall_torch:.2f} (delta {got.recall_delta:+.2f}, "
+                             f"tolerance {got.recall_tolerance:.2f})")
+        lines.append("  PASSED" if self.passed else "  FAILED: " + "; ".join(self.failures))
+        return "\n".join(lines)
+
+
 class ParityError(RuntimeError):
-    def __init__(self, report: dict):
+    def __init__(self, report: ParityReport):
         self.report = report
-        super().__init__("parity gate failed: " + "; ".join(report["failures"]))
+        super().__init__("parity gate failed: " + "; ".join(report.failures))
 
 
 def gate_subset(queries_path: str, tsv: ImageTSV, settings: ParitySettings):
@@ -106,8 +181,8 @@ def _cosine(a, b) -> float:
 
 
 def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, *, settings: ParitySettings | None = None,
-               limits: ParityLimits | None = None, device: str = "auto") -> dict:
-    """Compare PyTorch and both ONNX precisions; return the report (raise nothing)."""
+               limits: ParityLimits | None = None, device: str = "auto") -> ParityReport:
+    """Compare PyTorch and every precision of the bundle; return the report (raise nothing)."""
     settings, limits = settings or ParitySettings(), limits or ParityLimits()
     tsv = ImageTSV(tsv_path)
     texts, ids, scored = gate_subset(queries_path, tsv, settings)
@@ -138,86 +213,57 @@ def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, *, sett
     for name, text_fn, image_fn in runs:
         outputs[name] = (_batched(text_fn, texts, bs, f"parity: {name} text"),
                          _batched(image_fn, pixels, bs, f"parity: {name} image"))
-    report = {"queries": len(texts), "gallery_images": len(ids), "recall_queries": len(scored), "batch_size": bs,
-              "fp16_device": gpu.device, "limits": asdict(limits)}
-    failures, finite = [], {}
-    for name, (t, i) in outputs.items():
+    report = ParityReport(len(texts), len(ids), len(scored), bs, gpu.device, limits)
+    finite = {}
+    for name, (text_feats, image_feats) in outputs.items():
         finite[name] = True
-        for kind, feats, label in (("text", t, lambda r: f"query {r + 1} {texts[r]!r}"),
-                                   ("image", i, lambda r: f"image {ids[r]}")):
+        for kind, feats, label in (("text", text_feats, lambda r: f"query {r + 1} {texts[r]!r}"),
+                                   ("image", image_feats, lambda r: f"image {ids[r]}")):
             row = first_nonfinite_row(feats)
             if row is not None:
                 finite[name] = False
                 bad = int((~np.isfinite(feats).all(axis=1)).sum())
-                failures.append(f"{name} {kind} embeddings not finite in {bad} of {len(feats)} rows "
-                                f"(first: {label(row)})")
+                report.failures.append(f"{name} {kind} embeddings not finite in {bad} of {len(feats)} rows "
+                                       f"(first: {label(row)})")
     (ref_t, ref_i), (o32_t, o32_i) = outputs["torch"], outputs["fp32"]
     if finite["torch"] and finite["fp32"]:  # every check whose inputs are finite still runs
-        report.update(fp32_max_abs_text=float(np.abs(o32_t - ref_t).max()),
-                      fp32_max_abs_image=float(np.abs(o32_i - ref_i).max()))
-        for key in ("fp32_max_abs_text", "fp32_max_abs_image"):
-            if not report[key] <= limits.fp32_max_abs:
-                failures.append(f"{key} {report[key]:.3g} > {limits.fp32_max_abs:g}")
+        report.fp32 = Fp32Parity(float(np.abs(o32_t - ref_t).max()), float(np.abs(o32_i - ref_i).max()))
+        for kind, value in (("text", report.fp32.max_abs_text), ("image", report.fp32.max_abs_image)):
+            if not value <= limits.fp32_max_abs:
+                report.failures.append(f"fp32 {kind} max |diff| {value:.3g} > {limits.fp32_max_abs:g}")
     for name in reduced:
         if finite["torch"] and finite[name]:
-            failures += _reduced_precision_checks(name, report, limits, outputs["torch"], outputs[name], ids, scored)
-    report["failures"] = failures
-    report["passed"] = not failures
+            result, failures = reduced_parity(name, getattr(limits, name), outputs["torch"], outputs[name], ids,
+                                              scored)
+            setattr(report, name, result)
+            report.failures += failures
     return report
 
 
-def _reduced_precision_checks(name: str, report: dict, limits: ParityLimits, ref, cand, ids, scored) -> list[str]:
+def reduced_parity(name: str, limits: ReducedLimits, ref, cand, ids, scored) -> tuple[ReducedParity, list[str]]:
     """Cosine, tie-aware ranking and subset recall of the `name` graphs (fp16 | int8) against
-    PyTorch, with the `name_*` limits; adds the figures to `report` and returns the failures."""
+    PyTorch; returns the figures and the failures."""
     (ref_t, ref_i), (out_t, out_i) = ref, cand
-    min_cosine, min_tie_aware, max_delta = (getattr(limits, f"{name}_{k}") for k in
-                                            ("min_cosine", "min_tie_aware", "max_recall_delta"))
     rank = ranking_agreement(ref_t, ref_i, out_t, out_i)
     recall = {}
     for who, top in (("torch", rank["ref_top"]), (name, rank["cand_top"])):
         preds = {q.query_id: [ids[p] for p in top[row]] for row, q in scored.items()}
         recall[who] = score_predictions(list(scored.values()), preds).mean_recall if scored else None
-    report.update({f"{name}_min_cosine_text": _cosine(out_t, ref_t), f"{name}_min_cosine_image": _cosine(out_i, ref_i),
-                   f"{name}_score_error": rank["score_error"], f"{name}_score_error_max": rank["score_error_max"],
-                   f"{name}_top10_tie_aware": rank["tie_aware"], f"{name}_top10_overlap": rank["overlap"],
-                   "mean_recall_torch": recall["torch"], f"mean_recall_{name}": recall[name]})
+    result = ReducedParity(_cosine(out_t, ref_t), _cosine(out_i, ref_i), rank["score_error"], rank["score_error_max"],
+                           rank["tie_aware"], rank["overlap"], recall["torch"], recall[name])
     failures = []
-    for key in (f"{name}_min_cosine_text", f"{name}_min_cosine_image"):
-        if not report[key] >= min_cosine:
-            failures.append(f"{key} {report[key]:.6f} < {min_cosine}")
-    if not rank["tie_aware"] >= min_tie_aware:
-        failures.append(f"{name}_top10_tie_aware {rank['tie_aware']:.4f} < {min_tie_aware}")
+    for kind, value in (("text", result.min_cosine_text), ("image", result.min_cosine_image)):
+        if not value >= limits.min_cosine:
+            failures.append(f"{name} {kind} min cosine {value:.6f} < {limits.min_cosine}")
+    if not result.top10_tie_aware >= limits.min_tie_aware:
+        failures.append(f"{name} top-10 explained by score error {result.top10_tie_aware:.4f} < {limits.min_tie_aware}")
     if not scored:
         failures.append(f"no valid query has its positives among the gate's {len(ids)} images: recall cannot "
                         "be checked (raise --parity-gallery)")
-        return failures
-    delta = recall[name] - recall["torch"]
-    tolerance = max(max_delta, 100.0 / len(scored))
-    report.update({f"{name}_recall_delta": delta, f"{name}_recall_tolerance": tolerance})
-    if abs(delta) > tolerance:
-        failures.append(f"{name} MeanRecall {recall[name]:.2f} vs torch {recall['torch']:.2f} on "
-                        f"{len(scored)} queries: |delta| {abs(delta):.2f} > {tolerance:.2f}")
-    return failures
-
-
-def format_report(report: dict) -> str:
-    lim = report["limits"]
-    lines = [f"parity on {report['queries']} valid queries x {report['gallery_images']} valid images "
-             f"(batch {report['batch_size']}, fp16 on {report['fp16_device']}):"]
-    if "fp32_max_abs_text" in report:
-        lines.append(f"  fp32 vs torch max|diff|  text {report['fp32_max_abs_text']:.2e}  image "
-                     f"{report['fp32_max_abs_image']:.2e}  (limit {lim['fp32_max_abs']:g})")
-    for name in ("fp16", "int8"):
-        if f"{name}_min_cosine_text" in report:
-            lines += [f"  {name} vs torch min cosine text {report[f'{name}_min_cosine_text']:.6f}  image "
-                      f"{report[f'{name}_min_cosine_image']:.6f}  (limit {lim[f'{name}_min_cosine']})",
-                      f"  {name} top-10 ids explained by score error {100 * report[f'{name}_top10_tie_aware']:.2f}% "
-                      f"(limit {100 * lim[f'{name}_min_tie_aware']:.0f}%; score error "
-                      f"{report[f'{name}_score_error']:.2e}, max {report[f'{name}_score_error_max']:.2e}); raw top-10 "
-                      f"overlap {100 * report[f'{name}_top10_overlap']:.2f}% (information)"]
-        if f"{name}_recall_delta" in report:
-            lines.append(f"  {name} vs torch MeanRecall on {report['recall_queries']} queries with their positives: "
-                         f"{report[f'mean_recall_{name}']:.2f} vs {report['mean_recall_torch']:.2f} (delta "
-                         f"{report[f'{name}_recall_delta']:+.2f}, tolerance {report[f'{name}_recall_tolerance']:.2f})")
-    lines.append("  PASSED" if report["passed"] else "  FAILED: " + "; ".join(report["failures"]))
-    return "\n".join(lines)
+        return result, failures
+    result.recall_delta = recall[name] - recall["torch"]
+    result.recall_tolerance = max(limits.max_recall_delta, 100.0 / len(scored))
+    if abs(result.recall_delta) > result.recall_tolerance:
+        failures.append(f"{name} MeanRecall {recall[name]:.2f} vs torch {recall['torch']:.2f} on {len(scored)} "
+                        f"queries: |delta| {abs(result.recall_delta):.2f} > {result.recall_tolerance:.2f}")
+    return result, failures

@@ -141,8 +141,8 @@ def predict_split(bundle_dirs, data_dir: str, split: str, out_path: str, opts: P
     write_submission(out_path, queries, preds, schema=opts.schema, k=opts.k)
     summary = {"split": split, "submission": out_path, "queries": len(queries), "gallery": len(gallery_ids),
                "skipped_images": len(emb.skipped.items), "gallery_cached": emb.cached,
-               "gallery_seconds": round(emb.seconds, 2), "topk_seconds": round(topk_s, 3),
-               "seconds": round(time.time() - t0, 1), "runtime": encoders[0].describe()}
+               "gallery_s": round(emb.seconds, 2), "topk_s": round(topk_s, 3),
+               "total_s": round(time.time() - t0, 1), "runtime": encoders[0].describe()}
     if opts.tta:
         summary["tta"] = opts.tta
     if rerank:

@@ -141,9 +141,9 @@ def report_data(queries_path: str, images_path: str, pred_paths: list[str], run_
             shown.update(miss[:MISSED_SHOWN])
         rows.append({"id": q.query_id, "text": q.text, "gt": sorted(truth), "top": tops,
                      "rank": [rk[q.query_id] for rk in ranks], "missed": missed})
-    t = time.time()
+    start = time.time()
     thumbs = thumbnails(images_path, shown, thumb_size, quality, workers)
-    log.info("%d thumbnails in %.1fs", len(thumbs), time.time() - t)
+    log.info("%d thumbnails in %.1fs", len(thumbs), time.time() - start)
     return {
         "title": " vs ".join(os.path.basename(p) for p in pred_paths),
         "generated": time.strftime("%Y-%m-%d %H:%M"),

@@ -16,7 +16,7 @@ from conftest import not_an_image
 from tiny import tiny_config
 
 from muge_cli import cli
-from train.params import save_config
+from train.config import save_config
 
 FAST_EXPORT = ["--exporter", "torchscript", "--parity-queries", "40", "--parity-gallery", "60", "--parity-batch", "16"]
 TEN = list(range(1, 11))

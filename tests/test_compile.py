@@ -16,8 +16,8 @@ import torch
 from tiny import tiny_config
 
 from train.checkpoint import load_checkpoint
+from train.config import load_config
 from train.main import run
-from train.params import load_config
 
 COMPILE_RTOL = 1e-3  # per-epoch mean loss, compiled vs eager (the README states it)
 

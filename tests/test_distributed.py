@@ -151,10 +151,10 @@ def test_ddp_two_processes_equal_one_process_on_the_union(tmp_path):
 def _unfreeze_worker(rank: int, world: int, init_file: str, out_dir: str):
     """A freezing schedule under DDP, as `train.main` runs it: the wrapper is rebuilt when the
     trainable set changes, so the newly unfrozen parameters' gradients are all-reduced too."""
+    from train.config import FreezeConfig
     from train.distributed import World
     from train.main import wrap_ddp
     from train.optim import apply_freeze
-    from train.params import FreezeConfig
 
     with _gloo_rank(rank, world, init_file) as local:
         model, here = _model("dual", dropout=False), World(rank, rank, world)
@@ -180,7 +180,7 @@ def test_ddp_after_unfreezing_equals_one_process(tmp_path):
 
 
 def test_torchrun_trains_resumes_and_only_rank0_writes(small_sample, tmp_path):
-    from train.params import save_config
+    from train.config import save_config
 
     preset = tmp_path / "tiny.yaml"
     save_config(tiny_config("dual", "train.batch_size=16", "eval.untrained=false"), str(preset))
@@ -209,21 +209,6 @@ def test_torchrun_trains_resumes_and_only_rank0_writes(small_sample, tmp_path):
     assert "resuming" in second.stderr and load_checkpoint(str(out / "last.pt"))["epoch"] == 2
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
-
-
-def test_data_bench_runs_and_stays_within_limits(tmp_path):
-    """`muge bench data` at toy scale: generates the split, iterates, measures every process."""
-    from click.testing import CliRunner
-
-    from train.bench import bench_data
-
-    res = CliRunner().invoke(bench_data, ["--images", "600", "--pairs", "1000", "--batches", "4", "--batch-size",
-                                          "16", "--workers", "1", "--dir", str(tmp_path),
-                                          # forked from pytest, which holds far more than `muge` does
-                                          "--main-limit-mb", "8192", "--worker-limit-mb", "8192"])
-    assert res.exit_code == 0, res.output
-    assert "1,000 pairs over 600 images" in res.output and "worker 0: RSS" in res.output
-    assert "memory limits: all within" in res.output
 
 
 def test_more_processes_than_gpus_is_refused_before_any_work(monkeypatch):

@@ -263,26 +263,3 @@ def test_hard_sample_keeps_the_layout_with_fewer_positives(tmp_path):
     make_sample(tmp_path / "hard2", **{**kw, "difficulty": HARD})  # deterministic for a seed
     for name in ("MR_valid_imgs.tsv", "MR_train_queries.jsonl"):
         assert (tmp_path / "hard" / name).read_bytes() == (tmp_path / "hard2" / name).read_bytes()
-
-
-# -- the bench -------------------------------------------------------------------------------------
-def test_bench_quality_scores_every_feature_and_reuses_its_runs(small_sample, tmp_path):
-    from muge_cli import cli
-    from train.params import save_config
-
-    config = tmp_path / "tiny.yaml"
-    save_config(tiny_config("dual", "train.epochs=1", "eval.untrained=false"), str(config))
-    args = ["bench", "quality", "--data", str(small_sample), "--config", str(config), "--work", str(tmp_path / "w"),
-            "--workers", "0", "--json", str(tmp_path / "q.json")]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "q.json").read_text())["rows"]
-    assert len(rows) == 9 and rows[-1]["mean_recall"] is None  # no weights: zero-shot is not run
-    assert all(0 <= r["mean_recall"] <= 100 and r["build_seconds"] > 0 for r in rows[:-1])
-    assert rows[6]["weights"] is not None and "| plain chain (run A) |" in result.output
-    seconds = (tmp_path / "w" / "seconds.json").read_text()
-    again = CliRunner().invoke(cli, args + ["--reuse"])
-    assert again.exit_code == 0, again.output
-    assert (tmp_path / "w" / "seconds.json").read_text() == seconds  # nothing retrained or re-exported
-    assert [r["mean_recall"] for r in json.loads((tmp_path / "q.json").read_text())["rows"]] == \
-        [r["mean_recall"] for r in rows]

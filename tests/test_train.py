@@ -1,13 +1,15 @@
+import re
+
 import numpy as np
 import pytest
 import torch
 from tiny import tiny_config
 
+from train.config import ConfigError, load_config
 from train.data import PairDataset, train_loader
 from train.loss import ClipLoss, clip_loss, duplicate_mask
 from train.model import create_model
 from train.optim import apply_freeze, create_optimizer, lr_scale
-from train.params import ConfigError, load_config
 from train.scheduler import create_scheduler, lr_factor
 from train.tokenizer import prepare_tokenizer
 
@@ -138,7 +140,14 @@ def test_warmup_cosine_values():
 @pytest.mark.parametrize("override, message", [
     ("train.epoch=3", "unknown config key train.epoch; valid keys under train: accum_steps"),
     ("model.txt.name=x", "unknown config key model.txt"),
-    ("model.family=clip", "model.family='clip'; expected one of dual, chinese-clip"),
+    ("model.family=clip", "model.family='clip': expected one of dual, chinese-clip"),
+    ("model.text.pooling=max", "model.text.pooling='max': expected one of cls, mean, mean_max, attentive"),
+    ("data.resize_rule=crop", "data.resize_rule='crop': expected one of squash, shorter-crop"),
+    ("train.precision=fp8", "train.precision='fp8': expected one of auto, fp32, bf16, fp16"),
+    ("train.data_seed=-1", "train.data_seed=-1; expected an integer >= 0"),
+    ("train=0", "override train=0: train is a section (epochs, batch_size"),
+    ("train.lr=null", "override train.lr=null: train.lr is a section (head, text, image)"),
+    ("data.augment=false", "override data.augment=false: data.augment is a section"),
     ("train.batch_size=0", "train.batch_size=0; expected a positive integer"),
     ("train.grad_cache_chunk=5", "must divide train.batch_size"),
     ("train.epochs=2.5", "train.epochs=2.5: expected int"),
@@ -151,6 +160,42 @@ def test_bad_config_keys(override, message):
     with pytest.raises(ConfigError) as err:
         load_config("configs/sample.yaml", [override])
     assert message in str(err.value)
+
+
+def test_the_schema_names_the_choices_the_model_implements():
+    """The config owns the choices (`Literal` types); the model has one implementation of each."""
+    from typing import get_args
+
+    from competition.preprocess import RESIZE_RULES
+    from train.config import Family, Head, Pooling, ResizeRule
+    from train.model import FAMILIES, HEADS, POOLINGS, TextPool, projection_head
+
+    assert set(FAMILIES) == set(get_args(Family)) and get_args(ResizeRule) == RESIZE_RULES
+    assert HEADS == get_args(Head) and POOLINGS == get_args(Pooling)
+    for kind in POOLINGS:
+        assert TextPool(kind, 8).kind == kind
+    for kind in HEADS:
+        assert projection_head(kind, 8, 4, 0.0)(torch.zeros(2, 8)).shape == (2, 4)
+
+
+def test_a_mapping_override_merges_into_the_preset_section():
+    """`--set train.lr={text: 1e-4}` changes one rate and keeps the preset's others."""
+    preset = load_config("configs/sample.yaml")
+    cfg = load_config("configs/sample.yaml", ["train.lr={text: 1.0e-4}", "data.augment={hflip: 0.0}"])
+    assert cfg.train.lr.text == 1e-4 and cfg.train.lr.head == preset.train.lr.head != 1e-3  # not the default
+    assert cfg.data.augment.hflip == 0.0
+    assert cfg.data.augment.random_resized_crop == preset.data.augment.random_resized_crop == [0.6, 1.0]
+
+
+@pytest.mark.parametrize("text, message", [("- a\n- b\n", "a preset is a mapping of sections (model, data, train, "
+                                                            "eval), not a list"),
+                                           ("3\n", "not a int"), ("", "an empty preset"),
+                                           ("model: [\n", "not valid YAML")])
+def test_a_preset_is_a_mapping(tmp_path, text, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(str(path), ["train.epochs=1"])
 
 
 def test_config_numbers_are_coerced_to_their_fields():

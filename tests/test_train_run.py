@@ -7,8 +7,8 @@ from click.testing import CliRunner
 from tiny import tiny_config
 
 from train.checkpoint import load_checkpoint
+from train.config import load_config
 from train.main import run
-from train.params import load_config
 
 
 def _weights(path):
@@ -51,7 +51,7 @@ def test_cli_run_writes_every_artifact(small_sample, tmp_path):
 
     out = tmp_path / "run"
     cfg = tiny_config("dual")
-    from train.params import save_config
+    from train.config import save_config
 
     save_config(cfg, str(tmp_path / "tiny.yaml"))
     res = CliRunner().invoke(train, ["--config", str(tmp_path / "tiny.yaml"), "--data", str(small_sample),
@@ -67,26 +67,3 @@ def test_cli_run_writes_every_artifact(small_sample, tmp_path):
     assert set(best) == {"model", "arch", "config", "epoch", "metrics"}  # no optimizer state in best.pt
     res = CliRunner().invoke(train, ["--config", str(tmp_path / "tiny.yaml"), "--set", "train.epohcs=1"])
     assert res.exit_code != 0 and "unknown config key train.epohcs" in res.output
-
-
-def test_bench_train_reports_step_loop_and_pipeline(small_sample, tmp_path):
-    """`muge bench train` at toy scale: the bare step, the real loop (over two epochs of a short
-    split), FLOPs, the pipeline per worker, and the JSON keys the README and issue name."""
-    from train.bench_train import bench_train, peak_tflops
-    from train.params import save_config
-
-    save_config(tiny_config("dual", "data.limit_pairs=96", "train.batch_size=32"), str(tmp_path / "tiny.yaml"))
-    out = tmp_path / "bench.json"
-    res = CliRunner().invoke(bench_train, ["--config", str(tmp_path / "tiny.yaml"), "--data", str(small_sample),
-                                           "--steps", "4", "--warmup", "1", "--no-compiled", "--json", str(out)])
-    assert res.exit_code == 0, res.output
-    r = json.loads(out.read_text())
-    for key in ("step_samples_per_s", "loop_samples_per_s", "loop_step_ratio", "flops_per_sample", "decode_ms",
-                "sample_ms"):
-        assert r[key] > 0, key
-    assert {"step_compiled_samples_per_s", "batch_size", "device", "peak_mem_gib", "mfu"} <= r.keys()
-    assert r["batch_size"] == 32 and r["workers_needed"] >= 1
-    assert "2 epoch(s) of 3 batches" in res.output  # 5 timed+warm-up batches over 3-batch epochs
-    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
-    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0 and peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == 156
-    assert peak_tflops("cpu", "fp32") is None

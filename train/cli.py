@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 import click
-import yaml
 
 
 @click.command()
@@ -22,9 +21,9 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
     from competition import MugeDataError
 
     from .checkpoint import CheckpointError
+    from .config import ConfigError, load_config
     from .distributed import DistributedSetupError
     from .main import run
-    from .params import ConfigError, load_config
 
     if resume_dir:
         config_path, out_dir = os.path.join(resume_dir, "config.yaml"), resume_dir
@@ -37,8 +36,6 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
         cfg = load_config(config_path, list(overrides))
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--config/--set") from None
-    except yaml.YAMLError as exc:
-        raise click.ClickException(f"{config_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     try:
         best = run(cfg, data_dir, out_dir, resume=bool(resume_dir))
     except (MugeDataError, CheckpointError, DistributedSetupError, FileNotFoundError, ValueError) as exc:

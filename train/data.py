@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from competition import ImageTSV, MugeDataError, read_queries
 from competition.preprocess import resize_image
 
-from .params import Config, data_seed
+from .config import Config, data_seed
 from .transform import augment_image, augment_text
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ def gather_features(*tensors: torch.Tensor) -> list[torch.Tensor]:
         return list(tensors)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = []
-    for t in tensors:
-        parts = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(parts, t.detach().contiguous())
-        parts[rank] = t
+    for tensor in tensors:
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.detach().contiguous())
+        parts[rank] = tensor
         out.append(torch.cat(parts, dim=0))
     return out
 

@@ -19,17 +19,18 @@ from __future__ import annotations
 import math
 import os
 import re
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .params import ModelConfig
+from .config import Head, ModelConfig, Pooling
 
 Layout = dict[str, tuple[str, int, int]]  # parameter name -> (group, layer id, top block id)
 
-POOLINGS = ("cls", "mean", "mean_max", "attentive")
-HEADS = ("linear", "mlp")
+POOLINGS = get_args(Pooling)  # the config schema names the choices; the model implements each
+HEADS = get_args(Head)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -149,21 +150,22 @@ class DualEncoder(RetrievalModel):
         import timm
         from transformers import AutoModel, BertConfig, BertModel
 
-        t, i = cfg.text, cfg.image
-        if t.name:
-            text = AutoModel.from_pretrained(t.name, add_pooling_layer=False, **_hf_kwargs(t.name))
+        text_cfg, image_cfg = cfg.text, cfg.image
+        if text_cfg.name:
+            text = AutoModel.from_pretrained(text_cfg.name, add_pooling_layer=False, **_hf_kwargs(text_cfg.name))
         else:
-            conf = dict(t.config)
+            conf = dict(text_cfg.config)
             if vocab_size:
                 conf["vocab_size"] = vocab_size
             text = BertModel(BertConfig(**conf), add_pooling_layer=False)
-        kwargs = dict(i.kwargs)
-        if i.checkpoint:
-            kwargs["pretrained_cfg_overlay"] = {"file": i.checkpoint}
-        image = timm.create_model(i.name, pretrained=i.pretrained or bool(i.checkpoint), num_classes=0, **kwargs)
+        kwargs = dict(image_cfg.kwargs)
+        if image_cfg.checkpoint:
+            kwargs["pretrained_cfg_overlay"] = {"file": image_cfg.checkpoint}
+        image = timm.create_model(image_cfg.name, pretrained=image_cfg.pretrained or bool(image_cfg.checkpoint),
+                                  num_classes=0, **kwargs)
         arch = {"text_config": text.config.to_dict(), "text_model_type": text.config.model_type,
-                "image_name": i.name, "image_kwargs": dict(i.kwargs), "pooling": t.pooling, "embed_dim": cfg.embed_dim,
-                "head": cfg.head, "head_dropout": cfg.head_dropout,
+                "image_name": image_cfg.name, "image_kwargs": dict(image_cfg.kwargs), "pooling": text_cfg.pooling,
+                "embed_dim": cfg.embed_dim, "head": cfg.head, "head_dropout": cfg.head_dropout,
                 "mean": tuple(image.pretrained_cfg.get("mean", CLIP_MEAN)),
                 "std": tuple(image.pretrained_cfg.get("std", CLIP_STD)), "logit_scale_max": cfg.logit_scale_max}
         return cls(text, image, arch, cfg.logit_scale_init)

@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import nn
 
-from .params import FreezeConfig, TrainConfig
+from .config import FreezeConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from competition.preprocess import resize_image
 
-from .params import Augment
+from .config import Augment
 
 
 def augment_image(img: Image.Image, aug: Augment, size: int, rule: str, rng: np.random.Generator) -> np.ndarray:

@@ -19,21 +19,20 @@ from functools import partial
 import click
 import numpy as np
 
+from .shapes import BERT_CHINESE_VOCAB, VIT_B16_CLIP, setting
+from .table import emit, table_options
+
 PRESETS = ("configs/sample.yaml", "configs/bert-convnext.yaml", "configs/cnclip-vit-b16.yaml")
-BERT_CHINESE_VOCAB = 21128
-LAYERS_768 = "hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12, intermediate_size: 3072"
-VIT_B16 = [f"model.config={{projection_dim: 512, text_config: {{{LAYERS_768}, max_position_embeddings: 512, "
-           f"vocab_size: {BERT_CHINESE_VOCAB}}}, vision_config: {{{LAYERS_768}, image_size: 224, patch_size: 16}}}}"]
 
 
 def _random_model(preset: str):
     """(model in eval mode, image size, max text length, vocab size) for a preset, random weights."""
+    from train.config import load_config
     from train.model import create_model
-    from train.params import load_config
 
     cfg = load_config(preset, ["model.image.pretrained=false", "model.text.name=null", "model.name=null"])
     if cfg.model.family == "chinese-clip" and not cfg.model.config:
-        cfg = load_config(preset, ["model.name=null", *VIT_B16])
+        cfg = load_config(preset, ["model.name=null", setting("model.config", VIT_B16_CLIP)])
     vocab = BERT_CHINESE_VOCAB if not cfg.model.text.config else 1000
     model, _ = create_model(cfg.model, vocab_size=None if cfg.model.family == "chinese-clip" else vocab)
     return model.eval(), cfg.data.image_size, cfg.data.max_text_length, vocab
@@ -46,9 +45,9 @@ def _time(fn, min_runs: int, budget_s: float) -> float:
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < min_runs or (time.perf_counter() - start < budget_s and len(times) < 50):
-        t = time.perf_counter()
+        start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
@@ -66,9 +65,8 @@ def bench_preset(preset: str, batches: tuple[int, ...], min_runs: int, budget_s:
                  threads: int | None = None, int8: bool = False) -> list[dict]:
     import torch
 
+    from export.optimize import attention_nodes, export_tower, prepare_fusion, to_int8
     from predict.runtime import RuntimeChoice, session
-
-    from .optimize import attention_nodes, export_tower, prepare_fusion, to_int8
 
     model, size, seq, vocab = _random_model(preset)
     plans = prepare_fusion(model, model.to_arch())  # the graphs as `muge export` builds them
@@ -79,12 +77,13 @@ def bench_preset(preset: str, batches: tuple[int, ...], min_runs: int, budget_s:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("text", "image"):
             example = tuple(torch.from_numpy(v) for v in _inputs(kind, 2, size, seq, vocab, rng).values())
-            t = time.perf_counter()
+            start = time.perf_counter()
             path = os.path.join(tmp, f"{kind}.onnx")
             attention = attention_nodes(export_tower(model, kind, path, example, plans[kind])[1])
             quantized = to_int8(path, os.path.join(tmp, f"{kind}.int8.onnx")) if int8 else None
-            echo(f"  {name}/{kind}: exported in {time.perf_counter() - t:.0f}s ({os.path.getsize(path) / 2**20:.0f} "
-                 f"MiB), {attention} fused attention nodes")
+            mib = os.path.getsize(path) / 2**20
+            echo(f"  {name}/{kind}: exported in {time.perf_counter() - start:.0f}s ({mib:.0f} MiB), {attention} fused "
+                 "attention nodes")
             sessions = {"fp32": session(path, cpu, threads)}
             if quantized:
                 sessions["int8"] = session(quantized, cpu, threads)
@@ -123,14 +122,10 @@ def bench_preset(preset: str, batches: tuple[int, ...], min_runs: int, budget_s:
 @click.option("--budget", default=2.0, show_default=True, help="Seconds per case to keep repeating within.")
 @click.option("--threads", type=int, default=None, help="torch and ORT intra-op threads (default: all cores).")
 @click.option("--int8/--no-int8", default=True, show_default=True, help="Also time the int8 graphs.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the rows here too.")
-def bench_export(presets, batches, min_runs, budget, threads, int8, json_out):
+@table_options
+def bench_export(presets, batches, min_runs, budget, threads, int8, json_out, csv_out):
     """Encoders on CPU: ONNX Runtime fp32 (fused) and int8 (ours) vs PyTorch eager, batch 1/8/32."""
-    import json
-
     import torch
-
-    from competition.io import atomic_write_text
 
     if threads:
         torch.set_num_threads(threads)
@@ -139,13 +134,7 @@ def bench_export(presets, batches, min_runs, budget, threads, int8, json_out):
     rows = []
     for preset in presets:
         rows += bench_preset(preset, tuple(batches), min_runs, budget, click.echo, threads, int8)
-    click.echo("speed-up (torch time / ORT time), fp32" + (" | int8" if int8 else "") + ":")
-    for model in dict.fromkeys(r["model"] for r in rows):
-        for kind in ("text", "image"):
-            cells = "  ".join(f"b{r['batch']} x{r['speedup_fp32']:.2f}"
-                              + (f" | x{r['speedup_int8']:.2f}" if r["speedup_int8"] is not None else "")
-                              for r in rows if r["model"] == model and r["encoder"] == kind)
-            click.echo(f"  {model:>14} {kind:>5}: {cells}")
-    if json_out:
-        atomic_write_text(json_out, json.dumps(rows, indent=2) + "\n")
-        click.echo(f"rows written to {json_out}")
+    emit([{k: (round(v, 3) if isinstance(v, float) and not k.startswith("max_abs") else v) for k, v in r.items()}
+          for r in rows],
+         title="muge bench export: ms per batch, PyTorch eager vs ORT fp32 as shipped (fused) and int8; speedup = "
+               "torch time / ORT time", json_out=json_out, csv_out=csv_out)

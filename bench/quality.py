@@ -22,6 +22,8 @@ import click
 
 from report.build import read_history
 
+from .table import emit, table_options
+
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +47,8 @@ def _timed(work: str, key: str, done: str, reuse: bool, fn) -> float:
 
 
 def _train(cfg_path: str, data: str, run_dir: str, overrides: list[str]) -> None:
+    from train.config import load_config
     from train.main import run
-    from train.params import load_config
 
     shutil.rmtree(run_dir, ignore_errors=True)
     log.info("training %s (%s)", run_dir, " ".join(overrides) or "the preset as it is")
@@ -54,8 +56,7 @@ def _train(cfg_path: str, data: str, run_dir: str, overrides: list[str]) -> None
 
 
 def _export(run_dir: str | None, bundle: str, data: str, pretrained: str | None = None) -> None:
-    from .bundle import export_bundle
-    from .pretrained import export_pretrained
+    from export.bundle import export_bundle, export_pretrained
 
     if pretrained:
         export_pretrained(pretrained, bundle, data)
@@ -78,24 +79,10 @@ def _predict(bundles: list[str], data: str, work: str, name: str, workers: int, 
     cache = os.path.join(work, "cache", name)
     shutil.rmtree(cache, ignore_errors=True)
     opts = PredictOptions(workers=workers, cache_dir=cache, **options)
-    t0 = time.time()
+    start = time.time()
     summary = predict_split(bundles, data, "valid", os.path.join(work, "submissions", f"{name}-valid.jsonl"), opts)
-    summary["predict_seconds"] = time.time() - t0
+    summary["predict_s"] = time.time() - start
     return summary
-
-
-def format_rows(rows: list[dict], data: str) -> str:
-    plain = rows[0]["mean_recall"]
-    lines = [f"muge bench quality on {data} (valid)",
-             "| feature | R@1 | R@5 | R@10 | MR | ΔMR | train+export s | predict s | note |", "|" + "---|" * 9]
-    for r in rows:
-        if r.get("mean_recall") is None:
-            lines.append(f"| {r['feature']} | | | | n/a | | | | {r.get('note', '')} |")
-            continue
-        lines.append(f"| {r['feature']} | {r['r1']:.2f} | {r['r5']:.2f} | {r['r10']:.2f} | {r['mean_recall']:.2f} | "
-                     f"{r['mean_recall'] - plain:+.2f} | {r['build_seconds']:.0f} | {r['predict_seconds']:.1f} | "
-                     f"{r.get('note', '')} |")
-    return "\n".join(lines)
 
 
 @click.command("quality")
@@ -109,10 +96,9 @@ def format_rows(rows: list[dict], data: str) -> str:
 @click.option("--pretrained", help="Chinese-CLIP weights (hub name or directory) for the zero-shot row.")
 @click.option("--workers", type=click.IntRange(min=0), default=max(1, (os.cpu_count() or 2) - 1), show_default=True)
 @click.option("--reuse", is_flag=True, help="Keep runs and bundles already in --work.")
-@click.option("--json", "json_out", help="Also write the rows as JSON here.")
-def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, workers, reuse, json_out):
+@table_options
+def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, workers, reuse, json_out, csv_out):
     """Train on the hard sample and score the plain chain and every quality feature on valid."""
-    from competition.io import atomic_write_text
     from competition.layout import split_paths
     from competition.sample import HARD, make_sample
     from train.average import average_runs
@@ -123,7 +109,7 @@ def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, worker
     runs, bundles = os.path.join(work_dir, "runs"), os.path.join(work_dir, "bundles")
     run = {k: os.path.join(runs, k) for k in ("a", "b", "c", "soup")}
     bundle = {k: os.path.join(bundles, k) for k in ("a", "b", "c", "soup", "zero-shot")}
-    t0 = time.time()
+    start = time.time()
     overrides = {"a": [], "b": ["train.data_seed=1"], "c": [f"train.ema={ema_decay}"]}
     build = {k: _timed(work_dir, f"train-{k}", os.path.join(run[k], "best.pt"), reuse,
                        lambda k=k: _train(config_path, data_dir, run[k], overrides[k])) for k in overrides}
@@ -147,18 +133,22 @@ def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, worker
     rows = []
     for i, (feature, bundles_used, options, seconds, note) in enumerate(plan):
         summary = _predict(bundles_used, data_dir, work_dir, f"row{i}", workers, **options)
-        rows.append({"feature": feature, "build_seconds": seconds, "note": note(summary) if callable(note) else note,
-                     **{k: summary.get(k) for k in ("r1", "r5", "r10", "mean_recall", "predict_seconds", "weights")}})
+        rows.append({"feature": feature, "build_s": seconds, "note": note(summary) if callable(note) else note,
+                     **{k: summary.get(k) for k in ("r1", "r5", "r10", "mean_recall", "predict_s", "weights")}})
     if pretrained:
         seconds = _timed(work_dir, "export-zero-shot", os.path.join(bundle["zero-shot"], "manifest.json"), reuse,
                          lambda: _export(None, bundle["zero-shot"], data_dir, pretrained=pretrained))
         summary = _predict([bundle["zero-shot"]], data_dir, work_dir, "zero-shot", workers)
-        rows.append({"feature": f"zero-shot {pretrained}", "build_seconds": seconds,
-                     **{k: summary.get(k) for k in ("r1", "r5", "r10", "mean_recall", "predict_seconds")}})
+        rows.append({"feature": f"zero-shot {pretrained}", "build_s": seconds,
+                     **{k: summary.get(k) for k in ("r1", "r5", "r10", "mean_recall", "predict_s")}})
     else:
         rows.append({"feature": "zero-shot (--pretrained)", "mean_recall": None,
                      "note": "not run: no Chinese-CLIP weights given"})
-    click.echo(format_rows(rows, data_dir))
-    click.echo(f"(bench quality in {time.time() - t0:.0f}s; runs and bundles in {work_dir})")
-    if json_out:
-        atomic_write_text(json_out, json.dumps({"data": data_dir, "rows": rows}, indent=2) + "\n")
+    plain = rows[0]["mean_recall"]
+    for r in rows:
+        r["delta_mr"] = None if r.get("mean_recall") is None else r["mean_recall"] - plain
+    columns = ("feature", "r1", "r5", "r10", "mean_recall", "delta_mr", "build_s", "predict_s", "weights", "note")
+    emit([{k: r.get(k) for k in columns} for r in rows],
+         title=f"muge bench quality on {data_dir} (valid); build_s: training and export of the row's bundles",
+         json_out=json_out, csv_out=csv_out, extra={"data": data_dir},
+         notes=[f"(bench quality in {time.time() - start:.0f}s; runs and bundles in {work_dir})"])

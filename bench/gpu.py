@@ -12,13 +12,9 @@ For each shape it runs, through the stages' own entry points and files:
    ids) and `--queries` queries, from a cold cache: gallery images/s (decode + embed), top-K
    seconds, bundle-to-submission seconds.
 `--small` uses tiny shapes and a small split, and runs on a CPU (the test suite runs it).
-
-It lives in `export` because export is the stage that already sees both sides: it loads
-train's checkpoints and runs predict's runtime.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -28,24 +24,19 @@ import time
 import click
 import numpy as np
 
+from .shapes import BERT_BASE, TINY_BERT, TINY_CLIP, VIT_B16_CLIP, setting
+from .table import emit, table_options
+
 log = logging.getLogger(__name__)
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-LAYERS_768 = "hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12, intermediate_size: 3072"
-LAYERS_32 = "hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64"
+RANDOM_TEXT = ["model.text.name=null", "model.text.tokenizer=char-vocab", "model.image.pretrained=false"]
 SHAPES = {  # name -> (preset, overrides for realistic shapes, overrides for --small)
-    "bert-convnext": ("bert-convnext.yaml",
-                      ["model.text.name=null", "model.text.tokenizer=char-vocab", "model.image.pretrained=false",
-                       f"model.text.config={{{LAYERS_768}, max_position_embeddings: 512}}"],
-                      ["model.text.name=null", "model.text.tokenizer=char-vocab", "model.image.pretrained=false",
-                       f"model.text.config={{{LAYERS_32}, max_position_embeddings: 64}}", "model.image.name=resnet10t",
+    "bert-convnext": ("bert-convnext.yaml", [*RANDOM_TEXT, setting("model.text.config", BERT_BASE)],
+                      [*RANDOM_TEXT, setting("model.text.config", TINY_BERT), "model.image.name=resnet10t",
                        "model.embed_dim=32"]),
     "cnclip-vit-b16": ("cnclip-vit-b16.yaml",
-                       ["model.name=null", "model.text.tokenizer=char-vocab",
-                        f"model.config={{projection_dim: 512, text_config: {{{LAYERS_768}, max_position_embeddings: "
-                        f"512}}, vision_config: {{{LAYERS_768}, image_size: 224, patch_size: 16}}}}"],
-                       ["model.name=null", "model.text.tokenizer=char-vocab",
-                        f"model.config={{projection_dim: 32, text_config: {{{LAYERS_32}, max_position_embeddings: "
-                        f"64}}, vision_config: {{{LAYERS_32}, image_size: 32, patch_size: 8}}}}"]),
+                       ["model.name=null", "model.text.tokenizer=char-vocab", setting("model.config", VIT_B16_CLIP)],
+                       ["model.name=null", "model.text.tokenizer=char-vocab", setting("model.config", TINY_CLIP)]),
 }
 SMALL = ["train.compile=null", "data.image_size=32", "data.max_text_length=24", "train.batch_size=16",
          "eval.batch_size=64"]  # compile: the default (on for CUDA only)
@@ -93,13 +84,12 @@ def graph_images_per_s(bundle: str, batch: int, seconds: float = 2.0) -> float:
 def check_shape(name: str, small: bool, sample_dir: str, bench_dir: str, work: str, steps: int, workers: int) -> dict:
     import torch
 
+    from export.bundle import export_bundle
+    from export.parity import ParityError
     from predict.submit import PredictOptions, predict_split
     from report.build import read_history
+    from train.config import load_config
     from train.main import run
-    from train.params import load_config
-
-    from .bundle import export_bundle
-    from .parity import ParityError
 
     preset, big, tiny = SHAPES[name]
     cfg = load_config(os.path.join(CONFIGS, preset), [*(tiny + SMALL if small else big), "train.epochs=2",
@@ -109,52 +99,34 @@ def check_shape(name: str, small: bool, sample_dir: str, bench_dir: str, work: s
     row = {"model": name, "batch_size": cfg.train.batch_size, "steps_per_epoch": steps}
     run_dir, bundle = os.path.join(work, "runs", name), os.path.join(work, "bundles", name)
     log.info("[%s] training 2 x %d steps of batch %d", name, steps, cfg.train.batch_size)
-    t0 = time.time()
+    start = time.time()
     run(cfg, sample_dir, run_dir)
     history = read_history(run_dir)
-    row.update(train_seconds=round(time.time() - t0, 1), train_samples_per_s=round(history[-1]["samples_per_s"], 1))
+    row.update(train_s=round(time.time() - start, 1), train_samples_per_s=round(history[-1]["samples_per_s"], 1))
     if torch.cuda.is_available():
         row["train_peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         torch.cuda.empty_cache()
     log.info("[%s] export + parity gate", name)
-    t0 = time.time()
+    start = time.time()
     try:
         parity = export_bundle(run_dir, bundle, sample_dir)["parity"]
     except ParityError as err:
-        parity = err.report
-    row.update(export_seconds=round(time.time() - t0, 1), gate_passed=parity["passed"],
-               gate_device=parity["fp16_device"],
-               gate_tie_aware=parity.get("fp16_top10_tie_aware"), gate_overlap=parity.get("fp16_top10_overlap"),
-               gate_recall_delta=parity.get("fp16_recall_delta"), gate_failures=parity["failures"])
+        parity = err.report.to_dict()
+    fp16 = parity["fp16"] or {}
+    row.update(export_s=round(time.time() - start, 1), gate_passed=parity["passed"], gate_device=parity["fp16_device"],
+               gate_tie_aware=fp16.get("top10_tie_aware"), gate_overlap=fp16.get("top10_overlap"),
+               gate_recall_delta=fp16.get("recall_delta"), gate_failures="; ".join(parity["failures"]))
     if not parity["passed"]:
         return row
-    row["graph_images_per_s"] = {b: round(graph_images_per_s(bundle, b), 1) for b in GRAPH_BATCHES}
+    row.update({f"graph_images_per_s_{b}": round(graph_images_per_s(bundle, b), 1) for b in GRAPH_BATCHES})
     log.info("[%s] predict on %s (cold cache)", name, bench_dir)
     out = os.path.join(work, "submissions", f"{name}-test.jsonl")
     summary = predict_split(bundle, bench_dir, "test", out,
                             PredictOptions(workers=workers, cache_dir=os.path.join(work, "cache", name)))
     row.update(runtime=summary["runtime"], gallery=summary["gallery"], queries=summary["queries"],
-               gallery_images_per_s=round(summary["gallery"] / summary["gallery_seconds"], 1),
-               topk_seconds=summary["topk_seconds"], predict_seconds=summary["seconds"])
+               gallery_images_per_s=round(summary["gallery"] / summary["gallery_s"], 1),
+               topk_s=summary["topk_s"], predict_s=summary["total_s"])
     return row
-
-
-def format_table(rows: list[dict], device: str) -> str:
-    head = ("| model | train samples/s | export + gate s | gate: tie-aware / raw overlap / ΔMR | "
-            "graph img/s @64/128/256 | gallery img/s | top-K s | predict s |")
-    lines = [f"muge bench gpu on {device}", head, "|" + "---|" * 8]
-    for r in rows:
-        if not r["gate_passed"]:
-            lines.append(f"| {r['model']} | {r['train_samples_per_s']} | {r['export_seconds']} | FAILED: "
-                         f"{'; '.join(r['gate_failures'])} | | | | |")
-            continue
-        graph = " / ".join(f"{v:,.0f}" for v in r["graph_images_per_s"].values())
-        delta = "n/a" if r["gate_recall_delta"] is None else f"{r['gate_recall_delta']:+.2f}"
-        lines.append(f"| {r['model']} (batch {r['batch_size']}) | {r['train_samples_per_s']:,.0f} | "
-                     f"{r['export_seconds']} | {100 * r['gate_tie_aware']:.1f}% / {100 * r['gate_overlap']:.1f}% / "
-                     f"{delta} | {graph} | {r['gallery_images_per_s']:,.0f} | {r['topk_seconds']:.2f} | "
-                     f"{r['predict_seconds']} ({r['gallery']:,} images, {r['queries']:,} queries) |")
-    return "\n".join(lines)
 
 
 def device_name() -> str:
@@ -175,8 +147,8 @@ def device_name() -> str:
 @click.option("--workers", type=click.IntRange(min=0), default=max(1, min(12, (os.cpu_count() or 2) - 2)),
               show_default=True, help="Data loader and decode processes.")
 @click.option("--work", "work_dir", default=None, help="Keep the data, runs and bundles here (default: a temp dir).")
-@click.option("--json", "json_out", default=None, help="Also write the rows as JSON here.")
-def bench_gpu(small, models, steps, gallery, queries, workers, work_dir, json_out):
+@table_options
+def bench_gpu(small, models, steps, gallery, queries, workers, work_dir, json_out, csv_out):
     """The whole chain at realistic shapes on this GPU (or tiny ones on a CPU with --small): one table."""
     import torch
 
@@ -203,10 +175,8 @@ def bench_gpu(small, models, steps, gallery, queries, workers, work_dir, json_ou
     finally:
         if not work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    click.echo(format_table(rows, device_name()))
-    if json_out:
-        from competition.io import atomic_write_text
-
-        atomic_write_text(json_out, json.dumps({"device": device_name(), "rows": rows}, indent=2) + "\n")
+    emit(rows, title=f"muge bench gpu on {device_name()}: train, export + gate, image graph, predict a "
+                     f"{gallery:,}-image / {queries:,}-query split from a cold cache",
+         json_out=json_out, csv_out=csv_out, extra={"device": device_name()})
     if not all(r["gate_passed"] for r in rows):
         raise SystemExit(1)

@@ -21,31 +21,11 @@ import numpy as np
 
 from competition.layout import split_paths
 
+from .memory import children, memory_mib
+from .table import emit, table_options
+
 CHARS = ("连衣裙女夏季新款韩版宽松显瘦白色黑色红色蓝色碎花长袖短袖"
          "男士运动鞋帆布鞋双肩包托特包斜挎包手机壳水杯马克杯帽子棒球帽")
-
-
-def _memory(pid: int | str = "self") -> dict[str, float]:
-    """rss / pss / uss of a process in MiB (from /proc/PID/smaps_rollup)."""
-    fields = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) == 3 and parts[2] == "kB":
-                fields[parts[0].rstrip(":")] = int(parts[1]) / 1024
-    uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
-    return {"rss": fields.get("Rss", 0), "pss": fields.get("Pss", 0), "uss": uss}
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                kids += [int(k) for k in f.read().split()]
-        except OSError:
-            pass
-    return kids
 
 
 def write_muge_train(out_dir: str, images: int, pairs: int, seed: int = 0) -> None:
@@ -87,75 +67,78 @@ def write_muge_train(out_dir: str, images: int, pairs: int, seed: int = 0) -> No
 @click.option("--config", "config_path", default="configs/bert-convnext.yaml", show_default=True,
               help="Preset whose data settings (image size, augmentation) are used.")
 @click.option("--dir", "directory", default=None, help="Keep the generated split here (reused when present).")
-@click.option("--main-limit-mb", default=1536, show_default=True)
-@click.option("--worker-limit-mb", default=500, show_default=True)
-def bench_data(images, pairs, batches, batch_size, workers, config_path, directory, main_limit_mb, worker_limit_mb):
+@click.option("--main-limit-mb", default=1536, show_default=True, help="RSS limit of the main process.")
+@click.option("--worker-limit-mb", default=500, show_default=True, help="RSS limit of each worker.")
+@table_options
+def bench_data(images, pairs, batches, batch_size, workers, config_path, directory, main_limit_mb, worker_limit_mb,
+               json_out, csv_out):
     """Memory of the training data pipeline on a MUGE-sized train split (130k images, 250k pairs)."""
+    import torch
     from tqdm import tqdm
 
-    from .data import PairDataset, train_loader
-    from .params import load_config
-    from .tokenizer import prepare_tokenizer
+    from train.config import load_config
+    from train.data import PairDataset, train_loader
+    from train.tokenizer import prepare_tokenizer
 
     tmp = None if directory else tempfile.TemporaryDirectory()
     data_dir = directory or tmp.name
     try:
         queries, tsv_path = split_paths(data_dir, "train")
         if not os.path.isfile(queries):
-            t = time.time()
+            start = time.time()
             write_muge_train(data_dir, images, pairs)
-            size_mb = os.path.getsize(tsv_path) / 2**20
-            click.echo(f"wrote {images:,} images ({size_mb:.0f} MiB TSV) and {pairs:,} pairs in {time.time() - t:.0f}s")
+            click.echo(f"wrote {images:,} images ({os.path.getsize(tsv_path) / 2**20:.0f} MiB TSV) and {pairs:,} "
+                       f"pairs in {time.time() - start:.0f}s")
         cfg = load_config(config_path, [f"data.workers={workers}", f"train.batch_size={batch_size}"])
         if os.path.exists(tsv_path + ".idx.npz"):  # measure building the index, not loading it
             os.remove(tsv_path + ".idx.npz")
         tokenizer = prepare_tokenizer("char-vocab", None, queries, data_dir, cfg.data.max_text_length)
-        base = _memory()
-        t = time.time()
+        base = memory_mib()
+        start = time.time()
         dataset = PairDataset(queries, tsv_path, cfg)
-        built = _memory()
-        click.echo(f"dataset of {len(dataset):,} pairs over {len(dataset.tsv):,} images built in "
-                   f"{time.time() - t:.1f}s (index included); main RSS {base['rss']:.0f} -> {built['rss']:.0f} MiB")
-        import torch
-
+        built = memory_mib()
+        build_s = time.time() - start
         loader = train_loader(dataset, tokenizer, cfg, 0, 1, torch.device("cpu"))
         peak = {"main": dict(built)}
-        t = time.time()
+        start = time.time()
         n = min(batches, len(loader))
         for i, _ in enumerate(tqdm(loader, total=n, desc=f"{n} batches of {batch_size}, {workers} workers")):
             if i % 25 == 0 or i == n - 1:
-                workers_now = [(f"worker {k}", p) for k, p in enumerate(_children(os.getpid()))]
-                for name, pid in [("main", "self"), *workers_now]:
+                for name, pid in [("main", "self"), *((f"worker {k}", p) for k, p in enumerate(children(os.getpid())))]:
                     try:
-                        m = _memory(pid)
+                        now = memory_mib(pid)
                     except OSError:
                         continue
-                    peak[name] = {k: max(v, peak.get(name, {}).get(k, 0)) for k, v in m.items()}
+                    peak[name] = {k: max(v, peak.get(name, {}).get(k, 0)) for k, v in now.items()}
             if i + 1 >= n:
                 break
-        dt = time.time() - t
+        seconds = time.time() - start
         del loader
-        click.echo(f"{n} batches in {dt:.0f}s ({n * batch_size / dt:,.0f} samples/s, "
-                   f"{cfg.data.image_size} px); peak memory in MiB:")
-        ok = True
-        for name, m in peak.items():
-            limit = main_limit_mb if name == "main" else worker_limit_mb
-            ok &= m["rss"] < limit
-            click.echo(f"  {name:>9}: RSS {m['rss']:6.0f}  PSS {m['pss']:6.0f}  USS {m['uss']:6.0f}   "
-                       f"(RSS limit {limit}: {'ok' if m['rss'] < limit else 'OVER'})")
-        before = _memory()["rss"]
+        rows = [{"process": name, "rss_mib": round(m["rss"]), "pss_mib": round(m["pss"]), "uss_mib": round(m["uss"]),
+                 "rss_limit_mib": main_limit_mb if name == "main" else worker_limit_mb,
+                 "within": m["rss"] < (main_limit_mb if name == "main" else worker_limit_mb)}
+                for name, m in peak.items()]
+        before = memory_mib()["rss"]
         whole = {}
         with open(tsv_path, "rb") as f:
             for line in f:
                 tab = line.index(b"\t")
                 whole[int(line[:tab])] = line[tab + 1:]
-        grown = _memory()["rss"] - before
-        click.echo(f"the obvious alternative, the TSV in a dict: +{grown:.0f} MiB in one process, vs "
-                   f"+{built['rss'] - base['rss']:.0f} MiB for our whole dataset "
-                   f"(x{grown / max(built['rss'] - base['rss'], 1):.1f}); the dict grows with the TSV's bytes "
-                   f"(10+ GB for MUGE train), our index with its line count")
+        grown = memory_mib()["rss"] - before
         del whole
-        click.echo("memory limits: " + ("all within" if ok else "EXCEEDED"))
+        ours = built["rss"] - base["rss"]
+        ok = all(r["within"] for r in rows)
+        emit(rows, title=f"muge bench data: {len(dataset):,} pairs over {len(dataset.tsv):,} images, {n} batches of "
+                         f"{batch_size} at {cfg.data.image_size} px, {workers} workers: peak memory per process",
+             json_out=json_out, csv_out=csv_out,
+             extra={"pairs": len(dataset), "images": len(dataset.tsv), "dataset_build_s": build_s,
+                    "samples_per_s": n * batch_size / seconds, "dataset_rss_mib": ours, "dict_rss_mib": grown},
+             notes=[f"dataset built in {build_s:.1f}s (index included), +{ours:.0f} MiB in the main process; "
+                    f"{n * batch_size / seconds:,.0f} samples/s",
+                    f"the obvious alternative, the TSV in a dict: +{grown:.0f} MiB in one process "
+                    f"(x{grown / max(ours, 1):.1f} our whole dataset); it grows with the TSV's bytes (10+ GB for "
+                    "MUGE train), our index with its line count",
+                    "memory limits: " + ("all within" if ok else "EXCEEDED")])
         if not ok:
             raise SystemExit(1)
     finally:

@@ -1,7 +1,8 @@
-"""Zero-shot start: published Chinese-CLIP weights (a hub name or a local directory) as a run
-directory that `export_bundle` takes like a trained one, so a first submission needs no training.
+"""A run directory made from published Chinese-CLIP weights (a hub name or a local directory)
+without training: `muge export --pretrained` exports it like a trained run, so a first
+submission needs no training.
 
-The weights are exported as they are; the bundle's manifest names where they came from: the hub
+The checkpoint records where the weights came from (the bundle's manifest copies it): the hub
 name with the revision (commit) that was loaded, or the local directory with the sha256 of each
 weight file.
 """
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 
 from competition.io import sha256
+
+from .checkpoint import save_checkpoint
+from .config import Config, ModelConfig, to_dict
+from .model import create_model
+from .tokenizer import prepare_tokenizer
 
 log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
@@ -31,11 +35,6 @@ def weights_source(name: str, model) -> dict:
 def pretrained_run(name: str, run_dir: str, max_text_length: int | None = None) -> dict:
     """Write `run_dir/best.pt` and `run_dir/tokenizer/` from Chinese-CLIP weights `name`; return
     the source record for the bundle's manifest. The image size is the vision tower's own."""
-    from train.checkpoint import save_checkpoint
-    from train.model import create_model
-    from train.params import Config, ModelConfig, to_dict
-    from train.tokenizer import prepare_tokenizer
-
     cfg = Config(model=ModelConfig(family="chinese-clip", name=name))
     log.info("loading Chinese-CLIP weights %s", name)
     model, arch = create_model(cfg.model)
@@ -49,18 +48,3 @@ def pretrained_run(name: str, run_dir: str, max_text_length: int | None = None) 
                                                        "config": to_dict(cfg), "epoch": 0, "metrics": None,
                                                        "source": source})
     return source
-
-
-def export_pretrained(name: str, out_dir: str, data_dir: str, **export_options) -> dict:
-    """`muge export --pretrained`: stage `name` as a run directory beside `out_dir`, export it
-    with `export_bundle` (same gate), and remove the stand-in run whatever happens."""
-    from .bundle import export_bundle
-
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".pretrained-", dir=parent)
-    try:
-        pretrained_run(name, staging)
-        return export_bundle(staging, out_dir, data_dir, checkpoint="best", **export_options)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

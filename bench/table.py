@@ -1,0 +1,102 @@
+"""Every bench's figures as one table: a pandas DataFrame, printed, and written with `--json`
+and `--csv`. Each written table is stamped with the date, the commit and the machine, which is
+what `docs/benchmarks.md` quotes beside each figure."""
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import platform
+import subprocess
+
+import click
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def table_options(command):
+    """`--json OUT` and `--csv OUT` on a bench command."""
+    command = click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write the table as CSV.")(command)
+    return click.option("--json", "json_out", type=click.Path(dir_okay=False),
+                        help="Write the table (and the date, commit and machine) as JSON.")(command)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def commit() -> str:
+    """The checkout's commit, `-dirty` when tracked files differ from it; `unknown` outside git."""
+    head = _git("rev-parse", "--short=12", "HEAD")
+    if head is None:
+        return "unknown"
+    return head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+@functools.lru_cache(maxsize=1)
+def machine() -> str:
+    """CPU model and core count, and the GPUs `nvidia-smi` lists (none on a CPU box)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} CPUs"
+    try:
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20)
+        names = [g.strip() for g in gpus.stdout.splitlines() if g.strip()] if gpus.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError):
+        names = []
+    return text + (f"; {len(names)} x {names[0]}" if names else "; no GPU")
+
+
+def stamp() -> dict:
+    return {"date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine()}
+
+
+def _plain(value):
+    """numpy scalars and arrays as JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def emit(rows: list[dict], *, title: str, json_out: str | None = None, csv_out: str | None = None,
+         notes: list[str] = (), extra: dict | None = None):
+    """Print `rows` as a table under `title` (then `notes`), write them as JSON / CSV when asked;
+    return the DataFrame."""
+    import pandas as pd
+
+    from competition.io import atomic_write_text
+
+    frame = pd.DataFrame(rows)
+    click.echo(title)
+    with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 80):
+        click.echo(frame.to_string(index=False, na_rep="-", float_format=_number))
+    for note in notes:
+        click.echo(note)
+    stamped = stamp()
+    if json_out:
+        body = {"bench": title, **stamped, **(extra or {}), "rows": rows, "notes": list(notes)}
+        atomic_write_text(json_out, json.dumps(body, indent=2, ensure_ascii=False, default=_plain) + "\n")
+        click.echo(f"table written to {json_out}")
+    if csv_out:
+        atomic_write_text(csv_out, frame.assign(**stamped).to_csv(index=False))
+        click.echo(f"table written to {csv_out}")
+    return frame
+
+
+def _number(x: float) -> str:
+    """Three significant figures, at least the units (1,478 not 1.48e+03)."""
+    if x != x:  # NaN
+        return "-"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.3g}"

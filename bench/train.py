@@ -1,0 +1,205 @@
+"""`muge bench train`: training throughput, the bare step against the real loop.
+
+(a) The bare step: forward, symmetric InfoNCE, backward and AdamW (`train_step`, as training
+    runs it) on synthetic tensors held on the device: random pixels, random token ids with the
+    real loader's padding and lengths. Eager, then compiled.
+(b) The real loop: `train_one_epoch` over the config's data (read, decode, augment, collate,
+    copy), compiled or not as the config says, over as many epochs as `--steps` needs.
+loop/step is (b) over (a) in the loop's own mode: 1.0 means the data pipeline keeps up.
+
+Also reported: peak GPU memory; model FLOPs per sample (forward + backward, counted by torch's
+`FlopCounterMode` on the eager model) and model FLOPs utilisation on a GPU of `PEAK_TFLOPS`; the
+data pipeline's rate on one core (a DataLoader worker's work), with our JPEG path against PIL
+alone, and from it the workers that the measured step rate needs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+import click
+
+from .table import emit, table_options
+
+# Dense bf16/fp16 tensor-core peak in TFLOP/s, from the vendors' spec sheets (SXM parts where both
+# exist); the longest name contained in torch.cuda.get_device_name() wins. TF32 is half of it.
+PEAK_TFLOPS = {"H100": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.4, "B200": 2250.0,
+               "A100": 312.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0, "V100": 125.0, "T4": 65.0}
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    names = [n for n in PEAK_TFLOPS if n in device_name]
+    if not names:
+        return None
+    peak = PEAK_TFLOPS[max(names, key=len)]
+    return peak / 2 if precision == "fp32" else peak
+
+
+def synthetic_batch(real: dict, vocab_size: int, device) -> dict:
+    """Random pixels and token ids shaped like a real batch, with its attention mask (so the text
+    tower does the same work), and distinct ids (no duplicate positives)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    n = len(real["pixels"])
+    ids = torch.randint(1, vocab_size, real["input_ids"].shape, generator=g) * real["attention_mask"]
+    batch = {"pixels": torch.randint(0, 256, real["pixels"].shape, dtype=torch.uint8, generator=g),
+             "input_ids": ids, "attention_mask": real["attention_mask"].clone(),
+             "image_ids": torch.arange(n), "query_ids": torch.arange(n)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def model_flops_per_sample(model, criterion, batch: dict, precision: str, device, rows: int = 2) -> float:
+    """Forward + backward FLOPs of the model (the loss's B x B similarities excluded) per pair."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from train.precision import autocast
+
+    small = {k: v[:rows] for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter:
+        with autocast(precision, device):
+            img, txt, scale = model(small["pixels"], small["input_ids"], small["attention_mask"])
+        loss, _ = criterion(img, txt, scale, small["image_ids"], small["query_ids"])
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / rows
+
+
+def time_steps(step, n: int, warmup: int, device) -> tuple[float, float]:
+    """(seconds per step after `warmup` steps, the first step's seconds)."""
+    from train.speed import synchronize
+
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    first = time.perf_counter() - start
+    for _ in range(max(warmup - 1, 0)):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / n, first
+
+
+def pipeline_per_worker(dataset, collate, n: int) -> dict:
+    """One core's rates (a DataLoader worker's): decode alone, ours and PIL's, and the whole
+    sample path (read, decode, augment, tokenize, collate)."""
+    import torch
+
+    from competition.images import decode_image, decode_image_pil
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `data._worker_init` does in every worker
+    try:
+        keys = [(0, i) for i in range(min(n, len(dataset)))]
+        blobs = [dataset.tsv.read_bytes(int(dataset.image_ids[i])) for _, i in keys]
+        rates = {}
+        for name, decode in (("decode_ms", decode_image), ("decode_pil_ms", decode_image_pil)):
+            start = time.perf_counter()
+            for b in blobs:
+                decode(b)
+            rates[name] = (time.perf_counter() - start) / len(blobs) * 1e3
+        start = time.perf_counter()
+        collate([dataset[k] for k in keys])
+        rates["sample_ms"] = (time.perf_counter() - start) / len(keys) * 1e3
+    finally:
+        torch.set_num_threads(threads)
+    return rates
+
+
+@click.command("train")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", "data_dir", default="data/sample", show_default=True, type=click.Path(file_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--steps", default=20, show_default=True, help="Timed steps, for the bare step and the loop each.")
+@click.option("--warmup", default=3, show_default=True, help="Untimed steps first (compile, autotuning).")
+@click.option("--compiled/--no-compiled", default=True, show_default=True,
+              help="Also time the compiled bare step (compiling takes a minute or more).")
+@table_options
+def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, json_out, csv_out):
+    """Training samples/s: the bare step (eager, compiled) against the real loop on the data."""
+    import torch
+
+    from competition.layout import split_files
+    from train.config import ConfigError, load_config
+    from train.data import Collate
+    from train.loop import train_one_epoch, train_step
+    from train.main import build_training
+    from train.speed import compile_model
+
+    try:
+        cfg = load_config(config_path, list(overrides))
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--config/--set") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = build_training(cfg, split_files(data_dir, "train"), tmp, total_steps=10**9, defer_compile=True)
+        device, bs = tr.device, cfg.train.batch_size
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+        pad_to = cfg.data.max_text_length if tr.compiled else None
+        collate = Collate(tr.tokenizer, pad_to)
+        real = collate([tr.dataset[(0, i)] for i in range(bs)])
+        synth = synthetic_batch(real, tr.tokenizer.vocab_size, device)
+        flops = model_flops_per_sample(tr.model, tr.criterion, synth, tr.precision, device)
+        title = (f"muge bench train: {config_path} on {name}, {tr.precision}, batch {bs}, {cfg.data.image_size} px, "
+                 f"text padded to {pad_to or 'the batch longest'}; "
+                 f"{sum(p.numel() for p in tr.model.parameters()) / 1e6:.1f}M parameters")
+
+        def step():
+            train_step(tr, tr.model, synth)
+
+        eager_s, _ = time_steps(step, steps, warmup, device)
+        rows = [{"what": "bare step, eager", "samples_per_s": round(bs / eager_s, 1)}]
+        compiled_s = compile_s = None
+
+        def time_compiled():
+            nonlocal compiled_s, compile_s
+            compile_model(tr.model)
+            compiled_s, compile_s = time_steps(step, steps, warmup, device)
+            rows.append({"what": "bare step, compiled", "samples_per_s": round(bs / compiled_s, 1),
+                         "of_eager": round(eager_s / compiled_s, 2), "first_step_s": round(compile_s, 1)})
+
+        if tr.compiled:  # the loop runs the model as the config says: compiled first, or compiled after
+            time_compiled()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        samples = seconds = 0.0
+        epoch, left = 0, steps + warmup
+        while left > 0:
+            tr.loader.sampler.set_epoch(epoch)
+            stats = train_one_epoch(tr, tr.model, epoch, 0, max_batches=left, warmup=warmup if epoch == 0 else 0)
+            samples, seconds = samples + stats.steady_samples, seconds + stats.steady_s
+            left, epoch = left - min(left, len(tr.loader)), epoch + 1
+        loop = samples / max(seconds, 1e-9)
+        loop_step_s = compiled_s if tr.compiled else eager_s
+        ratio = loop / (bs / loop_step_s)
+        rows.append({"what": f"real loop, {'compiled' if tr.compiled else 'eager'} ({epoch} epoch(s) of "
+                             f"{len(tr.loader)} batches, data.workers={cfg.data.workers})",
+                     "samples_per_s": round(loop, 1), "of_its_bare_step": round(ratio, 2)})
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        peak = peak_tflops(name, tr.precision) if device.type == "cuda" else None
+        mfu = loop * flops / (peak * 1e12) if peak else None
+        if compiled and not tr.compiled:
+            time_compiled()
+        pipe = pipeline_per_worker(tr.dataset, collate, min(256, len(tr.dataset)))
+        per_worker = 1e3 / pipe["sample_ms"]
+        step_rate = bs / loop_step_s  # the step the loop runs
+        needed = math.ceil(step_rate / per_worker)
+        rows.append({"what": "data, one core (a worker)", "samples_per_s": round(per_worker, 1)})
+    emit(rows, title=title, json_out=json_out, csv_out=csv_out,
+         extra={"config": config_path, "device": name, "precision": tr.precision, "batch_size": bs,
+                "image_size": cfg.data.image_size, "text_length": int(synth["input_ids"].shape[1]),
+                "step_samples_per_s": bs / eager_s,
+                "step_compiled_samples_per_s": bs / compiled_s if compiled_s else None,
+                "compile_s": compile_s, "loop_compiled": tr.compiled, "loop_samples_per_s": loop,
+                "loop_step_ratio": ratio, "peak_mem_gib": peak_mem, "flops_per_sample": flops, "mfu": mfu,
+                "workers": cfg.data.workers, **pipe, "workers_needed": needed},
+         notes=[f"model: {flops / 1e9:,.2f} GFLOP per pair (forward + backward); MFU "
+                + (f"{mfu:.1%} of {peak:,.0f} TFLOP/s" if mfu is not None else f"n/a on {name}")
+                + (f"; peak memory {peak_mem:.1f} GiB" if peak_mem is not None else ""),
+                f"data, one core: decode {pipe['decode_ms']:.2f} ms/image (PIL alone {pipe['decode_pil_ms']:.2f}, "
+                f"x{pipe['decode_pil_ms'] / pipe['decode_ms']:.2f}); a whole sample {pipe['sample_ms']:.2f} ms",
+                f"the {step_rate:,.0f} samples/s step needs {needed} worker(s) (data.workers={cfg.data.workers})"])

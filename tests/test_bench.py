@@ -1,0 +1,156 @@
+"""`muge bench ...`: every bench runs at toy scale, prints its table and writes the same figures,
+stamped, with --json / --csv. (Their speed is what they measure, never what a test asserts.)"""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from tiny import tiny_config
+
+from muge_cli import cli
+from train.config import save_config
+
+
+def _bench(*args) -> CliRunner:
+    result = CliRunner().invoke(cli, ["bench", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _stamped(path) -> dict:
+    body = json.loads(path.read_text())
+    assert body["date"] and body["machine"] and body["commit"]
+    return body
+
+
+def test_every_bench_command_is_its_own_module():
+    from muge_cli import BENCHES
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, target in BENCHES.items():
+        module, attr = target.split(":")
+        assert module == f"bench.{name}" and os.path.isfile(os.path.join(root, "bench", f"{name}.py"))
+        assert attr == f"bench_{name}"
+
+
+def test_tsv_bench_compares_the_index_with_a_dict(tmp_path):
+    result = _bench("tsv", "--size-mb", 4, "--reads", 200, "--dir", tmp_path, "--json", tmp_path / "t.json",
+                    "--csv", tmp_path / "t.csv")
+    body = _stamped(tmp_path / "t.json")
+    readers = [r["reader"] for r in body["rows"]]
+    assert readers == ["offset index (ours)", "whole TSV in a dict"] and "memory: the dict holds" in result.output
+    assert all(r["reads_per_s"] > 0 for r in body["rows"])
+    with open(tmp_path / "t.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["reader"] for r in rows] == readers and rows[0]["commit"] == body["commit"]
+
+
+def test_topk_bench_checks_the_baselines_agree(tmp_path):
+    _bench("topk", "--queries", 300, "--gallery", 2000, "--dim", 32, "--loop-queries", 50, "--cnclip-queries", 5,
+           "--json", tmp_path / "k.json")
+    rows = _stamped(tmp_path / "k.json")["rows"]
+    assert len(rows) == 3 and all(r["same_top10_sets"] == 1.0 for r in rows)
+
+
+def test_data_bench_stays_within_its_memory_limits_and_says_when_not(tmp_path):
+    """Run as `muge` itself (a subprocess): the limits are the defaults the docs state, measured on
+    the processes a user runs, not on workers forked from pytest."""
+    args = [sys.executable, "-c", "from muge_cli import main; main()", "bench", "data", "--images", "600", "--pairs",
+            "1000", "--batches", "4", "--batch-size", "16", "--workers", "1", "--dir", str(tmp_path),
+            "--json", str(tmp_path / "d.json")]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    ok = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert "1,000 pairs over 600 images" in ok.stdout and "memory limits: all within" in ok.stdout
+    body = _stamped(tmp_path / "d.json")
+    assert [r["process"] for r in body["rows"]] == ["main", "worker 0"]
+    assert body["rows"][0]["rss_limit_mib"] == 1536 and body["rows"][1]["rss_limit_mib"] == 500
+    over = subprocess.run(args + ["--worker-limit-mb", "1"], capture_output=True, text=True, env=env)
+    assert over.returncode == 1 and "memory limits: EXCEEDED" in over.stdout
+
+
+def test_train_bench_reports_step_loop_and_pipeline(small_sample, tmp_path):
+    """The bare step, the real loop (over two epochs of a short split), FLOPs, the pipeline per
+    worker, and the JSON keys the docs name."""
+    from bench.train import peak_tflops
+
+    save_config(tiny_config("dual", "data.limit_pairs=96", "train.batch_size=32"), str(tmp_path / "tiny.yaml"))
+    out = tmp_path / "bench.json"
+    res = _bench("train", "--config", tmp_path / "tiny.yaml", "--data", small_sample, "--steps", 4, "--warmup", 1,
+                 "--no-compiled", "--json", out)
+    r = _stamped(out)
+    for key in ("step_samples_per_s", "loop_samples_per_s", "loop_step_ratio", "flops_per_sample", "decode_ms",
+                "sample_ms"):
+        assert r[key] > 0, key
+    assert {"step_compiled_samples_per_s", "batch_size", "device", "peak_mem_gib", "mfu"} <= r.keys()
+    assert r["batch_size"] == 32 and r["workers_needed"] >= 1
+    assert "2 epoch(s) of 3 batches" in res.output  # 5 timed+warm-up batches over 3-batch epochs
+    assert [row["what"].split(" (")[0] for row in r["rows"]] == ["bare step, eager", "real loop, eager",
+                                                                  "data, one core"]
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0 and peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == 156
+    assert peak_tflops("cpu", "fp32") is None
+
+
+def test_export_bench_runs_on_a_tiny_preset(tmp_path):
+    """The benchmark itself (not its speed): builds, exports, times both encoders, outputs agree."""
+    from bench.export import bench_preset
+
+    preset = tmp_path / "tiny.yaml"
+    save_config(tiny_config("dual"), str(preset))
+    lines = []
+    rows = bench_preset(str(preset), (1, 3), min_runs=1, budget_s=0.0, echo=lines.append, int8=True)
+    assert [(r["encoder"], r["batch"]) for r in rows] == [("text", 1), ("text", 3), ("image", 1), ("image", 3)]
+    keys = {"model", "encoder", "batch", "torch_ms", "ort_fp32_ms", "ort_int8_ms", "speedup_fp32", "speedup_int8",
+            "fused_attention_nodes"}
+    assert all(keys <= r.keys() and r["torch_ms"] > 0 and r["ort_fp32_ms"] > 0 and r["ort_int8_ms"] > 0
+               and r["max_abs_diff_fp32"] < 1e-4 for r in rows)
+    assert [r["fused_attention_nodes"] for r in rows] == [2, 2, 0, 0]  # the tiny BERT's 2 layers; a CNN has none
+    assert len(lines) == 6  # an export line per encoder, a timing line per case
+    assert bench_preset(str(preset), (2,), min_runs=1, budget_s=0.0, echo=lines.append)[0]["ort_int8_ms"] is None
+
+
+@pytest.mark.slow
+def test_gpu_check_small_runs_the_whole_chain_on_any_machine(tmp_path):
+    """`muge bench gpu --small`: tiny shapes train, export through the gate and predict a repeated split."""
+    out = tmp_path / "gpu.json"
+    result = _bench("gpu", "--small", "--steps", 2, "--gallery", 150, "--queries", 30, "--workers", 1, "--work",
+                    tmp_path / "work", "--json", out)
+    rows = _stamped(out)["rows"]
+    assert [r["model"] for r in rows] == ["bert-convnext", "cnclip-vit-b16"]
+    for r in rows:
+        assert r["gate_passed"] and r["gallery"] == 150 and r["queries"] == 30
+        assert r["train_samples_per_s"] > 0 and r["gallery_images_per_s"] > 0 and r["predict_s"] > 0
+        assert all(r[f"graph_images_per_s_{b}"] > 0 for b in (64, 128, 256))
+    sub = tmp_path / "work" / "submissions" / "cnclip-vit-b16-test.jsonl"
+    from competition import check_submission
+
+    assert check_submission(tmp_path / "work" / "bench" / "MR_test_queries.jsonl", sub).ok
+    assert "bert-convnext" in result.output and "gate_tie_aware" in result.output
+
+
+@pytest.mark.slow
+def test_quality_bench_scores_every_feature_and_reuses_its_runs(small_sample, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    save_config(tiny_config("dual", "train.epochs=1", "eval.untrained=false"), str(config))
+    args = ["quality", "--data", small_sample, "--config", config, "--work", tmp_path / "w", "--workers", 0,
+            "--json", tmp_path / "q.json"]
+    result = _bench(*args)
+    rows = _stamped(tmp_path / "q.json")["rows"]
+    assert len(rows) == 9 and rows[-1]["mean_recall"] is None  # no weights: zero-shot is not run
+    assert all(0 <= r["mean_recall"] <= 100 and r["build_s"] > 0 for r in rows[:-1])
+    assert rows[0]["delta_mr"] == 0 and rows[6]["weights"] is not None and "plain chain (run A)" in result.output
+    seconds = (tmp_path / "w" / "seconds.json").read_text()
+    _bench(*args, "--reuse")
+    assert (tmp_path / "w" / "seconds.json").read_text() == seconds  # nothing retrained or re-exported
+    assert [r["mean_recall"] for r in json.loads((tmp_path / "q.json").read_text())["rows"]] == \
+        [r["mean_recall"] for r in rows]
+
+
+def test_predict_bench_compares_the_pipeline_with_one_loop(tiny_bundle, small_sample, tmp_path):
+    _bench("predict", "--bundle", tiny_bundle, "--data", small_sample, "--workers", 1, "--json", tmp_path / "p.json")
+    rows = _stamped(tmp_path / "p.json")["rows"]
+    assert len(rows) == 3 and all(r["images_per_s"] > 0 for r in rows)

@@ -1,0 +1,189 @@
+"""The house rules, read from the source: the import graph between modules, and docs that
+name only commands, options and make targets that exist."""
+import ast
+import os
+import re
+
+import click
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("competition", "train", "export", "predict", "report", "bench")
+
+
+def _modules() -> dict[str, str]:
+    """module name -> file, for every module of the product."""
+    found = {"muge_cli": os.path.join(ROOT, "muge_cli.py")}
+    for package in PACKAGES:
+        for name in sorted(os.listdir(os.path.join(ROOT, package))):
+            if name.endswith(".py"):
+                module = package if name == "__init__.py" else f"{package}.{name[:-3]}"
+                found[module] = os.path.join(ROOT, package, name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the product modules it imports anywhere in its source (top level or inside a
+    function: a late import is still a dependency)."""
+    modules = _modules()
+    graph = {}
+    for module, path in modules.items():
+        package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                names = [f"{base}.{a.name}" for a in node.names] + [base]
+            else:
+                continue
+            for name in names:  # the longest product module that the name starts with
+                while name and name not in modules:
+                    name = name.rpartition(".")[0]
+                if name and name != module:
+                    edges.add(name)
+        graph[module] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = import_graph()
+    assert "train.model" in graph["train.config"] or "train.config" in graph["train.model"]  # the graph is read
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_stages_import_only_what_they_need():
+    graph = import_graph()
+    for module, edges in graph.items():
+        stage = module.split(".")[0]
+        if stage in ("train", "export", "predict", "report", "competition"):
+            assert not {e for e in edges if e.startswith("bench")}, f"{module} imports a bench"
+        if stage == "competition":
+            assert all(e.startswith("competition") for e in edges), f"{module} imports {edges}"
+        if stage in ("predict", "report"):  # ONNX Runtime and numpy: never torch's stages
+            assert all(e.split(".")[0] in ("competition", "predict", "report") for e in edges), (module, edges)
+        if stage == "export":
+            allowed = {"train.checkpoint", "train.model", "train.config", "train.tokenizer", "train.pretrained",
+                       "predict.runtime"}
+            across = {e for e in edges if e.split(".")[0] in ("train", "predict", "report")}
+            assert across <= allowed, f"{module} imports {sorted(across - allowed)}"
+
+
+# -- the docs name only what exists -------------------------------------------------------------------
+DOCS = ["README.md"] + [os.path.join("docs", n) for n in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                        if n.endswith(".md")] if os.path.isdir(os.path.join(ROOT, "docs")) else ["README.md"]
+
+
+def _fenced_lines(path: str):
+    """(line number, text) of each line inside ``` fences, continuation lines joined."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    inside, held, start = False, "", 0
+    for number, line in enumerate(lines, start=1):
+        if line.lstrip().startswith("```"):
+            inside, held = not inside, ""
+            continue
+        if not inside:
+            continue
+        if not held:
+            start = number
+        held += line.rstrip("\\").strip() + " "
+        if not line.rstrip().endswith("\\"):
+            yield start, held.strip()
+            held = ""
+
+
+def _make_targets() -> set[str]:
+    with open(os.path.join(ROOT, "Makefile"), encoding="utf-8") as f:
+        return {m.group(1) for line in f if (m := re.match(r"^([a-z][\w-]*):", line))}
+
+
+def _commands():
+    """(path, line, the tokens of one `muge ...` or `make ...` command) in the docs' fences."""
+    for path in DOCS:
+        for number, text in _fenced_lines(path):
+            text = text.split("#", 1)[0]  # a comment after the command
+            for part in re.split(r"&&|;|\|(?=\s)", text):
+                tokens = part.split()
+                while tokens and ("=" in tokens[0] and not tokens[0].startswith("-")):
+                    tokens = tokens[1:]  # VAR=value before the command
+                if tokens and tokens[0].endswith(("/muge", "muge")) or tokens and tokens[0] == "make":
+                    yield path, number, tokens
+
+
+def test_every_documented_command_exists():
+    from muge_cli import cli
+
+    targets = _make_targets()
+    seen = 0
+    for path, number, tokens in _commands():
+        where = f"{path}:{number}: {' '.join(tokens)}"
+        seen += 1
+        if tokens[0] == "make":
+            for word in tokens[1:]:
+                if "=" not in word and not word.startswith("-"):
+                    assert word in targets, f"{where}: no make target {word!r}"
+            continue
+        command, words = cli, tokens[1:]
+        while isinstance(command, click.Group) and words and not words[0].startswith("-"):
+            name = words[0].split("|")[0]
+            sub = command.get_command(click.Context(command), name)
+            if sub is None:
+                break
+            command, words = sub, words[1:]
+        assert command is not cli, f"{where}: no subcommand"
+        options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)} | {"-h", "--help"}
+        for flag in re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", " ".join(words)):
+            assert flag in options, f"{where}: `{command.name}` has no option {flag}"
+    assert seen >= 10  # the docs do show commands
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_docs_link_only_to_files_that_exist(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if "://" in target:
+            continue
+        assert os.path.exists(os.path.join(ROOT, os.path.dirname(path), target)), f"{path}: broken link {target}"

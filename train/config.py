@@ -1,0 +1,311 @@
+"""Run configuration: dataclasses loaded from a YAML preset plus dotted `--set key=value` overrides.
+
+The schema names its own choices (`Literal` types, checked like every other field's type), so
+the model, the optimizer and the data pipeline read validated values and the config imports
+none of them. Unknown keys are errors that list the valid ones, so a typo never silently trains
+the default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from competition.preprocess import RESIZE_RULES
+
+Family = Literal["dual", "chinese-clip"]
+Pooling = Literal["cls", "mean", "mean_max", "attentive"]
+Head = Literal["linear", "mlp"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+ResizeRule = Literal[RESIZE_RULES]  # competition.preprocess owns the rules: predict resizes with them too
+
+
+@dataclass
+class TextTower:
+    name: str | None = None            # hub name or local dir; None: random init from `config`
+    config: dict = field(default_factory=dict)  # BertConfig fields for a random tower
+    pooling: Pooling = "cls"
+    tokenizer: str | None = None       # None: the tower's own; "char-vocab": built from train queries; or a dir
+
+
+@dataclass
+class ImageTower:
+    name: str = "convnext_tiny"        # any timm model name
+    pretrained: bool = False
+    checkpoint: str | None = None      # local weights file for the timm model (no network)
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    family: Family = "dual"
+    name: str | None = None            # chinese-clip: hub name or local dir; None: random from `config`
+    config: dict = field(default_factory=dict)  # chinese-clip: ChineseCLIPConfig fields
+    text: TextTower = field(default_factory=TextTower)
+    image: ImageTower = field(default_factory=ImageTower)
+    embed_dim: int = 512
+    head: Head = "linear"
+    head_dropout: float = 0.1
+    logit_scale_init: float = 1 / 0.07
+    logit_scale_max: float = 100.0
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class Augment:
+    random_resized_crop: list = field(default_factory=lambda: [0.8, 1.0])  # scale range; [] = off
+    hflip: float = 0.5
+    color_jitter: float = 0.0          # brightness/contrast/saturation strength; hue is left alone
+    grayscale: float = 0.0
+    blur: float = 0.0
+    word_dropout: float = 0.0
+    random_swap: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 224
+    resize_rule: ResizeRule = "squash"  # see competition.preprocess
+    max_text_length: int = 52
+    workers: int = 4
+    augment: Augment = field(default_factory=Augment)
+    skip_bad_images: bool = False
+    limit_pairs: int | None = None     # debug: train on the first N pairs only
+
+
+@dataclass
+class LrConfig:
+    head: float = 1e-3
+    text: float = 5e-5
+    image: float = 1e-4
+
+
+@dataclass
+class FreezeConfig:
+    text_layers: int | None = None     # train only the top N text layers (None: all)
+    image_stages: int | None = None    # train only the top N image stages (None: all)
+    schedule: dict = field(default_factory=dict)  # {epoch: {text_layers: N, image_stages: M}}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 128              # per process
+    accum_steps: int = 1               # optimizer step every N batches
+    grad_cache_chunk: int | None = None  # gradient caching: exact large-batch step in chunks of this size
+    lr: LrConfig = field(default_factory=LrConfig)
+    layer_decay: float = 1.0           # lr multiplier per layer, top to bottom, inside each tower
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0          # cosine floor as a fraction of each group's lr
+    grad_clip: float | None = 1.0
+    label_smoothing: float = 0.0
+    hard_negative_margin: float = 0.0  # 0 = off; else hinge on (hardest negative - positive)
+    hard_negative_weight: float = 1.0
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    precision: Precision = "auto"      # auto: bf16 (or fp16) on CUDA, fp32 on CPU
+    compile: bool | None = None        # torch.compile the model; None: on for CUDA, off on CPU
+    ema: float | None = None           # decay of an EMA of the weights (e.g. 0.999): scored each epoch, may be best.pt
+    seed: int = 0                      # the random start (weights not loaded) and, unless data_seed, the data
+    data_seed: int | None = None       # data order, augmentation, dropout (soup runs: one seed, several data_seeds)
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    every_epochs: int = 1
+    untrained: bool = True             # also score the model before the first step (epoch 0)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _section_hint(cls, parts: list[str]):
+    """The type of the field at the dotted path `parts` under dataclass `cls`, or None when some
+    part is not a field (`_build` then names the unknown key)."""
+    hint = cls
+    for part in parts:
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hints = typing.get_type_hints(hint)
+        if part not in hints:
+            return None
+        hint = hints[part]
+    return hint
+
+
+def _keys(cls) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _build(cls, values, where: str):
+    if not isinstance(values, dict):  # a section is only ever a mapping: never replaced by a scalar or null
+        raise ConfigError(f"{where or 'the config'}={values!r}: a section, so a mapping of its keys "
+                          f"({_keys(cls)}); set one with {where or 'SECTION'}.KEY=VALUE")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {where + '.' if where else ''}{unknown[0]}; "
+                          f"valid keys{' under ' + where if where else ''}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint, key = hints[name], f"{where}.{name}" if where else name
+        kwargs[name] = _build(hint, value, key) if dataclasses.is_dataclass(hint) else _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+# YAML 1.1 (PyYAML) reads 3e-4 as a string: a number without a dot is only a float in YAML 1.2
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(value, hint, key: str):
+    """`value` checked against the field's type (`int`, `float`, `str | None`, `dict`, a `Literal`
+    of choices, ...)."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(hint) if union else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if typing.get_origin(kind) is Literal:
+            if isinstance(value, str) and value in typing.get_args(kind):
+                return value
+            continue
+        if kind is bool and isinstance(value, bool):
+            return value
+        if isinstance(value, bool):
+            continue  # a bool is an int to Python, never to a config
+        if kind is int and isinstance(value, int):
+            return value
+        if kind is float and isinstance(value, (int, float)):
+            return float(value)
+        if kind is float and isinstance(value, str) and _NUMBER.match(value.strip()):
+            return float(value)
+        if kind in (str, dict, list) and isinstance(value, kind):
+            return value
+    raise ConfigError(f"{key}={value!r}: expected {' or '.join(_type_name(k) for k in allowed)}")
+
+
+def _type_name(kind) -> str:
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(typing.get_args(kind))
+    return "null" if kind is type(None) else {dict: "a mapping", list: "a list"}.get(kind, kind.__name__)
+
+
+def data_seed(train: TrainConfig) -> int:
+    return train.seed if train.data_seed is None else train.data_seed
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, update: dict, cls, where: str) -> dict:
+    """`update` laid over `base`: a section (a dataclass of the schema) merges key by key, so
+    `--set train.lr={text: 1e-4}` keeps the preset's other rates; any other value replaces."""
+    out = dict(base)
+    for name, value in update.items():
+        hint = _section_hint(cls, [name]) if dataclasses.is_dataclass(cls) else None
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict) and isinstance(out.get(name), dict):
+            out[name] = _merge(out[name], value, hint, key)
+        else:
+            out[name] = value
+    return out
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """`a.b.c=value` (value parsed as YAML: numbers, bools, null, lists, mappings) laid over the
+    preset's values. A section takes only a mapping, merged into the preset's."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key.strip()!r} is not a dotted key (e.g. train.lr.text)")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+        node = values
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {'.'.join(parts[:depth + 1])} is not a section")
+        hint = _section_hint(Config, parts)
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"override {key}={raw.strip()}: {key} is a section ({_keys(hint)}); set one of "
+                                  f"its keys, e.g. {key}.{dataclasses.fields(hint)[0].name}=..., or give a mapping")
+            value = _merge(node.get(parts[-1]) or {}, value, hint, key)
+        node[parts[-1]] = value
+    return values
+
+
+def validate_values(cfg: Config) -> Config:
+    """What the field types cannot say: positive sizes, seeds, the EMA decay, chunking."""
+    data, train = cfg.data, cfg.train
+    positive = [("train.epochs", train.epochs), ("train.batch_size", train.batch_size),
+                ("train.accum_steps", train.accum_steps), ("data.image_size", data.image_size),
+                ("data.max_text_length", data.max_text_length), ("train.log_every", train.log_every),
+                ("eval.batch_size", cfg.eval.batch_size),
+                ("eval.every_epochs", cfg.eval.every_epochs)]
+    for key, value in positive:
+        if value < 1:
+            raise ConfigError(f"{key}={value!r}; expected a positive integer")
+    for key, value in (("train.seed", train.seed), ("train.data_seed", train.data_seed),
+                       ("data.workers", data.workers)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{key}={value!r}; expected an integer >= 0")
+    if train.ema is not None and not 0 < train.ema < 1:
+        raise ConfigError(f"train.ema={train.ema!r}; expected a decay in (0, 1), e.g. 0.999, or null")
+    if train.grad_cache_chunk is not None and (train.grad_cache_chunk < 1 or train.batch_size % train.grad_cache_chunk):
+        raise ConfigError(f"train.grad_cache_chunk={train.grad_cache_chunk} must divide "
+                          f"train.batch_size={train.batch_size}")
+    return cfg
+
+
+def read_preset(path: str) -> dict:
+    """A YAML preset: a mapping of sections (model, data, train, eval)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the preset ({exc})") from None
+    if values is None:
+        raise ConfigError(f"{path}: an empty preset; a preset is a mapping of sections ({_keys(Config)})")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a preset is a mapping of sections ({_keys(Config)}), not a {type(values).__name__}")
+    return values
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    values: dict[str, Any] = read_preset(path) if path else {}
+    values = apply_overrides(values, list(overrides))
+    return validate_values(_build(Config, values, ""))
+
+
+def save_config(cfg: Config, path: str) -> None:
+    from competition.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
