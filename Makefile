@@ -82,11 +82,12 @@ report: validate
 		$(if $(OTHER),--pred $(OTHER)) --pred submissions/$(NAME)-valid.jsonl --run $(BUNDLE) --out $(REPORT)
 
 # -- checks ------------------------------------------------------------------------------------
-# The report test drives a real headless Chromium: Debian's package (and a CJK font for the
-# screenshots), installed here when missing.
-BROWSER_PKGS := chromium fonts-wqy-zenhei
+# The report test drives a real headless Chromium through Selenium: Debian's chromium and
+# chromium-driver (and a CJK font for the screenshots), installed here when missing.
+BROWSER_PKGS := chromium chromium-driver fonts-wqy-zenhei
 browser:
-	@if ! command -v chromium >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi "wqy\|cjk"; then \
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 \
+	    || ! fc-list 2>/dev/null | grep -qi "wqy\|cjk"; then \
 	  echo "installing $(BROWSER_PKGS) for the browser test"; \
 	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
@@ -94,9 +95,11 @@ browser:
 	fi
 
 # ruff (configured in pyproject.toml) first; pytest exits 5 when it collects nothing, which fails too.
+# PYTEST="-m 'not slow'" skips the tests over 30 s (the whole suite runs in CI).
+PYTEST ?=
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15 $(PYTEST)
 
 bench: $(BUNDLE)/manifest.json
 	$(MUGE) bench topk

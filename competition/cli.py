@@ -37,10 +37,12 @@ def sample(out_dir, seed, train_queries, eval_queries, gallery_size, hard):
 @click.argument("pred", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the evaluator's result JSON here.")
 @click.option("--ranks", type=click.Path(dir_okay=False), help="Write each query's first-hit rank (jsonl) here.")
-def score(ground_truth, pred, out, ranks):
+@click.option("--per-query", "per_query_csv", type=click.Path(dir_okay=False),
+              help="Write one CSV row per query (id, text, first-hit rank, hits at 1/5/10, positives) here.")
+def score(ground_truth, pred, out, ranks, per_query_csv):
     """Score PRED against GROUND_TRUTH exactly as the official evaluator (R@1/5/10, MeanRecall)."""
     from .io import atomic_write_text
-    from .metric import failure_json, score_predictions, success_json, write_result
+    from .metric import failure_json, per_query, score_predictions, success_json, write_result
     from .queries import read_queries
     from .submission import check_submission
 
@@ -62,6 +64,8 @@ def score(ground_truth, pred, out, ranks):
             atomic_write_text(ranks, "".join(
                 json.dumps({"query_id": int(q), "first_hit_rank": int(r) or None}) + "\n"
                 for q, r in zip(s.query_ids, s.first_hit)))
+        if per_query_csv:
+            atomic_write_text(per_query_csv, per_query(s, gt).to_csv(index=False))
     if out:
         write_result(out, result)
     if not result["success"]:

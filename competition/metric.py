@@ -5,6 +5,7 @@ the number of ground-truth queries. Vectorised: one `np.isin` over (query, item)
 """
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,20 +37,24 @@ class Score:
 
 def score_predictions(ground_truth: Sequence[Query], preds: Mapping[int, Sequence[int]], k: int = 10) -> Score:
     """Score predictions against ground-truth queries. Missing predictions count as misses here;
-    `muge score` rejects them first, as the reference evaluator does."""
+    `muge score` rejects them first, as the reference evaluator does. No Python work per query or
+    per id: the lists are flattened once and every step after that is numpy."""
     gts = [q for q in ground_truth if q.item_ids is not None]  # an empty list counts: a sure miss
     n = len(gts)
     if n == 0:
         raise ValueError("no ground-truth queries to score against")
+    top = [list(preds.get(q.query_id, ()))[:k] for q in gts]
+    lengths = np.fromiter(map(len, top), dtype=np.int64, count=n)
+    flat, fits = _int64_ids(list(itertools.chain.from_iterable(top)))
+    rows = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     pred = np.zeros((n, k), dtype=np.int64)
     filled = np.zeros((n, k), dtype=bool)
-    for row, q in enumerate(gts):
-        for col, item in enumerate(list(preds.get(q.query_id, ()))[:k]):
-            if fits_int64(item):  # a larger id (valid JSON, accepted by the evaluator) matches no ground truth
-                pred[row, col] = item
-                filled[row, col] = True
-    gt_rows = np.repeat(np.arange(n, dtype=np.int64), [len(q.item_ids) for q in gts])
-    gt_items = np.fromiter((i for q in gts for i in q.item_ids), dtype=np.int64, count=len(gt_rows))
+    pred[rows, cols] = flat
+    filled[rows, cols] = fits  # a larger id (valid JSON, accepted by the evaluator) matches no ground truth
+    truth = [q.item_ids for q in gts]
+    gt_rows = np.repeat(np.arange(n, dtype=np.int64), np.fromiter(map(len, truth), dtype=np.int64, count=n))
+    gt_items = np.fromiter(itertools.chain.from_iterable(truth), dtype=np.int64, count=len(gt_rows))
     # dense ids so (row, item) fits one int64 key
     vocab = np.unique(np.concatenate([gt_items, pred.ravel()]))
     width = len(vocab) + 1
@@ -64,6 +69,29 @@ def score_predictions(ground_truth: Sequence[Query], preds: Mapping[int, Sequenc
     r1, r5, r10 = recall(1), recall(5), recall(10)
     mrr = float(100.0 * np.mean(np.where(first > 0, 1.0 / np.maximum(first, 1), 0.0)))
     return Score(r1, r5, r10, (r1 + r5 + r10) / 3.0, mrr, np.array([q.query_id for q in gts]), first)
+
+
+def _int64_ids(ids: list) -> tuple[np.ndarray, np.ndarray]:
+    """(ids as int64, which of them fit int64): ids beyond 64 bits become 0, marked unfit."""
+    try:
+        return np.array(ids, dtype=np.int64).reshape(-1), np.ones(len(ids), dtype=bool)
+    except OverflowError:  # rare: some id beyond 64 bits; only then one check per id
+        fits = np.fromiter(map(fits_int64, ids), dtype=bool, count=len(ids))
+        return np.array([v if ok else 0 for v, ok in zip(ids, fits)], dtype=np.int64), fits
+
+
+def per_query(score: Score, ground_truth: Sequence[Query]):
+    """One row per scored query, for error analysis (a notebook, a spreadsheet): its id, text,
+    first-hit rank (empty for a miss), hits at 1 / 5 / 10 and number of positives. A DataFrame."""
+    import pandas as pd
+
+    by_id = {q.query_id: q for q in ground_truth}
+    rank = score.first_hit
+    return pd.DataFrame({
+        "query_id": score.query_ids, "query_text": [by_id[int(i)].text for i in score.query_ids],
+        "first_hit_rank": pd.Series(rank, dtype="Int64").mask(rank == 0),
+        "hit_at_1": (rank > 0) & (rank <= 1), "hit_at_5": (rank > 0) & (rank <= 5), "hit_at_10": rank > 0,
+        "positives": [len(by_id[int(i)].item_ids) for i in score.query_ids]})
 
 
 def success_json(score: Score) -> dict:

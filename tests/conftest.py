@@ -71,3 +71,50 @@ def not_an_image(tsv_line: bytes) -> bytes:
 
 def rgb_at(img, xy=(0, 0)):
     return tuple(int(v) for v in np.asarray(img)[xy[1], xy[0]])
+
+
+def brute_force_top10(encode_text, encode_images, queries, tsv, size: int, rule: str = "squash",
+                      one_at_a_time: bool = True) -> list[list[int]]:
+    """Each query's top-10 image ids by a full argsort of every score: the reference any ranking
+    path is compared with. `encode_*`: numpy in, numpy out. Every image and query is embedded
+    alone, or (`one_at_a_time=False`, for int8 graphs whose activations are quantized per call)
+    all in one call, batched by the encoder as predict batches them."""
+    from competition import resize_image
+
+    pixels = [resize_image(tsv.load(i), size, rule)[None] for i in tsv.ids.tolist()]
+    if one_at_a_time:
+        gallery = np.concatenate([encode_images(p) for p in pixels])
+        text = np.concatenate([encode_text([q.text]) for q in queries])
+    else:
+        gallery, text = encode_images(np.concatenate(pixels)), encode_text([q.text for q in queries])
+    order = np.argsort(-(text @ gallery.T), axis=1, kind="stable")[:, :10]
+    return [tsv.ids[row].tolist() for row in order]
+
+
+def torch_encoders(model, tokenizer):
+    """A PyTorch model's two encoders behind numpy in / numpy out (fp32, CPU)."""
+    import torch
+
+    model = model.eval().float().cpu()
+
+    @torch.no_grad()
+    def text(texts):
+        ids, mask = tokenizer(texts)
+        return model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+    @torch.no_grad()
+    def images(pixels):
+        return model.encode_image(torch.from_numpy(np.ascontiguousarray(pixels).copy())).numpy()
+
+    return text, images
+
+
+def overlap(a: list[list[int]], b: list[list[int]]) -> float:
+    """Mean share of top-10 ids two rankings have in common."""
+    return float(np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a, b)]))
+
+
+def submission_lists(path) -> list[list[int]]:
+    import json
+
+    return [json.loads(line)["item_ids"] for line in open(path, encoding="utf-8")]

@@ -45,7 +45,7 @@ def _write_pred(path, lines):
 def _run(gt_path, pred_path, tmp_path):
     out = tmp_path / "result.json"
     res = CliRunner().invoke(score_cmd, [str(gt_path), pred_path, "--out", str(out), "--ranks",
-                                         str(tmp_path / "ranks.jsonl")])
+                                         str(tmp_path / "ranks.jsonl"), "--per-query", str(tmp_path / "q.csv")])
     return res, json.loads(out.read_text())
 
 
@@ -66,6 +66,17 @@ def test_cli_success_json(tmp_path, gt_path):
                                                  "r10": 75.0})
     ranks = [json.loads(x) for x in (tmp_path / "ranks.jsonl").read_text().splitlines()]
     assert [r["first_hit_rank"] for r in ranks] == [1, 3, 7, None]
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "q.csv")  # one row per query, for a notebook
+    assert table.columns.tolist() == ["query_id", "query_text", "first_hit_rank", "hit_at_1", "hit_at_5",
+                                      "hit_at_10", "positives"]
+    assert table["query_id"].tolist() == [1, 2, 3, 4] and table["query_text"].tolist() == ["a", "b", "c", "d"]
+    assert table["first_hit_rank"].fillna(0).tolist() == [1, 3, 7, 0] and table["first_hit_rank"].isna().tolist()[3]
+    assert table["hit_at_1"].tolist() == [True, False, False, False]
+    assert table["hit_at_5"].tolist() == [True, True, False, False]
+    assert table["hit_at_10"].tolist() == [True, True, True, False] and table["positives"].tolist() == [1, 2, 1, 2]
+    assert 100 * table[["hit_at_1", "hit_at_5", "hit_at_10"]].mean().mean() == pytest.approx(result["score"])
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -90,9 +101,37 @@ def test_ground_truth_against_itself_is_100(tmp_path, small_sample):
     assert res.exit_code == 0 and result["score"] == pytest.approx(100.0)
 
 
-def test_scoring_5k_queries_is_vectorised():
+def _python_calls(fn) -> int:
+    """How many Python-level function calls `fn()` makes (C functions not counted)."""
+    import sys
+
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_scoring_is_vectorised_whatever_the_query_count():
+    """The Python work of scoring does not grow with the queries: 5,004 queries (the test split's
+    size) cost the same number of Python calls as 50, where a per-query loop costs ~100x more."""
     rng = np.random.default_rng(0)
-    gt = [Query(i, "", tuple(rng.choice(30_000, 6, replace=False).tolist())) for i in range(5004)]
-    preds = {i: rng.choice(30_000, 10, replace=False).tolist() for i in range(5004)}
-    s = score_predictions(gt, preds)
-    assert 0 <= s.mean_recall < 5
+
+    def case(n):
+        gt = [Query(i, "", tuple(rng.choice(30_000, 6, replace=False).tolist())) for i in range(n)]
+        preds = {i: rng.choice(30_000, 10, replace=False).tolist() for i in range(n)}
+        return lambda: score_predictions(gt, preds)
+
+    small, big = _python_calls(case(50)), _python_calls(case(5004))
+    assert big <= small + 10, (small, big)
+    # the counter sees a per-query loop: the same scoring, one query at a time
+    gt = [Query(i, "", (i,)) for i in range(50)]
+    per_query = _python_calls(lambda: [score_predictions([q], {q.query_id: [q.query_id] * 10}) for q in gt])
+    assert per_query >= 50 * small // 2

@@ -142,24 +142,22 @@ def test_predict_refuses_non_finite_embeddings_naming_the_graph(tiny_bundle, sma
 
 
 def test_predicted_ranking_equals_brute_force(tiny_bundle, small_sample, tmp_path):
+    from conftest import brute_force_top10, submission_lists
+
     out = tmp_path / "sub.jsonl"
     summary = predict_split(tiny_bundle, str(small_sample), "valid", str(out),
                             PredictOptions(cache_dir=str(tmp_path / "cache"), workers=2, batch_size=16))
-    assert summary["queries"] == 40 and 0 <= summary["mean_recall"] <= 100
-    result = json.loads((tmp_path / "sub.result.json").read_text())
-    assert result["success"] and result["score"] == pytest.approx(summary["mean_recall"])
     # brute force: embed everything one image at a time (padded to the same graph batch), full argsort
     enc = BundleEncoders(tiny_bundle, batch_size=16)
-    tsv = ImageTSV(str(small_sample / "MR_valid_imgs.tsv"))
-    from competition import resize_image
-
-    g = np.concatenate([enc.encode_images(np.stack([resize_image(tsv.load(i), 32, "squash")])) for i in tsv.ids])
     queries = read_queries(small_sample / "MR_valid_queries.jsonl")
-    q = enc.encode_text([x.text for x in queries])
-    order = np.argsort(-(q @ g.T), axis=1, kind="stable")[:, :10]
-    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
-    for line, row in zip(lines, order):
-        assert line["item_ids"] == tsv.ids[row].tolist()
+    expected = brute_force_top10(enc.encode_text, enc.encode_images, queries,
+                                 ImageTSV(str(small_sample / "MR_valid_imgs.tsv")), enc.image_size)
+    assert submission_lists(out) == expected
+    from competition import score_predictions
+
+    mr = score_predictions(queries, {q.query_id: ids for q, ids in zip(queries, expected)}).mean_recall
+    result = json.loads((tmp_path / "sub.result.json").read_text())
+    assert summary["queries"] == 40 and summary["mean_recall"] == pytest.approx(mr) == result["score"]
     assert check_submission(small_sample / "MR_valid_queries.jsonl", out).ok
 
 

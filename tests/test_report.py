@@ -5,7 +5,6 @@ import struct
 
 import numpy as np
 import pytest
-from browser import Browser, find_chromium
 from click.testing import CliRunner
 
 from competition import ImageTSV, read_queries, score_predictions
@@ -91,14 +90,53 @@ def _png_size(path):
     return struct.unpack(">II", head[16:24])
 
 
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium and chromium-driver
+
+
+class Page:
+    """A Selenium-driven headless Chromium page: JavaScript in, values out."""
+
+    def __init__(self, driver):
+        self.driver = driver
+
+    def open(self, url: str) -> None:
+        self.driver.get(url)
+
+    def js(self, expression: str):
+        return self.driver.execute_script(f"return ({expression});")
+
+    def console_errors(self) -> list[str]:
+        return [e["message"][:300] for e in self.driver.get_log("browser") if e["level"] == "SEVERE"]
+
+    def screenshot(self, path: str) -> None:
+        assert self.driver.save_screenshot(path)
+
+
 @pytest.fixture(scope="module")
 def browser():
-    exe = find_chromium()
-    if exe is None:
-        pytest.fail("no chromium on PATH: `make test` installs Debian's chromium (apt-get install chromium)")
-    b = Browser(exe)
-    yield b
-    b.close()
+    import os
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.path.exists(path):
+            pytest.fail(f"{path} not found: `make test` installs Debian's chromium and chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # no sandbox (root in CI), no network chatter (this machine's closed network), a fixed viewport
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_script_timeout(30)
+    # the page's viewport itself 1280 x 900 (a window of that size leaves less to the page)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+    yield Page(driver)
+    driver.quit()
 
 
 def test_report_renders_and_filters_in_chromium(two_runs, runs, browser, tmp_path):
