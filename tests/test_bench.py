@@ -55,6 +55,7 @@ def test_topk_bench_checks_the_baselines_agree(tmp_path):
     assert len(rows) == 3 and all(r["same_top10_sets"] == 1.0 for r in rows)
 
 
+@pytest.mark.slow
 def test_data_bench_stays_within_its_memory_limits_and_says_when_not(tmp_path):
     """Run as `muge` itself (a subprocess): the limits are the defaults the docs state, measured on
     the processes a user runs, not on workers forked from pytest."""

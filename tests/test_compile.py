@@ -19,6 +19,7 @@ from train.checkpoint import load_checkpoint
 from train.config import load_config
 from train.main import run
 
+pytestmark = pytest.mark.slow  # compiling takes a minute with inductor's cache cold (CI)
 COMPILE_RTOL = 1e-3  # per-epoch mean loss, compiled vs eager (the README states it)
 
 

@@ -137,6 +137,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
             _save_step(_step(ddp, local, chunk), os.path.join(out_dir, f"{family}-rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_on_the_union(tmp_path):
     """Two gloo ranks on halves A and B: the same loss and gradients as one process on A+B."""
     import torch.multiprocessing as mp
@@ -168,6 +169,7 @@ def _unfreeze_worker(rank: int, world: int, init_file: str, out_dir: str):
         _save_step(_step(ddp, local), os.path.join(out_dir, f"unfrozen-rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_ddp_after_unfreezing_equals_one_process(tmp_path):
     """Without rebuilding DDP, the parameters frozen when it was built would keep each rank's own
     gradient (never averaged) and the ranks would drift apart."""
@@ -179,6 +181,7 @@ def test_ddp_after_unfreezing_equals_one_process(tmp_path):
         _assert_same(torch.load(tmp_path / f"unfrozen-rank{rank}.pt"), single)
 
 
+@pytest.mark.slow
 def test_torchrun_trains_resumes_and_only_rank0_writes(small_sample, tmp_path):
     from train.checkpoint import load_checkpoint
     from train.config import save_config
