@@ -27,7 +27,7 @@ def sample(out_dir, seed, train_queries, eval_queries, gallery_size, hard):
     try:
         info = make_sample(out_dir, seed=seed, n_train_queries=train_queries, n_eval_queries=eval_queries,
                            gallery_size=gallery_size, difficulty=HARD if hard else EASY)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(info, ensure_ascii=False))
 
@@ -60,14 +60,17 @@ def score(ground_truth, pred, out, ranks, per_query_csv):
         s = score_predictions(gt, report.predictions)
         result = success_json(s)
         click.echo(s.summary())
-        if ranks:
+    try:
+        if report is not None and report.ok and ranks:
             atomic_write_text(ranks, "".join(
                 json.dumps({"query_id": int(q), "first_hit_rank": int(r) or None}) + "\n"
                 for q, r in zip(s.query_ids, s.first_hit)))
-        if per_query_csv:
+        if report is not None and report.ok and per_query_csv:
             atomic_write_text(per_query_csv, per_query(s, gt).to_csv(index=False))
-    if out:
-        write_result(out, result)
+        if out:
+            write_result(out, result)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
     if not result["success"]:
         click.echo(f"rejected: {result['errorDetail']}", err=True)
         sys.exit(1)

@@ -1,7 +1,8 @@
 """MUGE image galleries: `img_id<TAB>base64(JPEG)` TSV files, read without loading them.
 
 One streaming pass builds a byte-offset index (ids, offsets, lengths) that is cached beside the
-TSV (or in a cache dir when that is read-only) and rebuilt when the TSV's size or mtime changes.
+TSV (or in a cache dir when that is read-only) and rebuilt when the TSV's size, mtime or a
+sample of its content changes (`competition.io.content_fingerprint`).
 Any image is then read by id with one `pread`. `iter_tsv` streams a file in order.
 """
 from __future__ import annotations
@@ -25,11 +26,11 @@ except ImportError:  # every image then goes through PIL alone
     simplejpeg = None
 
 from .errors import MugeDataError, first_of, fits_int64
-from .io import atomic_path
+from .io import atomic_path, content_fingerprint
 
 log = logging.getLogger(__name__)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, not a grey half-image
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _URLSAFE_TO_STD = bytes.maketrans(b"-_", b"+/")
 
 
@@ -202,16 +203,14 @@ class ImageTSV:
         cached = os.path.join(self.cache_dir or default_cache_dir(), "index", f"{key}.idx.npz")
         return [beside, cached]
 
-    def _fingerprint(self) -> tuple[int, int]:
-        st = os.stat(self.path)
-        return st.st_size, st.st_mtime_ns
-
     def _load_or_build_index(self) -> None:
-        size, mtime = self._fingerprint()
+        st = os.stat(self.path)
+        size, mtime, content = st.st_size, st.st_mtime_ns, content_fingerprint(self.path)
         for candidate in self._index_candidates():
             try:
                 with np.load(candidate) as z:
-                    if int(z["version"]) == INDEX_VERSION and int(z["size"]) == size and int(z["mtime_ns"]) == mtime:
+                    if (int(z["version"]) == INDEX_VERSION and int(z["size"]) == size and int(z["mtime_ns"]) == mtime
+                            and str(z["content"]) == content):
                         self.ids, self.offsets, self.lengths = z["ids"], z["offsets"], z["lengths"]
                         self.index_path = candidate
                         return
@@ -219,9 +218,9 @@ class ImageTSV:
                 if os.path.exists(candidate):
                     log.warning("ignoring unreadable index %s (%s); rebuilding it", candidate, type(exc).__name__)
                 continue
-        self._build_index(size, mtime)
+        self._build_index(size, mtime, content)
 
-    def _build_index(self, size: int, mtime: int) -> None:
+    def _build_index(self, size: int, mtime: int, content: str) -> None:
         from tqdm import tqdm
 
         ids, offsets, lengths = [], [], []
@@ -238,7 +237,7 @@ class ImageTSV:
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.lengths = np.asarray(lengths, dtype=np.int64)
         arrays = dict(ids=self.ids, offsets=self.offsets, lengths=self.lengths, size=size, mtime_ns=mtime,
-                      version=INDEX_VERSION)
+                      content=np.array(content), version=INDEX_VERSION)
         for candidate in self._index_candidates():
             try:
                 with atomic_path(candidate, suffix=".npz") as tmp:

@@ -1,10 +1,18 @@
-"""Atomic file writes: a reader never sees a half-written submission, index or checkpoint."""
+"""Atomic file writes: a reader never sees a half-written submission, index or checkpoint.
+A write that fails (a full disk, a read-only directory, a path that is a directory) leaves
+nothing behind and raises `WriteError`, which names the file the caller asked for."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 import tempfile
+
+
+class WriteError(OSError):
+    """A result file could not be written; nothing was left half-written. Names the file."""
 
 
 @contextlib.contextmanager
@@ -12,19 +20,47 @@ def atomic_path(path, suffix: str = ""):
     """Yield a temporary path in the destination's directory; rename it onto `path` on success."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix + ".tmp", dir=directory)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file gets the usual mode
+    tmp = None
     try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "it is a directory")
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path)[:80] + ".", suffix=suffix + ".tmp",
+                                   dir=directory)
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file gets the usual mode
         yield tmp
         os.replace(tmp, path)
+    except WriteError:
+        _remove(tmp)
+        raise
+    except OSError as exc:
+        _remove(tmp)
+        raise WriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
     except BaseException:
+        _remove(tmp)
+        raise
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Put the finished directory `src` at `dst`; an old `dst` is removed only afterwards."""
+    import shutil
+
+    old = None
+    if os.path.exists(dst):
+        old = dst + f".old-{os.getpid()}"
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove(tmp: str | None) -> None:
+    if tmp:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -41,6 +77,31 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+
+# Characters that are legal raw inside a JSON string but split lines for `str.splitlines()` and
+# line-based readers, and lone surrogates, which no UTF-8 file can hold: written as \\uXXXX escapes.
+_UNSAFE_IN_LINES = re.compile("[\u2028\u2029\u0085\u000b\u000c\u001c-\u001e\ud800-\udfff]")
+
+
+def json_line(obj) -> str:
+    """One JSON object on one line, non-ASCII text kept readable, whatever the strings hold."""
+    return _UNSAFE_IN_LINES.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False))
+
+
+def content_fingerprint(path, samples: int = 16, block: int = 4096) -> str:
+    """Size, mtime and a sample of the content (the first and last 64 KiB and `samples` blocks
+    between): a file edited in place that keeps its size and mtime is still told apart, at the
+    cost of a few reads."""
+    st = os.stat(path)
+    h = hashlib.blake2b(f"{st.st_size}|{st.st_mtime_ns}".encode(), digest_size=16)
+    with open(path, "rb") as f:
+        edge = 65536
+        offsets = [0, max(0, st.st_size - edge)] + [st.st_size * i // (samples + 1) for i in range(1, samples + 1)]
+        for offset in offsets:
+            f.seek(offset)
+            h.update(f.read(edge if offset in offsets[:2] else block))
+    return h.hexdigest()
 
 
 def sha256(path) -> str:

@@ -17,9 +17,13 @@ NOISY = ("onnxscript", "onnx_ir", "torch.onnx", "matplotlib", "PIL", "httpx", "u
 def quiet_progress(seconds: int = 30) -> None:
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_MININTERVAL", str(seconds))
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-load "Loading weights" bars
 
 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=FORMAT, datefmt="%H:%M:%S")
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # transformers' load report (a table of every key it did not load): `train.model.load_pretrained`
+    # refuses weights that do not fit and names the keys itself
+    logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -17,6 +17,7 @@ from PIL import Image
 RESIZE_RULES = ("squash", "shorter-crop")
 TEXT_NORMALIZATION = "nfkc+collapse-whitespace"
 _SPACES = re.compile(r"\s+")
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def resize_image(img: Image.Image, size: int, rule: str = "squash") -> np.ndarray:
@@ -46,9 +47,10 @@ def resize_image(img: Image.Image, size: int, rule: str = "squash") -> np.ndarra
 
 
 def normalize_text(text: str) -> str:
-    """Full-width to half-width (NFKC), whitespace collapsed, ends stripped. Lower-casing and
-    CJK splitting are the tokenizer's job."""
-    return _SPACES.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+    """Full-width to half-width (NFKC), whitespace collapsed, ends stripped; a lone surrogate
+    (valid JSON, "\\ud800", but no character) becomes U+FFFD. Lower-casing and CJK splitting are
+    the tokenizer's job."""
+    return _SPACES.sub(" ", unicodedata.normalize("NFKC", _SURROGATES.sub("\ufffd", text))).strip()
 
 
 class TextTokenizer:
@@ -65,18 +67,29 @@ class TextTokenizer:
         self.path = path
         self.max_length = int(max_length)
         self.tok = Tokenizer.from_file(path)
-        pad_id = None
-        for token in ("[PAD]", "<pad>"):
-            pad_id = self.tok.token_to_id(token)
-            if pad_id is not None:
-                break
-        self.pad_id = 0 if pad_id is None else pad_id
+        self.pad_id = self._special("[PAD]", "<pad>") or 0
+        self.unk_id = self._special("[UNK]", "<unk>")
         self.tok.enable_truncation(self.max_length)
         self.tok.no_padding()
+
+    def _special(self, *tokens: str) -> int | None:
+        return next((i for i in map(self.tok.token_to_id, tokens) if i is not None), None)
 
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+    @property
+    def max_id(self) -> int:
+        """The largest id the tokenizer can emit (its vocabulary and added tokens)."""
+        return max(self.tok.get_vocab(with_added_tokens=True).values())
+
+    def unknown_share(self, texts) -> float:
+        """The share of the texts' tokens (specials aside) that the vocabulary does not know."""
+        specials = {i for i in map(self.tok.token_to_id, ("[CLS]", "[SEP]", "<s>", "</s>", "[PAD]", "<pad>"))
+                    if i is not None}
+        ids = [i for e in self.tok.encode_batch([normalize_text(t) for t in texts]) for i in e.ids if i not in specials]
+        return sum(i == self.unk_id for i in ids) / len(ids) if ids and self.unk_id is not None else 0.0
 
     def __call__(self, texts, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """texts -> (input_ids, attention_mask), int64 [batch, longest <= max_length], or

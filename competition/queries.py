@@ -44,9 +44,9 @@ def parse_query_line(raw: str, path, lineno: int, require_ids: bool | None) -> t
     if not raw.strip():
         raise MugeDataError(path, "blank line (every line must be one JSON object)", lineno)
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw.rstrip("\r\n"))  # the line's own columns in the error, not the next line's
     except json.JSONDecodeError as exc:
-        raise MugeDataError(path, f"not valid JSON ({exc.msg} at column {exc.colno})", lineno) from None
+        raise MugeDataError(path, f"not valid JSON: {exc.msg} (column {exc.colno})", lineno) from None
     if not isinstance(obj, dict):
         raise MugeDataError(path, f"expected a JSON object, got {type(obj).__name__}", lineno)
     schema = _detect_schema(obj)
@@ -85,8 +85,11 @@ def iter_queries(path, require_ids: bool | None = None) -> Iterator[Query]:
     """Stream queries from a jsonl file. `require_ids`: True demands ground truth on every line."""
     path = os.fspath(path)
     seen: dict[int, int] = {}
-    empty, no_truth = True, []
+    empty, no_truth, blank = True, [], []
     for lineno, raw in utf8_lines(path):
+        if not raw.strip():  # a trailing newline or two, an empty line between: no query is lost
+            blank.append(lineno)
+            continue
         empty = False
         query, _ = parse_query_line(raw, path, lineno, require_ids)
         if query.query_id in seen:
@@ -98,6 +101,8 @@ def iter_queries(path, require_ids: bool | None = None) -> Iterator[Query]:
         yield query
     if empty:
         raise MugeDataError(path, "empty file: no queries")
+    if blank:
+        log.warning("%s: skipped %s (line %s)", path, plural(len(blank), "blank line", "blank lines"), first_of(blank))
     if no_truth:
         log.warning("%s: %s with an empty ground-truth list (line %s): each is scored as a miss, as the reference "
                     "evaluator does", path, plural(len(no_truth), "query", "queries"), first_of(no_truth))
@@ -145,7 +150,7 @@ def ground_truth_not_in_gallery(queries: Sequence[Query], contains) -> list[tupl
 
 def write_queries(path, queries: Sequence[Query], schema: str = "tianchi", with_ids: bool = True) -> None:
     """Write queries as jsonl (used by the sample generator and tests)."""
-    from .io import atomic_write_text
+    from .io import atomic_write_text, json_line
 
     id_field, text_field, ids_field = SCHEMAS[schema]
     lines = []
@@ -153,5 +158,5 @@ def write_queries(path, queries: Sequence[Query], schema: str = "tianchi", with_
         obj = {id_field: q.query_id, text_field: q.text}
         if with_ids and q.item_ids is not None:
             obj[ids_field] = list(q.item_ids)
-        lines.append(json.dumps(obj, ensure_ascii=False))
+        lines.append(json_line(obj))
     atomic_write_text(path, "\n".join(lines) + "\n")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import first_of, is_int_id
-from .io import atomic_write_text
+from .io import atomic_write_text, json_line
 from .queries import SCHEMAS, Query, read_queries, starts_with_bom, utf8_lines
 
 TOP_K = 10
@@ -79,8 +79,7 @@ def write_submission(path, queries: Sequence[Query], preds: Mapping[int, Sequenc
     if problems:
         raise SubmissionError(problems)
     id_field, text_field, ids_field = SCHEMAS[schema]
-    lines = [json.dumps({id_field: q.query_id, text_field: q.text, ids_field: clean[q.query_id]}, ensure_ascii=False)
-             for q in queries]
+    lines = [json_line({id_field: q.query_id, text_field: q.text, ids_field: clean[q.query_id]}) for q in queries]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return os.fspath(path)
 

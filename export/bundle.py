@@ -16,9 +16,11 @@ from importlib import metadata
 
 import torch
 
-from competition.io import sha256
+from competition import read_queries
+from competition.io import replace_dir, sha256
 from competition.layout import split_files
-from competition.preprocess import TEXT_NORMALIZATION
+from competition.preprocess import TEXT_NORMALIZATION, TextTokenizer
+from train.tokenizer import check_tokenizer
 
 from .graphs import check_graph, load_run_model, to_fp16
 from .optimize import export_tower, prepare_fusion, to_int8
@@ -49,10 +51,13 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
     `fused`: transformer towers exported for and through ORT's fusion; `int8`: add int8 graphs."""
     t0 = time.time()
     model, ckpt, ckpt_path = load_run_model(run_dir, checkpoint)
-    plans = prepare_fusion(model, ckpt["arch"], fused)
     cfg = ckpt["config"]
     size, max_len = cfg["data"]["image_size"], cfg["data"]["max_text_length"]
     queries_path, tsv_path = split_files(data_dir, "valid")
+    tokenizer_dir = os.path.join(run_dir, "tokenizer")
+    check_tokenizer(TextTokenizer(tokenizer_dir, max_len), model.text_vocab_rows,
+                    [q.text for q in read_queries(queries_path)[:2000]], tokenizer_dir)
+    plans = prepare_fusion(model, ckpt["arch"], fused)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     prefix = "." + os.path.basename(out_dir) + "."
@@ -61,7 +66,7 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
     os.chmod(tmp, 0o755)
     _write_json(os.path.join(tmp, BUILDER), {"pid": os.getpid(), "host": socket.gethostname()})
     try:
-        shutil.copytree(os.path.join(run_dir, "tokenizer"), os.path.join(tmp, "tokenizer"))
+        shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
         example_text = (torch.randint(5, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long))
         example_image = (torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8),)
         exports, fusion = {}, {}
@@ -96,7 +101,7 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
         manifest["parity"] = report.to_dict()
         _write_json(os.path.join(tmp, "manifest.json"), manifest)
         os.remove(os.path.join(tmp, BUILDER))
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -162,15 +167,3 @@ def _pid_alive(pid: int) -> bool:
 def _write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
-
-
-def _replace_dir(src: str, dst: str) -> None:
-    """Put the finished bundle in place; an old bundle at `dst` is removed only afterwards."""
-    old = None
-    if os.path.exists(dst):
-        old = dst + f".old-{os.getpid()}"
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-

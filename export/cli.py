@@ -32,6 +32,9 @@ def export(run_dir, pretrained, out_dir, data_dir, checkpoint, opset, exporter, 
     """Export RUN_DIR's checkpoint (or --pretrained weights) to an ONNX bundle (fp32 + fp16) behind a parity gate."""
     from competition import MugeDataError
     from train.checkpoint import CheckpointError
+    from train.config import ConfigError
+    from train.model import WeightsError
+    from train.tokenizer import TokenizerError
 
     from .bundle import export_bundle, export_pretrained
     from .parity import ParityError, ParitySettings
@@ -51,11 +54,6 @@ def export(run_dir, pretrained, out_dir, data_dir, checkpoint, opset, exporter, 
     except ParityError as exc:
         click.echo(f"export refused, no bundle written: {exc}", err=True)
         sys.exit(2)
-    except (CheckpointError, MugeDataError, FileNotFoundError) as exc:
+    except (CheckpointError, MugeDataError, WeightsError, TokenizerError, ConfigError, OSError) as exc:
         raise click.ClickException(f"{exc}; no bundle written") from None
-    except OSError as exc:  # --pretrained: not on the hub / no network, or not a model directory
-        if not pretrained:
-            raise
-        raise click.ClickException(f"--pretrained {pretrained}: cannot load Chinese-CLIP weights "
-                                   f"({str(exc).splitlines()[0][:300]}); no bundle written") from None
     click.echo(f"bundle written to {out_dir}")

@@ -7,6 +7,19 @@ import os
 import click
 
 
+def default_name(bundle_dirs) -> str:
+    """`A+B` from the bundles' names; shortened, with a hash of them all, when that would be
+    longer than a file name may be."""
+    import hashlib
+
+    names = [os.path.basename(os.path.normpath(b)) for b in bundle_dirs]
+    name = "+".join(names)
+    if len(name.encode()) <= 200:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{names[0][:80]}+{len(names) - 1}-more-{digest}"
+
+
 @click.command()
 @click.option("--bundle", "bundle_dirs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
               help="An export bundle; repeat it for an ensemble of bundles.")
@@ -32,8 +45,8 @@ import click
               "averaged with its mirror's (twice the image-graph time; cached apart).")
 @click.option("--rerank", type=click.Choice(["qbnorm", "dual-softmax"]),
               help="Re-rank against a bank of train queries (QB-Norm's dynamic inverted softmax, or dual-softmax).")
-@click.option("--rerank-beta", type=click.FloatRange(min=0, min_open=True),
-              help="Re-ranking inverse temperature (default: the bundles' trained logit scale).")
+@click.option("--rerank-beta", type=float,
+              help="Re-ranking inverse temperature, in (0, 300] (default: the bundles' trained logit scale).")
 @click.option("--bank", type=click.Path(exists=True, dir_okay=False),
               help="The query bank for --rerank (default: DATA's MR_train_queries.jsonl).")
 def predict(bundle_dirs, data_dir, split, out_path, device, precision, threads, workers, batch_size, cache_dir,
@@ -45,16 +58,18 @@ def predict(bundle_dirs, data_dir, split, out_path, device, precision, threads, 
     from .runtime import BundleError
     from .submit import PredictOptions, predict_split
 
-    name = "+".join(os.path.basename(os.path.normpath(b)) for b in bundle_dirs)
-    out_path = out_path or os.path.join("submissions", f"{name}-{split}.jsonl")
+    out_path = out_path or os.path.join("submissions", f"{default_name(bundle_dirs)}-{split}.jsonl")
     if weights and len(bundle_dirs) == 1:
         raise click.UsageError("--weights needs two or more --bundle")
+    for flag, value in (("--rerank-beta", rerank_beta), ("--bank", bank)):
+        if value is not None and not rerank:
+            raise click.UsageError(f"{flag} applies to --rerank, which is not given")
     opts = PredictOptions(device=device, precision=precision, threads=threads, workers=workers, batch_size=batch_size,
                           skip_bad_images=skip_bad_images, cache_dir=cache_dir, schema=schema, tta=tta,
                           weights=weights, rerank=rerank, rerank_beta=rerank_beta, bank=bank)
     try:
         summary = predict_split(list(bundle_dirs), data_dir, split, out_path, opts)
-    except (MugeDataError, SubmissionError, NonFiniteError, BundleError, FileNotFoundError, ValueError) as exc:
+    except (MugeDataError, SubmissionError, NonFiniteError, BundleError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     if "mean_recall" in summary:
         click.echo(f"{split}: R@1 {summary['r1']:.2f}  R@5 {summary['r5']:.2f}  R@10 {summary['r10']:.2f}  "

@@ -5,11 +5,15 @@ TSV index, so only pixels cross the process boundary) while the main process run
 graph: at most `2 x workers` decode tasks are in flight, so memory stays bounded whatever the
 gallery size. Embeddings are saved per chunk of TSV lines under a key made of the bundle's
 hash and the input file's fingerprint; a rerun reuses them and a run killed mid-gallery
-resumes from its last completed chunk.
+resumes from its last completed chunk. Processes that share a cache directory (a team on one
+box, `make -j`) take turns on a gallery through a lock file: the second waits, then reuses
+what the first wrote.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -17,6 +21,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from competition import ImageTSV, MugeDataError, SkippedImages, read_queries, resize_image
-from competition.io import atomic_path
+from competition.io import atomic_path, content_fingerprint
 
 from .runtime import BundleEncoders
 
@@ -33,19 +38,19 @@ log = logging.getLogger(__name__)
 
 def _open_tsv(tsv_path: str) -> ImageTSV:
     """This process's handle on a gallery: each worker opens its own (cached index, own
-    descriptor), once per version of the file."""
-    st = os.stat(tsv_path)
-    return _open_tsv_version(tsv_path, st.st_size, st.st_mtime_ns)
+    descriptor), once per version of the file (its content fingerprint)."""
+    return _open_tsv_version(tsv_path, content_fingerprint(tsv_path))
 
 
 @functools.lru_cache(maxsize=4)
-def _open_tsv_version(tsv_path: str, size: int, mtime_ns: int) -> ImageTSV:
+def _open_tsv_version(tsv_path: str, fingerprint: str) -> ImageTSV:
     return ImageTSV(tsv_path)
 
 
 def file_fingerprint(path: str) -> str:
-    st = os.stat(path)
-    return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    """The file's path, size, mtime and a sample of its content: a TSV edited in place that keeps
+    its size and mtime gets new embeddings, not the old ones."""
+    return hashlib.sha256(f"{os.path.abspath(path)}|{content_fingerprint(path)}".encode()).hexdigest()[:16]
 
 
 def decode_range(tsv_path: str, start: int, end: int, size: int, rule: str, skip_bad: bool):
@@ -84,6 +89,23 @@ def _cache_dir(cache_root: str, encoders: BundleEncoders, input_path: str, kind:
     return os.path.join(cache_root, key, f"{kind}-{file_fingerprint(input_path)}")
 
 
+@contextlib.contextmanager
+def cache_lock(directory: str):
+    """Hold an exclusive lock on `directory`'s `.lock` file (released when the process exits, even
+    on SIGKILL): one process at a time writes and removes a cache entry's chunk files."""
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(os.path.join(directory, ".lock"), os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is embedding into %s: waiting for it, then reusing its work", directory)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def load_npz(path: str, *keys: str) -> dict | None:
     """The arrays of a cache file, or None when it is absent or unreadable (a run killed while
     the disk filled, say): a cache is recomputed, never trusted half-written."""
@@ -119,6 +141,13 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, *, w
     Decode tasks are `encoders.batch_size` lines each, so the image graph sees one batch shape.
     `tta`: see `encode_gallery_images`; cached apart from the plain embeddings."""
     cache = _cache_dir(cache_root, encoders, tsv_path, "gallery", skip_bad, *([tta] if tta else []))
+    with cache_lock(cache):
+        return _embed_gallery(encoders, tsv_path, cache, workers=workers, chunk_size=chunk_size, skip_bad=skip_bad,
+                              tta=tta)
+
+
+def _embed_gallery(encoders: BundleEncoders, tsv_path: str, cache: str, *, workers: int, chunk_size: int,
+                   skip_bad: bool, tta: str | None) -> GalleryEmbeddings:
     final = os.path.join(cache, "gallery.npz")
     cached = load_npz(final, "ids", "features", "skipped")
     if cached is not None:
@@ -141,7 +170,7 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, *, w
     size, rule, batch_size = encoders.image_size, encoders.resize_rule, encoders.batch_size
     # spawn, not fork: a forked child can inherit a lock held by one of the parent's threads
     # (ONNX Runtime, tqdm, the import lock) and hang
-    pool = mp.get_context("spawn").Pool(workers) if workers > 0 else None
+    pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_interrupts) if workers > 0 else None
     t0, embedded = time.time(), 0
 
     def submit(r):  # a decode task: async in the pool, or deferred to `fetch` without one
@@ -190,11 +219,18 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, *, w
                                np.concatenate([c["features"] for c in chunks]).astype(np.float32), skipped)
     save_npz(final, ids=result.ids, features=result.features, skipped=np.array(json.dumps(skipped.items)))
     for chunk in range(n_chunks):
-        os.remove(os.path.join(cache, f"chunk-{chunk:05d}.npz"))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(cache, f"chunk-{chunk:05d}.npz"))
     dt = time.time() - t0
     if embedded:
         log.info("embedded %d images in %.1fs (%.1f images/s)", embedded, dt, embedded / max(dt, 1e-9))
     return result
+
+
+def _ignore_interrupts() -> None:
+    """Decode workers leave Ctrl-C to the main process, which stops them (no traceback from each)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 
 def embed_queries(encoders: BundleEncoders, queries_path: str, cache_root: str):
     """(queries, features) for every query of the file, cached like the gallery."""

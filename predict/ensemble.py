@@ -22,18 +22,22 @@ log = logging.getLogger(__name__)
 
 
 def parse_weights(text: str | None, n: int) -> tuple[float, ...] | str:
-    """"0.6,0.4" -> (0.6, 0.4) normalised; "auto" stays; None -> equal weights."""
+    """"0.6,0.4" -> (0.6, 0.4) normalised; "auto" stays (up to `MAX_AUTO` bundles); None -> equal
+    weights. Checked before anything is embedded."""
     if text is None:
         return (1.0 / n,) * n
     if text.strip() == "auto":
+        weight_grid(n)  # refuses more bundles than the grid covers
         return "auto"
     try:
-        weights = tuple(float(w) for w in text.split(","))
+        weights = [float(w) for w in text.split(",")]
     except ValueError:
         raise ValueError(f"--weights {text!r}: expected {n} comma-separated numbers or 'auto'") from None
-    if len(weights) != n or any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--weights {text!r}: expected {n} non-negative numbers (one per --bundle), not all 0")
-    return tuple(w / sum(weights) for w in weights)
+    if len(weights) != n or any(not np.isfinite(w) or w < 0 for w in weights) or max(weights) <= 0:
+        raise ValueError(f"--weights {text!r}: expected {n} finite non-negative numbers (one per --bundle), not all 0")
+    top = max(weights)  # scaled by the largest first: the sum of huge weights cannot overflow to inf
+    scaled = [w / top for w in weights]
+    return tuple(w / sum(scaled) for w in scaled)
 
 
 def fuse(parts: list[np.ndarray], weights=None) -> np.ndarray:
@@ -59,10 +63,13 @@ def align(ids: list[np.ndarray], features: list[np.ndarray]) -> tuple[np.ndarray
     return keep, out
 
 
+MAX_AUTO = 6
+
+
 def weight_grid(n: int) -> list[tuple[float, ...]]:
     """Every weight vector on the simplex in steps of 1/10 (2-3 bundles) or 1/5 (4-6); more bundles
     than that need explicit --weights."""
-    if n > 6:
+    if n > MAX_AUTO:
         raise ValueError(f"--weights auto searches a grid for up to 6 bundles, not {n}: give the weights")
     steps = 10 if n <= 3 else 5
     return [tuple(c / steps for c in combo) for combo in itertools.product(range(steps + 1), repeat=n)

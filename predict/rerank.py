@@ -18,11 +18,16 @@ similarity, β an inverse temperature and, over the bank,
 
 Both scores are functions of one (query, image) product and one number per image, so they are
 ranked inside `exact_topk`'s blocks (`rescore`): exact, and never a full score matrix in memory.
+They are computed in float64 with β at most `MAX_BETA`: with |s| <= 1 (L2-normalised
+embeddings, ensemble weights summing to 1), β s − log Z stays above −(2 β + log B), so
+exp(−(β s − log Z)) never overflows (for B up to 10^9 bank queries) and no two scores that differ
+collapse into one. A larger β (1e6, say) would saturate float32 and tie most of the gallery.
 
 Cost, for a bank of B queries and a gallery of G images of dimension D: one pass of B x G
 products (`bank_stats`, cached per bank, gallery and β) in blocks of `bank_block x gallery_chunk`
 float32 (128 MiB at the defaults) plus the bank itself (B x D float32: 512 MiB for MUGE's 250k
-train queries at D = 512); the top-K then costs what a plain one does.
+train queries at D = 512); the top-K then costs what a plain one does, its blocks rescored in
+float64 (256 MiB at the defaults).
 """
 from __future__ import annotations
 
@@ -42,6 +47,14 @@ from .embed import load_npz, save_npz
 log = logging.getLogger(__name__)
 METHODS = ("qbnorm", "dual-softmax")
 DEFAULT_BETA = 20.0  # when a bundle records no logit scale
+MAX_BETA = 300.0  # exp(2 * 300 + log 1e9) < float64's largest: see the module docstring
+
+
+def check_beta(beta: float) -> float:
+    if not (np.isfinite(beta) and 0 < beta <= MAX_BETA):
+        raise ValueError(f"--rerank-beta {beta}: expected a number in (0, {MAX_BETA:g}] (trained CLIP logit scales "
+                         f"are at most 100); beyond that the re-ranked scores lose their order")
+    return beta
 
 
 @dataclass
@@ -105,13 +118,13 @@ def rescorer(method: str, queries: np.ndarray, gallery: np.ndarray, stats: BankS
     """The `rescore(block, rows, cols)` that `exact_topk` ranks by for `method`."""
     if method not in METHODS:
         raise ValueError(f"unknown re-ranking {method!r}; expected one of {', '.join(METHODS)}")
-    log_norm = stats.log_norm.astype(np.float32)
-    beta32 = np.float32(beta)
+    log_norm = np.asarray(stats.log_norm, dtype=np.float64)
+    beta = float(check_beta(beta))
     if method == "dual-softmax":
         def dual_softmax(block, rows, cols):
-            prior = log_norm[cols] - beta32 * block
-            with np.errstate(over="ignore"):  # exp -> inf where p(q | g) is 0 to float32: the score is 0
-                np.exp(prior, out=prior)
+            block = block.astype(np.float64)
+            prior = log_norm[cols] - beta * block  # <= 2 beta + log B: exp stays finite (module docstring)
+            np.exp(prior, out=prior)
             prior += 1
             return block / prior
         return dual_softmax
@@ -121,7 +134,8 @@ def rescorer(method: str, queries: np.ndarray, gallery: np.ndarray, stats: BankS
              int(normalised.sum()), len(queries))
 
     def qbnorm(block, rows, cols):
-        out = beta32 * block - log_norm[cols]
+        block = block.astype(np.float64)
+        out = beta * block - log_norm[cols]
         keep = ~normalised[rows]
         out[keep] = block[keep]
         return out

@@ -197,11 +197,35 @@ class BundleEncoders:
         except Exception as exc:  # the tokenizers library raises its own exception type
             raise BundleError(f"{tokenizer_dir}: no readable tokenizer.json ({str(exc).splitlines()[0][:200]}); "
                               "re-export the bundle") from None
+        self._check_graph_inputs()
         self.batch_size = int(batch_size or DEFAULT_BATCH[self.choice.device])
         self.text_batch = int(text_batch)
         self.lengths = text_lengths(self.tokenizer.max_length)
         if self.batch_size < 1 or self.text_batch < 1:
             raise ValueError(f"batch sizes must be positive, got images {self.batch_size}, text {self.text_batch}")
+
+    def _check_graph_inputs(self) -> None:
+        """The image graph's pixels input must be the manifest's size: a manifest that says otherwise
+        would feed the graph images it cannot take."""
+        inputs = {i.name: i.shape for i in self.image.get_inputs()}
+        shape = inputs.get("pixels")
+        if shape is None or len(shape) != 4:
+            raise BundleError(f"{os.path.join(self.bundle_dir, self.image_graph)}: no uint8 NHWC 'pixels' input; "
+                              "not a muge image graph (re-export the bundle)")
+        height, width = shape[1:3]
+        for side in (height, width):
+            if isinstance(side, int) and side != self.image_size:
+                raise BundleError(f"{os.path.join(self.bundle_dir, MANIFEST)} says image_size {self.image_size}, "
+                                  f"but {self.image_graph} takes {height}x{width} images: the manifest does not "
+                                  "describe this graph (re-export the bundle)")
+
+    def _run(self, session, graph: str, feeds: dict) -> np.ndarray:
+        try:
+            return session.run(None, feeds)[0]
+        except Exception as exc:  # ONNX Runtime's own exception types
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+            raise BundleError(f"{os.path.join(self.bundle_dir, graph)}: ONNX Runtime failed on {shapes} "
+                              f"({' '.join(str(exc).split())[:300]})") from None
 
     def describe(self) -> str:
         return f"{self.choice.device} ({self.choice.precision} graphs, image batch {self.batch_size})"
@@ -216,7 +240,7 @@ class BundleEncoders:
         return time.perf_counter() - t0
 
     def _run_images(self, pixels: np.ndarray) -> np.ndarray:
-        return self.image.run(None, {"pixels": pixels})[0].astype(np.float32, copy=False)
+        return self._run(self.image, self.image_graph, {"pixels": pixels}).astype(np.float32, copy=False)
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [n, size, size, 3] -> float32 [n, dim], in graph calls of exactly `batch_size`."""
@@ -246,7 +270,7 @@ class BundleEncoders:
         full_mask = np.zeros((self.text_batch, length), np.int64)
         full_ids[:n, :have], full_mask[:n, :have] = ids, mask
         full_mask[n:, 0] = 1  # padding rows attend to one token: no all-masked row
-        feats = self.text.run(None, {"input_ids": full_ids, "attention_mask": full_mask})[0]
+        feats = self._run(self.text, self.text_graph, {"input_ids": full_ids, "attention_mask": full_mask})
         return feats[:n].astype(np.float32, copy=False)
 
     def require_finite(self, features: np.ndarray, kind: str, describe_row) -> None:

@@ -16,14 +16,14 @@ import numpy as np
 
 from competition import SkippedImages, ground_truth_not_in_gallery, score_predictions, write_submission
 from competition.errors import first_of
-from competition.io import atomic_write_text
-from competition.layout import split_files
+from competition.io import WriteError, atomic_write_text
+from competition.layout import split_files, split_paths
 from competition.metric import success_json, write_result
 from competition.topk import exact_topk
 
 from .embed import embed_gallery, embed_queries
 from .ensemble import align, fuse, parse_weights, pick_weights
-from .rerank import DEFAULT_BETA, cached_bank_stats, rescorer
+from .rerank import DEFAULT_BETA, cached_bank_stats, check_beta, rescorer
 from .runtime import BundleEncoders, has_graphs
 
 log = logging.getLogger(__name__)
@@ -95,15 +95,61 @@ def _weights(encoders, data_dir: str, split: str, emb: SplitEmbeddings, opts: Pr
     return weights, {"weights": list(weights), "chosen": "auto (valid grid)", "grid": table}
 
 
-def _rescore(encoders, data_dir: str, weights, queries: np.ndarray, gallery: np.ndarray, opts: PredictOptions):
-    """The re-ranking's `rescore` for `exact_topk`, and a record of its settings."""
-    bank_path = opts.bank or split_files(data_dir, "train")[0]
-    bank = fuse([embed_queries(enc, bank_path, opts.cache_dir)[1] for enc in encoders], weights)
+def bank_path(opts: PredictOptions, data_dir: str) -> str:
+    """The re-ranking bank: --bank, or the data's train queries (the train images are not needed)."""
+    path = opts.bank or split_paths(data_dir, "train")[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --rerank needs a bank of queries (--bank FILE, or the train "
+                                "queries in --data)")
+    return path
+
+
+def check_options(dirs: list[str], data_dir: str, split: str, out_path: str, opts: PredictOptions) -> None:
+    """Every argument checked before anything is embedded: weights, re-ranking, cache, output."""
+    parse_weights(opts.weights, len(dirs))
+    if opts.rerank:
+        if opts.rerank_beta is not None:
+            check_beta(opts.rerank_beta)
+        queries_path = split_paths(data_dir, split)[0]
+        if os.path.isfile(queries_path) and os.path.samefile(bank_path(opts, data_dir), queries_path):
+            raise ValueError(f"--bank {queries_path} is the file of the queries being answered: the bank is other "
+                             "queries (the train queries by default), never the ones being ranked")
+    if os.path.exists(opts.cache_dir) and not os.path.isdir(opts.cache_dir):
+        raise ValueError(f"--cache-dir {opts.cache_dir} is a file, not a directory")
+    if os.path.isdir(out_path):
+        raise ValueError(f"--out {out_path} is a directory; give the submission's file name")
+    parent = os.path.dirname(os.path.abspath(out_path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(exc.errno, f"cannot write {out_path}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise WriteError(13, f"cannot write {out_path}: its directory {parent} is not writable")
+
+
+def _rescore(encoders, data_dir: str, weights, queries, qfeat: np.ndarray, gallery: np.ndarray,
+             opts: PredictOptions):
+    """The re-ranking's `rescore` for `exact_topk`, and a record of its settings. Bank queries
+    that are among the queries being answered (same id and text) are left out of the bank."""
+    path = bank_path(opts, data_dir)
+    bank_queries, features = [], []
+    for enc in encoders:
+        bank_queries, feats = embed_queries(enc, path, opts.cache_dir)
+        features.append(feats)
+    answered = {(q.query_id, q.text) for q in queries}
+    keep = np.array([(q.query_id, q.text) not in answered for q in bank_queries], dtype=bool)
+    if not keep.any():
+        raise ValueError(f"--bank {path}: every query in it is one being answered; the bank must be other queries")
+    if not keep.all():
+        log.warning("--bank %s: left %d queries out of the bank: they are among the queries being answered", path,
+                    int((~keep).sum()))
+    bank = fuse([f[keep] for f in features], weights)
     scales = [enc.manifest.get("logit_scale") for enc in encoders]
     beta = opts.rerank_beta or (float(np.dot(weights, scales)) if None not in scales else DEFAULT_BETA)
     stats = cached_bank_stats(bank, gallery, beta, opts.cache_dir)
-    record = {"method": opts.rerank, "beta": round(beta, 4), "bank": bank_path, "bank_queries": len(bank)}
-    return rescorer(opts.rerank, queries, gallery, stats, beta), record
+    record = {"method": opts.rerank, "beta": round(beta, 4), "bank": path, "bank_queries": len(bank),
+              "bank_left_out": int((~keep).sum())}
+    return rescorer(opts.rerank, qfeat, gallery, stats, beta), record
 
 
 def predict_split(bundle_dirs, data_dir: str, split: str, out_path: str, opts: PredictOptions | None = None,
@@ -115,6 +161,7 @@ def predict_split(bundle_dirs, data_dir: str, split: str, out_path: str, opts: P
     opts = opts or PredictOptions()
     dirs = [bundle_dirs] if isinstance(bundle_dirs, (str, os.PathLike)) else list(bundle_dirs)
     queries_path, tsv_path = split_files(data_dir, split)
+    check_options(dirs, data_dir, split, out_path, opts)
     if encoders is None:
         encoders = [BundleEncoders(d, opts.device, opts.precision, opts.threads, batch_size=opts.batch_size)
                     for d in dirs]
@@ -133,7 +180,8 @@ def predict_split(bundle_dirs, data_dir: str, split: str, out_path: str, opts: P
     queries, gallery_ids = emb.queries, emb.gallery_ids
     weights, ensemble = _weights(encoders, data_dir, split, emb, opts)
     qfeat, gfeat = fuse(emb.query_features, weights), fuse(emb.gallery_features)
-    rescore, rerank = _rescore(encoders, data_dir, weights, qfeat, gfeat, opts) if opts.rerank else (None, None)
+    rescore, rerank = (_rescore(encoders, data_dir, weights, queries, qfeat, gfeat, opts) if opts.rerank
+                       else (None, None))
     t1 = time.time()
     _, pos = exact_topk(qfeat, gfeat, k=opts.k, rescore=rescore)
     topk_s = time.time() - t1

@@ -30,7 +30,7 @@ def report(queries_path, images_path, preds, out_path, run_dir, thumb_size, qual
     try:
         info = write_report(out_path, queries_path=queries_path, images_path=images_path, pred_paths=list(preds),
                             run_dir=run_dir, thumb_size=thumb_size, quality=quality, workers=workers)
-    except (MugeDataError, FileNotFoundError) as exc:
+    except (MugeDataError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     mr = "  ".join(f"{name} MR {m['mean_recall']:.2f}" for name, m in info["metrics"].items())
     click.echo(f"report written to {out_path}: {info['queries']} queries, {info['thumbnails']} thumbnails, "

@@ -118,3 +118,55 @@ def submission_lists(path) -> list[list[int]]:
     import json
 
     return [json.loads(line)["item_ids"] for line in open(path, encoding="utf-8")]
+
+
+def muge(*args):
+    """`muge ARGS...` through the real entry point, in process."""
+    from click.testing import CliRunner
+
+    from muge_cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def refused(result, *fragments):
+    """A clear refusal: a non-zero exit, no traceback, every fragment in the output."""
+    assert result.exit_code not in (0, None), result.output
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}\n{result.output}"
+    assert "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in result.output, (fragment, result.output)
+    return result
+
+
+def accepted(result, *fragments):
+    assert result.exit_code == 0, result.output
+    for fragment in fragments:
+        assert fragment in result.output, (fragment, result.output)
+    return result
+
+
+def tiny_chinese_clip_dir(path, small_sample, vocab=None, vocab_rows=None):
+    """A tiny random `ChineseCLIPModel` saved with `save_pretrained`, beside a BERT tokenizer of
+    `vocab` (default: the sample's characters); `vocab_rows`: the text embedding's rows (default
+    the vocabulary's size)."""
+    import torch
+    from transformers import BertTokenizerFast, ChineseCLIPConfig, ChineseCLIPModel
+
+    from competition.queries import iter_queries
+    from train.tokenizer import build_char_vocab
+
+    if vocab is None:
+        vocab = build_char_vocab(q.text for q in iter_queries(str(small_sample / "MR_train_queries.jsonl")))
+    os.makedirs(path)
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab=str(path / "vocab.txt")).save_pretrained(str(path))  # (transformers 5 ignores vocab_file=)
+    torch.manual_seed(0)
+    small = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "hidden_size": 32}
+    config = ChineseCLIPConfig(projection_dim=32, text_config={**small, "vocab_size": vocab_rows or len(vocab),
+                                                               "max_position_embeddings": 64},
+                               vision_config={**small, "image_size": 32, "patch_size": 8})
+    ChineseCLIPModel(config).save_pretrained(str(path))
+    return path
+
+

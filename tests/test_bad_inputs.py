@@ -11,35 +11,15 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import not_an_image
+from conftest import accepted, muge, not_an_image, refused
 from tiny import tiny_config
 
-from muge_cli import cli
 from train.config import save_config
 
 FAST_EXPORT = ["--exporter", "torchscript", "--parity-queries", "40", "--parity-gallery", "60", "--parity-batch", "16"]
 TEN = list(range(1, 11))
 
 
-def muge(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def refused(result, *fragments):
-    assert result.exit_code not in (0, None), result.output
-    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}\n{result.output}"
-    assert "Traceback" not in result.output, result.output
-    for fragment in fragments:
-        assert fragment in result.output, (fragment, result.output)
-    return result
-
-
-def accepted(result, *fragments):
-    assert result.exit_code == 0, result.output
-    for fragment in fragments:
-        assert fragment in result.output, (fragment, result.output)
-    return result
 
 
 @pytest.fixture
@@ -315,3 +295,267 @@ def test_export_removes_build_dirs_of_killed_exports(runs, small_sample, tmp_pat
     assert sorted(os.listdir(tmp_path)) == [".bundle.efgh5678", "bundle"]
     assert not (tmp_path / "bundle" / ".builder.json").exists()
 
+
+
+# -- round 3: pretrained weights and tokenizers ---------------------------------------------------------
+def _pretrained_export(weights, data, out, *extra):
+    return muge("export", "--pretrained", weights, "--out", out, "--data", data, "--parity-queries", "40",
+                "--parity-gallery", "60", *extra)
+
+
+def _nothing_staged(tmp_path):
+    assert not [n for n in os.listdir(tmp_path) if n.startswith((".pretrained-", ".b."))], os.listdir(tmp_path)
+
+
+def test_weights_that_do_not_fill_chinese_clip_are_refused(small_sample, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=100)).save_pretrained(str(bert))
+    refused(_pretrained_export(bert, small_sample, tmp_path / "b"), f"{bert}: these weights do not fit a Chinese-CLIP",
+            "missing (", "unexpected (", "no bundle written")
+    assert not (tmp_path / "b").exists()
+    _nothing_staged(tmp_path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:2000]),
+     "cannot load Chinese-CLIP weights"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\0" * 64), "cannot load Chinese-CLIP weights"),
+    (lambda d: ((d / "model.safetensors").unlink(), torch.save({"x": Evil(str(d / "pwned"))},
+                                                               str(d / "pytorch_model.bin"))),
+     "cannot load Chinese-CLIP weights"),
+    (lambda d: (d / "config.json").write_text((d / "config.json").read_text().replace('"hidden_size": 32',
+                                                                                       '"hidden_size": 48')),
+     "cannot load Chinese-CLIP weights"),
+], ids=["truncated", "not-safetensors", "pickled-code", "config-shapes"])
+def test_damaged_pretrained_weights_get_one_clear_error(small_sample, tmp_path, damage, message):
+    from conftest import tiny_chinese_clip_dir
+
+    weights = tiny_chinese_clip_dir(tmp_path / "w", small_sample)
+    damage(weights)
+    refused(_pretrained_export(weights, small_sample, tmp_path / "b"), str(weights), message, "no bundle written")
+    assert not (tmp_path / "b").exists() and not (weights / "pwned").exists()
+    _nothing_staged(tmp_path)
+    refused(_pretrained_export(weights / "config.json", small_sample, tmp_path / "b"), "config.json: a file")
+
+
+def test_a_tokenizer_that_does_not_fit_the_text_tower_is_refused(small_sample, tmp_path):
+    from conftest import tiny_chinese_clip_dir
+
+    from train.tokenizer import SPECIALS
+
+    few = tiny_chinese_clip_dir(tmp_path / "few", small_sample, vocab=SPECIALS, vocab_rows=500)
+    refused(_pretrained_export(few, small_sample, tmp_path / "b"), "of the tokens of 40 queries are [UNK]",
+            "no bundle written")
+    from competition.queries import iter_queries
+    from train.tokenizer import build_char_vocab
+
+    vocab = build_char_vocab(q.text for q in iter_queries(small_sample / "MR_train_queries.jsonl"))
+    big = tiny_chinese_clip_dir(tmp_path / "big", small_sample,  # a vocabulary beyond the embedding's rows
+                                vocab=vocab + [f"tok{i}" for i in range(600)], vocab_rows=400)
+    refused(_pretrained_export(big, small_sample, tmp_path / "b"), "emits ids up to", "embedding has 400 rows")
+    assert not (tmp_path / "b").exists()
+
+
+# -- round 3: configs and runs ---------------------------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("train=0", "train is a section"), ("train.lr=null", "train.lr is a section"),
+    ("data.augment=false", "data.augment is a section"), ("train.data_seed=-1", "train.data_seed=-1"),
+])
+def test_a_section_takes_only_a_mapping_and_seeds_are_not_negative(small_sample, preset, tmp_path, override, message):
+    refused(muge("train", "--config", preset, "--data", small_sample, "--out", tmp_path / "run", "--set", override),
+            message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, message", [("- a\n- b\n", "not a list"), ("7\n", "not a int"),
+                                           ("", "an empty preset")])
+def test_a_preset_that_is_not_a_mapping_is_named(small_sample, tmp_path, text, message):
+    (tmp_path / "p.yaml").write_text(text)
+    refused(muge("train", "--config", tmp_path / "p.yaml", "--data", small_sample, "--out", tmp_path / "run",
+                 "--set", "train.epochs=1"), "p.yaml: ", message)
+
+
+def test_resume_refuses_a_config_edited_to_another_model(runs, small_sample, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(runs["dual"], run)
+    before = (run / "last.pt").read_bytes()
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("head: mlp", "head: linear"))
+    refused(muge("train", "--resume", run, "--data", small_sample, "--set", "train.epochs=2"),
+            "last.pt: its weights do not fit the model", "config.yaml's model section was edited since (head differ)")
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_average_refuses_an_out_that_is_an_input_and_partial_runs(runs, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(runs["dual"], a)
+    shutil.copytree(runs["dual"], b)
+    before = (a / "best.pt").read_bytes()
+    refused(muge("average", a, b, "--out", a), "is one of the runs being averaged", "nothing written")
+    refused(muge("average", a, b, "--out", str(b) + "/"), "is one of the runs being averaged")
+    assert (a / "best.pt").read_bytes() == before
+    refused(muge("average", a, b, "--out", runs["chinese-clip"]), "muge average did not write")
+    (b / "config.yaml").unlink()
+    refused(muge("average", a, b, "--out", tmp_path / "soup"), "config.yaml", "nothing written")
+    assert not (tmp_path / "soup").exists()
+    (b / "config.yaml").write_text("- a list\n")
+    refused(muge("average", a, b, "--out", tmp_path / "soup"), "b/config.yaml: a preset is a mapping")
+    shutil.copy(a / "config.yaml", b / "config.yaml")
+    ckpt = torch.load(a / "best.pt", weights_only=True)
+    torch.save({**ckpt, "model": [1, 2]}, b / "best.pt")
+    refused(muge("average", a, b, "--out", tmp_path / "soup"),
+            "b/best.pt: not a muge checkpoint: its 'model' is a list")
+    assert not (tmp_path / "soup").exists() and sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+# -- round 3: predict's flags -------------------------------------------------------------------------------
+def test_huge_ensemble_weights_are_normalised_safely(tiny_bundle, small_sample, tmp_path):
+    a, b = tmp_path / "A", tmp_path / "B"
+    shutil.copytree(tiny_bundle, a)
+    shutil.copytree(tiny_bundle, b)
+    args = ["predict", "--bundle", a, "--bundle", b, "--data", small_sample, "--split", "valid", "--workers", "0",
+            "--cache-dir", tmp_path / "cache"]
+    accepted(muge(*args, "--weights", "1,1", "--out", tmp_path / "even.jsonl"))
+    accepted(muge(*args, "--weights", "1e308,1e308", "--out", tmp_path / "huge.jsonl"))
+    assert (tmp_path / "huge.jsonl").read_bytes() == (tmp_path / "even.jsonl").read_bytes()
+    for weights, message in (("1e309,1", "expected 2 finite non-negative numbers"),
+                             ("1,2,3", "expected 2 finite non-negative numbers"), ("0,0", "not all 0")):
+        refused(muge(*args, "--weights", weights, "--out", tmp_path / "x.jsonl", "--cache-dir", tmp_path / "c2"),
+                message)
+    seven = [x for i in range(7) for x in ("--bundle", a if i % 2 else b)]
+    refused(muge("predict", *seven, "--data", small_sample, "--weights", "auto", "--cache-dir", tmp_path / "c2",
+                 "--out", tmp_path / "x.jsonl"), "up to 6 bundles, not 7")
+    assert not (tmp_path / "c2").exists() and not (tmp_path / "x.jsonl").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rerank", "dual-softmax", "--rerank-beta", "1e6"], "--rerank-beta 1000000.0: expected a number in (0, 300]"),
+    (["--rerank", "qbnorm", "--rerank-beta", "nan"], "--rerank-beta nan: expected a number"),
+    (["--rerank", "qbnorm", "--rerank-beta", "inf"], "--rerank-beta inf: expected a number"),
+    (["--rerank-beta", "5"], "--rerank-beta applies to --rerank, which is not given"),
+    (["--bank", "SELF"], "--bank applies to --rerank"),
+    (["--rerank", "dual-softmax", "--bank", "SELF"], "is the file of the queries being answered"),
+])
+def test_reranking_flags_are_checked_before_any_work(tiny_bundle, small_sample, tmp_path, extra, message):
+    extra = [str(small_sample / "MR_valid_queries.jsonl") if x == "SELF" else x for x in extra]
+    refused(muge("predict", "--bundle", tiny_bundle, "--data", small_sample, "--split", "valid", "--out",
+                 tmp_path / "x.jsonl", "--cache-dir", tmp_path / "cache", "--workers", "0", *extra), message)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "x.jsonl").exists()
+
+
+def test_answered_queries_are_left_out_of_the_bank(tiny_bundle, small_sample, tmp_path, caplog):
+    bank = tmp_path / "bank.jsonl"
+    lines = (small_sample / "MR_train_queries.jsonl").read_text(encoding="utf-8").splitlines()
+    valid = (small_sample / "MR_valid_queries.jsonl").read_text(encoding="utf-8").splitlines()
+    bank.write_text("\n".join(lines[:100] + valid[:5]) + "\n", encoding="utf-8")
+    result = accepted(muge("predict", "--bundle", tiny_bundle, "--data", small_sample, "--split", "valid", "--out",
+                           tmp_path / "x.jsonl", "--cache-dir", tmp_path / "cache", "--workers", "0", "--rerank",
+                           "dual-softmax", "--bank", bank))
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["rerank"]["bank_queries"] == 100 and summary["rerank"]["bank_left_out"] == 5
+    assert "left 5 queries out of the bank" in caplog.text
+
+
+def test_a_large_beta_keeps_the_reranked_order_exact():
+    """At the largest β allowed, float64 rescoring ranks like a dense float64 computation."""
+    import numpy as np
+
+    from predict.rerank import MAX_BETA, bank_stats, rerank_topk
+
+    rng = np.random.default_rng(0)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    q, g, bank = (unit(rng.standard_normal((n, 16))) for n in (30, 400, 300))
+    stats = bank_stats(bank, g, MAX_BETA)
+    for method in ("dual-softmax", "qbnorm"):
+        _, pos = rerank_topk(method, q, g, stats, MAX_BETA, k=10)
+        s = q.astype(np.float64) @ g.T.astype(np.float64)
+        log_z = np.logaddexp.reduce(MAX_BETA * (bank.astype(np.float64) @ g.T.astype(np.float64)), axis=0)
+        if method == "dual-softmax":
+            dense = s / (1 + np.exp(log_z - MAX_BETA * s))
+        else:
+            dense = np.where(stats.active[np.argmax(s, axis=1)][:, None], MAX_BETA * s - log_z, s)
+        assert len({tuple(r) for r in np.round(np.take_along_axis(dense, pos, 1), 12)}) == len(q)  # no collapsed ties
+        assert (pos == np.argsort(-dense, axis=1, kind="stable")[:, :10]).mean() > 0.99
+
+
+def test_output_paths_are_checked_first_and_named(tiny_bundle, small_sample, tmp_path):
+    args = ["predict", "--bundle", tiny_bundle, "--data", small_sample, "--split", "valid", "--workers", "0"]
+    (tmp_path / "afile").write_text("x")
+    refused(muge(*args, "--cache-dir", tmp_path / "afile", "--out", tmp_path / "s.jsonl"),
+            f"--cache-dir {tmp_path / 'afile'} is a file")
+    refused(muge(*args, "--cache-dir", tmp_path / "c", "--out", tmp_path), f"--out {tmp_path} is a directory")
+    refused(muge(*args, "--cache-dir", tmp_path / "c", "--out", tmp_path / "afile" / "s.jsonl"),
+            f"cannot write {tmp_path / 'afile' / 's.jsonl'}")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_long_ensemble_gets_a_default_name_the_file_system_takes(tiny_bundle, small_sample, tmp_path, monkeypatch):
+    bundles = []
+    for i in range(3):
+        bundles.append(tmp_path / (f"{i}-" + "a-very-long-bundle-name" * 4))
+        shutil.copytree(tiny_bundle, bundles[-1])
+    monkeypatch.chdir(tmp_path)
+    accepted(muge("predict", *[x for b in bundles for x in ("--bundle", b)], "--data", small_sample, "--split",
+                  "valid", "--workers", "0", "--cache-dir", tmp_path / "cache"))
+    (written,) = [n for n in os.listdir(tmp_path / "submissions") if n.endswith("-valid.jsonl")]
+    assert written.startswith("0-a-very-long") and "+2-more-" in written and len(written) < 255
+
+
+def test_a_manifest_that_lies_about_the_image_size_is_refused(tiny_bundle, small_sample, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "image_size": 48}))
+    refused(muge("predict", "--bundle", tiny_bundle, "--bundle", bundle, "--data", small_sample, "--out",
+                 tmp_path / "s.jsonl", "--cache-dir", tmp_path / "cache", "--workers", "0"),
+            "manifest.json says image_size 48, but image.onnx takes 32x32 images")
+
+
+def test_odd_query_files_still_make_a_valid_submission(tiny_bundle, data, tmp_path, caplog):
+    """Blank lines are skipped and counted; a lone surrogate and line separators survive to the
+    submission's query_text, escaped, one line per query."""
+    from competition import check_submission
+
+    path = data / "MR_test_queries.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, "query_text": first["query_text"] + "\ud800\u2028"})
+    path.write_text("\n".join(lines) + "\n\n\n", encoding="utf-8")
+    accepted(predict(tiny_bundle, data, tmp_path))
+    assert "skipped 2 blank lines" in caplog.text
+    out = (tmp_path / "sub.jsonl").read_text(encoding="utf-8")
+    assert len(out.splitlines()) == len(lines) and check_submission(path, tmp_path / "sub.jsonl").ok
+    assert json.loads(out.splitlines()[0])["query_text"] == first["query_text"] + "\ud800\u2028"
+
+
+def test_a_tsv_edited_in_place_keeping_size_and_mtime_is_embedded_again(tiny_bundle, data, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="predict.embed")
+    accepted(predict(tiny_bundle, data, tmp_path, split="valid"))
+    first = (tmp_path / "sub.jsonl").read_bytes()
+    tsv = data / "MR_valid_imgs.tsv"
+    st = os.stat(tsv)
+    lines = tsv.read_bytes().splitlines(keepends=True)  # two images swap ids: same bytes, same length
+    head = [line.split(b"\t", 1) for line in lines[:2]]
+    lines[:2] = [head[1][0] + b"\t" + head[0][1], head[0][0] + b"\t" + head[1][1]]
+    tsv.write_bytes(b"".join(lines))
+    os.utime(tsv, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(tsv).st_size == st.st_size and os.stat(tsv).st_mtime_ns == st.st_mtime_ns
+    caplog.clear()
+    accepted(predict(tiny_bundle, data, tmp_path, split="valid"))
+    assert "gallery embeddings reused" not in caplog.text
+    galleries = [n for _, dirs, _ in os.walk(tmp_path / "cache") for n in dirs if n.startswith("gallery-")]
+    assert len(galleries) == 2  # the edited file has a key of its own
+    assert first
+
+
+def test_resume_says_when_config_yaml_drops_the_ema(small_sample, preset, tmp_path, caplog):
+    run = tmp_path / "run"
+    accepted(muge("train", "--config", preset, "--data", small_sample, "--out", run, "--set", "train.ema=0.9"))
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("ema: 0.9", "ema: null"))
+    accepted(muge("train", "--resume", run, "--data", small_sample, "--set", "train.epochs=2"))
+    assert "holds an EMA of the weights, but config.yaml no longer sets train.ema" in caplog.text

@@ -218,29 +218,13 @@ def test_best_pt_holds_the_ema_exactly_when_it_scores_higher(small_sample, tmp_p
 
 
 # -- zero-shot -------------------------------------------------------------------------------------
-def _tiny_chinese_clip_dir(path, small_sample):
-    from transformers import BertTokenizerFast, ChineseCLIPConfig, ChineseCLIPModel
-
-    from competition.queries import iter_queries
-    from train.tokenizer import build_char_vocab
-
-    vocab = build_char_vocab(q.text for q in iter_queries(str(small_sample / "MR_train_queries.jsonl")))
-    os.makedirs(path)
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(str(path))
-    torch.manual_seed(0)
-    small = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "hidden_size": 32}
-    config = ChineseCLIPConfig(projection_dim=32, text_config={**small, "vocab_size": len(vocab),
-                                                               "max_position_embeddings": 64},
-                               vision_config={**small, "image_size": 32, "patch_size": 8})
-    ChineseCLIPModel(config).save_pretrained(str(path))
-
-
 def test_zero_shot_export_of_a_local_chinese_clip_passes_the_gate_and_predicts(small_sample, tmp_path):
+    from conftest import tiny_chinese_clip_dir
+
     from muge_cli import cli
 
     weights = tmp_path / "cnclip"
-    _tiny_chinese_clip_dir(weights, small_sample)
+    tiny_chinese_clip_dir(weights, small_sample)
     bundle = tmp_path / "bundles" / "zero-shot"
     result = CliRunner().invoke(cli, ["export", "--pretrained", str(weights), "--out", str(bundle), "--data",
                                       str(small_sample), "--parity-queries", "40", "--parity-gallery", "60"])

@@ -28,8 +28,8 @@ def test_bom_is_accepted(tmp_path):
 
 
 @pytest.mark.parametrize("line2, message", [
-    ('{"query_id": 2, "query_text": "x"', "not valid JSON"),
-    ("", "blank line"),
+    ('{"query_id": 2, "query_text": "x"', "not valid JSON: Expecting ',' delimiter (column 34)"),
+    ('{"query_id": 2, "query_text": "x', "not valid JSON: Unterminated string starting at (column 31)"),
     ('{"query_text": "x"}', "missing field 'query_id'"),
     ('{"query_id": 2}', "missing field 'query_text'"),
     ('{"query_id": "2", "query_text": "x"}', "must be an integer"),
@@ -54,6 +54,36 @@ def test_bad_lines_name_file_and_line(tmp_path, line2, message):
     assert message in str(err.value)
     assert f"{p}:2:" in str(err.value)
     assert err.value.line == 2
+
+
+def test_blank_lines_are_skipped_and_counted(tmp_path, caplog):
+    """A trailing newline or two (or an empty line between) loses no query; the log says how many."""
+    p = tmp_path / "q.jsonl"
+    p.write_text('{"query_id": 1, "query_text": "a"}\n\n{"query_id": 2, "query_text": "b"}\n\n\n', encoding="utf-8")
+    queries = read_queries(p)
+    assert [(q.query_id, q.line) for q in queries] == [(1, 1), (2, 3)]
+    assert f"{p}: skipped 3 blank lines (line 2, 4, 5)" in caplog.text
+    p.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(MugeDataError, match="empty file"):
+        read_queries(p)
+
+
+def test_odd_text_survives_the_round_trip(tmp_path):
+    """A lone surrogate (valid JSON, no character) and line separators inside a text: read, tokenised
+    (the surrogate as U+FFFD) and written back escaped, one line per query, the text unchanged."""
+    from competition.preprocess import normalize_text
+    from competition.submission import write_submission
+
+    texts = ["a\ud800b", "c\u2028d\u2029e\x85f", "普通"]
+    p = tmp_path / "q.jsonl"
+    p.write_text("".join(json.dumps({"query_id": i, "query_text": t}) + "\n" for i, t in enumerate(texts)))
+    queries = read_queries(p)
+    assert [q.text for q in queries] == texts and normalize_text(texts[0]) == "a\ufffdb"
+    out = tmp_path / "sub.jsonl"
+    write_submission(out, queries, {q.query_id: list(range(10)) for q in queries})
+    raw = out.read_text(encoding="utf-8")
+    assert len(raw.splitlines()) == 3 and "普通" in raw
+    assert [json.loads(line)["query_text"] for line in raw.splitlines()] == texts
 
 
 def test_empty_file(tmp_path):

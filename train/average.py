@@ -13,12 +13,14 @@ import filecmp
 import logging
 import os
 import shutil
+import tempfile
 
 import torch
 
-from competition.io import sha256
+from competition.io import replace_dir, sha256
 
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
+from .config import read_preset
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,37 @@ def average_state_dicts(states: list[dict], names: list[str]) -> dict:
     return out
 
 
+def _check_inputs(run_dirs: list[str], out_dir: str) -> None:
+    """Refuse before reading any weights: an --out that is one of the inputs (it would be
+    overwritten), an --out that is a run of another kind, an input without its config or tokenizer."""
+    out = os.path.realpath(out_dir)
+    for run in run_dirs:
+        if os.path.realpath(run) == out:
+            raise ValueError(f"--out {out_dir} is one of the runs being averaged: writing the soup there would "
+                             "overwrite its weights; choose a new directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not _is_soup(os.path.join(out_dir, "best.pt")):
+        raise ValueError(f"--out {out_dir} holds something that muge average did not write (a training run?); "
+                         "choose a new directory")
+    for run in run_dirs:
+        read_preset(os.path.join(run, "config.yaml"))  # a mapping, or a ConfigError naming the file
+        if not os.path.isfile(os.path.join(run, "tokenizer", "tokenizer.json")):
+            raise CheckpointError(f"{os.path.join(run, 'tokenizer')}: no tokenizer.json: {run} is not a run "
+                                  "directory")
+
+
+def _is_soup(path: str) -> bool:
+    try:
+        return "soup" in load_checkpoint(path)
+    except CheckpointError:
+        return False
+
+
 def average_runs(run_dirs: list[str], out_dir: str, checkpoint: str = "best", data_dir: str | None = None) -> dict:
-    """Write the soup of `run_dirs` to `out_dir`; returns its best.pt metadata (with valid metrics
-    when `data_dir` is given)."""
+    """Write the soup of `run_dirs` to `out_dir` (built beside it, renamed into place when
+    complete); returns its best.pt metadata (with valid metrics when `data_dir` is given)."""
     if len(run_dirs) < 2:
         raise ValueError("muge average needs two or more runs")
+    _check_inputs(run_dirs, out_dir)
     paths = [checkpoint_path(r, checkpoint) for r in run_dirs]
     ckpts = [load_checkpoint(p) for p in paths]
     for path, ckpt, run in zip(paths[1:], ckpts[1:], run_dirs[1:]):
@@ -74,13 +102,18 @@ def average_runs(run_dirs: list[str], out_dir: str, checkpoint: str = "best", da
         log.info("%s: epoch %s, valid MR %s", path, c.get("epoch"), f"{mr:.2f}" if mr is not None else "n/a")
     if data_dir:
         soup["metrics"] = score_soup(soup, run_dirs[0], data_dir).as_dict()
-    os.makedirs(out_dir, exist_ok=True)
-    tok = os.path.join(out_dir, "tokenizer")
-    if os.path.abspath(tok) != os.path.abspath(os.path.join(run_dirs[0], "tokenizer")):
-        shutil.rmtree(tok, ignore_errors=True)
-        shutil.copytree(os.path.join(run_dirs[0], "tokenizer"), tok)
-        shutil.copy2(os.path.join(run_dirs[0], "config.yaml"), os.path.join(out_dir, "config.yaml"))
-    save_checkpoint(os.path.join(out_dir, "best.pt"), soup)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(out_dir)) + ".", dir=parent)
+    try:
+        shutil.copytree(os.path.join(run_dirs[0], "tokenizer"), os.path.join(tmp, "tokenizer"))
+        shutil.copy2(os.path.join(run_dirs[0], "config.yaml"), os.path.join(tmp, "config.yaml"))
+        save_checkpoint(os.path.join(tmp, "best.pt"), soup)
+        os.chmod(tmp, 0o755)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return {k: v for k, v in soup.items() if k != "model"}
 
 
@@ -97,7 +130,7 @@ def score_soup(soup: dict, run_dir: str, data_dir: str):
     cfg = soup["config"]
     device = device_for(World())
     model = build_from_arch(soup["arch"])
-    model.load_state_dict(soup["model"])
+    model.load_state_dict(soup["model"])  # the runs' own weights, averaged: they fit
     model.to(device).eval()
     queries, tsv = split_files(data_dir, "valid")
     tokenizer = TextTokenizer(os.path.join(run_dir, "tokenizer"), cfg["data"]["max_text_length"])

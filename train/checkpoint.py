@@ -43,7 +43,41 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
                               f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or not {"model", "arch", "config"} <= ckpt.keys():
         raise CheckpointError(f"{path}: not a muge checkpoint (expected a dict with model, arch and config)")
+    for key in ("model", "arch", "config"):
+        if not isinstance(ckpt[key], dict):
+            raise CheckpointError(f"{path}: not a muge checkpoint: its {key!r} is a {type(ckpt[key]).__name__}, "
+                                  "not a mapping")
+    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt["model"].items()):
+        raise CheckpointError(f"{path}: not a muge checkpoint: its 'model' is not a state dict of named tensors")
     return ckpt
+
+
+def model_from_arch(arch: dict, path: str):
+    """The checkpoint's architecture, rebuilt offline with random weights (a CheckpointError when
+    the checkpoint's `arch` is not one this version can build)."""
+    from .model import build_from_arch
+
+    try:
+        return build_from_arch(arch)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its architecture record cannot be rebuilt ({type(exc).__name__}: "
+                              f"{str(exc)[:200]})") from None
+
+
+def load_weights(model, state: dict, path: str, hint: str = "") -> None:
+    """`model.load_state_dict(state)`, or a CheckpointError naming what does not fit (rather than
+    torch's page of size mismatches)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in state.items()}
+        missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+        shapes = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
+        found = [f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                 for kind, keys in (("missing", missing), ("unexpected", extra), ("of another shape", shapes))
+                 if keys]
+        raise CheckpointError(f"{path}: its weights do not fit the model: {'; '.join(found)} tensors{hint}") from None
 
 
 def rng_state() -> dict:

@@ -38,7 +38,7 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
         raise click.BadParameter(str(exc), param_hint="--config/--set") from None
     try:
         best = run(cfg, data_dir, out_dir, resume=bool(resume_dir))
-    except (MugeDataError, CheckpointError, DistributedSetupError, FileNotFoundError, ValueError) as exc:
+    except (MugeDataError, CheckpointError, DistributedSetupError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"best valid MR {best['mean_recall']:.2f}; checkpoint {os.path.join(out_dir, 'best.pt')}")
 
@@ -58,7 +58,7 @@ def average(run_dirs, out_dir, checkpoint, data_dir):
 
     try:
         soup = average_runs(list(run_dirs), out_dir, checkpoint=checkpoint, data_dir=data_dir)
-    except (CheckpointError, MugeDataError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, MugeDataError, ValueError, OSError) as exc:
         raise click.ClickException(f"{exc}; nothing written") from None
     scored = f"; valid MR {soup['metrics']['mean_recall']:.2f}" if "metrics" in soup else ""
     click.echo(f"averaged {len(run_dirs)} runs into {os.path.join(out_dir, 'best.pt')}{scored}")

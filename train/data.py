@@ -37,7 +37,7 @@ class PairDataset(Dataset):
         # Everything per pair or per query lives in numpy arrays, texts as one UTF-8 buffer:
         # forked workers share these pages, where lists of Python objects would be copied
         # page by page as their reference counts change (the "DataLoader memory leak").
-        encoded = [q.text.encode("utf-8") for q in queries]
+        encoded = [q.text.encode("utf-8", "surrogatepass") for q in queries]  # a lone surrogate is valid JSON
         self.text_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         self.text_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in encoded], out=self.text_offsets[1:])
@@ -60,7 +60,11 @@ class PairDataset(Dataset):
 
     def text(self, query: int) -> str:
         start, end = self.text_offsets[query], self.text_offsets[query + 1]
-        return self.text_bytes[start:end].tobytes().decode("utf-8")
+        return self.text_bytes[start:end].tobytes().decode("utf-8", "surrogatepass")
+
+    def texts(self, n: int) -> list[str]:
+        """The first `n` queries' texts."""
+        return [self.text(i) for i in range(min(n, len(self.text_offsets) - 1))]
 
     def __len__(self) -> int:
         return len(self.image_ids)

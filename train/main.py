@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from competition.layout import split_files
 from competition.preprocess import TextTokenizer
 
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .config import Config, data_seed, save_config, to_dict
 from .curves import plot_curves, write_history
 from .data import PairDataset, train_loader
@@ -34,7 +34,7 @@ from .optim import apply_freeze, create_optimizer
 from .precision import grad_scaler, resolve_precision
 from .scheduler import create_scheduler
 from .speed import compile_enabled, configure_backends, match_param_layout, optimize_model
-from .tokenizer import prepare_tokenizer
+from .tokenizer import check_tokenizer, prepare_tokenizer
 
 log = logging.getLogger(__name__)
 RESUME_KEYS = {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "history", "best"}
@@ -102,6 +102,7 @@ def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str
     # before the optimizer: its state takes the parameters' memory layout
     optimize_model(model.to(device), device, compiled and not defer_compile)
     dataset = PairDataset(train_queries, train_tsv, cfg)
+    check_tokenizer(tokenizer, model.text_vocab_rows, dataset.texts(2000), os.path.join(tokenizer_dir, "tokenizer"))
     loader = train_loader(dataset, tokenizer, cfg, world.rank, world.size, device,
                           pad_to=cfg.data.max_text_length if compiled else None)
     trainable = apply_freeze(model, cfg.train.freeze, 0)
@@ -161,7 +162,7 @@ def _run(cfg: Config, data_dir: str, out_dir: str, resume: bool, world: World) -
                       batch_size=cfg.eval.batch_size, workers=cfg.data.workers, device=tr.device)
     barrier()
     if ckpt is not None:
-        state = restore(tr, ckpt)
+        state = restore(tr, ckpt, os.path.join(out_dir, "last.pt"))
         if world.main:
             log.info("resuming %s after epoch %d (step %d)", out_dir, state.epoch, state.step)
     else:
@@ -197,10 +198,17 @@ def resumable_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def restore(tr: Training, ckpt: dict) -> RunState:
+def restore(tr: Training, ckpt: dict, path: str) -> RunState:
     """Load `last.pt`'s weights, optimizer, schedule, scaler, RNG and EMA into `tr`."""
-    tr.model.load_state_dict(ckpt["model"])
-    tr.optimizer.load_state_dict(ckpt["optimizer"])
+    saved, now = ckpt["config"].get("model", {}), to_dict(tr.cfg)["model"]
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    hint = f"; config.yaml's model section was edited since ({', '.join(changed)} differ)" if changed else ""
+    load_weights(tr.model, ckpt["model"], path, hint)
+    try:
+        tr.optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: its optimizer state does not fit the parameter groups config.yaml makes now "
+                              f"({exc}); the train section was edited since") from None
     match_param_layout(tr.optimizer)
     tr.scheduler.load_state_dict(ckpt["scheduler"])
     tr.scaler.load_state_dict(ckpt["scaler"])
@@ -208,7 +216,10 @@ def restore(tr: Training, ckpt: dict) -> RunState:
     if tr.ema is not None and "ema" in ckpt:
         tr.ema.load_state_dict(ckpt["ema"])
     elif tr.ema is not None and tr.world.main:
-        log.warning("the checkpoint holds no EMA of the weights: the average starts from the resumed weights")
+        log.warning("%s holds no EMA of the weights: the average starts from the resumed weights", path)
+    elif "ema" in ckpt and tr.world.main:
+        log.warning("%s holds an EMA of the weights, but config.yaml no longer sets train.ema: it is dropped from "
+                    "here on (set train.ema again to keep it)", path)
     return RunState(ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"])
 
 

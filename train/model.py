@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from competition.errors import first_of
+
 from .config import Head, ModelConfig, Pooling
 
 Layout = dict[str, tuple[str, int, int]]  # parameter name -> (group, layer id, top block id)
@@ -81,9 +83,37 @@ def projection_head(kind: str, in_dim: int, out_dim: int, dropout: float) -> nn.
                          nn.Linear(in_dim, out_dim))
 
 
-def _hf_kwargs(name: str) -> dict:
+class WeightsError(ValueError):
+    """Pretrained weights that cannot be loaded, or do not fill the architecture. Names the source."""
+
+
+def hf_kwargs(name: str) -> dict:
     # a local directory never touches the network
     return {"local_files_only": True} if os.path.isdir(name) else {}
+
+
+def load_pretrained(cls, name: str, what: str, **kwargs):
+    """`cls.from_pretrained(name)`, refusing weights that do not fill the architecture exactly: a
+    missing or mis-shaped tensor would be left at its random start, and an unexpected one means
+    the weights belong to another model. (A BERT pooler, which no encoder here uses, may be left.)"""
+    if os.path.isfile(name):
+        raise WeightsError(f"{name}: a file; {what} weights are a hub name or a directory (config.json beside "
+                           "model.safetensors or pytorch_model.bin)")
+    try:
+        model, info = cls.from_pretrained(name, output_loading_info=True, **hf_kwargs(name), **kwargs)
+    except Exception as exc:  # OSError (not found, no network), safetensors / pickle / JSON errors, size mismatches
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise WeightsError(f"{name}: cannot load {what} weights ({type(exc).__name__}: {reason})") from None
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not k.split(".", 1)[-1].startswith("pooler.")
+                        and not k.startswith("pooler."))
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    problems = [f"{len(keys)} {kind} ({first_of(keys, 4)})" for kind, keys in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)) if keys]
+    if problems:
+        raise WeightsError(f"{name}: these weights do not fit a {what} model: {'; '.join(problems)} tensors. They "
+                           "are another architecture's; refused rather than trained from a partly random start")
+    return model
 
 
 _LAYER = re.compile(r"\.layers?\.(\d+)\.")
@@ -126,6 +156,11 @@ class RetrievalModel(nn.Module):
     def to_arch(self) -> dict:
         return {"family": self.family, **self.arch}
 
+    @property
+    def text_vocab_rows(self) -> int:
+        """Rows of the text tower's token embedding: the ids a tokenizer may emit."""
+        return self.text_tower.get_input_embeddings().num_embeddings
+
 
 class DualEncoder(RetrievalModel):
     family = "dual"
@@ -152,7 +187,7 @@ class DualEncoder(RetrievalModel):
 
         text_cfg, image_cfg = cfg.text, cfg.image
         if text_cfg.name:
-            text = AutoModel.from_pretrained(text_cfg.name, add_pooling_layer=False, **_hf_kwargs(text_cfg.name))
+            text = load_pretrained(AutoModel, text_cfg.name, "text tower", add_pooling_layer=False)
         else:
             conf = dict(text_cfg.config)
             if vocab_size:
@@ -179,6 +214,10 @@ class DualEncoder(RetrievalModel):
         text = AutoModel.from_config(AutoConfig.for_model(arch["text_model_type"], **conf), add_pooling_layer=False)
         image = timm.create_model(arch["image_name"], pretrained=False, num_classes=0, **arch["image_kwargs"])
         return cls(text, image, {k: v for k, v in arch.items() if k != "family"})
+
+    @property
+    def text_tower(self):
+        return self.text
 
     def encode_text(self, input_ids, attention_mask):
         hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -223,6 +262,10 @@ class ChineseCLIPEncoder(RetrievalModel):
     def logit_scale(self):
         return self.clip.logit_scale
 
+    @property
+    def text_tower(self):
+        return self.clip.text_model
+
     @staticmethod
     def tokenizer_source(cfg: ModelConfig) -> str | None:
         return cfg.name
@@ -232,7 +275,7 @@ class ChineseCLIPEncoder(RetrievalModel):
         from transformers import ChineseCLIPConfig, ChineseCLIPModel
 
         if cfg.name:
-            clip = ChineseCLIPModel.from_pretrained(cfg.name, **_hf_kwargs(cfg.name))
+            clip = load_pretrained(ChineseCLIPModel, cfg.name, "Chinese-CLIP")
         else:
             conf = dict(cfg.config)
             if vocab_size:

@@ -5,13 +5,40 @@ character vocabulary built from the training queries.
 """
 from __future__ import annotations
 
+import logging
 import os
 import unicodedata
 
 from competition.preprocess import TextTokenizer, normalize_text
 from competition.queries import iter_queries
 
+log = logging.getLogger(__name__)
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+UNKNOWN_REFUSED, UNKNOWN_WARNED = 0.5, 0.05  # shares of [UNK] tokens in the queries checked
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that does not fit the text tower it feeds."""
+
+
+def check_tokenizer(tokenizer: TextTokenizer, vocab_rows: int, texts: list[str], where: str) -> float:
+    """Refuse a tokenizer that emits ids beyond the text tower's embedding, or that knows so few of
+    the queries' characters that most become [UNK] (above `UNKNOWN_REFUSED`; a warning above
+    `UNKNOWN_WARNED`): such a model sees the same token for every query and ranks nothing.
+    Returns the unknown share."""
+    if tokenizer.max_id >= vocab_rows:
+        raise TokenizerError(f"{where}: the tokenizer emits ids up to {tokenizer.max_id}, but the text tower's "
+                             f"embedding has {vocab_rows} rows: it is not this model's tokenizer")
+    share = tokenizer.unknown_share(texts)
+    if share > UNKNOWN_REFUSED:
+        raise TokenizerError(f"{where}: {share:.0%} of the tokens of {len(texts)} queries are [UNK] (over "
+                             f"{UNKNOWN_REFUSED:.0%}): the tokenizer does not know their characters; give the "
+                             "model's own tokenizer")
+    if share > UNKNOWN_WARNED:
+        log.warning("%s: %.1f%% of the tokens of %d queries are [UNK] (over %.0f%%): the tokenizer knows few of "
+                    "their characters", where, 100 * share, len(texts), 100 * UNKNOWN_WARNED)
+    return share
+
 
 
 def _is_cjk(ch: str) -> bool:

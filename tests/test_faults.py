@@ -1,0 +1,70 @@
+"""Faults a machine throws at predict: two processes sharing one cache, and a full disk."""
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+from conftest import accepted, muge, refused
+
+MUGE = [sys.executable, "-c", "from muge_cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def big_split(small_sample, tmp_path_factory):
+    """The sample's test images repeated to 2,000 lines under new ids: a gallery that takes a
+    few seconds, so that two processes overlap on it."""
+    from bench.gpu import write_repeated_split
+
+    return write_repeated_split(str(small_sample), str(tmp_path_factory.mktemp("big")), 2000, 200)
+
+
+@pytest.mark.slow
+def test_two_predicts_share_one_cache_dir(tiny_bundle, big_split, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    runs = [subprocess.Popen(MUGE + ["predict", "--bundle", tiny_bundle, "--data", big_split, "--split", "test",
+                                     "--out", str(tmp_path / f"sub{i}.jsonl"), "--cache-dir", str(tmp_path / "cache"),
+                                     "--workers", "1", "--batch-size", "32"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    logs = [run.communicate(timeout=300) for run in runs]
+    for run, (_, err) in zip(runs, logs):
+        assert run.returncode == 0, err[-3000:]
+    assert (tmp_path / "sub0.jsonl").read_bytes() == (tmp_path / "sub1.jsonl").read_bytes()
+    embedded = sum(err.count("embedded 2000 images") for _, err in logs)
+    assert embedded == 1, [err[-1500:] for _, err in logs]  # one embeds, the other waits and reuses its work
+    leftovers = [n for _, _, files in os.walk(tmp_path / "cache") for n in files if n.startswith(("chunk-", "."))
+                 and n != ".lock"]
+    assert leftovers == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 160 KiB tmpfs, where the machine lets this process mount one (root with CAP_SYS_ADMIN)."""
+    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or 'mount failed'}): the disk-full test "
+                    "needs root with CAP_SYS_ADMIN")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_gets_a_clear_error_and_a_rerun_with_room_is_right(tiny_bundle, big_split, tmp_path, tiny_disk):
+    """The cache (2,000 x 32 float32 = 250 KiB of embeddings) does not fit in 160 KiB: a clear error
+    naming the file, nothing half-written left; a rerun with room gives the single-run answer."""
+    args = ["predict", "--bundle", tiny_bundle, "--data", big_split, "--split", "test", "--workers", "0"]
+    refused(muge(*args, "--cache-dir", tiny_disk / "cache", "--out", tmp_path / "sub.jsonl"),
+            "No space left on device", str(tiny_disk / "cache"))
+    assert not (tmp_path / "sub.jsonl").exists()
+    left = [n for _, _, files in os.walk(tiny_disk) for n in files if n.endswith(".tmp")]
+    assert left == []
+    accepted(muge(*args, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "sub.jsonl"))
+    accepted(muge(*args, "--cache-dir", tmp_path / "fresh", "--out", tmp_path / "again.jsonl"))
+    assert (tmp_path / "sub.jsonl").read_bytes() == (tmp_path / "again.jsonl").read_bytes()
+    # the submission itself on a full disk: refused, naming it; nothing partial
+    (tiny_disk / "filler").write_bytes(b"\0" * (150 << 10))
+    refused(muge(*args, "--cache-dir", tmp_path / "cache", "--out", tiny_disk / "sub.jsonl"),
+            f"cannot write {tiny_disk / 'sub.jsonl'}", "No space left on device")
+    assert sorted(os.listdir(tiny_disk)) == ["cache", "filler"]
