@@ -23,10 +23,13 @@ help:
 # -- install -----------------------------------------------------------------------------------
 # Re-runs only when setup.cfg / pyproject.toml change. torch and torchvision are pinned as a
 # matching pair in setup.cfg; onnxruntime-gpu (never beside onnxruntime) runs on CPU as well.
+# cn-clip (Chinese-CLIP's code: its vocabulary, and the tests' reference) comes without its
+# dependencies, which pin an lmdb this project does not use.
 setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "cn-clip==1.6.0"
 	touch $@
 
 # -- data --------------------------------------------------------------------------------------

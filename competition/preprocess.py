@@ -2,7 +2,8 @@
 
 Images: decode (see `images.decode_image`) then `resize_image` to uint8 HWC on the host; the
 cast, scaling and mean/std live inside the model (and so inside the exported ONNX graph).
-Text: `normalize_text` then the run's own `tokenizer.json`, loaded by `TextTokenizer`.
+Text: the run's normalization (`TEXT_NORMALIZATIONS`, recorded in the run's config and the
+bundle's manifest) then the run's own `tokenizer.json`, loaded by `TextTokenizer`.
 Both `train` and `predict` import these; neither has its own copy.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 RESIZE_RULES = ("squash", "shorter-crop")
-TEXT_NORMALIZATION = "nfkc+collapse-whitespace"
+TEXT_NORMALIZATION = "nfkc+collapse-whitespace"  # the default
 _SPACES = re.compile(r"\s+")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -53,14 +54,29 @@ def normalize_text(text: str) -> str:
     return _SPACES.sub(" ", unicodedata.normalize("NFKC", _SURROGATES.sub("\ufffd", text))).strip()
 
 
+def cn_clip_text(text: str) -> str:
+    """Chinese-CLIP's own `_preprocess_text` (cn_clip/training/data.py, cn_clip/eval/data.py):
+    lower-case, curly double quotes made straight; nothing else before its BERT tokenizer. A lone
+    surrogate becomes U+FFFD, which that tokenizer drops."""
+    return _SURROGATES.sub("\ufffd", text).lower().replace("\u201c", '"').replace("\u201d", '"')
+
+
+# name (as configs and manifests record it) -> the function applied before the tokenizer
+TEXT_NORMALIZATIONS = {TEXT_NORMALIZATION: normalize_text, "cn-clip": cn_clip_text}
+
+
 class TextTokenizer:
     """A run's `tokenizer.json` (Hugging Face `tokenizers` format), padded to the batch's longest."""
 
     FILE = "tokenizer.json"
 
-    def __init__(self, path, max_length: int):
+    def __init__(self, path, max_length: int, normalization: str = TEXT_NORMALIZATION):
         from tokenizers import Tokenizer
 
+        if normalization not in TEXT_NORMALIZATIONS:
+            raise ValueError(f"unknown text normalization {normalization!r}; expected one of "
+                             f"{', '.join(TEXT_NORMALIZATIONS)}")
+        self.normalization, self.normalize = normalization, TEXT_NORMALIZATIONS[normalization]
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, self.FILE)
@@ -88,13 +104,13 @@ class TextTokenizer:
         """The share of the texts' tokens (specials aside) that the vocabulary does not know."""
         specials = {i for i in map(self.tok.token_to_id, ("[CLS]", "[SEP]", "<s>", "</s>", "[PAD]", "<pad>"))
                     if i is not None}
-        ids = [i for e in self.tok.encode_batch([normalize_text(t) for t in texts]) for i in e.ids if i not in specials]
+        ids = [i for e in self.tok.encode_batch([self.normalize(t) for t in texts]) for i in e.ids if i not in specials]
         return sum(i == self.unk_id for i in ids) / len(ids) if ids and self.unk_id is not None else 0.0
 
     def __call__(self, texts, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """texts -> (input_ids, attention_mask), int64 [batch, longest <= max_length], or
         [batch, pad_to] for a fixed shape (a compiled training step)."""
-        encs = self.tok.encode_batch([normalize_text(t) for t in texts])
+        encs = self.tok.encode_batch([self.normalize(t) for t in texts])
         length = max(1, pad_to or 0, max(len(e.ids) for e in encs))
         ids = np.full((len(encs), length), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encs), length), dtype=np.int64)

@@ -55,7 +55,8 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
     size, max_len = cfg["data"]["image_size"], cfg["data"]["max_text_length"]
     queries_path, tsv_path = split_files(data_dir, "valid")
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
-    check_tokenizer(TextTokenizer(tokenizer_dir, max_len), model.text_vocab_rows,
+    normalization = cfg["data"].get("text_normalization", TEXT_NORMALIZATION)  # runs from before it was a setting
+    check_tokenizer(TextTokenizer(tokenizer_dir, max_len, normalization), model.text_vocab_rows,
                     [q.text for q in read_queries(queries_path)[:2000]], tokenizer_dir)
     plans = prepare_fusion(model, ckpt["arch"], fused)
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -86,7 +87,7 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
         manifest = {
             "format": FORMAT, "family": ckpt["arch"]["family"], "embed_dim": embed_dim,
             "image_size": size, "resize_rule": cfg["data"]["resize_rule"], "image_input": "uint8 NHWC, resized",
-            "max_text_length": max_len, "text_normalization": TEXT_NORMALIZATION, "logit_scale": logit_scale,
+            "max_text_length": max_len, "text_normalization": normalization, "logit_scale": logit_scale,
             "opset": opset,
             "exporter": exporter, "graph_exports": exports, "fusion": fusion,
             **_source(ckpt, ckpt_path),
@@ -109,7 +110,7 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
     return manifest
 
 
-def export_pretrained(name: str, out_dir: str, data_dir: str, **export_options) -> dict:
+def export_pretrained(name: str, out_dir: str, data_dir: str, tokenizer: str | None = None, **export_options) -> dict:
     """`muge export --pretrained`: stage `name` as a run directory beside `out_dir`
     (`train.pretrained`), export it with `export_bundle` (same gate), and remove the stand-in run
     whatever happens."""
@@ -119,7 +120,7 @@ def export_pretrained(name: str, out_dir: str, data_dir: str, **export_options) 
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".pretrained-", dir=parent)
     try:
-        pretrained_run(name, staging)
+        pretrained_run(name, staging, tokenizer)
         return export_bundle(staging, out_dir, data_dir, checkpoint="best", **export_options)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -9,8 +9,11 @@ import click
 
 @click.command()
 @click.argument("run_dir", required=False, type=click.Path(exists=True, file_okay=False))
-@click.option("--pretrained", metavar="NAME_OR_DIR", help="Zero-shot: export Chinese-CLIP weights (hub name, e.g. "
-              "OFA-Sys/chinese-clip-vit-base-patch16, or a local directory) instead of a run.")
+@click.option("--pretrained", metavar="NAME_DIR_OR_PT", help="Zero-shot: export Chinese-CLIP weights instead of a run: "
+              "a hub name (OFA-Sys/chinese-clip-vit-base-patch16, TencentARC/QA-CLIP-ViT-B-16), a transformers "
+              "directory, or a cn_clip checkpoint file (clip_cn_vit-b-16.pt, epoch_latest.pt).")
+@click.option("--tokenizer", metavar="DIR_OR_NAME", help="With --pretrained: the tokenizer (default: the weights' own; "
+              "for a cn_clip .pt file, the installed cn_clip package's vocabulary).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
 @click.option("--data", "data_dir", default="data/sample", show_default=True,
               help="MUGE directory whose valid split feeds the parity gate.")
@@ -27,13 +30,12 @@ import click
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="Export transformer towers for ORT's fusion (TorchScript exporter, eager attention) and fuse them.")
 @click.option("--int8", is_flag=True, help="Also write gated int8 graphs for CPU predict (--precision int8).")
-def export(run_dir, pretrained, out_dir, data_dir, checkpoint, opset, exporter, parity_queries, parity_gallery,
-           parity_batch, device, fuse, int8):
+def export(run_dir, pretrained, tokenizer, out_dir, data_dir, checkpoint, opset, exporter, parity_queries,
+           parity_gallery, parity_batch, device, fuse, int8):
     """Export RUN_DIR's checkpoint (or --pretrained weights) to an ONNX bundle (fp32 + fp16) behind a parity gate."""
     from competition import MugeDataError
-    from train.checkpoint import CheckpointError
+    from train.checkpoint import CheckpointError, WeightsError
     from train.config import ConfigError
-    from train.model import WeightsError
     from train.tokenizer import TokenizerError
 
     from .bundle import export_bundle, export_pretrained
@@ -43,12 +45,14 @@ def export(run_dir, pretrained, out_dir, data_dir, checkpoint, opset, exporter, 
     # cannot be caught: the next export removes what it leaves)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if bool(run_dir) == bool(pretrained):
-        raise click.UsageError("give a RUN_DIR or --pretrained NAME_OR_DIR (one of them)")
+        raise click.UsageError("give a RUN_DIR or --pretrained NAME_DIR_OR_PT (one of them)")
+    if tokenizer and not pretrained:
+        raise click.UsageError("--tokenizer goes with --pretrained (a run brings its own tokenizer)")
     options = dict(opset=opset, exporter=exporter, device=device, fused=fuse, int8=int8,
                    settings=ParitySettings(parity_queries, parity_gallery, parity_batch))
     try:
         if pretrained:
-            export_pretrained(pretrained, out_dir, data_dir, **options)
+            export_pretrained(pretrained, out_dir, data_dir, tokenizer=tokenizer, **options)
         else:
             export_bundle(run_dir, out_dir, data_dir, checkpoint=checkpoint, **options)
     except ParityError as exc:

@@ -40,11 +40,12 @@ class ImageGraph(nn.Module):
 
 def load_run_model(run_dir: str, checkpoint: str = "best"):
     """(model in eval mode, checkpoint dict, checkpoint path) rebuilt offline from the run."""
-    from train.checkpoint import checkpoint_path, load_checkpoint, load_weights, model_from_arch
+    from train.checkpoint import checkpoint_path, load_checkpoint, load_weights
+    from train.model import build_from_arch
 
     path = checkpoint_path(run_dir, checkpoint)
     ckpt = load_checkpoint(path)
-    model = model_from_arch(ckpt["arch"], path)
+    model = build_from_arch(ckpt["arch"], path)
     load_weights(model, ckpt["model"], path)
     return model.eval(), ckpt, path
 

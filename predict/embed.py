@@ -84,8 +84,9 @@ TTA = ("hflip",)
 def _cache_dir(cache_root: str, encoders: BundleEncoders, input_path: str, kind: str, *settings) -> str:
     """Keyed by the graphs really loaded (verified against the manifest), the preprocessing, and
     every setting that changes the result (`--skip-bad-images` and `--tta` for the gallery)."""
-    key = hashlib.sha256(json.dumps([encoders.graph_hashes, encoders.image_size, encoders.resize_rule,
-                                     encoders.tokenizer.max_length, *settings]).encode()).hexdigest()[:16]
+    text = [encoders.tokenizer.max_length] + ([encoders.tokenizer.normalization] if kind != "gallery" else [])
+    key = hashlib.sha256(json.dumps([encoders.graph_hashes, encoders.image_size, encoders.resize_rule, *text,
+                                     *settings]).encode()).hexdigest()[:16]
     return os.path.join(cache_root, key, f"{kind}-{file_fingerprint(input_path)}")
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from competition.io import atomic_write_text, sha256
-from competition.preprocess import TextTokenizer
+from competition.preprocess import TEXT_NORMALIZATION, TextTokenizer
 from competition.topk import NonFiniteError, first_nonfinite_row
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,8 @@ class BundleEncoders:
             self.image_size = int(self.manifest["image_size"])
             self.resize_rule = str(self.manifest["resize_rule"])
             self.dim = int(self.manifest["embed_dim"])
-            self.tokenizer = TextTokenizer(tokenizer_dir, int(self.manifest["max_text_length"]))
+            self.tokenizer = TextTokenizer(tokenizer_dir, int(self.manifest["max_text_length"]),
+                                           self.manifest.get("text_normalization", TEXT_NORMALIZATION))
         except (TypeError, ValueError) as exc:
             raise BundleError(f"{os.path.join(bundle_dir, MANIFEST)}: bad value ({exc})") from None
         except Exception as exc:  # the tokenizers library raises its own exception type

@@ -338,7 +338,8 @@ def test_damaged_pretrained_weights_get_one_clear_error(small_sample, tmp_path, 
     refused(_pretrained_export(weights, small_sample, tmp_path / "b"), str(weights), message, "no bundle written")
     assert not (tmp_path / "b").exists() and not (weights / "pwned").exists()
     _nothing_staged(tmp_path)
-    refused(_pretrained_export(weights / "config.json", small_sample, tmp_path / "b"), "config.json: a file")
+    refused(_pretrained_export(weights / "config.json", small_sample, tmp_path / "b"),
+            "config.json: not a Chinese-CLIP checkpoint file")
 
 
 def test_a_tokenizer_that_does_not_fit_the_text_tower_is_refused(small_sample, tmp_path):

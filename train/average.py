@@ -120,7 +120,7 @@ def average_runs(run_dirs: list[str], out_dir: str, checkpoint: str = "best", da
 def score_soup(soup: dict, run_dir: str, data_dir: str):
     """The soup's valid Score, evaluated like the training loop does."""
     from competition.layout import split_files
-    from competition.preprocess import TextTokenizer
+    from competition.preprocess import TEXT_NORMALIZATION, TextTokenizer
 
     from .distributed import World, device_for
     from .evaluate import evaluate
@@ -133,7 +133,8 @@ def score_soup(soup: dict, run_dir: str, data_dir: str):
     model.load_state_dict(soup["model"])  # the runs' own weights, averaged: they fit
     model.to(device).eval()
     queries, tsv = split_files(data_dir, "valid")
-    tokenizer = TextTokenizer(os.path.join(run_dir, "tokenizer"), cfg["data"]["max_text_length"])
+    tokenizer = TextTokenizer(os.path.join(run_dir, "tokenizer"), cfg["data"]["max_text_length"],
+                              cfg["data"].get("text_normalization", TEXT_NORMALIZATION))
     with torch.no_grad():
         return evaluate(model, tokenizer, queries, tsv, size=cfg["data"]["image_size"],
                         rule=cfg["data"]["resize_rule"], batch_size=cfg["eval"]["batch_size"],

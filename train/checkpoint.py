@@ -19,6 +19,10 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not one of ours. The message names the file."""
 
 
+class WeightsError(ValueError):
+    """Pretrained weights that cannot be loaded, or do not fill the architecture. Names the source."""
+
+
 def checkpoint_path(run_dir: str, checkpoint: str = "best") -> str:
     """`checkpoint` as a file: a path as it is, or `best` | `last` inside `run_dir`."""
     return checkpoint if os.path.isfile(checkpoint) else os.path.join(run_dir, f"{checkpoint}.pt")
@@ -50,18 +54,6 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt["model"].items()):
         raise CheckpointError(f"{path}: not a muge checkpoint: its 'model' is not a state dict of named tensors")
     return ckpt
-
-
-def model_from_arch(arch: dict, path: str):
-    """The checkpoint's architecture, rebuilt offline with random weights (a CheckpointError when
-    the checkpoint's `arch` is not one this version can build)."""
-    from .model import build_from_arch
-
-    try:
-        return build_from_arch(arch)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: its architecture record cannot be rebuilt ({type(exc).__name__}: "
-                              f"{str(exc)[:200]})") from None
 
 
 def load_weights(model, state: dict, path: str, hint: str = "") -> None:

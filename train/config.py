@@ -16,13 +16,14 @@ from typing import Any, Literal
 
 import yaml
 
-from competition.preprocess import RESIZE_RULES
+from competition.preprocess import RESIZE_RULES, TEXT_NORMALIZATIONS
 
 Family = Literal["dual", "chinese-clip"]
 Pooling = Literal["cls", "mean", "mean_max", "attentive"]
 Head = Literal["linear", "mlp"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ResizeRule = Literal[RESIZE_RULES]  # competition.preprocess owns the rules: predict resizes with them too
+TextNormalization = Literal[tuple(TEXT_NORMALIZATIONS)]  # likewise: predict reads it from the manifest
 
 
 @dataclass
@@ -65,6 +66,9 @@ class Augment:
     blur: float = 0.0
     word_dropout: float = 0.0
     random_swap: float = 0.0
+    # a timm AutoAugment policy ("original": Chinese-CLIP's --use-augment): timm's training transform
+    # (random_resized_crop's scales, hflip, the policy, bicubic) replaces the crop/jitter/blur path
+    auto_augment: str | None = None
 
 
 @dataclass
@@ -72,6 +76,7 @@ class DataConfig:
     image_size: int = 224
     resize_rule: ResizeRule = "squash"  # see competition.preprocess
     max_text_length: int = 52
+    text_normalization: TextNormalization = "nfkc+collapse-whitespace"  # cn-clip: Chinese-CLIP's own
     workers: int = 4
     augment: Augment = field(default_factory=Augment)
     skip_bad_images: bool = False
@@ -113,6 +118,7 @@ class TrainConfig:
     precision: Precision = "auto"      # auto: bf16 (or fp16) on CUDA, fp32 on CPU
     compile: bool | None = None        # torch.compile the model; None: on for CUDA, off on CPU
     ema: float | None = None           # decay of an EMA of the weights (e.g. 0.999): scored each epoch, may be best.pt
+    tensorboard: bool = False          # event files in RUN/tensorboard/ (needs the tensorboard package)
     seed: int = 0                      # the random start (weights not loaded) and, unless data_seed, the data
     data_seed: int | None = None       # data order, augmentation, dropout (soup runs: one seed, several data_seeds)
     log_every: int = 10
@@ -275,6 +281,15 @@ def validate_values(cfg: Config) -> Config:
                        ("data.workers", data.workers)):
         if value is not None and value < 0:
             raise ConfigError(f"{key}={value!r}; expected an integer >= 0")
+    aug = data.augment
+    if aug.auto_augment is not None:
+        if not aug.random_resized_crop:
+            raise ConfigError("data.augment.auto_augment needs data.augment.random_resized_crop (its crop's scale "
+                              "range, e.g. [0.9, 1.0] as Chinese-CLIP)")
+        for key in ("color_jitter", "grayscale", "blur"):
+            if getattr(aug, key):
+                raise ConfigError(f"data.augment.{key}={getattr(aug, key)} with data.augment.auto_augment: timm's "
+                                  "transform takes no other colour augmentation; set it to 0")
     if train.ema is not None and not 0 < train.ema < 1:
         raise ConfigError(f"train.ema={train.ema!r}; expected a decay in (0, 1), e.g. 0.999, or null")
     if train.grad_cache_chunk is not None and (train.grad_cache_chunk < 1 or train.batch_size % train.grad_cache_chunk):

@@ -57,9 +57,10 @@ def train_step(tr, model, batch: dict, *, group: int = 1, boundary: bool = True)
 
 
 def train_one_epoch(tr, model, epoch: int, step: int, *, max_batches: int | None = None,
-                    warmup: int = 3) -> EpochStats:
+                    warmup: int = 3, tracker=None) -> EpochStats:
     """One pass over `tr.loader` (or its first `max_batches`), updating the EMA after each
-    optimizer step. The host waits for the device only at log intervals and at the `warmup` mark."""
+    optimizer step. The host waits for the device only at log intervals and at the `warmup` mark,
+    where `tracker` (`train.tracking.Tracker`) also records the step's figures."""
     train_cfg, loader, world, device = tr.cfg.train, tr.loader, tr.world, tr.device
     model.train()
     n = len(loader) if max_batches is None else min(max_batches, len(loader))
@@ -87,10 +88,12 @@ def train_one_epoch(tr, model, epoch: int, step: int, *, max_batches: int | None
             synchronize(device)
             first_batch_s = time.perf_counter() - start
         if world.main and (i % train_cfg.log_every == 0 or i == n - 1):
-            scale = unwrap(model).logit_scale.exp().item()
-            bar.set_postfix(loss=f"{total.item() / count:.4f}", lr=f"{tr.optimizer.param_groups[0]['lr']:.2e}",
-                            temp=f"{1 / scale:.4f}", samples_per_s=f"{seen / (time.perf_counter() - start):.1f}",
-                            refresh=False)
+            scale, loss = unwrap(model).logit_scale.exp().item(), total.item() / count
+            rate = seen / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{tr.optimizer.param_groups[0]['lr']:.2e}",
+                            temp=f"{1 / scale:.4f}", samples_per_s=f"{rate:.1f}", refresh=False)
+            if tracker is not None:
+                tracker.step(step, loss=loss, optimizer=tr.optimizer, logit_scale=scale, samples_per_s=rate)
         if i + 1 == n:  # `max_batches`: stop without fetching another batch
             break
     synchronize(device)

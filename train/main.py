@@ -21,7 +21,7 @@ from competition.layout import split_files
 from competition.preprocess import TextTokenizer
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
-from .config import Config, data_seed, save_config, to_dict
+from .config import Config, ConfigError, data_seed, save_config, to_dict
 from .curves import plot_curves, write_history
 from .data import PairDataset, train_loader
 from .distributed import World, barrier, cleanup, device_for, init_distributed
@@ -35,6 +35,7 @@ from .precision import grad_scaler, resolve_precision
 from .scheduler import create_scheduler
 from .speed import compile_enabled, configure_backends, match_param_layout, optimize_model
 from .tokenizer import check_tokenizer, prepare_tokenizer
+from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 RESUME_KEYS = {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "history", "best"}
@@ -93,12 +94,16 @@ def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str
 
     def tokenizer_now():
         return prepare_tokenizer(cfg.model.text.tokenizer, source, train_queries, tokenizer_dir,
-                                 cfg.data.max_text_length)
+                                 cfg.data.max_text_length, cfg.data.text_normalization)
 
     tokenizer = tokenizer_now() if world.main else None
     barrier()  # rank 0 wrote it; the others read it
     tokenizer = tokenizer or tokenizer_now()
     model, arch = create_model(cfg.model, tokenizer.vocab_size)
+    own_size = getattr(model, "image_size", None)  # a ViT's is fixed by its position embedding
+    if own_size is not None and own_size != cfg.data.image_size:
+        raise ConfigError(f"data.image_size={cfg.data.image_size}, but the model's vision tower takes {own_size} px "
+                          f"images ({cfg.model.name or 'model.config'}): set data.image_size={own_size}")
     # before the optimizer: its state takes the parameters' memory layout
     optimize_model(model.to(device), device, compiled and not defer_compile)
     dataset = PairDataset(train_queries, train_tsv, cfg)
@@ -174,21 +179,34 @@ def _run(cfg: Config, data_dir: str, out_dir: str, resume: bool, world: World) -
                  cfg.model.family, sum(p.numel() for p in tr.model.parameters()) / 1e6, tr.precision,
                  ", compiled" if tr.compiled else "", tr.device.type, world.size, len(tr.dataset), tr.steps_per_epoch,
                  cfg.train.epochs)
+    tracker = Tracker(out_dir if cfg.train.tensorboard and world.main else None)
     if not resume and cfg.eval.untrained and world.main:
         record = score_epoch(tr, valid_files, epoch=0, step=0, train_loss=None, samples_per_s=None)
         state.history.append(record)
+        tracker.epoch(record)
         log.info("untrained model: MR %.2f", record["mean_recall"])
+        if starts_pretrained(cfg):  # a fine-tune never ends worse than where it started
+            save_best(tr, state, {**record, "weights": "start"}, out_dir)
     barrier()
-    train_epochs(tr, state, valid_files, out_dir)
+    try:
+        train_epochs(tr, state, valid_files, out_dir, tracker)
+    finally:
+        tracker.close()
     if world.main:
         untrained = next((h for h in state.history if h["epoch"] == 0), None)
-        msg = f"best valid MR {state.best['mean_recall']:.2f} at epoch {state.best.get('epoch')}"
-        if state.best.get("weights") == "ema":
-            msg += " (the EMA of the weights)"
+        held = {"ema": "the EMA of the weights", "start": "the pretrained start, untrained"}.get(
+            state.best.get("weights"), "the trained weights")
+        msg = f"best valid MR {state.best['mean_recall']:.2f} at epoch {state.best.get('epoch')}: best.pt holds {held}"
         if untrained:
             msg += f" (untrained MR {untrained['mean_recall']:.2f})"
         log.info("%s; run in %s", msg, out_dir)
     return state.best
+
+
+def starts_pretrained(cfg: Config) -> bool:
+    """Whether training starts from pretrained weights (any tower), rather than a random start."""
+    m = cfg.model
+    return bool(m.name if m.family == "chinese-clip" else m.text.name or m.image.pretrained or m.image.checkpoint)
 
 
 def resumable_checkpoint(path: str) -> dict:
@@ -249,7 +267,7 @@ def best_candidate(record: dict) -> dict:
     return record
 
 
-def train_epochs(tr: Training, state: RunState, valid_files, out_dir: str) -> None:
+def train_epochs(tr: Training, state: RunState, valid_files, out_dir: str, tracker: Tracker) -> None:
     """The epochs from `state.epoch` on: train, score valid, keep best.pt and last.pt."""
     cfg, world = tr.cfg, tr.world
     ddp, trainable = None, tr.trainable
@@ -261,7 +279,7 @@ def train_epochs(tr: Training, state: RunState, valid_files, out_dir: str) -> No
         tr.loader.sampler.set_epoch(epoch)
         if tr.compiled and epoch == state.epoch and world.main:
             log.info("the first batch compiles the model (torch.compile): a minute or more, once")
-        stats = train_one_epoch(tr, ddp, epoch, state.step)
+        stats = train_one_epoch(tr, ddp, epoch, state.step, tracker=tracker)
         state.epoch, state.step = epoch + 1, stats.step
         if world.main:
             if state.epoch % cfg.eval.every_epochs == 0 or state.epoch == cfg.train.epochs:
@@ -271,18 +289,25 @@ def train_epochs(tr: Training, state: RunState, valid_files, out_dir: str) -> No
                 record = {"epoch": state.epoch, "step": state.step, "train_loss": stats.loss,
                           "samples_per_s": stats.steady_samples_per_s}
             state.history.append(record)
+            tracker.epoch(record)
             save_epoch(tr, state, best_candidate(record), out_dir)
         barrier()
+
+
+def save_best(tr: Training, state: RunState, candidate: dict, out_dir: str) -> None:
+    """best.pt, when `candidate` (an epoch's scores, `weights` saying which) beats the best so far."""
+    if candidate.get("mean_recall", -1) > state.best["mean_recall"]:
+        state.best = candidate
+        with tr.ema.applied(tr.model) if candidate.get("weights") == "ema" else contextlib.nullcontext():
+            save_checkpoint(os.path.join(out_dir, "best.pt"), {"model": tr.model.state_dict(), "arch": tr.arch,
+                                                               "config": to_dict(tr.cfg), "epoch": state.epoch,
+                                                               "metrics": candidate})
 
 
 def save_epoch(tr: Training, state: RunState, candidate: dict, out_dir: str) -> None:
     """best.pt when `candidate` beats the best so far, then last.pt, metrics.jsonl, curves.png."""
     common = {"arch": tr.arch, "config": to_dict(tr.cfg), "epoch": state.epoch}
-    if candidate.get("mean_recall", -1) > state.best["mean_recall"]:
-        state.best = candidate
-        with tr.ema.applied(tr.model) if candidate.get("weights") == "ema" else contextlib.nullcontext():
-            save_checkpoint(os.path.join(out_dir, "best.pt"),
-                            {"model": tr.model.state_dict(), **common, "metrics": candidate})
+    save_best(tr, state, candidate, out_dir)
     save_checkpoint(os.path.join(out_dir, "last.pt"), {
         "model": tr.model.state_dict(), **common, "optimizer": tr.optimizer.state_dict(),
         "scheduler": tr.scheduler.state_dict(), "scaler": tr.scaler.state_dict(), "rng": rng_state(),

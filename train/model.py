@@ -27,6 +27,7 @@ from torch import nn
 
 from competition.errors import first_of
 
+from .checkpoint import CheckpointError, WeightsError
 from .config import Head, ModelConfig, Pooling
 
 Layout = dict[str, tuple[str, int, int]]  # parameter name -> (group, layer id, top block id)
@@ -83,13 +84,22 @@ def projection_head(kind: str, in_dim: int, out_dim: int, dropout: float) -> nn.
                          nn.Linear(in_dim, out_dim))
 
 
-class WeightsError(ValueError):
-    """Pretrained weights that cannot be loaded, or do not fill the architecture. Names the source."""
-
-
 def hf_kwargs(name: str) -> dict:
     # a local directory never touches the network
     return {"local_files_only": True} if os.path.isdir(name) else {}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+
+
+def hub_source(name: str, model) -> dict:
+    """{"pretrained": name, "revision" | "files": ...}: exactly which weights were loaded."""
+    from competition.io import sha256
+
+    if os.path.isdir(name):
+        files = sorted(f for f in os.listdir(name) if f.endswith(WEIGHT_SUFFIXES))
+        return {"pretrained": os.path.abspath(name), "files": {f: sha256(os.path.join(name, f)) for f in files}}
+    return {"pretrained": name, "revision": getattr(model.config, "_commit_hash", None)}
 
 
 def load_pretrained(cls, name: str, what: str, **kwargs):
@@ -97,7 +107,7 @@ def load_pretrained(cls, name: str, what: str, **kwargs):
     missing or mis-shaped tensor would be left at its random start, and an unexpected one means
     the weights belong to another model. (A BERT pooler, which no encoder here uses, may be left.)"""
     if os.path.isfile(name):
-        raise WeightsError(f"{name}: a file; {what} weights are a hub name or a directory (config.json beside "
+        raise WeightsError(f"{name}: a file; {what} weights here are a hub name or a directory (config.json beside "
                            "model.safetensors or pytorch_model.bin)")
     try:
         model, info = cls.from_pretrained(name, output_loading_info=True, **hf_kwargs(name), **kwargs)
@@ -130,6 +140,12 @@ def _transformer_layout(names: list[str], prefix: str, group: str) -> Layout:
         is_stem = "embeddings" in n or "pre_layrnorm" in n
         layout[n] = (group, ids.get(n, 0 if is_stem else top + 1), top)
     return layout
+
+
+def _checkpoint_activations(model) -> None:
+    """Gradient checkpointing of a transformers model (renamed in transformers 5)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def _with_head_group(model: nn.Module, layout: Layout) -> Layout:
@@ -227,7 +243,7 @@ class DualEncoder(RetrievalModel):
         return F.normalize(self.image_proj(self.image(self.pixels(pixels))), dim=-1)
 
     def set_grad_checkpointing(self) -> None:
-        self.text.gradient_checkpointing_enable()
+        _checkpoint_activations(self.text)
         self.image.set_grad_checkpointing(True)
 
     def param_layout(self, coarse: bool = False) -> Layout:
@@ -251,12 +267,18 @@ class DualEncoder(RetrievalModel):
 class ChineseCLIPEncoder(RetrievalModel):
     family = "chinese-clip"
 
-    def __init__(self, clip: nn.Module, logit_scale_max: float):
+    def __init__(self, clip: nn.Module, logit_scale_max: float, source: dict | None = None):
         super().__init__()
         self.clip = clip
         self.pixels = PixelNormalize(CLIP_MEAN, CLIP_STD)
         self.logit_scale_max = logit_scale_max
         self.arch = {"clip_config": clip.config.to_dict(), "logit_scale_max": logit_scale_max}
+        self.source = source  # what pretrained weights were loaded (None: a random start)
+
+    @property
+    def image_size(self) -> int:
+        """The vision tower's own input size (its position embedding's grid)."""
+        return int(self.clip.config.vision_config.image_size)
 
     @property
     def logit_scale(self):
@@ -272,16 +294,23 @@ class ChineseCLIPEncoder(RetrievalModel):
 
     @classmethod
     def create(cls, cfg: ModelConfig, vocab_size: int | None = None) -> ChineseCLIPEncoder:
+        """From `cfg.name`: a Chinese-CLIP checkpoint file of `cn_clip`'s (`train.cnclip`), a
+        `transformers` directory or hub name; or random from `cfg.config`."""
         from transformers import ChineseCLIPConfig, ChineseCLIPModel
 
-        if cfg.name:
+        if cfg.name and os.path.isfile(cfg.name):
+            from .cnclip import load_cnclip
+
+            clip, source = load_cnclip(cfg.name)
+        elif cfg.name:
             clip = load_pretrained(ChineseCLIPModel, cfg.name, "Chinese-CLIP")
+            source = hub_source(cfg.name, clip)
         else:
             conf = dict(cfg.config)
             if vocab_size:
                 conf.setdefault("text_config", {})["vocab_size"] = vocab_size
-            clip = ChineseCLIPModel(ChineseCLIPConfig(**conf))
-        return cls(clip, cfg.logit_scale_max)
+            clip, source = ChineseCLIPModel(ChineseCLIPConfig(**conf)), None
+        return cls(clip, cfg.logit_scale_max, source)
 
     @classmethod
     def from_arch(cls, arch: dict) -> ChineseCLIPEncoder:
@@ -301,7 +330,7 @@ class ChineseCLIPEncoder(RetrievalModel):
         return F.normalize(self._features(self.clip.get_image_features(pixel_values=self.pixels(pixels))), dim=-1)
 
     def set_grad_checkpointing(self) -> None:
-        self.clip.gradient_checkpointing_enable()
+        _checkpoint_activations(self.clip)
 
     def param_layout(self, coarse: bool = False) -> Layout:
         """Both towers are transformers (`coarse` changes nothing)."""
@@ -323,6 +352,11 @@ def create_model(cfg: ModelConfig, vocab_size: int | None = None) -> tuple[Retri
     return model, model.to_arch()
 
 
-def build_from_arch(arch: dict) -> RetrievalModel:
-    """The model's architecture with random weights (a state_dict is loaded next). Offline."""
-    return FAMILIES[arch["family"]].from_arch(arch)
+def build_from_arch(arch: dict, path: str = "the checkpoint") -> RetrievalModel:
+    """The model's architecture with random weights (a state_dict is loaded next). Offline. A
+    CheckpointError, naming `path`, when the record is not one this version can build."""
+    try:
+        return FAMILIES[arch["family"]].from_arch(arch)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its architecture record cannot be rebuilt ({type(exc).__name__}: "
+                              f"{str(exc)[:200]})") from None

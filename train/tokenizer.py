@@ -9,7 +9,7 @@ import logging
 import os
 import unicodedata
 
-from competition.preprocess import TextTokenizer, normalize_text
+from competition.preprocess import TEXT_NORMALIZATION, TEXT_NORMALIZATIONS, TextTokenizer
 from competition.queries import iter_queries
 
 log = logging.getLogger(__name__)
@@ -45,19 +45,21 @@ def _is_cjk(ch: str) -> bool:
     return "CJK" in unicodedata.name(ch, "")
 
 
-def build_char_vocab(texts) -> list[str]:
-    """Every character seen (lower-cased, NFKC), plus '##' continuations for non-CJK characters,
-    which BERT's WordPiece needs for Latin words and digits (`ins`, `2024`)."""
-    chars = sorted({ch for t in texts for ch in normalize_text(t).lower() if not ch.isspace()})
+def build_char_vocab(texts, normalization: str = TEXT_NORMALIZATION) -> list[str]:
+    """Every character seen (lower-cased, after the run's normalization), plus '##' continuations
+    for non-CJK characters, which BERT's WordPiece needs for Latin words and digits (`ins`, `2024`)."""
+    normalize = TEXT_NORMALIZATIONS[normalization]
+    chars = sorted({ch for t in texts for ch in normalize(t).lower() if not ch.isspace()})
     return SPECIALS + chars + ["##" + ch for ch in chars if not _is_cjk(ch)]
 
 
-def char_tokenizer(vocab: list[str]):
-    """A BERT-style WordPiece tokenizer (lower-casing, CJK characters split) over `vocab`."""
+def wordpiece_tokenizer(vocab: list[str], max_chars_per_word: int = 100):
+    """A BERT-style WordPiece tokenizer (lower-casing, accents stripped, CJK characters and
+    punctuation split) over `vocab`. Chinese-CLIP's own takes words of up to 200 characters."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     ids = {tok: i for i, tok in enumerate(vocab)}
-    tok = Tokenizer(models.WordPiece(ids, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok = Tokenizer(models.WordPiece(ids, unk_token="[UNK]", max_input_chars_per_word=max_chars_per_word))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
                                                 lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -68,24 +70,51 @@ def char_tokenizer(vocab: list[str]):
     return tok
 
 
-def prepare_tokenizer(spec: str | None, source: str | None, train_queries: str, out_dir: str,
-                      max_length: int) -> TextTokenizer:
-    """Write `out_dir/tokenizer/` and return it loaded. `spec`: None (the tower's own, from
-    `source`), "char-vocab", or a tokenizer name/dir."""
-    from transformers import AutoTokenizer
+def _save_wordpiece(vocab: list[str], tok_dir: str, max_chars_per_word: int = 100) -> None:
+    with open(os.path.join(tok_dir, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    wordpiece_tokenizer(vocab, max_chars_per_word).save(os.path.join(tok_dir, TextTokenizer.FILE))
 
+
+def read_vocab(path: str) -> list[str]:
+    """A BERT `vocab.txt`: one token a line, its line number its id."""
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def prepare_tokenizer(spec: str | None, source: str | None, train_queries: str, out_dir: str,
+                      max_length: int, normalization: str = TEXT_NORMALIZATION) -> TextTokenizer:
+    """Write `out_dir/tokenizer/` and return it loaded. `spec`: None (the tower's own, from
+    `source`), "char-vocab", a directory holding only a BERT `vocab.txt` (Chinese-CLIP's), or a
+    tokenizer name/dir. A Chinese-CLIP checkpoint file as `source` takes the vocabulary of the
+    installed `cn_clip` package (`train.cnclip.cn_clip_vocab`)."""
     tok_dir = os.path.join(out_dir, "tokenizer")
     if not os.path.exists(os.path.join(tok_dir, TextTokenizer.FILE)):
         os.makedirs(tok_dir, exist_ok=True)
+        name = spec or source
         if spec == "char-vocab":
-            vocab = build_char_vocab(q.text for q in iter_queries(train_queries))
-            with open(os.path.join(tok_dir, "vocab.txt"), "w", encoding="utf-8") as f:
-                f.write("\n".join(vocab) + "\n")
-            char_tokenizer(vocab).save(os.path.join(tok_dir, TextTokenizer.FILE))
+            _save_wordpiece(build_char_vocab((q.text for q in iter_queries(train_queries)), normalization), tok_dir)
+        elif name and os.path.isfile(name):  # a Chinese-CLIP checkpoint: its package's vocabulary
+            from .cnclip import CNCLIP_MAX_CHARS_PER_WORD, cn_clip_vocab
+
+            _save_wordpiece(read_vocab(cn_clip_vocab(name)), tok_dir, CNCLIP_MAX_CHARS_PER_WORD)
+        elif name and os.path.isdir(name) and os.listdir(name) == ["vocab.txt"]:
+            from .cnclip import CNCLIP_MAX_CHARS_PER_WORD
+
+            _save_wordpiece(read_vocab(os.path.join(name, "vocab.txt")), tok_dir, CNCLIP_MAX_CHARS_PER_WORD)
+        elif name:
+            _save_pretrained_tokenizer(name, tok_dir)
         else:
-            name = spec or source
-            if not name:
-                raise ValueError("no tokenizer: set model.text.tokenizer (e.g. char-vocab) or a model name")
-            kwargs = {"local_files_only": True} if os.path.isdir(name) else {}
-            AutoTokenizer.from_pretrained(name, **kwargs).save_pretrained(tok_dir)
-    return TextTokenizer(tok_dir, max_length)
+            raise TokenizerError("no tokenizer: set model.text.tokenizer (e.g. char-vocab) or a model name")
+    return TextTokenizer(tok_dir, max_length, normalization)
+
+
+def _save_pretrained_tokenizer(name: str, tok_dir: str) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **({"local_files_only": True} if os.path.isdir(name) else {}))
+    except Exception as exc:  # OSError (not found, no network), ValueError (no tokenizer files there), ...
+        raise TokenizerError(f"{name}: cannot load a tokenizer ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:300]})") from None
+    tokenizer.save_pretrained(tok_dir)

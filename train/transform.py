@@ -1,12 +1,23 @@
 """Train-time augmentations. Evaluation uses `competition.preprocess.resize_image` unchanged,
 the same function `predict` uses. Every random draw comes from the sample's own generator, so a
 sample's augmentation depends only on (seed, epoch, index): deterministic with any worker count
-and across resume."""
+and across resume.
+
+Two paths: our own (random resized crop, colour jitter, blur, grayscale, flip), or, with
+`data.augment.auto_augment`, timm's training transform as Chinese-CLIP builds it for
+`--use-augment` (cn_clip/training/data.py `_build_transform`: `create_transform(input_size,
+scale=(0.9, 1.0), is_training=True, color_jitter=None, auto_augment='original',
+interpolation='bicubic', ...)`): timm's crop, flip and AutoAugment run as they are, seeded from
+the sample's generator, and stop at uint8 pixels (the normalisation is the model's first layer).
+"""
 from __future__ import annotations
 
+import functools
+import random
 import re
 
 import numpy as np
+import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
 from competition.preprocess import resize_image
@@ -14,7 +25,37 @@ from competition.preprocess import resize_image
 from .config import Augment
 
 
+@functools.lru_cache(maxsize=4)
+def timm_train_transform(size: int, scale: tuple[float, float], hflip: float, policy: str):
+    """timm's training transform up to (not including) its tensor conversion and normalisation."""
+    from timm.data import create_transform
+    from torchvision.transforms import Compose
+
+    from .model import CLIP_MEAN, CLIP_STD  # AutoAugment fills rotated and shifted corners with the mean
+
+    full = create_transform(input_size=size, scale=scale, hflip=hflip, is_training=True, color_jitter=None,
+                            auto_augment=policy, interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD)
+    return Compose(full.transforms[:-2])  # [..., MaybeToTensor, Normalize]
+
+
+def seeded_timm_augment(img: Image.Image, transform, seed: int) -> np.ndarray:
+    """`transform(img)` with Python's and torch's RNGs seeded to `seed` for the call alone (timm
+    draws from both), restored afterwards: the trainer's own RNG streams are untouched."""
+    saved = random.getstate()
+    random.seed(seed)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = transform(img)
+    finally:
+        random.setstate(saved)
+    return np.asarray(out.convert("RGB"), dtype=np.uint8)
+
+
 def augment_image(img: Image.Image, aug: Augment, size: int, rule: str, rng: np.random.Generator) -> np.ndarray:
+    if aug.auto_augment:
+        transform = timm_train_transform(size, tuple(aug.random_resized_crop), aug.hflip, aug.auto_augment)
+        return seeded_timm_augment(img, transform, int(rng.integers(2**63)))
     if aug.random_resized_crop:
         lo, hi = aug.random_resized_crop
         w, h = img.size

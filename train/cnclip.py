@@ -1,0 +1,186 @@
+"""Chinese-CLIP's own checkpoint files (`cn_clip`), read into `transformers`' `ChineseCLIPModel`.
+
+Takes the released `clip_cn_vit-*.pt` files and the checkpoints `cn_clip/training/main.py` writes
+(`{"epoch", "step", "name", "state_dict", "optimizer"}`, keys prefixed `module.` by DDP). The
+architecture is read from the tensors' shapes:
+
+    vision   width, patch  visual.conv1.weight            [width, 3, patch, patch]
+             image size    visual.positional_embedding    [(size / patch)^2 + 1, width]
+             layers        visual.transformer.resblocks.N.*
+             heads         width / 64, or / 80 for width 1280 (cn_clip/clip/model_configs/ViT-H-14.json)
+    text     vocab, width  bert.embeddings.word_embeddings.weight  [vocab, width]
+             layers        bert.encoder.layer.N.*;  heads = width / 64 (every RoBERTa config it ships)
+    both     embed dim     visual.proj [width, dim] and text_projection [width, dim]
+
+The mapping of every tensor to `ChineseCLIPModel`'s is below (`to_hf_state_dict`), and it is
+complete: a tensor it does not know (another model's checkpoint) is refused, as is a ResNet
+vision tower (RN50), which `transformers` has no Chinese-CLIP class for. Files load with
+`torch.load(weights_only=True)`: nothing in them can run code.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from competition.errors import first_of
+from competition.io import sha256
+
+from .checkpoint import CheckpointError, WeightsError, load_weights
+
+CNCLIP_MAX_CHARS_PER_WORD = 200  # cn_clip/clip/bert_tokenizer.py WordpieceTokenizer
+VISION_HEAD_WIDTH = {1280: 80}   # ViT-H/14; every other published width has 64-wide heads
+TEXT_HEAD_WIDTH = 64
+# ViT names as Chinese-CLIP publishes them, by (width, layers, patch, image size)
+PUBLISHED = {(768, 12, 16, 224): "ViT-B-16", (768, 12, 32, 224): "ViT-B-32", (1024, 24, 14, 224): "ViT-L-14",
+             (1024, 24, 14, 336): "ViT-L-14-336", (1280, 32, 14, 224): "ViT-H-14"}
+
+
+def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """The state dict of a cn_clip file, `module.` prefixes removed."""
+    import pickle
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):  # torch's zip, or a legacy pickle
+        raise WeightsError(f"{path}: not a Chinese-CLIP checkpoint file (a torch .pt); weights are a hub name, a "
+                           "transformers directory, or a cn_clip .pt file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(f"{path}: refused: it holds pickled objects other than tensors and plain data, which "
+                             f"could run code when loaded ({str(exc).strip().splitlines()[-1][:200]})") from None
+    except Exception as exc:  # truncated, not a zip, not a torch file
+        raise WeightsError(f"{path}: not a readable Chinese-CLIP checkpoint, truncated or corrupt "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise WeightsError(f"{path}: not a Chinese-CLIP checkpoint (expected a state dict of tensors, or a dict "
+                             "with one under 'state_dict')")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _layers(state: dict, prefix: str) -> int:
+    found = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_architecture(state: dict, path: str) -> dict:
+    """The published-style description of the checkpoint's model (module docstring)."""
+    if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in state):
+        raise WeightsError(f"{path}: a ResNet (RN50) Chinese-CLIP: transformers has no ResNet Chinese-CLIP, so it "
+                             "cannot be exported or fine-tuned here; use a ViT one (B/16, L/14, L/14@336px, H/14)")
+    needed = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection", "logit_scale",
+              "bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
+              "bert.embeddings.token_type_embeddings.weight", "bert.encoder.layer.0.intermediate.dense.weight")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise WeightsError(f"{path}: not a Chinese-CLIP ViT checkpoint: it lacks {first_of(missing, 4)}")
+    width, _, patch, _ = state["visual.conv1.weight"].shape
+    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    vocab, text_width = state["bert.embeddings.word_embeddings.weight"].shape
+    arch = {
+        "embed_dim": int(state["visual.proj"].shape[1]), "image_resolution": int(grid * patch),
+        "vision_layers": _layers(state, "visual.transformer.resblocks."), "vision_width": int(width),
+        "vision_patch_size": int(patch), "vision_heads": int(width // VISION_HEAD_WIDTH.get(int(width), 64)),
+        "vocab_size": int(vocab), "text_hidden_size": int(text_width),
+        "text_num_hidden_layers": _layers(state, "bert.encoder.layer."),
+        "text_num_attention_heads": int(text_width // TEXT_HEAD_WIDTH),
+        "text_intermediate_size": int(state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0]),
+        "text_max_position_embeddings": int(state["bert.embeddings.position_embeddings.weight"].shape[0]),
+        "text_type_vocab_size": int(state["bert.embeddings.token_type_embeddings.weight"].shape[0]),
+    }
+    arch["published"] = PUBLISHED.get((arch["vision_width"], arch["vision_layers"], arch["vision_patch_size"],
+                                       arch["image_resolution"]))
+    return arch
+
+
+def hf_config(arch: dict):
+    """`ChineseCLIPConfig` of the architecture (cn_clip's activations, norms and dropout)."""
+    from transformers import ChineseCLIPConfig
+
+    text = {"vocab_size": arch["vocab_size"], "hidden_size": arch["text_hidden_size"],
+            "num_hidden_layers": arch["text_num_hidden_layers"],
+            "num_attention_heads": arch["text_num_attention_heads"],
+            "intermediate_size": arch["text_intermediate_size"],
+            "max_position_embeddings": arch["text_max_position_embeddings"],
+            "type_vocab_size": arch["text_type_vocab_size"], "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+            "attention_probs_dropout_prob": 0.1, "layer_norm_eps": 1e-12}
+    vision = {"hidden_size": arch["vision_width"], "intermediate_size": 4 * arch["vision_width"],
+              "num_hidden_layers": arch["vision_layers"], "num_attention_heads": arch["vision_heads"],
+              "image_size": arch["image_resolution"], "patch_size": arch["vision_patch_size"],
+              "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": arch["embed_dim"]}
+    return ChineseCLIPConfig(text_config=text, vision_config=vision, projection_dim=arch["embed_dim"])
+
+
+_VISION_BLOCK = {"attn.out_proj.weight": "self_attn.out_proj.weight", "attn.out_proj.bias": "self_attn.out_proj.bias",
+                 "ln_1.weight": "layer_norm1.weight", "ln_1.bias": "layer_norm1.bias",
+                 "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
+                 "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias",
+                 "ln_2.weight": "layer_norm2.weight", "ln_2.bias": "layer_norm2.bias"}
+_VISION = {"visual.class_embedding": "vision_model.embeddings.class_embedding",
+           "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+           "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+           "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+           "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+           "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+           "visual.ln_post.bias": "vision_model.post_layernorm.bias", "logit_scale": "logit_scale"}
+
+
+def to_hf_state_dict(state: dict, path: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """cn_clip's tensors under `ChineseCLIPModel`'s names: the packed attention projections split
+    into q, k, v; `x @ proj` projections transposed into `Linear` weights; `bert.*` -> `text_model.*`.
+    (Applied to a dict of gradients, it maps those too.) Refuses a tensor it has no place for."""
+    out, unknown = {}, []
+    for key, value in state.items():
+        block = re.match(r"visual\.transformer\.resblocks\.(\d+)\.(.+)$", key)
+        if key in _VISION:
+            out[_VISION[key]] = value
+        elif key in ("visual.proj", "text_projection"):
+            out["visual_projection.weight" if key == "visual.proj" else "text_projection.weight"] = value.t()
+        elif key.startswith("bert.") and not key.startswith("bert.pooler."):
+            out["text_model." + key[len("bert."):]] = value
+        elif key.startswith("bert.pooler."):
+            continue  # BERT's pooler: no Chinese-CLIP encoder uses it
+        elif block and block.group(2) in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            kind = "weight" if block.group(2).endswith("weight") else "bias"
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"vision_model.encoder.layers.{block.group(1)}.self_attn.{name}.{kind}"] = part
+        elif block and block.group(2) in _VISION_BLOCK:
+            out[f"vision_model.encoder.layers.{block.group(1)}.{_VISION_BLOCK[block.group(2)]}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise WeightsError(f"{path}: {len(unknown)} tensors are not Chinese-CLIP's ({first_of(unknown, 4)}): another "
+                             "model's checkpoint")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def load_cnclip(path: str):
+    """(ChineseCLIPModel with the file's weights, the source record for the manifest)."""
+    from transformers import ChineseCLIPModel
+
+    state = read_checkpoint(path)
+    arch = infer_architecture(state, path)
+    model = ChineseCLIPModel(hf_config(arch))
+    try:
+        load_weights(model, to_hf_state_dict(state, path), path)
+    except CheckpointError as exc:
+        raise WeightsError(str(exc)) from None
+    source = {"pretrained": os.path.abspath(path), "format": "cn_clip checkpoint", "sha256": sha256(path),
+              "architecture": arch}
+    return model, source
+
+
+def cn_clip_vocab(checkpoint: str) -> str:
+    """The BERT vocabulary of the installed `cn_clip` package (every Chinese-CLIP model's), or a
+    clear error naming the options that give one."""
+    try:
+        import cn_clip.clip
+    except ImportError:
+        raise WeightsError(f"{checkpoint}: a Chinese-CLIP checkpoint carries no tokenizer: give one with "
+                             "--tokenizer DIR_OR_NAME (or model.text.tokenizer), e.g. "
+                             "OFA-Sys/chinese-clip-vit-base-patch16, or install cn_clip (pip install --no-deps "
+                             "cn-clip) for its vocabulary") from None
+    return os.path.join(os.path.dirname(cn_clip.clip.__file__), "vocab.txt")

@@ -1,0 +1,49 @@
+"""TensorBoard logging of a run (`train.tensorboard: true`), as open_clip does: event files in
+`RUN/tensorboard/`, written by rank 0. Per logged step: the loss, each parameter group's top
+learning rate, the logit scale and samples/s; per scored epoch: valid R@1/5/10, MR and MRR (and
+the EMA's). `tensorboard` is an optional dependency (`pip install tensorboard`)."""
+from __future__ import annotations
+
+import os
+
+
+class Tracker:
+    """Writes scalars when enabled; does nothing otherwise, so callers need not ask."""
+
+    def __init__(self, run_dir: str | None):
+        self.writer = None
+        if run_dir is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+
+    def step(self, step: int, *, loss: float, optimizer, logit_scale: float, samples_per_s: float) -> None:
+        if self.writer is None:
+            return
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/logit_scale", logit_scale, step)
+        self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
+        top: dict[str, float] = {}  # each group's top layer trains at its base rate; lower layers decay from it
+        for group in optimizer.param_groups:
+            name = group.get("group", "all")
+            top[name] = max(top.get(name, 0.0), group["lr"])
+        for name, lr in top.items():
+            self.writer.add_scalar(f"lr/{name}", lr, step)
+
+    def epoch(self, record: dict) -> None:
+        if self.writer is None or "mean_recall" not in record:
+            return
+        for prefix, scores in (("valid", record), ("valid_ema", record.get("ema") or {})):
+            for key in ("r1", "r5", "r10", "mean_recall", "mrr"):
+                if key in scores:
+                    self.writer.add_scalar(f"{prefix}/{key}", scores[key], record["epoch"])
+        if record.get("train_loss") is not None:
+            self.writer.add_scalar("train/epoch_loss", record["train_loss"], record["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
