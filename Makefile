@@ -107,6 +107,7 @@ test: $(STAMP) browser
 bench: $(BUNDLE)/manifest.json
 	$(MUGE) bench topk
 	$(MUGE) bench predict --bundle $(BUNDLE) --data $(DATA)
+	$(MUGE) bench predict --pipeline --data $(DATA)
 	$(MUGE) bench tsv --size-mb 1024
 	$(MUGE) bench export
 	$(MUGE) bench data

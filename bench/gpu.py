@@ -43,19 +43,20 @@ SMALL = ["train.compile=null", "data.image_size=32", "data.max_text_length=24", 
 GRAPH_BATCHES = (64, 128, 256)
 
 
-def write_repeated_split(sample_dir: str, out_dir: str, n_images: int, n_queries: int) -> str:
-    """A MUGE directory whose test split is the sample's test images and queries repeated under
-    new ids (`n_images` lines, `n_queries` queries); train and valid are linked to the sample's."""
+def write_repeated_split(sample_dir: str, out_dir: str, n_images: int, n_queries: int, split: str = "test") -> str:
+    """A MUGE directory whose test split is `split`'s images and queries of the sample repeated
+    under new ids (`n_images` lines, `n_queries` queries); train and valid are linked to the
+    sample's."""
     from competition.io import atomic_path
     from competition.layout import split_paths
     from competition.queries import Query, read_queries, write_queries
 
     os.makedirs(out_dir, exist_ok=True)
-    for split in ("train", "valid"):
-        for src, dst in zip(split_paths(sample_dir, split), split_paths(out_dir, split)):
+    for linked in ("train", "valid"):
+        for src, dst in zip(split_paths(sample_dir, linked), split_paths(out_dir, linked)):
             if not os.path.exists(dst):
                 os.symlink(os.path.abspath(src), dst)
-    (src_queries, src_tsv), (queries_path, tsv_path) = split_paths(sample_dir, "test"), split_paths(out_dir, "test")
+    (src_queries, src_tsv), (queries_path, tsv_path) = split_paths(sample_dir, split), split_paths(out_dir, "test")
     with open(src_tsv, "rb") as f:
         payloads = [line.split(b"\t", 1)[1] for line in f if line.strip()]
     with atomic_path(tsv_path) as tmp, open(tmp, "wb") as f:

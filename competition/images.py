@@ -27,6 +27,7 @@ except ImportError:  # every image then goes through PIL alone
 
 from .errors import MugeDataError, first_of, fits_int64
 from .io import atomic_path, content_fingerprint
+from .preprocess import resize_image
 
 log = logging.getLogger(__name__)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, not a grey half-image
@@ -121,20 +122,28 @@ def _has_exif(data: bytes) -> bool:
     return True  # a header we cannot walk: let PIL decide
 
 
-def _decode_plain_jpeg(data: bytes) -> Image.Image | None:
-    """The fast path: libjpeg-turbo through simplejpeg, without PIL's per-image overhead. On the
-    sample's 224 px JPEGs (`muge bench train` compares) x1.12-1.15 PIL's decode: simplejpeg alone
-    decodes about x1.8 faster, but building the PIL image that callers take costs most of that.
-    Both run libjpeg-turbo's accurate DCT and fancy upsampling, so the pixels are PIL's own (a
-    test compares every sample image). None wherever PIL must decide: not a JPEG, not YCbCr or
-    grey, EXIF present, too many pixels, or any decoder complaint."""
+def _plain_jpeg_shape(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that libjpeg-turbo through simplejpeg decodes to exactly PIL's
+    pixels (both run its accurate DCT and fancy upsampling; a test compares every sample image);
+    None wherever PIL must decide: not a JPEG, not YCbCr or grey, EXIF present, too many pixels."""
     if simplejpeg is None or not data.startswith(b"\xff\xd8") or _has_exif(data):
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace not in ("YCbCr", "Gray") or height * width > (Image.MAX_IMAGE_PIXELS or 2**62):
-            return None
-        return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True), "RGB")
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "Gray") or height * width > (Image.MAX_IMAGE_PIXELS or 2**62):
+        return None
+    return height, width
+
+
+def _decode_plain_jpeg(data: bytes, out: np.ndarray | None = None) -> np.ndarray | None:
+    """The fast path: an RGB uint8 array (written into `out` when given), without PIL. None where
+    `_plain_jpeg_shape` says PIL decides, or the decoder complains."""
+    if _plain_jpeg_shape(data) is None:
+        return None
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=out)
     except ValueError:
         return None
 
@@ -142,10 +151,30 @@ def _decode_plain_jpeg(data: bytes) -> Image.Image | None:
 def decode_image(data: bytes, path=None, line: int | None = None, img_id: int | None = None,
                  draft: int | None = None) -> Image.Image:
     """Bytes of an image file -> an RGB PIL image, upright per EXIF. Errors name the image.
-    `draft`: a JPEG may be decoded at a reduced scale no smaller than draft x draft (thumbnails)."""
-    if not draft and (img := _decode_plain_jpeg(data)) is not None:
-        return img
+    `draft`: a JPEG may be decoded at a reduced scale no smaller than draft x draft (thumbnails).
+    Plain JPEGs decode through libjpeg-turbo (`_decode_plain_jpeg`): x1.12-1.15 PIL's own on the
+    sample's 224 px images, most of simplejpeg's x1.8 being spent on the PIL image made here;
+    `decode_pixels` skips that image where no resize is needed."""
+    if not draft and (arr := _decode_plain_jpeg(data)) is not None:
+        return Image.fromarray(arr, "RGB")
     return decode_image_pil(data, path, line, img_id, draft)
+
+
+def decode_pixels(data: bytes, size: int, rule: str, out: np.ndarray | None = None, path=None,
+                  line: int | None = None, img_id: int | None = None) -> np.ndarray:
+    """Bytes of an image file -> uint8 [size, size, 3], the pixels `resize_image(decode_image(...))`
+    gives, written into `out` when given. A plain JPEG already size x size (MUGE's images are
+    224 x 224) decodes straight into the array: no PIL image, no copy."""
+    shape = _plain_jpeg_shape(data)
+    if shape == (size, size):
+        arr = _decode_plain_jpeg(data, out)
+        if arr is not None:
+            return arr
+    pixels = resize_image(decode_image(data, path, line, img_id), size, rule)
+    if out is None:
+        return pixels
+    out[...] = pixels
+    return out
 
 
 def decode_image_pil(data: bytes, path=None, line: int | None = None, img_id: int | None = None,
@@ -292,6 +321,10 @@ class ImageTSV:
     def load(self, img_id: int, draft: int | None = None) -> Image.Image:
         """The RGB image of `img_id`; errors name the TSV, line and id."""
         return decode_image(self.read_bytes(img_id), self.path, self.line_of(img_id), img_id, draft)
+
+    def load_pixels(self, img_id: int, size: int, rule: str, out: np.ndarray | None = None) -> np.ndarray:
+        """`img_id` resized to uint8 [size, size, 3] (`decode_pixels`), into `out` when given."""
+        return decode_pixels(self.read_bytes(img_id), size, rule, out, self.path, self.line_of(img_id), img_id)
 
     def close(self) -> None:
         if self._fd is not None and self._pid == os.getpid():

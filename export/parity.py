@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from competition import ImageTSV, read_queries, resize_image, score_predictions
+from competition import ImageTSV, read_queries, score_predictions
 from competition.topk import exact_topk, first_nonfinite_row
 from predict.runtime import BundleEncoders, RuntimeChoice, choose_runtime, has_graphs
 
@@ -195,7 +195,7 @@ def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, *, sett
     if has_graphs(fp32.manifest, "int8"):
         reduced["int8"] = BundleEncoders(bundle_dir, choice=choose_runtime("cpu", "int8"), batch_size=bs,
                                          text_batch=bs)
-    pixels = np.stack([resize_image(tsv.load(i), fp32.image_size, fp32.resize_rule) for i in ids])
+    pixels = np.stack([tsv.load_pixels(i, fp32.image_size, fp32.resize_rule) for i in ids])
     model = model.eval().float().cpu()
 
     @torch.no_grad()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 
 import click
 
@@ -31,8 +33,9 @@ def default_name(bundle_dirs) -> str:
 @click.option("--precision", type=click.Choice(["auto", "fp16", "fp32", "int8"]), default="auto", show_default=True,
               help="auto: fp16 graphs on CUDA, fp32 on CPU; int8 (CPU) needs a bundle from `muge export --int8`.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (CPU).")
-@click.option("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), show_default=True,
-              help="Image decode processes.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Image decode processes (default: every core this process may use but one; 0 decodes in the "
+                   "main process).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per graph call (one fixed shape). Default: 128 on CUDA, 64 on CPU.")
 @click.option("--cache-dir", default="cache/embeddings", show_default=True)
@@ -55,8 +58,13 @@ def predict(bundle_dirs, data_dir, split, out_path, device, precision, threads, 
     from competition import MugeDataError, SubmissionError
     from competition.topk import NonFiniteError
 
+    from .pipeline import PipelineError, default_workers
     from .runtime import BundleError
     from .submit import PredictOptions, predict_split
+
+    # SIGTERM unwinds like Ctrl-C: the decode workers stop and their shared memory is released
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    workers = default_workers() if workers is None else workers
 
     out_path = out_path or os.path.join("submissions", f"{default_name(bundle_dirs)}-{split}.jsonl")
     if weights and len(bundle_dirs) == 1:
@@ -69,7 +77,7 @@ def predict(bundle_dirs, data_dir, split, out_path, device, precision, threads, 
                           weights=weights, rerank=rerank, rerank_beta=rerank_beta, bank=bank)
     try:
         summary = predict_split(list(bundle_dirs), data_dir, split, out_path, opts)
-    except (MugeDataError, SubmissionError, NonFiniteError, BundleError, ValueError, OSError) as exc:
+    except (MugeDataError, SubmissionError, NonFiniteError, BundleError, PipelineError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     if "mean_recall" in summary:
         click.echo(f"{split}: R@1 {summary['r1']:.2f}  R@5 {summary['r5']:.2f}  R@10 {summary['r10']:.2f}  "

@@ -1,73 +1,41 @@
 """Gallery and query embeddings with ONNX Runtime, cached on disk.
 
-Gallery images are decoded and resized in a pool of worker processes (by byte offset from the
-TSV index, so only pixels cross the process boundary) while the main process runs the image
-graph: at most `2 x workers` decode tasks are in flight, so memory stays bounded whatever the
-gallery size. Embeddings are saved per chunk of TSV lines under a key made of the bundle's
-hash and the input file's fingerprint; a rerun reuses them and a run killed mid-gallery
-resumes from its last completed chunk. Processes that share a cache directory (a team on one
+Gallery images are decoded and resized by worker processes straight into a ring of
+shared-memory batch slots (`predict.pipeline`) while the main process runs the image graph on
+each slot as it is: no pixel crosses a pipe, and at most `2 x workers` batches are in flight, so
+memory stays bounded whatever the gallery size. Embeddings are saved per chunk of TSV lines
+under a key made of the bundle's hash and the input file's fingerprint; a rerun reuses them and a
+run killed mid-gallery resumes from its last completed chunk. Processes that share a cache directory (a team on one
 box, `make -j`) take turns on a gallery through a lock file: the second waits, then reuses
 what the first wrote.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import fcntl
-import functools
 import hashlib
-import itertools
 import json
 import logging
-import multiprocessing as mp
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
 
-from competition import ImageTSV, MugeDataError, SkippedImages, read_queries, resize_image
+from competition import ImageTSV, SkippedImages, read_queries
 from competition.io import atomic_path, content_fingerprint
 
+from .pipeline import DecodeRing
 from .runtime import BundleEncoders
 
 log = logging.getLogger(__name__)
-
-
-def _open_tsv(tsv_path: str) -> ImageTSV:
-    """This process's handle on a gallery: each worker opens its own (cached index, own
-    descriptor), once per version of the file (its content fingerprint)."""
-    return _open_tsv_version(tsv_path, content_fingerprint(tsv_path))
-
-
-@functools.lru_cache(maxsize=4)
-def _open_tsv_version(tsv_path: str, fingerprint: str) -> ImageTSV:
-    return ImageTSV(tsv_path)
 
 
 def file_fingerprint(path: str) -> str:
     """The file's path, size, mtime and a sample of its content: a TSV edited in place that keeps
     its size and mtime gets new embeddings, not the old ones."""
     return hashlib.sha256(f"{os.path.abspath(path)}|{content_fingerprint(path)}".encode()).hexdigest()[:16]
-
-
-def decode_range(tsv_path: str, start: int, end: int, size: int, rule: str, skip_bad: bool):
-    """Decode + resize TSV positions [start, end) -> (uint8 pixels, kept positions, bad list)."""
-    tsv = _open_tsv(tsv_path)
-    pixels, kept, bad = [], [], []
-    for pos in range(start, end):
-        img_id = int(tsv.ids[pos])
-        try:
-            pixels.append(resize_image(tsv.load(img_id), size, rule))
-            kept.append(pos)
-        except MugeDataError as err:
-            if not skip_bad:
-                raise
-            bad.append((img_id, err.line or pos + 1, err.reason))
-    arr = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
-    return arr, np.asarray(kept, np.int64), bad
 
 
 @dataclass
@@ -168,53 +136,37 @@ def _embed_gallery(encoders: BundleEncoders, tsv_path: str, cache: str, *, worke
     done = len(chunks)
     if done:
         log.info("resuming the gallery after %d of %d completed chunks", done, n_chunks)
-    size, rule, batch_size = encoders.image_size, encoders.resize_rule, encoders.batch_size
-    # spawn, not fork: a forked child can inherit a lock held by one of the parent's threads
-    # (ONNX Runtime, tqdm, the import lock) and hang
-    pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_interrupts) if workers > 0 else None
-    t0, embedded = time.time(), 0
-
-    def submit(r):  # a decode task: async in the pool, or deferred to `fetch` without one
-        return pool.apply_async(decode_range, (tsv_path, *r, size, rule, skip_bad)) if pool else r
-
-    def fetch(task):
-        return task.get() if pool else decode_range(tsv_path, *task, size, rule, skip_bad)
-
-    def describe(pos):
-        return lambda r: f"image {tsv.ids[pos[r]]} ({tsv_path}:{pos[r] + 1})"
-
-    try:
-        bar = tqdm(total=n, initial=done * chunk_size if done < n_chunks else n, unit="img", desc="embed gallery",
-                   smoothing=0.1)
-        for chunk in range(done, n_chunks):
-            c0, c1 = chunk * chunk_size, min(n, (chunk + 1) * chunk_size)
-            feats, kept, bad = [], [], []
-            ranges = [(s, min(c1, s + batch_size)) for s in range(c0, c1, batch_size)]
-            it = iter(ranges)
-            inflight = collections.deque(submit(r) for r in itertools.islice(it, 2 * max(1, workers)))  # bounded
-            while inflight:
-                pixels, pos, b = fetch(inflight.popleft())
-                nxt = next(it, None)
-                if nxt is not None:  # keep the workers busy while this batch runs on the encoder
-                    inflight.append(submit(nxt))
-                if len(pixels):
-                    f = encode_gallery_images(encoders, pixels, tta)
-                    encoders.require_finite(f, "image", describe(pos))
-                    feats.append(f)
-                kept.append(pos)
-                bad.extend(b)
-                embedded += len(pixels)
-                bar.update(len(pos) + len(b))
-            pos = np.concatenate(kept) if kept else np.zeros(0, np.int64)
-            f = np.concatenate(feats) if feats else np.zeros((0, encoders.dim), np.float32)
-            arrays = {"ids": tsv.ids[pos], "features": f, "skipped": np.array(json.dumps(bad))}
-            save_npz(os.path.join(cache, f"chunk-{chunk:05d}.npz"), **arrays)
-            chunks.append(arrays)
-        bar.close()
-    finally:
-        if pool:
-            pool.terminate()
-            pool.join()
+    batch_size = encoders.batch_size
+    ranges, chunk_of = [], []  # every batch of the chunks still to embed; a batch never spans two chunks
+    for chunk in range(done, n_chunks):
+        c0, c1 = chunk * chunk_size, min(n, (chunk + 1) * chunk_size)
+        for start in range(c0, c1, batch_size):
+            ranges.append((start, min(c1, start + batch_size)))
+            chunk_of.append(chunk)
+    start_time, embedded = time.time(), 0
+    bar = tqdm(total=n, initial=done * chunk_size if done < n_chunks else n, unit="img", desc="embed gallery",
+               smoothing=0.1)
+    feats, kept, bad = [], [], []
+    with DecodeRing(tsv_path, encoders.image_size, encoders.resize_rule, batch_size, workers, skip_bad) as ring:
+        for batch in ring.batches(ranges):
+            if batch.count:
+                f = encode_gallery_images(encoders, batch.pixels, tta)[:batch.count]
+                encoders.require_finite(f, "image", lambda r, pos=batch.positions: f"image {tsv.ids[pos[r]]} "
+                                                                                   f"({tsv_path}:{pos[r] + 1})")
+                feats.append(f)
+            kept.append(batch.positions)
+            bad.extend(batch.bad)
+            embedded += batch.count
+            bar.update(batch.count + len(batch.bad))
+            chunk = chunk_of[batch.index]
+            if batch.index + 1 == len(ranges) or chunk_of[batch.index + 1] != chunk:  # the chunk is complete
+                pos = np.concatenate(kept)
+                f = np.concatenate(feats) if feats else np.zeros((0, encoders.dim), np.float32)
+                arrays = {"ids": tsv.ids[pos], "features": f, "skipped": np.array(json.dumps(bad))}
+                save_npz(os.path.join(cache, f"chunk-{chunk:05d}.npz"), **arrays)
+                chunks.append(arrays)
+                feats, kept, bad = [], [], []
+    bar.close()
     skipped = SkippedImages([tuple(x) for c in chunks for x in json.loads(str(c["skipped"]))])
     result = GalleryEmbeddings(np.concatenate([c["ids"] for c in chunks]),
                                np.concatenate([c["features"] for c in chunks]).astype(np.float32), skipped)
@@ -222,15 +174,10 @@ def _embed_gallery(encoders: BundleEncoders, tsv_path: str, cache: str, *, worke
     for chunk in range(n_chunks):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(cache, f"chunk-{chunk:05d}.npz"))
-    dt = time.time() - t0
+    seconds = time.time() - start_time
     if embedded:
-        log.info("embedded %d images in %.1fs (%.1f images/s)", embedded, dt, embedded / max(dt, 1e-9))
+        log.info("embedded %d images in %.1fs (%.1f images/s)", embedded, seconds, embedded / max(seconds, 1e-9))
     return result
-
-
-def _ignore_interrupts() -> None:
-    """Decode workers leave Ctrl-C to the main process, which stops them (no traceback from each)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def embed_queries(encoders: BundleEncoders, queries_path: str, cache_root: str):

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from competition.topk import exact_topk
 
 from .embed import embed_gallery, embed_queries
 from .ensemble import align, fuse, parse_weights, pick_weights
+from .pipeline import default_workers
 from .rerank import DEFAULT_BETA, cached_bank_stats, check_beta, rescorer
 from .runtime import BundleEncoders, has_graphs
 
@@ -34,7 +35,7 @@ class PredictOptions:
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)  # decode processes
     batch_size: int | None = None  # images per graph call; None: per device (runtime.DEFAULT_BATCH)
     chunk_size: int = 4096
     skip_bad_images: bool = False

@@ -155,3 +155,14 @@ def test_predict_bench_compares_the_pipeline_with_one_loop(tiny_bundle, small_sa
     _bench("predict", "--bundle", tiny_bundle, "--data", small_sample, "--workers", 1, "--json", tmp_path / "p.json")
     rows = _stamped(tmp_path / "p.json")["rows"]
     assert len(rows) == 3 and all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_predict_bench_measures_the_pipeline_against_decode_only(small_sample, tmp_path):
+    _bench("predict", "--pipeline", "--data", small_sample, "--gallery", 600, "--workers", 1, "--batch-size", 32,
+           "--json", tmp_path / "p.json")
+    body = _stamped(tmp_path / "p.json")
+    decode, pipeline = body["rows"]
+    assert decode["path"].startswith("decode only") and "stand-in" in pipeline["path"]
+    assert body["gallery"] == 600 and body["workers"] == 1 and 0 < body["efficiency"]
+    for row in (decode, pipeline):
+        assert row["images_per_s"] > 0 and row["worker_cpu_ms_per_image"] > 0 and row["main_cpu_ms_per_image"] >= 0

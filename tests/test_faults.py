@@ -68,3 +68,60 @@ def test_a_full_disk_gets_a_clear_error_and_a_rerun_with_room_is_right(tiny_bund
     refused(muge(*args, "--cache-dir", tmp_path / "cache", "--out", tiny_disk / "sub.jsonl"),
             f"cannot write {tiny_disk / 'sub.jsonl'}", "No space left on device")
     assert sorted(os.listdir(tiny_disk)) == ["cache", "filler"]
+
+
+def _segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")} if os.path.isdir("/dev/shm") else set()
+
+
+def _predict_until_decoding(tiny_bundle, big_split, tmp_path):
+    """A `muge predict` subprocess, returned once its decode ring is in /dev/shm."""
+    import time
+
+    before = _segments()
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(MUGE + ["predict", "--bundle", tiny_bundle, "--data", big_split, "--split", "test",
+                                    "--out", str(tmp_path / "sub.jsonl"), "--cache-dir", str(tmp_path / "cache"),
+                                    "--workers", "2", "--batch-size", "16"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not _segments() - before:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no decode ring appeared"
+        time.sleep(0.05)
+    return proc, before
+
+
+def _workers_of(pid: int) -> list[int]:
+    from bench.memory import children
+
+    return children(pid)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory lives in /dev/shm on Linux")
+@pytest.mark.parametrize("how", ["kill", "interrupt", "terminate"])
+def test_a_predict_stopped_mid_gallery_leaves_no_shared_memory(tiny_bundle, big_split, tmp_path, how):
+    """Killed (SIGKILL: the resource tracker unlinks the ring, the workers notice their parent is
+    gone), interrupted (Ctrl-C: no traceback from any process) or terminated: no segment is left
+    in /dev/shm, no worker lives on, no submission is written, and a rerun resumes right."""
+    import signal
+    import time
+
+    proc, before = _predict_until_decoding(tiny_bundle, big_split, tmp_path)
+    workers = _workers_of(proc.pid)
+    proc.send_signal({"kill": signal.SIGKILL, "interrupt": signal.SIGINT, "terminate": signal.SIGTERM}[how])
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    if how == "interrupt":
+        assert "Aborted!" in err and "Traceback" not in err, err[-3000:]
+    deadline = time.time() + 15
+    while (_segments() - before or any(os.path.exists(f"/proc/{w}") for w in workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _segments() - before == set()
+    assert not [w for w in workers if os.path.exists(f"/proc/{w}") and "zombie" not in open(f"/proc/{w}/status").read()
+                .lower()]
+    assert not (tmp_path / "sub.jsonl").exists()
+    accepted(muge("predict", "--bundle", tiny_bundle, "--data", big_split, "--split", "test", "--out",
+                  tmp_path / "sub.jsonl", "--cache-dir", tmp_path / "cache", "--workers", "2", "--batch-size", "16"))
+    assert _segments() - before == set()

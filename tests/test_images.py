@@ -8,7 +8,8 @@ import pytest
 from conftest import jpeg_bytes, rgb_at, write_tsv
 from PIL import Image
 
-from competition import ImageTSV, MugeDataError, SkippedImages, decode_image, iter_tsv
+from competition import ImageTSV, MugeDataError, SkippedImages, decode_image, iter_tsv, resize_image
+from competition.images import decode_image_pil
 
 
 def test_index_reads_by_id_and_matches_iteration(tmp_path):
@@ -185,3 +186,25 @@ def test_fast_jpeg_path_gives_pils_pixels(small_sample):
     assert _decode_plain_jpeg(truncated) is None  # a complaint: PIL raises the named error
     with pytest.raises(MugeDataError, match="truncated or corrupt"):
         decode_image(truncated)
+
+
+def test_pixels_straight_from_the_decoder_are_the_resized_images(small_sample):
+    """`decode_pixels` (predict's and training evaluation's path) gives `resize_image(decode_image())`
+    exactly, whether the JPEG is already the target size (decoded straight into the given buffer,
+    no PIL image) or not (resized), for every image of the sample and both resize rules."""
+    from competition.images import decode_pixels
+
+    straight = 0
+    for split in ("valid", "test"):
+        tsv = ImageTSV(str(small_sample / f"MR_{split}_imgs.tsv"))
+        for img_id in tsv.ids.tolist():
+            data = tsv.read_bytes(img_id)
+            for size, rule in ((224, "squash"), (64, "squash"), (96, "shorter-crop")):
+                expected = resize_image(decode_image_pil(data), size, rule)
+                out = np.full((2, size, size, 3), 7, np.uint8)
+                got = decode_pixels(data, size, rule, out=out[1])
+                assert np.array_equal(out[1], expected) and np.array_equal(got, expected), (img_id, size, rule)
+                assert (out[0] == 7).all()  # only the row given was written
+                straight += size == 224 and np.shares_memory(got, out)
+            assert np.array_equal(tsv.load_pixels(img_id, 224, "squash"), resize_image(tsv.load(img_id), 224))
+    assert straight > 0.9 * 2 * len(tsv)  # the sample's JPEGs are 224 x 224: most skip PIL entirely

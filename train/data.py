@@ -20,7 +20,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from competition import ImageTSV, MugeDataError, read_queries
-from competition.preprocess import resize_image
 
 from .config import Config, data_seed
 from .transform import augment_image, augment_text
@@ -142,7 +141,7 @@ class GalleryImages(Dataset):
     def __getitem__(self, i: int):
         img_id = int(self.tsv.ids[i])
         try:
-            return resize_image(self.tsv.load(img_id), self.size, self.rule), i, True
+            return self.tsv.load_pixels(img_id, self.size, self.rule), i, True
         except MugeDataError as err:
             if not self.skip_bad:
                 raise

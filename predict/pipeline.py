@@ -1,0 +1,245 @@
+"""Gallery decoding in worker processes, straight into shared memory.
+
+The main process creates a ring of batch slots, each one uint8 [batch, size, size, 3] buffer in
+`multiprocessing.shared_memory`, and starts `workers` decode processes that attach to all of them.
+A task names a slot and a range of TSV lines; the worker decodes each image of the range straight
+into the slot's rows (`competition.images.decode_pixels`: MUGE's 224 x 224 JPEGs go from the
+decoder into the buffer with no PIL image and no copy), zeroes the rows it left empty, and sends
+back only the slot, the kept positions and the images it could not decode. So the pixels never
+cross a pipe: the main process hands the slot's array to ONNX Runtime as it is, and a short
+batch is already padded where it lies.
+
+At most as many batches are in flight as there are slots (`2 x workers`, fewer when /dev/shm has
+not room for them), so memory stays bounded whatever the gallery. Batches come back in TSV order.
+Every slot is released however the ring ends: on return, error or Ctrl-C the main process stops
+its workers and unlinks the segments; if it is killed outright, multiprocessing's resource
+tracker (which registered each segment at creation) unlinks them, and the workers, which poll
+their parent, exit.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+
+from competition import ImageTSV, MugeDataError
+
+log = logging.getLogger(__name__)
+SHM_DIR = "/dev/shm"
+SHM_SHARE = 0.5  # of /dev/shm's free space, at most, for one ring (Docker's default /dev/shm is 64 MiB)
+
+
+def default_workers() -> int:
+    """Decode processes for this machine: every core this process may run on but one (for the
+    main process and ONNX Runtime), at least one. `os.sched_getaffinity` sees a container's CPU
+    set where `os.cpu_count()` sees the host's."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 2
+    return max(1, cores - 1)
+
+
+class PipelineError(RuntimeError):
+    """A decode worker died or failed outside the images' own errors."""
+
+
+@dataclass
+class Batch:
+    index: int               # the task's number: batches come back in this order
+    pixels: np.ndarray       # the slot, full capacity: rows [:count] decoded, the rest zeros
+    count: int
+    positions: np.ndarray    # TSV positions of the decoded rows
+    bad: list                # (img_id, line, reason) of the images left out (--skip-bad-images)
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """A segment the main process created, attached without registering it a second time with
+    the resource tracker (which would unlink it when this worker exits; Python < 3.13 has no
+    `track=False`). Its creator registered it and unlinks it."""
+    register = resource_tracker.register
+    resource_tracker.register = lambda *args, **kwargs: None
+    try:
+        return shared_memory.SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register
+
+
+def decode_into(tsv: ImageTSV, start: int, end: int, out: np.ndarray, size: int, rule: str, skip_bad: bool):
+    """Decode TSV positions [start, end) into the rows of `out`, kept images first; zero the
+    rows left over. Returns (kept positions, bad list)."""
+    kept, bad = [], []
+    for pos in range(start, end):
+        img_id = int(tsv.ids[pos])
+        try:
+            tsv.load_pixels(img_id, size, rule, out=out[len(kept)])
+        except MugeDataError as err:
+            if not skip_bad:
+                raise
+            bad.append((img_id, err.line or pos + 1, err.reason))
+            continue
+        kept.append(pos)
+    out[len(kept):] = 0  # a short batch, padded in place: black images whose outputs are dropped
+    return np.asarray(kept, np.int64), bad
+
+
+def _worker(worker: int, tsv_path: str, names: list[str], shape: tuple, size: int, rule: str, skip_bad: bool,
+            tasks, results, parent: int) -> None:
+    """A decode process: tasks in, (task, slot, kept, bad, error, worker, CPU seconds) out, the
+    CPU seconds counted from its first task (its start-up and imports left out)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    segments = [_attach(name) for name in names]
+    slots = [np.ndarray(shape, np.uint8, buffer=s.buf) for s in segments]
+    tsv = ImageTSV(tsv_path)
+    started = None
+    try:
+        while True:
+            try:
+                task = tasks.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != parent:  # the main process is gone (killed): so are we
+                    return
+                continue
+            if task is None:
+                return
+            index, slot, start, end = task
+            started = time.process_time() if started is None else started
+            try:
+                kept, bad = decode_into(tsv, start, end, slots[slot], size, rule, skip_bad)
+                err = None
+            except MugeDataError as exc:
+                kept, bad, err = None, None, exc
+            except Exception as exc:  # anything else: its text, so that the main process can say it
+                kept, bad, err = None, None, PipelineError(f"a decode worker failed: {type(exc).__name__}: {exc}")
+            results.put((index, slot, kept, bad, err, worker, time.process_time() - started))
+    finally:
+        del slots
+        for segment in segments:
+            segment.close()
+
+
+class DecodeRing:
+    """`with DecodeRing(...) as ring: for batch in ring.batches(ranges): ...` (module docstring).
+    With `workers=0` the batches are decoded in this process into one local buffer."""
+
+    def __init__(self, tsv_path: str, size: int, rule: str, batch_size: int, workers: int, skip_bad: bool = False):
+        self.tsv_path, self.size, self.rule, self.skip_bad = tsv_path, size, rule, skip_bad
+        self.shape = (batch_size, size, size, 3)
+        self.workers = workers
+        self.segments: list[shared_memory.SharedMemory] = []
+        self.processes: list = []
+        self.worker_cpu: dict[int, float] = {}  # worker -> CPU seconds decoding, as last reported
+
+    # -- set-up and tear-down ---------------------------------------------------------------------
+    def _slot_count(self) -> int:
+        wanted = 2 * max(1, self.workers)
+        slot_bytes = int(np.prod(self.shape))
+        try:
+            st = os.statvfs(SHM_DIR)
+            room = int(st.f_bavail * st.f_frsize * SHM_SHARE) // slot_bytes
+        except OSError:
+            return wanted
+        if room < 2:
+            raise OSError(28, f"{SHM_DIR} has room for {room} batch of {slot_bytes / 2**20:.0f} MiB "
+                              f"({self.shape[0]} images at {self.size} px) but the decode workers need 2: give the "
+                              "machine (or container: docker run --shm-size=1g) more shared memory, or lower "
+                              "--batch-size")
+        if room < wanted:
+            log.info("%s has room for %d batches in flight (of %d wanted): decoding with that many", SHM_DIR, room,
+                     wanted)
+        return min(wanted, room)
+
+    def __enter__(self) -> DecodeRing:
+        if self.workers == 0:
+            self.local = np.zeros(self.shape, np.uint8)
+            self.tsv = ImageTSV(self.tsv_path)
+            return self
+        try:
+            slots = self._slot_count()
+            nbytes = int(np.prod(self.shape))
+            for _ in range(slots):
+                self.segments.append(shared_memory.SharedMemory(create=True, size=nbytes))
+            self.arrays = [np.ndarray(self.shape, np.uint8, buffer=s.buf) for s in self.segments]
+            # spawn, not fork: a forked child can inherit a lock held by one of the parent's threads
+            # (ONNX Runtime, tqdm, the import lock) and hang
+            context = mp.get_context("spawn")
+            self.tasks, self.results = context.Queue(), context.Queue()
+            names = [s.name for s in self.segments]
+            for worker in range(self.workers):
+                process = context.Process(target=_worker, daemon=True,
+                                          args=(worker, self.tsv_path, names, self.shape, self.size, self.rule,
+                                                self.skip_bad, self.tasks, self.results, os.getpid()))
+                process.start()
+                self.processes.append(process)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers and release every slot (idempotent)."""
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            process.join(timeout=10)
+        self.processes = []
+        self.arrays = []
+        for segment in self.segments:
+            with contextlib.suppress(Exception):
+                segment.close()
+            with contextlib.suppress(FileNotFoundError):
+                segment.unlink()
+        self.segments = []
+
+    # -- the batches ------------------------------------------------------------------------------
+    def batches(self, ranges: list[tuple[int, int]]) -> Iterator[Batch]:
+        """Decode each (start, end) range of TSV positions; yield the batches in order. A batch's
+        slot is reused once the caller asks for the next batch: use `pixels` before that."""
+        if self.workers == 0:
+            for index, (start, end) in enumerate(ranges):
+                kept, bad = decode_into(self.tsv, start, end, self.local, self.size, self.rule, self.skip_bad)
+                yield Batch(index, self.local, len(kept), kept, bad)
+            return
+        free = list(range(len(self.segments)))
+        submitted, ready = 0, {}
+        for index in range(len(ranges)):
+            while free and submitted < len(ranges):
+                self.tasks.put((submitted, free.pop(), *ranges[submitted]))
+                submitted += 1
+            while index not in ready:
+                done, slot, kept, bad, err, worker, cpu = self._next_result()
+                self.worker_cpu[worker] = cpu
+                if err is not None:
+                    raise err
+                ready[done] = (slot, kept, bad)
+            slot, kept, bad = ready.pop(index)
+            yield Batch(index, self.arrays[slot], len(kept), kept, bad)
+            free.append(slot)
+
+    @property
+    def worker_cpu_s(self) -> float:
+        """CPU seconds the workers have spent decoding (0 without workers: the main process decodes)."""
+        return sum(self.worker_cpu.values())
+
+    def _next_result(self):
+        while True:
+            try:
+                return self.results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in self.processes if not p.is_alive()]
+                if dead:
+                    raise PipelineError(f"a decode worker died (exit code {dead[0].exitcode}); nothing was "
+                                        "written") from None
