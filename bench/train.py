@@ -126,7 +126,7 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, json_
 
     from competition.layout import split_files
     from train.config import ConfigError, load_config
-    from train.data import Collate
+    from train.data import Collate, stop_workers
     from train.loop import train_one_epoch, train_step
     from train.main import build_training
     from train.speed import compile_model
@@ -173,6 +173,7 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, json_
             stats = train_one_epoch(tr, tr.model, epoch, 0, max_batches=left, warmup=warmup if epoch == 0 else 0)
             samples, seconds = samples + stats.steady_samples, seconds + stats.steady_s
             left, epoch = left - min(left, len(tr.loader)), epoch + 1
+        stop_workers(tr.loader)
         loop = samples / max(seconds, 1e-9)
         loop_step_s = compiled_s if tr.compiled else eager_s
         ratio = loop / (bs / loop_step_s)

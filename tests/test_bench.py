@@ -96,6 +96,7 @@ def test_train_bench_reports_step_loop_and_pipeline(small_sample, tmp_path):
     assert peak_tflops("cpu", "fp32") is None
 
 
+@pytest.mark.slow
 def test_export_bench_runs_on_a_tiny_preset(tmp_path):
     """The benchmark itself (not its speed): builds, exports, times both encoders, outputs agree."""
     from bench.export import bench_preset

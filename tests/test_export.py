@@ -168,6 +168,7 @@ def test_gate_fails_non_finite_fp16_outputs_and_leaves_no_bundle(runs, small_sam
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow  # a whole chain twice: fused and int8 export, predict, then a plain export
 @pytest.mark.parametrize("family", ["dual", "chinese-clip"])
 def test_fused_and_int8_graphs_pass_the_gate_and_predict(runs, small_sample, tmp_path, family):
     """Transformer towers ship fused (one Attention node per layer; the tiny towers have 2), fp16

@@ -12,11 +12,11 @@ MUGE = [sys.executable, "-c", "from muge_cli import main; main()"]
 
 @pytest.fixture(scope="module")
 def big_split(small_sample, tmp_path_factory):
-    """The sample's test images repeated to 2,000 lines under new ids: a gallery that takes a
-    few seconds, so that two processes overlap on it."""
+    """The sample's test images repeated to 1,200 lines under new ids: a gallery that takes a
+    second or two, so that two processes overlap on it."""
     from bench.gpu import write_repeated_split
 
-    return write_repeated_split(str(small_sample), str(tmp_path_factory.mktemp("big")), 2000, 200)
+    return write_repeated_split(str(small_sample), str(tmp_path_factory.mktemp("big")), 1200, 200)
 
 
 @pytest.mark.slow
@@ -30,7 +30,7 @@ def test_two_predicts_share_one_cache_dir(tiny_bundle, big_split, tmp_path):
     for run, (_, err) in zip(runs, logs):
         assert run.returncode == 0, err[-3000:]
     assert (tmp_path / "sub0.jsonl").read_bytes() == (tmp_path / "sub1.jsonl").read_bytes()
-    embedded = sum(err.count("embedded 2000 images") for _, err in logs)
+    embedded = sum(err.count("embedded 1200 images") for _, err in logs)
     assert embedded == 1, [err[-1500:] for _, err in logs]  # one embeds, the other waits and reuses its work
     leftovers = [n for _, _, files in os.walk(tmp_path / "cache") for n in files if n.startswith(("chunk-", "."))
                  and n != ".lock"]
@@ -39,10 +39,10 @@ def test_two_predicts_share_one_cache_dir(tiny_bundle, big_split, tmp_path):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 160 KiB tmpfs, where the machine lets this process mount one (root with CAP_SYS_ADMIN)."""
+    """A 100 KiB tmpfs, where the machine lets this process mount one (root with CAP_SYS_ADMIN)."""
     mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)], capture_output=True,
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)], capture_output=True,
                           text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or 'mount failed'}): the disk-full test "
@@ -52,7 +52,7 @@ def tiny_disk(tmp_path):
 
 
 def test_a_full_disk_gets_a_clear_error_and_a_rerun_with_room_is_right(tiny_bundle, big_split, tmp_path, tiny_disk):
-    """The cache (2,000 x 32 float32 = 250 KiB of embeddings) does not fit in 160 KiB: a clear error
+    """The cache (1,200 x 32 float32 = 150 KiB of embeddings) does not fit in 100 KiB: a clear error
     naming the file, nothing half-written left; a rerun with room gives the single-run answer."""
     args = ["predict", "--bundle", tiny_bundle, "--data", big_split, "--split", "test", "--workers", "0"]
     refused(muge(*args, "--cache-dir", tiny_disk / "cache", "--out", tmp_path / "sub.jsonl"),
@@ -64,7 +64,7 @@ def test_a_full_disk_gets_a_clear_error_and_a_rerun_with_room_is_right(tiny_bund
     accepted(muge(*args, "--cache-dir", tmp_path / "fresh", "--out", tmp_path / "again.jsonl"))
     assert (tmp_path / "sub.jsonl").read_bytes() == (tmp_path / "again.jsonl").read_bytes()
     # the submission itself on a full disk: refused, naming it; nothing partial
-    (tiny_disk / "filler").write_bytes(b"\0" * (150 << 10))
+    (tiny_disk / "filler").write_bytes(b"\0" * (96 << 10))
     refused(muge(*args, "--cache-dir", tmp_path / "cache", "--out", tiny_disk / "sub.jsonl"),
             f"cannot write {tiny_disk / 'sub.jsonl'}", "No space left on device")
     assert sorted(os.listdir(tiny_disk)) == ["cache", "filler"]

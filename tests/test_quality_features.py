@@ -259,7 +259,7 @@ def test_zero_shot_export_of_a_local_chinese_clip_passes_the_gate_and_predicts(s
 def test_hard_sample_keeps_the_layout_with_fewer_positives(tmp_path):
     from competition.sample import EASY, HARD, make_sample
 
-    kw = dict(seed=3, n_train_queries=100, n_eval_queries=20, gallery_size=60, workers=1)
+    kw = dict(seed=3, n_train_queries=60, n_eval_queries=12, gallery_size=30, workers=1)
     easy = make_sample(tmp_path / "easy", **kw)
     make_sample(tmp_path / "default", **{**kw, "difficulty": EASY})
     hard = make_sample(tmp_path / "hard", **{**kw, "difficulty": HARD})
@@ -271,7 +271,7 @@ def test_hard_sample_keeps_the_layout_with_fewer_positives(tmp_path):
     assert {c for _, c, _ in attrs.values()} - set(EASY.colours)  # near shades occur
     for split in ("valid", "test"):
         queries = read_queries(str(tmp_path / "hard" / f"MR_{split}_queries.jsonl"))
-        assert len(queries) == 20
+        assert len(queries) == 12
     make_sample(tmp_path / "hard2", **{**kw, "difficulty": HARD})  # deterministic for a seed
     for name in ("MR_valid_imgs.tsv", "MR_train_queries.jsonl"):
         assert (tmp_path / "hard" / name).read_bytes() == (tmp_path / "hard2" / name).read_bytes()

@@ -128,6 +128,20 @@ def train_loader(dataset: PairDataset, tokenizer, cfg: Config, rank: int, world:
                       prefetch_factor=4 if cfg.data.workers else None)
 
 
+def stop_workers(loader: DataLoader) -> None:
+    """Stop a loader's persistent workers now. Left to the loader's collection (after a failed
+    run, at interpreter exit) each would be waited for up to 5 s while it decodes the batches
+    already prefetched for it."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+        return
+    for worker in getattr(iterator, "_workers", []):
+        if worker.is_alive():
+            worker.terminate()
+    iterator._shutdown_workers()
+    loader._iterator = None
+
+
 class GalleryImages(Dataset):
     """A gallery's images in file order, resized by the one shared function."""
 

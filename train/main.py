@@ -23,7 +23,7 @@ from competition.preprocess import TextTokenizer
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .config import Config, ConfigError, data_seed, save_config, to_dict
 from .curves import plot_curves, write_history
-from .data import PairDataset, train_loader
+from .data import PairDataset, stop_workers, train_loader
 from .distributed import World, barrier, cleanup, device_for, init_distributed
 from .ema import ModelEma
 from .evaluate import check_gallery, evaluate
@@ -161,6 +161,14 @@ def _run(cfg: Config, data_dir: str, out_dir: str, resume: bool, world: World) -
     ckpt = resumable_checkpoint(os.path.join(out_dir, "last.pt")) if resume else None  # refused before any work
     os.makedirs(out_dir, exist_ok=True)
     tr = build_training(cfg, train_files, out_dir, world)
+    try:
+        return _train(tr, cfg, valid_files, out_dir, resume, ckpt)
+    finally:
+        stop_workers(tr.loader)
+
+
+def _train(tr: Training, cfg: Config, valid_files, out_dir: str, resume: bool, ckpt: dict | None) -> dict:
+    world = tr.world
     if world.main and not cfg.eval.untrained and not cfg.data.skip_bad_images:
         # every valid image decodes, or the run stops now rather than after its first epoch
         check_gallery(valid_files[1], size=cfg.data.image_size, rule=cfg.data.resize_rule,
