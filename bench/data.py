@@ -23,6 +23,7 @@ from competition.layout import split_paths
 
 from .memory import children, memory_mib
 from .table import emit, table_options
+from .tsv import whole_tsv_dict
 
 CHARS = ("连衣裙女夏季新款韩版宽松显瘦白色黑色红色蓝色碎花长袖短袖"
          "男士运动鞋帆布鞋双肩包托特包斜挎包手机壳水杯马克杯帽子棒球帽")
@@ -119,11 +120,7 @@ def bench_data(images, pairs, batches, batch_size, workers, config_path, directo
                  "within": m["rss"] < (main_limit_mb if name == "main" else worker_limit_mb)}
                 for name, m in peak.items()]
         before = memory_mib()["rss"]
-        whole = {}
-        with open(tsv_path, "rb") as f:
-            for line in f:
-                tab = line.index(b"\t")
-                whole[int(line[:tab])] = line[tab + 1:]
+        whole = whole_tsv_dict(tsv_path)
         grown = memory_mib()["rss"] - before
         del whole
         ours = built["rss"] - base["rss"]

@@ -11,6 +11,8 @@ TINY_LAYERS = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads":
 
 BERT_BASE = {**BASE_LAYERS, "max_position_embeddings": 512}  # a dual text tower: `model.text.config`
 TINY_BERT = {**TINY_LAYERS, "max_position_embeddings": 64}
+TINY_CLIP = {"projection_dim": 32, "text_config": TINY_BERT,
+             "vision_config": {**TINY_LAYERS, "image_size": 32, "patch_size": 8}}
 
 # `model.config` of the chinese-clip family (ChineseCLIPConfig fields), at the sizes Chinese-CLIP
 # publishes (cn_clip/clip/model_configs): text RoBERTa-wwm-ext base (L/14 too) or large (H/14)
@@ -33,8 +35,6 @@ def with_layers(shape: dict, layers: int) -> dict:
     """A chinese-clip shape with `layers` layers in each tower (the same widths)."""
     return {**shape, "text_config": {**shape["text_config"], "num_hidden_layers": layers},
             "vision_config": {**shape["vision_config"], "num_hidden_layers": layers}}
-TINY_CLIP = {"projection_dim": 32, "text_config": {**TINY_LAYERS, "max_position_embeddings": 64},
-             "vision_config": {**TINY_LAYERS, "image_size": 32, "patch_size": 8}}
 
 
 def setting(key: str, value) -> str:

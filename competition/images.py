@@ -137,15 +137,19 @@ def _plain_jpeg_shape(data: bytes) -> tuple[int, int] | None:
     return height, width
 
 
-def _decode_plain_jpeg(data: bytes, out: np.ndarray | None = None) -> np.ndarray | None:
-    """The fast path: an RGB uint8 array (written into `out` when given), without PIL. None where
-    `_plain_jpeg_shape` says PIL decides, or the decoder complains."""
-    if _plain_jpeg_shape(data) is None:
-        return None
+def _simplejpeg_rgb(data: bytes, out: np.ndarray | None = None) -> np.ndarray | None:
+    """libjpeg-turbo's RGB uint8 array of a JPEG `_plain_jpeg_shape` accepted (written into `out`
+    when given), or None where the decoder complains."""
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=out)
     except ValueError:
         return None
+
+
+def _decode_plain_jpeg(data: bytes) -> np.ndarray | None:
+    """The fast path: an RGB uint8 array without PIL. None where `_plain_jpeg_shape` says PIL
+    decides, or the decoder complains."""
+    return None if _plain_jpeg_shape(data) is None else _simplejpeg_rgb(data)
 
 
 def decode_image(data: bytes, path=None, line: int | None = None, img_id: int | None = None,
@@ -165,12 +169,13 @@ def decode_pixels(data: bytes, size: int, rule: str, out: np.ndarray | None = No
     """Bytes of an image file -> uint8 [size, size, 3], the pixels `resize_image(decode_image(...))`
     gives, written into `out` when given. A plain JPEG already size x size (MUGE's images are
     224 x 224) decodes straight into the array: no PIL image, no copy."""
-    shape = _plain_jpeg_shape(data)
-    if shape == (size, size):
-        arr = _decode_plain_jpeg(data, out)
-        if arr is not None:
-            return arr
-    pixels = resize_image(decode_image(data, path, line, img_id), size, rule)
+    shape = _plain_jpeg_shape(data)  # the header, parsed once for both paths
+    fits = shape == (size, size)
+    arr = _simplejpeg_rgb(data, out if fits else None) if shape is not None else None
+    if arr is not None and fits:
+        return arr
+    image = Image.fromarray(arr, "RGB") if arr is not None else decode_image_pil(data, path, line, img_id)
+    pixels = resize_image(image, size, rule)
     if out is None:
         return pixels
     out[...] = pixels

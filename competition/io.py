@@ -95,12 +95,13 @@ def content_fingerprint(path, samples: int = 16, block: int = 4096) -> str:
     cost of a few reads."""
     st = os.stat(path)
     h = hashlib.blake2b(f"{st.st_size}|{st.st_mtime_ns}".encode(), digest_size=16)
+    edge = 65536
+    spans = [(0, edge), (max(0, st.st_size - edge), edge)]
+    spans += [(st.st_size * i // (samples + 1), block) for i in range(1, samples + 1)]
     with open(path, "rb") as f:
-        edge = 65536
-        offsets = [0, max(0, st.st_size - edge)] + [st.st_size * i // (samples + 1) for i in range(1, samples + 1)]
-        for offset in offsets:
+        for offset, length in spans:
             f.seek(offset)
-            h.update(f.read(edge if offset in offsets[:2] else block))
+            h.update(f.read(length))
     return h.hexdigest()
 
 

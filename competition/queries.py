@@ -40,9 +40,7 @@ def _detect_schema(obj: dict) -> str | None:
 
 
 def parse_query_line(raw: str, path, lineno: int, require_ids: bool | None) -> tuple[Query, str]:
-    """Parse one jsonl line into a Query and the schema it used."""
-    if not raw.strip():
-        raise MugeDataError(path, "blank line (every line must be one JSON object)", lineno)
+    """Parse one jsonl line (not blank: `iter_queries` skips those) into a Query and the schema it used."""
     try:
         obj = json.loads(raw.rstrip("\r\n"))  # the line's own columns in the error, not the next line's
     except json.JSONDecodeError as exc:

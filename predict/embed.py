@@ -5,9 +5,9 @@ shared-memory batch slots (`predict.pipeline`) while the main process runs the i
 each slot as it is: no pixel crosses a pipe, and at most `2 x workers` batches are in flight, so
 memory stays bounded whatever the gallery size. Embeddings are saved per chunk of TSV lines
 under a key made of the bundle's hash and the input file's fingerprint; a rerun reuses them and a
-run killed mid-gallery resumes from its last completed chunk. Processes that share a cache directory (a team on one
-box, `make -j`) take turns on a gallery through a lock file: the second waits, then reuses
-what the first wrote.
+run killed mid-gallery resumes from its last completed chunk. Processes that share a cache
+directory (a team on one box, `make -j`) take turns on a gallery through a lock file: the second
+waits, then reuses what the first wrote.
 """
 from __future__ import annotations
 

@@ -153,6 +153,7 @@ def tiny_chinese_clip_dir(path, small_sample, vocab=None, vocab_rows=None):
     import torch
     from transformers import BertTokenizerFast, ChineseCLIPConfig, ChineseCLIPModel
 
+    from bench.shapes import TINY_CLIP
     from competition.queries import iter_queries
     from train.tokenizer import build_char_vocab
 
@@ -162,10 +163,8 @@ def tiny_chinese_clip_dir(path, small_sample, vocab=None, vocab_rows=None):
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     BertTokenizerFast(vocab=str(path / "vocab.txt")).save_pretrained(str(path))  # (transformers 5 ignores vocab_file=)
     torch.manual_seed(0)
-    small = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "hidden_size": 32}
-    config = ChineseCLIPConfig(projection_dim=32, text_config={**small, "vocab_size": vocab_rows or len(vocab),
-                                                               "max_position_embeddings": 64},
-                               vision_config={**small, "image_size": 32, "patch_size": 8})
+    config = ChineseCLIPConfig(**{**TINY_CLIP, "text_config": {**TINY_CLIP["text_config"],
+                                                                "vocab_size": vocab_rows or len(vocab)}})
     ChineseCLIPModel(config).save_pretrained(str(path))
     return path
 

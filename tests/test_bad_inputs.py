@@ -360,6 +360,17 @@ def test_a_tokenizer_that_does_not_fit_the_text_tower_is_refused(small_sample, t
     assert not (tmp_path / "b").exists()
 
 
+def test_a_tokenizer_given_as_a_file_is_refused_not_swapped_for_cn_clips(small_sample, tmp_path):
+    """Only the weights' own file (no --tokenizer) means cn_clip's vocabulary; a file given as the
+    tokenizer is the user's, and one that is no tokenizer is named."""
+    from conftest import tiny_chinese_clip_dir
+
+    weights = tiny_chinese_clip_dir(tmp_path / "w", small_sample)
+    refused(_pretrained_export(weights, small_sample, tmp_path / "b", "--tokenizer", weights / "vocab.txt"),
+            f"{weights / 'vocab.txt'}: cannot load a tokenizer", "no bundle written")
+    assert not (tmp_path / "b").exists()
+
+
 # -- round 3: configs and runs ---------------------------------------------------------------------------
 @pytest.mark.parametrize("override, message", [
     ("train=0", "train is a section"), ("train.lr=null", "train.lr is a section"),

@@ -25,7 +25,6 @@ import re
 import torch
 
 from competition.errors import first_of
-from competition.io import sha256
 
 from .checkpoint import CheckpointError, WeightsError, load_weights
 
@@ -158,7 +157,8 @@ def to_hf_state_dict(state: dict, path: str = "the checkpoint") -> dict[str, tor
 
 
 def load_cnclip(path: str):
-    """(ChineseCLIPModel with the file's weights, the source record for the manifest)."""
+    """(ChineseCLIPModel with the file's weights, the source record for the manifest, less the
+    file's sha256: `ChineseCLIPEncoder.weights_source` adds it when asked)."""
     from transformers import ChineseCLIPModel
 
     state = read_checkpoint(path)
@@ -168,8 +168,7 @@ def load_cnclip(path: str):
         load_weights(model, to_hf_state_dict(state, path), path)
     except CheckpointError as exc:
         raise WeightsError(str(exc)) from None
-    source = {"pretrained": os.path.abspath(path), "format": "cn_clip checkpoint", "sha256": sha256(path),
-              "architecture": arch}
+    source = {"pretrained": os.path.abspath(path), "format": "cn_clip checkpoint", "architecture": arch}
     return model, source
 
 

@@ -74,7 +74,12 @@ class Training:
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-len(self.loader) // self.cfg.train.accum_steps)  # a short last group is stepped too
+        return steps_per_epoch(len(self.loader), self.cfg.train.accum_steps)
+
+
+def steps_per_epoch(batches: int, accum_steps: int) -> int:
+    """Optimizer steps in an epoch of `batches`: a short last group is stepped too."""
+    return -(-batches // accum_steps)
 
 
 def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str, world: World | None = None, *,
@@ -112,9 +117,8 @@ def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str
                           pad_to=cfg.data.max_text_length if compiled else None)
     trainable = apply_freeze(model, cfg.train.freeze, 0)
     optimizer = create_optimizer(model, cfg.train)
-    steps_per_epoch = -(-len(loader) // cfg.train.accum_steps)
-    scheduler = create_scheduler(optimizer, cfg.train.warmup_steps, total_steps or steps_per_epoch * cfg.train.epochs,
-                                 cfg.train.min_lr_ratio)
+    total_steps = total_steps or steps_per_epoch(len(loader), cfg.train.accum_steps) * cfg.train.epochs
+    scheduler = create_scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     criterion = ClipLoss(cfg.train.label_smoothing, cfg.train.hard_negative_margin, cfg.train.hard_negative_weight,
                          cfg.model.logit_scale_max)
     ema = ModelEma(model, cfg.train.ema) if cfg.train.ema else None

@@ -84,7 +84,7 @@ def projection_head(kind: str, in_dim: int, out_dim: int, dropout: float) -> nn.
                          nn.Linear(in_dim, out_dim))
 
 
-def hf_kwargs(name: str) -> dict:
+def _hf_kwargs(name: str) -> dict:
     # a local directory never touches the network
     return {"local_files_only": True} if os.path.isdir(name) else {}
 
@@ -93,12 +93,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 
 
 def hub_source(name: str, model) -> dict:
-    """{"pretrained": name, "revision" | "files": ...}: exactly which weights were loaded."""
-    from competition.io import sha256
-
+    """{"pretrained": name, "revision": ...} for a hub name, {"pretrained": the directory} for a
+    local one (whose files `ChineseCLIPEncoder.weights_source` hashes when asked)."""
     if os.path.isdir(name):
-        files = sorted(f for f in os.listdir(name) if f.endswith(WEIGHT_SUFFIXES))
-        return {"pretrained": os.path.abspath(name), "files": {f: sha256(os.path.join(name, f)) for f in files}}
+        return {"pretrained": os.path.abspath(name)}
     return {"pretrained": name, "revision": getattr(model.config, "_commit_hash", None)}
 
 
@@ -110,7 +108,7 @@ def load_pretrained(cls, name: str, what: str, **kwargs):
         raise WeightsError(f"{name}: a file; {what} weights here are a hub name or a directory (config.json beside "
                            "model.safetensors or pytorch_model.bin)")
     try:
-        model, info = cls.from_pretrained(name, output_loading_info=True, **hf_kwargs(name), **kwargs)
+        model, info = cls.from_pretrained(name, output_loading_info=True, **_hf_kwargs(name), **kwargs)
     except Exception as exc:  # OSError (not found, no network), safetensors / pickle / JSON errors, size mismatches
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise WeightsError(f"{name}: cannot load {what} weights ({type(exc).__name__}: {reason})") from None
@@ -273,7 +271,22 @@ class ChineseCLIPEncoder(RetrievalModel):
         self.pixels = PixelNormalize(CLIP_MEAN, CLIP_STD)
         self.logit_scale_max = logit_scale_max
         self.arch = {"clip_config": clip.config.to_dict(), "logit_scale_max": logit_scale_max}
-        self.source = source  # what pretrained weights were loaded (None: a random start)
+        self.source = source  # what pretrained weights were loaded (None: a random start); see weights_source
+
+    def weights_source(self) -> dict | None:
+        """`source` with the sha256 of the local weights it names (a cn_clip file, or each weight
+        file of a directory): exactly which weights were loaded, for the manifest. Hashed only when
+        asked (`train.pretrained`), not at every model creation: each training start on each rank
+        would read gigabytes for nothing."""
+        from competition.io import sha256
+
+        if self.source is None or "revision" in self.source:  # a random start, or a hub revision
+            return self.source
+        path = self.source["pretrained"]
+        if os.path.isfile(path):
+            return {**self.source, "sha256": sha256(path)}
+        files = sorted(f for f in os.listdir(path) if f.endswith(WEIGHT_SUFFIXES))
+        return {**self.source, "files": {f: sha256(os.path.join(path, f)) for f in files}}
 
     @property
     def image_size(self) -> int:

@@ -35,7 +35,8 @@ def pretrained_run(name: str, run_dir: str, tokenizer: str | None = None, max_te
     cfg.data.resize_rule = "squash"  # Chinese-CLIP resizes to a square, as the organisers' 224x224 images are
     cfg.data.text_normalization = "cn-clip"
     prepare_tokenizer(tokenizer, name, "", run_dir, cfg.data.max_text_length, cfg.data.text_normalization)
+    source = model.weights_source()
     save_checkpoint(os.path.join(run_dir, "best.pt"), {"model": model.state_dict(), "arch": arch,
                                                        "config": to_dict(cfg), "epoch": 0, "metrics": None,
-                                                       "source": model.source})
-    return model.source
+                                                       "source": source})
+    return source

@@ -40,7 +40,6 @@ def check_tokenizer(tokenizer: TextTokenizer, vocab_rows: int, texts: list[str],
     return share
 
 
-
 def _is_cjk(ch: str) -> bool:
     return "CJK" in unicodedata.name(ch, "")
 
@@ -94,10 +93,10 @@ def prepare_tokenizer(spec: str | None, source: str | None, train_queries: str, 
         name = spec or source
         if spec == "char-vocab":
             _save_wordpiece(build_char_vocab((q.text for q in iter_queries(train_queries)), normalization), tok_dir)
-        elif name and os.path.isfile(name):  # a Chinese-CLIP checkpoint: its package's vocabulary
+        elif spec is None and source and os.path.isfile(source):  # a Chinese-CLIP checkpoint: its package's vocabulary
             from .cnclip import CNCLIP_MAX_CHARS_PER_WORD, cn_clip_vocab
 
-            _save_wordpiece(read_vocab(cn_clip_vocab(name)), tok_dir, CNCLIP_MAX_CHARS_PER_WORD)
+            _save_wordpiece(read_vocab(cn_clip_vocab(source)), tok_dir, CNCLIP_MAX_CHARS_PER_WORD)
         elif name and os.path.isdir(name) and os.listdir(name) == ["vocab.txt"]:
             from .cnclip import CNCLIP_MAX_CHARS_PER_WORD
 
