@@ -1,6 +1,8 @@
 """Checkpoint -> bundle: `text.onnx`, `image.onnx` (transformer towers fused, `export.optimize`),
 their fp16 twins, with `--int8` their int8 twins, `tokenizer/` and `manifest.json`; everything
-`predict` needs and nothing more. Built in a temporary directory
+`predict` needs and nothing more. A graph over protobuf's 2 GiB limit has its tensors in
+`NAME.onnx.data` beside it (`export.graphs.save_graph`); the manifest's `files` hashes every
+file, and `external_data` names each graph's data file. Built in a temporary directory
 beside the destination and renamed into place only after every graph passes `onnx.checker`,
 loads in ONNX Runtime and passes the parity gate."""
 from __future__ import annotations
@@ -22,9 +24,9 @@ from competition.layout import split_files
 from competition.preprocess import TEXT_NORMALIZATION, TextTokenizer
 from train.tokenizer import check_tokenizer
 
-from .graphs import check_graph, load_run_model, to_fp16
+from .graphs import check_graph, free_memory, graph_files, load_run_model, to_fp16
 from .optimize import export_tower, prepare_fusion, to_int8
-from .parity import ParityError, ParityLimits, ParitySettings, run_parity
+from .parity import ParityError, ParityLimits, ParitySettings, check_bundle, gate_inputs, torch_embeddings
 
 log = logging.getLogger(__name__)
 FORMAT = "muge-bundle/1"
@@ -48,17 +50,25 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
                   limits: ParityLimits | None = None, device: str = "auto", fused: bool = True,
                   int8: bool = False) -> dict:
     """Write the bundle to `out_dir` (replacing an old one only on success); return its manifest.
-    `fused`: transformer towers exported for and through ORT's fusion; `int8`: add int8 graphs."""
+    `fused`: transformer towers exported for and through ORT's fusion; `int8`: add int8 graphs.
+
+    Memory: one copy of the weights (memory-mapped from the checkpoint); each tower's PyTorch
+    reference for the gate is computed, its graph written, and its weights freed before the next
+    tower; the gate then opens one graph at a time."""
     t0 = time.time()
+    settings = settings or ParitySettings()
     model, ckpt, ckpt_path = load_run_model(run_dir, checkpoint)
     cfg = ckpt["config"]
     size, max_len = cfg["data"]["image_size"], cfg["data"]["max_text_length"]
     queries_path, tsv_path = split_files(data_dir, "valid")
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
     normalization = cfg["data"].get("text_normalization", TEXT_NORMALIZATION)  # runs from before it was a setting
-    check_tokenizer(TextTokenizer(tokenizer_dir, max_len, normalization), model.text_vocab_rows,
-                    [q.text for q in read_queries(queries_path)[:2000]], tokenizer_dir)
+    tokenizer = TextTokenizer(tokenizer_dir, max_len, normalization)
+    check_tokenizer(tokenizer, model.text_vocab_rows, [q.text for q in read_queries(queries_path)[:2000]],
+                    tokenizer_dir)
+    inputs = gate_inputs(queries_path, tsv_path, settings, size, cfg["data"]["resize_rule"])
     plans = prepare_fusion(model, ckpt["arch"], fused)
+    logit_scale = float(model.logit_scale.detach().exp())
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     prefix = "." + os.path.basename(out_dir) + "."
@@ -68,34 +78,40 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
     _write_json(os.path.join(tmp, BUILDER), {"pid": os.getpid(), "host": socket.gethostname()})
     try:
         shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
-        example_text = (torch.randint(5, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long))
-        example_image = (torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8),)
-        exports, fusion = {}, {}
-        for kind, example in (("text", example_text), ("image", example_image)):
+        examples = {"text": (torch.randint(5, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)),
+                    "image": (torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8),)}
+        exports, fusion, reference = {}, {}, {}
+        for kind in ("text", "image"):
+            log.info("parity gate: PyTorch %s reference on %d %s ...", kind,
+                     *((len(inputs.texts), "queries") if kind == "text" else (len(inputs.ids), "images")))
+            reference[kind] = torch_embeddings(model, kind, inputs, tokenizer, settings.batch_size)
             path = os.path.join(tmp, f"{kind}.onnx")
-            exports[kind], fusion[kind] = export_tower(model, kind, path, example, plans[kind], opset=opset,
-                                                       exporter=exporter)
+            exports[kind], fusion[kind] = export_tower(model, kind, path, examples[kind], plans[kind], opset=opset,
+                                                       exporter=exporter, release=True)
             to_fp16(path, os.path.join(tmp, f"{kind}.fp16.onnx"))
             if int8:
                 to_int8(path, os.path.join(tmp, f"{kind}.int8.onnx"))
+        del model
+        free_memory()
         graphs = GRAPHS + (INT8_GRAPHS if int8 else ())
         for name in graphs:
             check_graph(os.path.join(tmp, name))
-        with torch.no_grad():
-            embed_dim = int(model.encode_text(*example_text).shape[1])
-            logit_scale = float(model.logit_scale.exp())
+        external = {name: [os.path.basename(p) for p in graph_files(os.path.join(tmp, name))[1:]] for name in graphs}
+        external = {name: data for name, data in external.items() if data}
+        files = [name for g in graphs for name in [g, *external.get(g, ())]]
         manifest = {
-            "format": FORMAT, "family": ckpt["arch"]["family"], "embed_dim": embed_dim,
+            "format": FORMAT, "family": ckpt["arch"]["family"], "embed_dim": int(reference["text"].shape[1]),
             "image_size": size, "resize_rule": cfg["data"]["resize_rule"], "image_input": "uint8 NHWC, resized",
             "max_text_length": max_len, "text_normalization": normalization, "logit_scale": logit_scale,
             "opset": opset,
             "exporter": exporter, "graph_exports": exports, "fusion": fusion,
             **_source(ckpt, ckpt_path),
-            "libraries": _versions(), "files": {n: sha256(os.path.join(tmp, n)) for n in graphs},
+            "libraries": _versions(), "files": {n: sha256(os.path.join(tmp, n)) for n in files},
+            **({"external_data": external} if external else {}),
         }
         _write_json(os.path.join(tmp, "manifest.json"), manifest)  # the gate runs the bundle as predict will
         log.info("parity gate on %s ...", data_dir)
-        report = run_parity(model, tmp, queries_path, tsv_path, settings=settings, limits=limits, device=device)
+        report = check_bundle(reference, tmp, inputs, settings=settings, limits=limits, device=device)
         log.log(logging.INFO if report.passed else logging.ERROR, "%s", report.render())
         if not report.passed:
             raise ParityError(report)
@@ -121,6 +137,7 @@ def export_pretrained(name: str, out_dir: str, data_dir: str, tokenizer: str | N
     staging = tempfile.mkdtemp(prefix=".pretrained-", dir=parent)
     try:
         pretrained_run(name, staging, tokenizer)
+        free_memory()  # the loaded file and the model it filled, before the export loads best.pt
         return export_bundle(staging, out_dir, data_dir, checkpoint="best", **export_options)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

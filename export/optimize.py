@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 
-from .graphs import captured_logs, export_graph
+from .graphs import captured_logs, export_graph, free_memory, graph_bytes, over_limit, relocate, save_graph
 
 log = logging.getLogger(__name__)
 TRANSFORMER_EXPORT = {"exporter": "torchscript", "opset": 17}
@@ -54,36 +56,91 @@ def prepare_fusion(model, arch: dict, fused: bool = True) -> dict:
 
 
 def export_tower(model, kind: str, path: str, example: tuple, plan: dict | None, *, opset: int = 18,
-                 exporter: str = "dynamo") -> tuple[str, dict]:
-    """Export one tower as a bundle ships it: a tower with a fusion `plan` through
-    `TRANSFORMER_EXPORT` and `fuse`, any other with `exporter` / `opset`. Returns (how it was
-    exported, the fused-op counts)."""
+                 exporter: str = "dynamo", release: bool = False) -> tuple[str, dict]:
+    """Export one tower as a bundle ships it, at `path` (`save_graph`'s layout): a tower with a
+    fusion `plan` through `TRANSFORMER_EXPORT` and `fuse`, any other with `exporter` / `opset`.
+    `release`: free the torch tower's weights once the exporter has written its graph. Returns
+    (how it was exported, the fused-op counts)."""
     how = TRANSFORMER_EXPORT if plan else {"exporter": exporter, "opset": opset}
     log.info("exporting the %s encoder (%s, opset %d) ...", kind, how["exporter"], how["opset"])
-    export_graph(model, kind, path, example, how["opset"], how["exporter"])
-    return f"{how['exporter']}, opset {how['opset']}", fuse(path, plan) if plan else {}
+    staging = tempfile.mkdtemp(prefix=f".{kind}-export-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        raw = os.path.join(staging, "graph.onnx")
+        export_graph(model, kind, raw, example, how["opset"], how["exporter"])
+        if release:
+            model.release_tower(kind)
+        free_memory()
+        counts = fuse(raw, path, plan) if plan else {}
+        if not plan:
+            relocate(raw, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        free_memory()
+    return f"{how['exporter']}, opset {how['opset']}", counts
 
 
 def attention_nodes(counts: dict) -> int:
     return counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0)
 
 
-def fuse(path: str, plan: dict) -> dict:
-    """Fuse the graph at `path` in place; returns the fused-op counts (zeros left out)."""
+@contextlib.contextmanager
+def _working_dir(path: str):
+    saved = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(saved)
+
+
+def fuse(src: str, dst: str, plan: dict) -> dict:
+    """Fuse the graph at `src` into `dst` (`save_graph`); returns the fused-op counts (zeros left
+    out). The optimizer works on the graph with its weights left on disk: its shape inference
+    copies (and serialises) the whole model once per fusion pass, which at ViT-H/14's 2.5 GB image
+    tower took 18 GB and cannot serialise a graph over 2 GiB. The few weights a fusion rewrites
+    (q, k, v into one projection) are read from the data file, relative to the working directory;
+    every other weight is loaded back before the fused graph is written."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model
     from onnxruntime.transformers.optimizer import optimize_model
 
-    with contextlib.ExitStack() as quiet:  # the optimizer's per-step notes; its result is logged below
-        for name in OPTIMIZER_LOGGERS:
+    folder = os.path.dirname(os.path.abspath(src))
+    weightless = os.path.join(folder, "weightless.onnx")
+    model = onnx.load(src)
+    onnx.save_model(model, weightless, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weightless.onnx.data", size_threshold=1024)
+    del model
+    free_memory()
+    with contextlib.ExitStack() as quiet, _working_dir(folder):
+        for name in OPTIMIZER_LOGGERS:  # the optimizer's per-step notes; its result is logged below
             quiet.enter_context(captured_logs(name))
-        model = optimize_model(path, model_type=plan["model_type"], num_heads=plan["num_heads"],
-                               hidden_size=plan["hidden_size"], opt_level=0)
-        counts = {k: v for k, v in model.get_fused_operator_statistics().items() if v and k in FUSED_OPS}
-        model.save_model_to_file(path)
+        optimized = optimize_model(onnx.load(weightless, load_external_data=False), model_type=plan["model_type"],
+                                   num_heads=plan["num_heads"], hidden_size=plan["hidden_size"], opt_level=0)
+        counts = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v and k in FUSED_OPS}
+        optimized.topological_sort()
+        fused = optimized.model
+        del optimized
+        load_external_data_for_model(fused, folder)
+    for tensor in _get_all_tensors(fused):  # as a graph that never had external data: the field unset
+        if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.DEFAULT:
+            tensor.ClearField("data_location")
+    save_graph(_with_ms_opset(fused), dst)
+    del fused
+    free_memory()
     attention = attention_nodes(counts)
     level = logging.INFO if attention == plan["layers"] else logging.WARNING
-    log.log(level, "%s: fused %s (%d attention nodes for %d layers)", os.path.basename(path),
+    log.log(level, "%s: fused %s (%d attention nodes for %d layers)", os.path.basename(dst),
             ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing", attention, plan["layers"])
     return counts
+
+
+def _with_ms_opset(model):
+    """The fused graph's contrib ops need the com.microsoft opset declared (as ORT's own save adds)."""
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and \
+            not any(o.domain == "com.microsoft" for o in model.opset_import):
+        opset = model.opset_import.add()
+        opset.domain, opset.version = "com.microsoft", 1
+    return model
 
 
 def to_int8(src: str, dst: str) -> str:
@@ -95,20 +152,29 @@ def to_int8(src: str, dst: str) -> str:
     # dims) can contradict that inference, so the copy it reads carries none
     model = onnx.load(src)
     del model.graph.value_info[:]
-    plain = dst + ".in.onnx"
-    onnx.save_model(model, plain)
+    plain, out = dst + ".in.onnx", dst + ".out.onnx"
+    large = over_limit(model)
+    save_graph(model, plain)
+    del model
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs a line per tensor to the root logger, and advice
     try:
-        quantize_dynamic(plain, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm", "Attention"],
+        # a source over the protobuf limit is quantized with external data, then written in our layout
+        quantize_dynamic(plain, out if large else dst, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm", "Attention"], use_external_data_format=large,
                          # the fused graph's contrib ops carry no type information for the quantizer
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        if large:
+            relocate(out, dst)
     finally:
+        free_memory()
         root.setLevel(level)
-        os.remove(plain)
+        for leftover in os.listdir(os.path.dirname(os.path.abspath(dst))):
+            if leftover.startswith((os.path.basename(plain), os.path.basename(out))):
+                os.remove(os.path.join(os.path.dirname(os.path.abspath(dst)), leftover))
     log.info("%s -> %s (int8 weights, %.0f -> %.0f MiB)", os.path.basename(src), os.path.basename(dst),
-             os.path.getsize(src) / 2**20, os.path.getsize(dst) / 2**20)
+             graph_bytes(src) / 2**20, graph_bytes(dst) / 2**20)
     return dst
 
 

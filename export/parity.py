@@ -21,7 +21,9 @@ rendered for the log and serialised into the manifest in one place.
 - int8 graphs (`muge export --int8`), when the bundle has them: the same cosine, ranking and
   recall checks against PyTorch, with the `int8` limits (int8 weights move scores more).
 - Every output finite: a NaN or inf embedding fails the gate, naming the graph and the input.
-The bundle is run through `predict.runtime`, i.e. exactly as `muge predict` will run it.
+The bundle is run through `predict.runtime`, i.e. exactly as `muge predict` will run it, one
+graph at a time; the PyTorch reference is computed before (`torch_embeddings`), so an export can
+free each torch tower once its graph is written.
 """
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ from tqdm import tqdm
 
 from competition import ImageTSV, read_queries, score_predictions
 from competition.topk import exact_topk, first_nonfinite_row
-from predict.runtime import BundleEncoders, RuntimeChoice, choose_runtime, has_graphs
+from predict.runtime import BundleEncoders, RuntimeChoice, bundle_tokenizer, choose_runtime, has_graphs, read_manifest
+
+from .graphs import free_memory
 
 log = logging.getLogger(__name__)
 REDUCED = ("fp16", "int8")  # the precisions checked by cosine, ranking and recall
@@ -136,8 +140,20 @@ class ParityError(RuntimeError):
         super().__init__("parity gate failed: " + "; ".join(report.failures))
 
 
-def gate_subset(queries_path: str, tsv: ImageTSV, settings: ParitySettings):
-    """(query texts, gallery ids, {row in texts: query} scored for recall): see the module docstring."""
+@dataclass
+class GateInputs:
+    """The gate's subset (module docstring): query texts, gallery ids and their pixels as predict
+    feeds them, and {row in texts: query} of the queries scored for recall."""
+
+    texts: list[str]
+    ids: list[int]
+    scored: dict
+    pixels: np.ndarray
+
+
+def gate_inputs(queries_path: str, tsv_path: str, settings: ParitySettings, image_size: int,
+                resize_rule: str) -> GateInputs:
+    tsv = ImageTSV(tsv_path)
     queries = read_queries(queries_path)[:settings.queries]
     n_gallery = min(settings.gallery, len(tsv))
     chosen: dict[int, None] = {}  # insertion-ordered set
@@ -152,7 +168,9 @@ def gate_subset(queries_path: str, tsv: ImageTSV, settings: ParitySettings):
         if len(chosen) >= n_gallery:
             break
         chosen.setdefault(img_id)
-    return [q.text for q in queries], list(chosen), scored
+    ids = list(chosen)
+    pixels = np.stack([tsv.load_pixels(i, image_size, resize_rule) for i in ids])
+    return GateInputs([q.text for q in queries], ids, scored, pixels)
 
 
 def ranking_agreement(ref_q: np.ndarray, ref_g: np.ndarray, cand_q: np.ndarray, cand_g: np.ndarray,
@@ -180,40 +198,58 @@ def _cosine(a, b) -> float:
     return float(np.min(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
 
 
+@torch.no_grad()
+def torch_embeddings(model, kind: str, inputs: GateInputs, tokenizer, batch_size: int) -> np.ndarray:
+    """One tower of the PyTorch model (on the CPU, fp32) on the gate's inputs: the reference the
+    graphs must match."""
+    model.eval()
+    if kind == "text":
+        def encode(batch):
+            ids, mask = tokenizer(batch)
+            return model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        return _batched(encode, inputs.texts, batch_size, "parity: torch text")
+    return _batched(lambda batch: model.encode_image(torch.from_numpy(batch)).numpy(), inputs.pixels, batch_size,
+                    "parity: torch image")
+
+
 def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, *, settings: ParitySettings | None = None,
                limits: ParityLimits | None = None, device: str = "auto") -> ParityReport:
-    """Compare PyTorch and every precision of the bundle; return the report (raise nothing)."""
-    settings, limits = settings or ParitySettings(), limits or ParityLimits()
-    tsv = ImageTSV(tsv_path)
-    texts, ids, scored = gate_subset(queries_path, tsv, settings)
-    bs = settings.batch_size
-    fp32 = BundleEncoders(bundle_dir, choice=RuntimeChoice(("CPUExecutionProvider",), False), batch_size=bs,
-                          text_batch=bs)
-    gpu = choose_runtime(device, "fp16")
-    reduced = {"fp16": BundleEncoders(bundle_dir, choice=RuntimeChoice(gpu.providers, True), batch_size=bs,
-                                      text_batch=bs)}
-    if has_graphs(fp32.manifest, "int8"):
-        reduced["int8"] = BundleEncoders(bundle_dir, choice=choose_runtime("cpu", "int8"), batch_size=bs,
-                                         text_batch=bs)
-    pixels = np.stack([tsv.load_pixels(i, fp32.image_size, fp32.resize_rule) for i in ids])
+    """The gate on a written bundle against `model`: its reference embeddings, then `check_bundle`."""
+    settings = settings or ParitySettings()
+    manifest = read_manifest(bundle_dir)
+    inputs = gate_inputs(queries_path, tsv_path, settings, int(manifest["image_size"]), manifest["resize_rule"])
+    tokenizer = bundle_tokenizer(bundle_dir, manifest)
     model = model.eval().float().cpu()
+    reference = {kind: torch_embeddings(model, kind, inputs, tokenizer, settings.batch_size)
+                 for kind in ("text", "image")}
+    return check_bundle(reference, bundle_dir, inputs, settings=settings, limits=limits, device=device)
 
-    @torch.no_grad()
-    def torch_text(batch):
-        a, m = fp32.tokenizer(batch)
-        return model.encode_text(torch.from_numpy(a), torch.from_numpy(m)).numpy()
 
-    @torch.no_grad()
-    def torch_image(batch):
-        return model.encode_image(torch.from_numpy(batch)).numpy()
-
-    outputs = {}
-    runs = [("torch", torch_text, torch_image), ("fp32", fp32.encode_text, fp32.encode_images)]
-    runs += [(name, enc.encode_text, enc.encode_images) for name, enc in reduced.items()]
-    for name, text_fn, image_fn in runs:
-        outputs[name] = (_batched(text_fn, texts, bs, f"parity: {name} text"),
-                         _batched(image_fn, pixels, bs, f"parity: {name} image"))
-    report = ParityReport(len(texts), len(ids), len(scored), bs, gpu.device, limits)
+def check_bundle(reference: dict, bundle_dir: str, inputs: GateInputs, *, settings: ParitySettings | None = None,
+                 limits: ParityLimits | None = None, device: str = "auto") -> ParityReport:
+    """Compare every precision of the bundle with the PyTorch `reference` ({text, image}
+    embeddings of `inputs`); return the report (raise nothing). Each graph's session is opened
+    alone and closed before the next: at ViT-H/14 one fp32 image session holds gigabytes."""
+    settings, limits = settings or ParitySettings(), limits or ParityLimits()
+    texts, ids, scored = inputs.texts, inputs.ids, inputs.scored
+    bs = settings.batch_size
+    fp16_runtime = choose_runtime(device, "fp16")
+    choices = {"fp32": RuntimeChoice(("CPUExecutionProvider",), False),
+               "fp16": RuntimeChoice(fp16_runtime.providers, True)}
+    if has_graphs(read_manifest(bundle_dir), "int8"):
+        choices["int8"] = choose_runtime("cpu", "int8")
+    outputs = {"torch": (reference["text"], reference["image"])}
+    for name, choice in choices.items():
+        feats = []
+        for kind in ("text", "image"):
+            encoders = BundleEncoders(bundle_dir, choice=choice, batch_size=bs, text_batch=bs, towers=(kind,))
+            encode, items = (encoders.encode_text, texts) if kind == "text" else (encoders.encode_images,
+                                                                                   inputs.pixels)
+            feats.append(_batched(encode, items, bs, f"parity: {name} {kind}"))
+            del encoders, encode  # the session goes before the next opens
+            free_memory()
+        outputs[name] = tuple(feats)
+    report = ParityReport(len(texts), len(ids), len(scored), bs, fp16_runtime.device, limits)
     finite = {}
     for name, (text_feats, image_feats) in outputs.items():
         finite[name] = True
@@ -231,8 +267,8 @@ def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, *, sett
         for kind, value in (("text", report.fp32.max_abs_text), ("image", report.fp32.max_abs_image)):
             if not value <= limits.fp32_max_abs:
                 report.failures.append(f"fp32 {kind} max |diff| {value:.3g} > {limits.fp32_max_abs:g}")
-    for name in reduced:
-        if finite["torch"] and finite[name]:
+    for name in choices:
+        if name != "fp32" and finite["torch"] and finite[name]:
             result, failures = reduced_parity(name, getattr(limits, name), outputs["torch"], outputs[name], ids,
                                               scored)
             setattr(report, name, result)

@@ -13,6 +13,7 @@ once, in `warmup`, instead of on every tail batch.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -136,10 +137,24 @@ def read_manifest(bundle_dir: str) -> dict:
     return manifest
 
 
+def external_data(manifest: dict, graph: str) -> list[str]:
+    """The external-data files of `graph` (one, `GRAPH.data`, for a graph over protobuf's 2 GiB
+    limit; none otherwise)."""
+    return list(manifest.get("external_data", {}).get(graph, ()))
+
+
 def verify_graph(bundle_dir: str, name: str, manifest: dict) -> str:
-    """The graph's sha256, which must be the manifest's: a graph copied in from another export
-    (or damaged) would otherwise give silently wrong embeddings, and reuse a stale cache. Hashing
-    is skipped while the file's inode, size, mtime and ctime are those of its last verification."""
+    """The graph's sha256, which must be the manifest's, as must each of its external-data files':
+    a graph copied in from another export (or damaged) would otherwise give silently wrong
+    embeddings, and reuse a stale cache. Returns the digest caches are keyed by: the graph's
+    sha256, combined with its data files' where it has any."""
+    digests = [_verified_sha256(bundle_dir, f, manifest) for f in [name, *external_data(manifest, name)]]
+    return digests[0] if len(digests) == 1 else hashlib.sha256("|".join(digests).encode()).hexdigest()
+
+
+def _verified_sha256(bundle_dir: str, name: str, manifest: dict) -> str:
+    """One file's sha256 checked against the manifest's. Hashing is skipped while the file's inode,
+    size, mtime and ctime are those of its last verification (`VERIFIED`)."""
     path = os.path.join(bundle_dir, name)
     expected = manifest["files"].get(name)
     if not os.path.isfile(path):
@@ -157,8 +172,9 @@ def verify_graph(bundle_dir: str, name: str, manifest: dict) -> str:
     if not isinstance(stamps, dict) or stamps.get(name) != stamp:
         actual = sha256(path)
         if actual != expected:
+            what = "external data" if name.endswith(".data") else "graph"
             raise BundleError(f"{path}: its sha256 {actual[:16]}... is not the manifest's {expected[:16]}...: the "
-                              "graph was altered or copied from another export; re-export the bundle")
+                              f"{what} was altered, truncated or copied from another export; re-export the bundle")
         try:
             atomic_write_text(stamps_path, json.dumps({**(stamps if isinstance(stamps, dict) else {}), name: stamp}))
         except OSError:  # a read-only bundle is verified again next time
@@ -166,15 +182,30 @@ def verify_graph(bundle_dir: str, name: str, manifest: dict) -> str:
     return expected
 
 
+def bundle_tokenizer(bundle_dir: str, manifest: dict) -> TextTokenizer:
+    """The bundle's tokenizer with its length and text normalisation, as predict tokenizes."""
+    tokenizer_dir = os.path.join(bundle_dir, "tokenizer")
+    try:
+        return TextTokenizer(tokenizer_dir, int(manifest["max_text_length"]),
+                             manifest.get("text_normalization", TEXT_NORMALIZATION))
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{os.path.join(bundle_dir, MANIFEST)}: bad value ({exc})") from None
+    except Exception as exc:  # the tokenizers library raises its own exception type
+        raise BundleError(f"{tokenizer_dir}: no readable tokenizer.json ({str(exc).splitlines()[0][:200]}); "
+                          "re-export the bundle") from None
+
+
 class BundleEncoders:
     """The bundle's two encoders behind numpy in / numpy out, at fixed input shapes.
 
     `batch_size`: images per image-graph call (default per device, `DEFAULT_BATCH`). Every call
-    runs at exactly that batch; `text_batch` likewise for the text graph.
+    runs at exactly that batch; `text_batch` likewise for the text graph. `towers`: the graphs
+    to load (the parity gate opens one at a time).
     """
 
     def __init__(self, bundle_dir: str, device: str = "auto", precision: str = "auto", threads: int | None = None,
-                 choice: RuntimeChoice | None = None, batch_size: int | None = None, text_batch: int = TEXT_BATCH):
+                 choice: RuntimeChoice | None = None, batch_size: int | None = None, text_batch: int = TEXT_BATCH,
+                 towers: tuple[str, ...] = ("text", "image")):
         self.bundle_dir = bundle_dir
         self.manifest = read_manifest(bundle_dir)
         self.choice = choice or choose_runtime(device, precision)
@@ -182,23 +213,20 @@ class BundleEncoders:
         if self.choice.int8 and not has_graphs(self.manifest, "int8"):
             raise BundleError(f"{bundle_dir} has no int8 graphs: export it with `muge export --int8`, or predict "
                               "with another --precision")
+        graphs = {"text": self.text_graph, "image": self.image_graph}
         # what is really loaded: caches are keyed by these hashes
-        self.graph_hashes = {g: verify_graph(bundle_dir, g, self.manifest) for g in (self.text_graph, self.image_graph)}
-        self.text = _load_session(os.path.join(bundle_dir, self.text_graph), self.choice, threads)
-        self.image = _load_session(os.path.join(bundle_dir, self.image_graph), self.choice, threads)
-        tokenizer_dir = os.path.join(bundle_dir, "tokenizer")
+        self.graph_hashes = {graphs[t]: verify_graph(bundle_dir, graphs[t], self.manifest) for t in towers}
+        self.text, self.image = (_load_session(os.path.join(bundle_dir, graphs[t]), self.choice, threads)
+                                 if t in towers else None for t in ("text", "image"))
         try:
             self.image_size = int(self.manifest["image_size"])
             self.resize_rule = str(self.manifest["resize_rule"])
             self.dim = int(self.manifest["embed_dim"])
-            self.tokenizer = TextTokenizer(tokenizer_dir, int(self.manifest["max_text_length"]),
-                                           self.manifest.get("text_normalization", TEXT_NORMALIZATION))
         except (TypeError, ValueError) as exc:
             raise BundleError(f"{os.path.join(bundle_dir, MANIFEST)}: bad value ({exc})") from None
-        except Exception as exc:  # the tokenizers library raises its own exception type
-            raise BundleError(f"{tokenizer_dir}: no readable tokenizer.json ({str(exc).splitlines()[0][:200]}); "
-                              "re-export the bundle") from None
-        self._check_graph_inputs()
+        self.tokenizer = bundle_tokenizer(bundle_dir, self.manifest)
+        if self.image is not None:
+            self._check_graph_inputs()
         self.batch_size = int(batch_size or DEFAULT_BATCH[self.choice.device])
         self.text_batch = int(text_batch)
         self.lengths = text_lengths(self.tokenizer.max_length)
@@ -234,9 +262,10 @@ class BundleEncoders:
     def warmup(self) -> float:
         """Run every input shape once (on CUDA each new shape costs seconds); returns seconds."""
         t0 = time.perf_counter()
-        self._run_images(np.zeros((self.batch_size, self.image_size, self.image_size, 3), np.uint8))
+        if self.image is not None:
+            self._run_images(np.zeros((self.batch_size, self.image_size, self.image_size, 3), np.uint8))
         empty = np.zeros((0, 0), np.int64)
-        for length in self.lengths:
+        for length in self.lengths if self.text is not None else ():
             self._run_text(empty, empty, length)
         return time.perf_counter() - t0
 

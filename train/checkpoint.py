@@ -33,11 +33,13 @@ def save_checkpoint(path: str, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
+def load_checkpoint(path: str, map_location="cpu", mmap: bool = False) -> dict:
+    """The checkpoint's dict; with `mmap` its tensors are pages of the file, read when used (an
+    export holds one copy of the weights, not two)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()[-1][:200]
         raise CheckpointError(f"{path}: refused: it holds pickled objects other than tensors and plain data, which "
@@ -56,11 +58,15 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return ckpt
 
 
-def load_weights(model, state: dict, path: str, hint: str = "") -> None:
+def load_weights(model, state: dict, path: str, hint: str = "", assign: bool = False) -> None:
     """`model.load_state_dict(state)`, or a CheckpointError naming what does not fit (rather than
-    torch's page of size mismatches)."""
+    torch's page of size mismatches). `assign`: the model takes `state`'s tensors themselves (one
+    copy of the weights in memory, not two), cast where their dtype is not the model's."""
+    if assign:
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        state = {k: v.to(dtypes[k]) if k in dtypes and v.dtype != dtypes[k] else v for k, v in state.items()}
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=assign)
     except RuntimeError:
         ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         theirs = {k: tuple(v.shape) for k, v in state.items()}

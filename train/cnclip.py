@@ -45,8 +45,8 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     if not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):  # torch's zip, or a legacy pickle
         raise WeightsError(f"{path}: not a Chinese-CLIP checkpoint file (a torch .pt); weights are a hub name, a "
                            "transformers directory, or a cn_clip .pt file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # torch's zip format is memory-mapped: the model takes its tensors without a second copy
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=magic.startswith(b"PK"))
     except pickle.UnpicklingError as exc:
         raise WeightsError(f"{path}: refused: it holds pickled objects other than tensors and plain data, which "
                              f"could run code when loaded ({str(exc).strip().splitlines()[-1][:200]})") from None
@@ -165,7 +165,7 @@ def load_cnclip(path: str):
     arch = infer_architecture(state, path)
     model = ChineseCLIPModel(hf_config(arch))
     try:
-        load_weights(model, to_hf_state_dict(state, path), path)
+        load_weights(model, to_hf_state_dict(state, path), path, assign=True)
     except CheckpointError as exc:
         raise WeightsError(str(exc)) from None
     source = {"pretrained": os.path.abspath(path), "format": "cn_clip checkpoint", "architecture": arch}

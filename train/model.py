@@ -170,6 +170,12 @@ class RetrievalModel(nn.Module):
     def to_arch(self) -> dict:
         return {"family": self.family, **self.arch}
 
+    def release_tower(self, kind: str) -> None:
+        """Free the weights of one tower (`text` | `image`), moved to the meta device: an export
+        that has written a tower's graph needs them no more, and at ViT-H/14 they are gigabytes."""
+        for module in self.tower_modules(kind):
+            module.to("meta")
+
     @property
     def text_vocab_rows(self) -> int:
         """Rows of the text tower's token embedding: the ids a tokenizer may emit."""
@@ -232,6 +238,9 @@ class DualEncoder(RetrievalModel):
     @property
     def text_tower(self):
         return self.text
+
+    def tower_modules(self, kind: str) -> tuple[nn.Module, ...]:
+        return (self.text, self.pool, self.text_proj) if kind == "text" else (self.image, self.image_proj)
 
     def encode_text(self, input_ids, attention_mask):
         hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -300,6 +309,11 @@ class ChineseCLIPEncoder(RetrievalModel):
     @property
     def text_tower(self):
         return self.clip.text_model
+
+    def tower_modules(self, kind: str) -> tuple[nn.Module, ...]:
+        clip = self.clip
+        return (clip.text_model, clip.text_projection) if kind == "text" else (clip.vision_model,
+                                                                               clip.visual_projection)
 
     @staticmethod
     def tokenizer_source(cfg: ModelConfig) -> str | None:

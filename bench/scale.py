@@ -1,0 +1,359 @@
+"""`muge bench scale`: the Chinese-CLIP presets at their published shapes, end to end, on this
+machine: what grows with the model (protobuf's 2 GiB limit, memory, time) seen at real size.
+
+For each preset (B/16, L/14, L/14@336px, H/14 with their RoBERTa text towers):
+1. a random-weight checkpoint at the published shape in Chinese-CLIP's released format, made
+   with cn_clip's own `CLIP` class from its own `model_configs/` (reused when present);
+2. `muge export --pretrained CKPT` on a small split with small parity sets;
+3. `muge predict` of that split's valid queries, compared with cn_clip's own `encode_*`
+   rankings on the same images (top-10 overlap, MeanRecall);
+4. two steps of `muge train --config configs/PRESET.yaml --set model.name=CKPT` with the preset's
+   own gradient cache, checkpointing and augmentation at a small batch, where memory allows;
+5. the training memory the preset's comment quotes: weights + gradients + AdamW state counted
+   on the model after one optimizer step, and the activations held per pair with gradient
+   checkpointing (tensors saved for backward under bf16 autocast, counted on the CPU; plus one
+   layer's recompute at backward).
+Each stage runs as its own `muge` process: its wall time and peak resident set (the kernel's
+`ru_maxrss` of that process) are the row's. Not part of `make test`: `make bench-scale`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import click
+
+from .shapes import CNCLIP_SHAPES
+from .table import ROOT, emit, table_options
+
+# preset -> cn_clip's own model name (cn_clip/clip/model_configs/VISION.json + TEXT.json)
+CNCLIP_MODELS = {"cnclip-vit-b16": "ViT-B-16@RoBERTa-wwm-ext-base-chinese",
+                 "cnclip-vit-l14": "ViT-L-14@RoBERTa-wwm-ext-base-chinese",
+                 "cnclip-vit-l14-336": "ViT-L-14-336@RoBERTa-wwm-ext-base-chinese",
+                 "cnclip-vit-h14": "ViT-H-14@RoBERTa-wwm-ext-large-chinese"}
+GIB = 2**30
+# a training run is tried only where its weights, gradients and AdamW state (16 bytes a
+# parameter) plus the loaded checkpoint leave this much of the machine's memory free
+TRAIN_HEADROOM_BYTES = 2 * GIB
+
+
+def cn_clip_info(preset: str) -> dict:
+    """cn_clip's `CLIP(**info)` arguments for the preset, from its own model configs."""
+    import cn_clip.clip
+
+    configs = os.path.join(os.path.dirname(cn_clip.clip.__file__), "model_configs")
+    info = {}
+    for part in CNCLIP_MODELS[preset].split("@"):
+        with open(os.path.join(configs, part + ".json"), encoding="utf-8") as f:
+            info.update(json.load(f))
+    return info
+
+
+def cnclip_checkpoint(preset: str, path: str, seed: int = 0) -> str:
+    """A random-weight checkpoint at `preset`'s published shape in Chinese-CLIP's released
+    format (`{"state_dict": {"module.…": tensor}}`, fp32), built with cn_clip's own `CLIP`;
+    reused when `path` exists (written to a temporary name and renamed)."""
+    if os.path.isfile(path):
+        return path
+    import torch
+    from cn_clip.clip.model import CLIP
+
+    torch.manual_seed(seed)
+    model = CLIP(**cn_clip_info(preset)).float()
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    del model
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".part"
+    torch.save({"epoch": 0, "step": 0, "name": preset, "state_dict": state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def cn_clip_model(preset: str, path: str):
+    """cn_clip's own `CLIP` with the checkpoint's weights, in eval mode."""
+    import torch
+    from cn_clip.clip.model import CLIP
+
+    model = CLIP(**cn_clip_info(preset)).float()
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    model.load_state_dict({k[len("module."):]: v for k, v in state.items()})
+    return model.eval()
+
+
+def cn_clip_text(text: str) -> str:
+    """cn_clip/eval/data.py:23 (and cn_clip/training/data.py:31) `_preprocess_text`, applied before
+    `tokenize` at training and evaluation alike; inlined because those modules import lmdb."""
+    return text.lower().replace("\u201c", '"').replace("\u201d", '"')
+
+
+def cn_clip_rankings(model, queries, tsv, resolution: int = 224, batch: int = 8) -> list[list[int]]:
+    """Chinese-CLIP's own way: its `image_transform` and `tokenize` (context 52), `encode_*`,
+    normalised features, every score sorted; the top 10 ids of each query."""
+    import numpy as np
+    import torch
+    from cn_clip.clip import image_transform, tokenize
+    from PIL import Image
+
+    from competition import resize_image
+
+    transform = image_transform(resolution)
+    ids = tsv.ids.tolist()
+    with torch.no_grad():
+        images = torch.cat([model.encode_image(torch.stack([
+            transform(Image.fromarray(resize_image(tsv.load(i), resolution))) for i in ids[start:start + batch]]))
+            for start in range(0, len(ids), batch)])
+        texts = model.encode_text(tokenize([cn_clip_text(q.text) for q in queries], 52))
+    images, texts = (torch.nn.functional.normalize(x, dim=-1).numpy() for x in (images, texts))
+    order = np.argsort(-(texts @ images.T), axis=1, kind="stable")[:, :10]
+    return [tsv.ids[row].tolist() for row in order]
+
+
+def run_measured(args: list[str], log_path: str) -> dict:
+    """Run `muge ARGS` as a child process, its output into `log_path`; wall seconds, peak RSS
+    (the child's own ru_maxrss) and how it ended."""
+    cmd = [sys.executable, "-c", "from muge_cli import main; main()", *map(str, args)]
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    ended = "ok" if proc.returncode == 0 else (f"killed by signal {-proc.returncode}" + (
+        " (the kernel's OOM killer: out of memory)" if proc.returncode == -9 else "") if proc.returncode < 0
+        else f"exit {proc.returncode}: {_last_line(log_path)}")
+    return {"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2), "status": ended}
+
+
+def _last_line(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+def small_split(work: str, queries: int, images: int) -> str:
+    """The embedded sample's generator at a small size: the split every preset is run on."""
+    from competition.sample import make_sample
+
+    out = os.path.join(work, f"data-{queries}q-{images}i")
+    if not os.path.isfile(os.path.join(out, "MR_valid_queries.jsonl")):
+        make_sample(out, seed=0, n_train_queries=max(64, 2 * queries), n_eval_queries=queries, gallery_size=images)
+    return out
+
+
+def bundle_sizes(bundle: str) -> dict:
+    """MiB on disk of each graph with its external-data file, and which graphs have one."""
+    with open(os.path.join(bundle, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    sizes = {}
+    for name in ("text.onnx", "image.onnx", "text.fp16.onnx", "image.fp16.onnx"):
+        files = [name, *manifest.get("external_data", {}).get(name, ())]
+        sizes[name.replace(".onnx", "_mib")] = round(sum(os.path.getsize(os.path.join(bundle, f))
+                                                         for f in files) / 2**20)
+    sizes["external_data"] = ",".join(manifest.get("external_data", {})) or "-"
+    return sizes
+
+
+def param_count(preset: str) -> int:
+    """Parameters of the preset's model at its published shape (counted on the meta device)."""
+    import torch
+    from transformers import ChineseCLIPConfig, ChineseCLIPModel
+
+    with torch.device("meta"):
+        model = ChineseCLIPModel(ChineseCLIPConfig(**CNCLIP_SHAPES[preset]))
+    return sum(p.numel() for p in model.parameters())
+
+
+def memory_figures(preset: str) -> dict:
+    """Training memory of the preset at its published shape (random weights), measured on the CPU:
+    - state: bytes of weights, gradients and AdamW state after one optimizer step;
+    - per pair: bytes of the tensors autograd saves for backward (counted once per storage) in a
+      forward as the preset trains (gradient checkpointing where it checkpoints), images at its
+      size and 52-token texts, under bf16 autocast as on a GPU: the slope between 1 and 3 pairs,
+      so the autocast copies of the weights (once per step) are not counted per pair; with
+      checkpointing, plus one vision layer's saved tensors (what backward recomputes and holds
+      at once).
+    Not measured (a GPU run is the check): allocator overhead and fragmentation, the attention
+    kernel's own saved state (SDPA's flash kernel keeps no attention map; the CPU's math path
+    does), cuDNN and cuBLAS workspaces."""
+    import torch
+
+    from train.config import load_config
+    from train.model import create_model
+    from train.optim import create_optimizer
+
+    from .shapes import setting
+
+    cfg = load_config(os.path.join(ROOT, "configs", f"{preset}.yaml"),
+                      ["model.name=null", setting("model.config", CNCLIP_SHAPES[preset])])
+    torch.manual_seed(0)
+    model, _ = create_model(cfg.model)
+    model.train()
+    size, seq = cfg.data.image_size, 52
+
+    def forward(pairs: int):
+        pixels = torch.randint(0, 256, (pairs, size, size, 3), dtype=torch.uint8)
+        ids, mask = torch.randint(1, 21128, (pairs, seq)), torch.ones(pairs, seq, dtype=torch.long)
+        return model.encode_image(pixels), model.encode_text(ids, mask)
+
+    saved = {pairs: _saved_bytes(lambda p=pairs: forward(p)) for pairs in (1, 3)}
+    per_pair = (saved[3][0] - saved[1][0]) / 2
+    recompute = 0.0
+    if cfg.model.grad_checkpointing:
+        layer = model.clip.vision_model.encoder.layers[0]
+        tokens = (size // CNCLIP_SHAPES[preset]["vision_config"]["patch_size"]) ** 2 + 1
+        hidden = {p: torch.randn(p, tokens, layer.embed_dim, requires_grad=True) for p in (1, 3)}
+        checkpointed, layer.gradient_checkpointing = layer.gradient_checkpointing, False  # the layer as recomputed
+        layer_saved = {p: _saved_bytes(lambda p=p: layer(hidden[p], None))[0] for p in (1, 3)}
+        layer.gradient_checkpointing = checkpointed
+        recompute = (layer_saved[3] - layer_saved[1]) / 2
+    image, text = saved[1][1]
+    (image @ text.t()).float().sum().backward()  # one optimizer step: every tensor training holds
+    optimizer = create_optimizer(model, cfg.train)
+    optimizer.step()
+    state = sum(t.numel() * t.element_size() for p in model.parameters() for t in (p, p.grad) if t is not None)
+    state += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                 if isinstance(v, torch.Tensor) and v.dim() > 0)
+    chunk = cfg.train.grad_cache_chunk or cfg.train.batch_size
+    return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), "state_gib": round(state / GIB, 2),
+            "checkpointing": bool(cfg.model.grad_checkpointing),
+            "saved_per_pair_mib": round(per_pair / 2**20, 1), "recompute_per_pair_mib": round(recompute / 2**20, 1),
+            "chunk": chunk, "chunk_activations_gib": round(chunk * (per_pair + recompute) / GIB, 2),
+            "total_gib": round((state + chunk * (per_pair + recompute)) / GIB, 2)}
+
+
+def _saved_bytes(fn):
+    """(bytes of the distinct storages autograd saves for backward while `fn` runs under bf16
+    autocast, fn's result)."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def _machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]:
+    """Every stage of one preset; a failed stage is a row with its status, and the next stage
+    that needs its output is skipped."""
+    from competition import ImageTSV, read_queries, score_predictions
+
+    d = os.path.join(work, preset)
+    os.makedirs(d, exist_ok=True)
+    ckpt = os.path.join(work, f"{preset}.pt")
+    rows = []
+
+    def row(stage: str, **fields):
+        rows.append({"preset": preset, "stage": stage, **fields})
+        echo(f"  {preset:>18} {stage:>10}: " + ", ".join(f"{k} {v}" for k, v in fields.items()))
+
+    start = time.perf_counter()
+    cnclip_checkpoint(preset, ckpt)
+    row("checkpoint", wall_s=round(time.perf_counter() - start, 1), status="ok",
+        file_gib=round(os.path.getsize(ckpt) / GIB, 2))
+    bundle = os.path.join(d, "bundle")
+    shutil.rmtree(bundle, ignore_errors=True)
+    export = run_measured(["export", "--pretrained", ckpt, "--out", bundle, "--data", data, "--parity-queries",
+                           opts["parity_queries"], "--parity-gallery", opts["parity_gallery"], "--parity-batch", 4],
+                          os.path.join(d, "export.log"))
+    row("export", **export, **(bundle_sizes(bundle) if export["status"] == "ok" else {}))
+    if export["status"] == "ok":
+        out = os.path.join(d, "valid.jsonl")
+        predict = run_measured(["predict", "--bundle", bundle, "--data", data, "--split", "valid", "--out", out,
+                                "--cache-dir", os.path.join(d, "cache"), "--workers", 0, "--device", "cpu"],
+                               os.path.join(d, "predict.log"))
+        if predict["status"] == "ok":
+            queries = read_queries(os.path.join(data, "MR_valid_queries.jsonl"))
+            with open(out, encoding="utf-8") as f:
+                ours = {r["query_id"]: r["item_ids"] for r in map(json.loads, f)}
+            model = cn_clip_model(preset, ckpt)
+            theirs = cn_clip_rankings(model, queries, ImageTSV(os.path.join(data, "MR_valid_imgs.tsv")),
+                                      model.visual.input_resolution)
+            del model
+            overlap = sum(len(set(ours[q.query_id]) & set(t)) for q, t in zip(queries, theirs)) / (10 * len(queries))
+            predict.update(top10_overlap_cn_clip=round(overlap, 4),
+                           mr=round(score_predictions(queries, ours).mean_recall, 2),
+                           mr_cn_clip=round(score_predictions(
+                               queries, {q.query_id: t for q, t in zip(queries, theirs)}).mean_recall, 2))
+        row("predict", **predict)
+    if opts["train"]:
+        need = 16 * param_count(preset) + os.path.getsize(ckpt) + TRAIN_HEADROOM_BYTES
+        if need > _machine_memory():
+            row("train", status=f"not run: weights, gradients and AdamW state need {16 * param_count(preset) / GIB:.1f}"
+                f" GiB, with the checkpoint and {TRAIN_HEADROOM_BYTES / GIB:.0f} GiB of headroom more than this "
+                f"machine's {_machine_memory() / GIB:.1f} GiB; a GPU run is the check")
+        else:
+            batch = opts["train_batch"]
+            run_dir = os.path.join(d, "run")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            sets = [f"model.name={ckpt}", "train.epochs=1", f"train.batch_size={batch}",
+                    f"train.grad_cache_chunk={max(1, batch // 2)}", f"data.limit_pairs={2 * batch}",
+                    "data.workers=0", "train.compile=false", "train.warmup_steps=1", "eval.batch_size=8"]
+            train = run_measured(["train", "--config", os.path.join(ROOT, "configs", f"{preset}.yaml"), "--data", data,
+                                  "--out", run_dir, *[a for s in sets for a in ("--set", s)]],
+                                 os.path.join(d, "train.log"))
+            if train["status"] == "ok":
+                with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+                    history = [json.loads(line) for line in f]
+                train.update(steps=2, batch=batch, untrained_mr=round(history[0]["mean_recall"], 2),
+                             checkpoints=",".join(n for n in ("last.pt", "best.pt")
+                                                  if os.path.isfile(os.path.join(run_dir, n))))
+            row("train", **train)
+            shutil.rmtree(run_dir, ignore_errors=True)  # last.pt is 16 bytes a parameter
+    if opts["memory"]:
+        start = time.perf_counter()
+        row("memory", **memory_figures(preset), wall_s=round(time.perf_counter() - start, 1), status="ok")
+    return rows
+
+
+@click.command("scale")
+@click.option("--preset", "presets", multiple=True, type=click.Choice(list(CNCLIP_MODELS)),
+              default=tuple(CNCLIP_MODELS), show_default=True, help="Presets to run at their published shape.")
+@click.option("--work", type=click.Path(file_okay=False), default=os.path.join(ROOT, "build", "scale"),
+              show_default=True, help="Checkpoints (reused), bundles, logs.")
+@click.option("--valid-queries", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Valid queries of the small split predict scores.")
+@click.option("--images", type=click.IntRange(min=10), default=40, show_default=True, help="Images per split.")
+@click.option("--parity-queries", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--parity-gallery", type=click.IntRange(min=10), default=10, show_default=True)
+@click.option("--train-batch", type=click.IntRange(min=2), default=4, show_default=True,
+              help="Pairs per step of the two training steps (gradient cache chunk: half of it).")
+@click.option("--train/--no-train", default=True, show_default=True, help="Run the two training steps.")
+@click.option("--memory/--no-memory", default=True, show_default=True, help="Measure the training memory figures.")
+@table_options
+def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gallery, train_batch, train, memory,
+                json_out, csv_out):
+    """Published shapes, random weights: export, predict vs cn_clip, two training steps, memory."""
+    try:
+        import cn_clip.clip  # noqa: F401
+    except ImportError:
+        raise click.ClickException("cn_clip is needed for its model class and configs: `make setup` installs it "
+                                   "(pip install --no-deps cn-clip==1.6.0)") from None
+    for path in (json_out, csv_out):
+        if path and not os.access(os.path.dirname(os.path.abspath(path)) or ".", os.W_OK):
+            raise click.BadParameter(f"{path}: its directory is not writable", param_hint="--json/--csv")
+    os.makedirs(work, exist_ok=True)
+    data = small_split(work, valid_queries, images)
+    opts = {"parity_queries": parity_queries, "parity_gallery": parity_gallery, "train_batch": train_batch,
+            "train": train, "memory": memory}
+    click.echo(f"published shapes with random weights, each stage a muge process (wall time, peak RSS); "
+               f"split {data}; work {work}")
+    rows = []
+    for preset in presets:
+        rows += bench_one(preset, work, data, opts, click.echo)
+    emit(rows, title="muge bench scale: the Chinese-CLIP presets at their published shapes (random weights)",
+         json_out=json_out, csv_out=csv_out)
