@@ -112,10 +112,10 @@ def cn_clip_rankings(model, queries, tsv, resolution: int = 224, batch: int = 8)
     return [tsv.ids[row].tolist() for row in order]
 
 
-def run_measured(args: list[str], log_path: str) -> dict:
-    """Run `muge ARGS` as a child process, its output into `log_path`; wall seconds, peak RSS
-    (the child's own ru_maxrss) and how it ended."""
-    cmd = [sys.executable, "-c", "from muge_cli import main; main()", *map(str, args)]
+def run_measured(args: list[str], log_path: str, code: str = "from muge_cli import main; main()") -> dict:
+    """Run `muge ARGS` (or other Python `code`) as a child process, its output into `log_path`;
+    wall seconds, peak RSS (the child's own ru_maxrss) and how it ended."""
+    cmd = [sys.executable, "-c", code, *map(str, args)]
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -151,7 +151,7 @@ def bundle_sizes(bundle: str) -> dict:
     sizes = {}
     for name in ("text.onnx", "image.onnx", "text.fp16.onnx", "image.fp16.onnx"):
         files = [name, *manifest.get("external_data", {}).get(name, ())]
-        sizes[name.replace(".onnx", "_mib")] = round(sum(os.path.getsize(os.path.join(bundle, f))
+        sizes[name.replace(".onnx", "").replace(".", "_") + "_mib"] = round(sum(os.path.getsize(os.path.join(bundle, f))
                                                          for f in files) / 2**20)
     sizes["external_data"] = ",".join(manifest.get("external_data", {})) or "-"
     return sizes
@@ -243,6 +243,23 @@ def _saved_bytes(fn):
     return sum(seen.values()), out
 
 
+def summary(stage: str, f: dict) -> str:
+    """One stage's figures in a few words, for the printed table (`--json` keeps every figure)."""
+    if stage == "checkpoint":
+        return f"{f['file_gib']} GiB" + (" (made before, reused)" if f["reused"] else "")
+    if stage == "export":
+        external = f" (external data: {f['external_data']})" if f["external_data"] != "-" else ""
+        return (f"MiB text {f['text_mib']}, image {f['image_mib']}, fp16 {f['text_fp16_mib']} / "
+                f"{f['image_fp16_mib']}{external}")
+    if stage == "predict":
+        return (f"top-10 overlap with cn_clip {100 * f['top10_overlap_cn_clip']:.1f}%, MR {f['mr']} vs cn_clip "
+                f"{f['mr_cn_clip']}")
+    if stage == "train":
+        return f"{f['steps']} steps of {f['batch']}, untrained MR {f['untrained_mr']}, wrote {f['checkpoints']}"
+    return (f"{f['params_m']}M params: state {f['state_gib']} GiB + {f['chunk']} x "
+            f"({f['saved_per_pair_mib']} + {f['recompute_per_pair_mib']}) MiB = {f['total_gib']} GiB")
+
+
 def _machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -258,13 +275,16 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
     rows = []
 
     def row(stage: str, **fields):
-        rows.append({"preset": preset, "stage": stage, **fields})
-        echo(f"  {preset:>18} {stage:>10}: " + ", ".join(f"{k} {v}" for k, v in fields.items()))
+        common = {k: fields.pop(k, None) for k in ("wall_s", "peak_rss_gib", "status")}
+        result = summary(stage, fields) if common["status"] == "ok" else ""
+        rows.append({"preset": preset, "stage": stage, **common, "result": result, "figures": fields})
+        echo(f"  {preset:>18} {stage:>10}: {common['status']}, {common['wall_s']} s, peak RSS "
+             f"{common['peak_rss_gib']} GiB; {result}")
 
-    start = time.perf_counter()
+    start, reused = time.perf_counter(), os.path.isfile(ckpt)
     cnclip_checkpoint(preset, ckpt)
     row("checkpoint", wall_s=round(time.perf_counter() - start, 1), status="ok",
-        file_gib=round(os.path.getsize(ckpt) / GIB, 2))
+        file_gib=round(os.path.getsize(ckpt) / GIB, 2), reused=reused)
     bundle = os.path.join(d, "bundle")
     shutil.rmtree(bundle, ignore_errors=True)
     export = run_measured(["export", "--pretrained", ckpt, "--out", bundle, "--data", data, "--parity-queries",
@@ -272,10 +292,11 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
                           os.path.join(d, "export.log"))
     row("export", **export, **(bundle_sizes(bundle) if export["status"] == "ok" else {}))
     if export["status"] == "ok":
-        out = os.path.join(d, "valid.jsonl")
+        out, cache = os.path.join(d, "valid.jsonl"), os.path.join(d, "cache")
+        shutil.rmtree(cache, ignore_errors=True)  # embedded anew: the bundle is new
         predict = run_measured(["predict", "--bundle", bundle, "--data", data, "--split", "valid", "--out", out,
-                                "--cache-dir", os.path.join(d, "cache"), "--workers", 0, "--device", "cpu"],
-                               os.path.join(d, "predict.log"))
+                                "--cache-dir", cache, "--workers", 0, "--device", "cpu",
+                                "--batch-size", 8], os.path.join(d, "predict.log"))
         if predict["status"] == "ok":
             queries = read_queries(os.path.join(data, "MR_valid_queries.jsonl"))
             with open(out, encoding="utf-8") as f:
@@ -314,9 +335,13 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
                                                   if os.path.isfile(os.path.join(run_dir, n))))
             row("train", **train)
             shutil.rmtree(run_dir, ignore_errors=True)  # last.pt is 16 bytes a parameter
-    if opts["memory"]:
-        start = time.perf_counter()
-        row("memory", **memory_figures(preset), wall_s=round(time.perf_counter() - start, 1), status="ok")
+    if opts["memory"]:  # in a process of its own too: at H/14 it holds 15 GiB of training state
+        log_path = os.path.join(d, "memory.log")
+        memory = run_measured([preset], log_path, code="import json, sys; from bench.scale import memory_figures; "
+                              "print(json.dumps(memory_figures(sys.argv[1])))")
+        if memory["status"] == "ok":
+            memory.update(json.loads(_last_line(log_path)))
+        row("memory", **memory)
     return rows
 
 
@@ -355,5 +380,8 @@ def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gal
     rows = []
     for preset in presets:
         rows += bench_one(preset, work, data, opts, click.echo)
-    emit(rows, title="muge bench scale: the Chinese-CLIP presets at their published shapes (random weights)",
-         json_out=json_out, csv_out=csv_out)
+    emit([{k: v for k, v in r.items() if k != "figures"} for r in rows],
+         title="muge bench scale: the Chinese-CLIP presets at their published shapes (random weights); memory: "
+               "weights + gradients + AdamW state, + a gradient-cache chunk x (saved + recomputed) per pair",
+         json_out=json_out, csv_out=csv_out, extra={"figures": [{"preset": r["preset"], "stage": r["stage"],
+                                                                 **r["figures"]} for r in rows]})
