@@ -42,7 +42,7 @@ def sample(out_dir, seed, train_queries, eval_queries, gallery_size, hard):
 def score(ground_truth, pred, out, ranks, per_query_csv):
     """Score PRED against GROUND_TRUTH exactly as the official evaluator (R@1/5/10, MeanRecall)."""
     from .io import atomic_write_text
-    from .metric import failure_json, per_query, score_predictions, success_json, write_result
+    from .metric import failure_json, per_query, score_predictions, spreadsheet_csv, success_json, write_result
     from .queries import read_queries
     from .submission import check_submission
 
@@ -66,7 +66,7 @@ def score(ground_truth, pred, out, ranks, per_query_csv):
                 json.dumps({"query_id": int(q), "first_hit_rank": int(r) or None}) + "\n"
                 for q, r in zip(s.query_ids, s.first_hit)))
         if report is not None and report.ok and per_query_csv:
-            atomic_write_text(per_query_csv, per_query(s, gt).to_csv(index=False))
+            atomic_write_text(per_query_csv, spreadsheet_csv(per_query(s, gt)))
         if out:
             write_result(out, result)
     except OSError as exc:

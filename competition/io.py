@@ -84,6 +84,17 @@ def atomic_write_bytes(path, data: bytes) -> None:
 _UNSAFE_IN_LINES = re.compile("[\u2028\u2029\u0085\u000b\u000c\u001c-\u001e\ud800-\udfff]")
 
 
+def exit_on_hangup_or_term() -> None:
+    """SIGTERM (docker stop, systemd, `timeout`) and SIGHUP (a closed terminal or ssh session)
+    unwind like Ctrl-C, so `finally` blocks remove temporary files, build directories and
+    shared memory (SIGKILL cannot be caught: each stage sweeps what a killed run leaves)."""
+    import signal
+    import sys
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda number, frame: sys.exit(128 + number))
+
+
 def json_line(obj) -> str:
     """One JSON object on one line, non-ASCII text kept readable, whatever the strings hold."""
     return _UNSAFE_IN_LINES.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -92,6 +93,25 @@ def per_query(score: Score, ground_truth: Sequence[Query]):
         "first_hit_rank": pd.Series(rank, dtype="Int64").mask(rank == 0),
         "hit_at_1": (rank > 0) & (rank <= 1), "hit_at_5": (rank > 0) & (rank <= 5), "hit_at_10": rank > 0,
         "positives": [len(by_id[int(i)].item_ids) for i in score.query_ids]})
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a cell a spreadsheet would run as a formula (OWASP)
+
+
+def spreadsheet_csv(frame) -> str:
+    """`frame` as CSV that Excel and WPS open safely and as written: UTF-8 with a BOM (else they
+    show Chinese as mojibake), CRLF rows (so a lone CR inside a text is quoted, not a row break),
+    text cells that start like a formula prefixed with `'` (OWASP's CSV-injection rule), and lone
+    surrogates (which the readers accept) written as `\\udXXX`, as the submission writer does."""
+    def cell(value):
+        if not isinstance(value, str):
+            return value
+        value = re.sub(r"[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", value)
+        return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+    texts = frame.select_dtypes(include="object").columns
+    safe = frame.assign(**{c: frame[c].map(cell) for c in texts})
+    return "\ufeff" + safe.to_csv(index=False, lineterminator="\r\n")
 
 
 def success_json(score: Score) -> dict:

@@ -1,7 +1,6 @@
 """`muge export RUN_DIR --out BUNDLE_DIR`."""
 from __future__ import annotations
 
-import signal
 import sys
 
 import click
@@ -34,6 +33,7 @@ def export(run_dir, pretrained, tokenizer, out_dir, data_dir, checkpoint, opset,
            parity_gallery, parity_batch, device, fuse, int8):
     """Export RUN_DIR's checkpoint (or --pretrained weights) to an ONNX bundle (fp32 + fp16) behind a parity gate."""
     from competition import MugeDataError
+    from competition.io import exit_on_hangup_or_term
     from train.checkpoint import CheckpointError, WeightsError
     from train.config import ConfigError
     from train.tokenizer import TokenizerError
@@ -41,9 +41,7 @@ def export(run_dir, pretrained, tokenizer, out_dir, data_dir, checkpoint, opset,
     from .bundle import export_bundle, export_pretrained
     from .parity import ParityError, ParitySettings
 
-    # SIGTERM unwinds like Ctrl-C, so the build directory is removed on the way out (SIGKILL
-    # cannot be caught: the next export removes what it leaves)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_hangup_or_term()  # the build directory is removed on the way out (SIGKILL: by the next export)
     if bool(run_dir) == bool(pretrained):
         raise click.UsageError("give a RUN_DIR or --pretrained NAME_DIR_OR_PT (one of them)")
     if tokenizer and not pretrained:

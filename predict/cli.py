@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
 
 import click
 
@@ -56,14 +54,14 @@ def predict(bundle_dirs, data_dir, split, out_path, device, precision, threads, 
             skip_bad_images, schema, weights, tta, rerank, rerank_beta, bank):
     """Embed a split's gallery and queries with ONNX Runtime and write the exact top-10 submission."""
     from competition import MugeDataError, SubmissionError
+    from competition.io import exit_on_hangup_or_term
     from competition.topk import NonFiniteError
 
     from .pipeline import PipelineError, default_workers
     from .runtime import BundleError
     from .submit import PredictOptions, predict_split
 
-    # SIGTERM unwinds like Ctrl-C: the decode workers stop and their shared memory is released
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_hangup_or_term()  # the decode workers stop and the submission's temporary file goes
     workers = default_workers() if workers is None else workers
 
     out_path = out_path or os.path.join("submissions", f"{default_name(bundle_dirs)}-{split}.jsonl")

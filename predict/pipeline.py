@@ -11,23 +11,32 @@ batch is already padded where it lies.
 
 At most as many batches are in flight as there are slots (`2 x workers`, fewer when /dev/shm has
 not room for them), so memory stays bounded whatever the gallery. Batches come back in TSV order.
-Every slot is released however the ring ends: on return, error or Ctrl-C the main process stops
-its workers and unlinks the segments; if it is killed outright, multiprocessing's resource
-tracker (which registered each segment at creation) unlinks them, and the workers, which poll
-their parent, exit.
+
+Nothing is left in /dev/shm however predict ends (Ctrl-C, SIGTERM, SIGHUP, SIGKILL of the whole
+process group, the OOM killer):
+- each segment is named after the project, its owner and the creating process
+  (`muge-<uid>-<pid>-<n>-<random>`), and unlinked as soon as every worker has attached to it
+  (the mappings live on; the name is gone), a fraction of a second after the workers start;
+- a ring that starts first removes the segments of any ring of this owner whose process is gone
+  (one killed in that fraction of a second);
+- tasks and results travel through one pipe per worker, not multiprocessing queues, whose
+  semaphores are named files in /dev/shm under the spawn start method;
+- a worker exits when its pipe to the main process closes.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import multiprocessing as mp
 import os
-import queue
+import re
+import secrets
 import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import connection, resource_tracker, shared_memory
 
 import numpy as np
 
@@ -36,6 +45,43 @@ from competition import ImageTSV, MugeDataError
 log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 SHM_SHARE = 0.5  # of /dev/shm's free space, at most, for one ring (Docker's default /dev/shm is 64 MiB)
+SHM_PREFIX = "muge-"
+ATTACH_TIMEOUT_S = 120.0  # a worker's start (spawn, imports) before it has attached to every slot
+_serial = itertools.count()
+
+
+def segment_prefix(pid: int | None = None) -> str:
+    """The names of the segments of process `pid` (default this one) begin with this."""
+    return f"{SHM_PREFIX}{os.getuid()}-{os.getpid() if pid is None else pid}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_orphans() -> list[str]:
+    """Unlink this owner's segments whose creating process is gone; returns their names."""
+    pattern = re.compile(rf"{re.escape(SHM_PREFIX)}{os.getuid()}-(\d+)-")
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.match(name)
+        if match and not _alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+    if removed:
+        log.info("removed %d shared-memory slots left in %s by a predict that was killed", len(removed), SHM_DIR)
+    return removed
 
 
 def default_workers() -> int:
@@ -92,35 +138,44 @@ def decode_into(tsv: ImageTSV, start: int, end: int, out: np.ndarray, size: int,
     return np.asarray(kept, np.int64), bad
 
 
-def _worker(worker: int, tsv_path: str, names: list[str], shape: tuple, size: int, rule: str, skip_bad: bool,
-            tasks, results, parent: int) -> None:
-    """A decode process: tasks in, (task, slot, kept, bad, error, worker, CPU seconds) out, the
-    CPU seconds counted from its first task (its start-up and imports left out)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    segments = [_attach(name) for name in names]
-    slots = [np.ndarray(shape, np.uint8, buffer=s.buf) for s in segments]
-    tsv = ImageTSV(tsv_path)
-    started = None
+@dataclass(frozen=True)
+class DecodeJob:
+    """What every decode worker is given: the gallery, the slots and how to fill them."""
+
+    tsv_path: str
+    slot_names: tuple[str, ...]
+    shape: tuple[int, int, int, int]
+    size: int
+    rule: str
+    skip_bad: bool
+
+
+def _worker(job: DecodeJob, pipe) -> None:
+    """A decode process: attaches to every slot and says so, then takes (task, slot, start, end)
+    from its pipe and answers (task, slot, kept, bad, error) until the pipe closes or says None."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C (and a closed terminal) are the main process's
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    segments = [_attach(name) for name in job.slot_names]
+    slots = [np.ndarray(job.shape, np.uint8, buffer=s.buf) for s in segments]
+    tsv = ImageTSV(job.tsv_path)
     try:
+        pipe.send("attached")
         while True:
             try:
-                task = tasks.get(timeout=1.0)
-            except queue.Empty:
-                if os.getppid() != parent:  # the main process is gone (killed): so are we
-                    return
-                continue
+                task = pipe.recv()
+            except (EOFError, OSError):  # the main process is gone (killed): so are we
+                return
             if task is None:
                 return
             index, slot, start, end = task
-            started = time.process_time() if started is None else started
             try:
-                kept, bad = decode_into(tsv, start, end, slots[slot], size, rule, skip_bad)
+                kept, bad = decode_into(tsv, start, end, slots[slot], job.size, job.rule, job.skip_bad)
                 err = None
             except MugeDataError as exc:
                 kept, bad, err = None, None, exc
             except Exception as exc:  # anything else: its text, so that the main process can say it
                 kept, bad, err = None, None, PipelineError(f"a decode worker failed: {type(exc).__name__}: {exc}")
-            results.put((index, slot, kept, bad, err, worker, time.process_time() - started))
+            pipe.send((index, slot, kept, bad, err))
     finally:
         del slots
         for segment in segments:
@@ -137,7 +192,7 @@ class DecodeRing:
         self.workers = workers
         self.segments: list[shared_memory.SharedMemory] = []
         self.processes: list = []
-        self.worker_cpu: dict[int, float] = {}  # worker -> CPU seconds decoding, as last reported
+        self.pipes: list = []
 
     # -- set-up and tear-down ---------------------------------------------------------------------
     def _slot_count(self) -> int:
@@ -164,44 +219,72 @@ class DecodeRing:
             self.tsv = ImageTSV(self.tsv_path)
             return self
         try:
+            sweep_orphans()
             slots = self._slot_count()
             nbytes = int(np.prod(self.shape))
             for _ in range(slots):
-                self.segments.append(shared_memory.SharedMemory(create=True, size=nbytes))
+                name = f"{segment_prefix()}{next(_serial)}-{secrets.token_hex(4)}"
+                self.segments.append(shared_memory.SharedMemory(name=name, create=True, size=nbytes))
             self.arrays = [np.ndarray(self.shape, np.uint8, buffer=s.buf) for s in self.segments]
+            job = DecodeJob(self.tsv_path, tuple(s.name for s in self.segments), self.shape, self.size, self.rule,
+                            self.skip_bad)
             # spawn, not fork: a forked child can inherit a lock held by one of the parent's threads
             # (ONNX Runtime, tqdm, the import lock) and hang
             context = mp.get_context("spawn")
-            self.tasks, self.results = context.Queue(), context.Queue()
-            names = [s.name for s in self.segments]
-            for worker in range(self.workers):
-                process = context.Process(target=_worker, daemon=True,
-                                          args=(worker, self.tsv_path, names, self.shape, self.size, self.rule,
-                                                self.skip_bad, self.tasks, self.results, os.getpid()))
+            for _ in range(self.workers):
+                ours, theirs = context.Pipe(duplex=True)
+                process = context.Process(target=_worker, daemon=True, args=(job, theirs))
                 process.start()
+                theirs.close()
                 self.processes.append(process)
+                self.pipes.append(ours)
+            self._await_attached()
+            self._unlink()  # every worker holds its mappings: the names can go now
         except BaseException:
             self.close()
             raise
         return self
+
+    def _await_attached(self) -> None:
+        waiting = set(range(self.workers))
+        deadline = time.monotonic() + ATTACH_TIMEOUT_S
+        while waiting:
+            ready = connection.wait([self.pipes[w] for w in waiting], timeout=1.0)
+            for pipe in ready:
+                worker = self.pipes.index(pipe)
+                try:
+                    pipe.recv()
+                except (EOFError, OSError):
+                    raise PipelineError(f"a decode worker died while starting (exit code "
+                                        f"{self.processes[worker].exitcode}); nothing was written") from None
+                waiting.discard(worker)
+            if waiting and time.monotonic() > deadline:
+                raise PipelineError(f"{len(waiting)} decode workers did not start within {ATTACH_TIMEOUT_S:.0f}s")
+
+    def _unlink(self) -> None:
+        for segment in self.segments:
+            with contextlib.suppress(FileNotFoundError):
+                segment.unlink()
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def close(self) -> None:
         """Stop the workers and release every slot (idempotent)."""
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.close()
         for process in self.processes:
             if process.is_alive():
                 process.terminate()
         for process in self.processes:
             process.join(timeout=10)
-        self.processes = []
+        self.processes, self.pipes = [], []
         self.arrays = []
+        self._unlink()
         for segment in self.segments:
             with contextlib.suppress(Exception):
                 segment.close()
-            with contextlib.suppress(FileNotFoundError):
-                segment.unlink()
         self.segments = []
 
     # -- the batches ------------------------------------------------------------------------------
@@ -214,14 +297,19 @@ class DecodeRing:
                 yield Batch(index, self.local, len(kept), kept, bad)
             return
         free = list(range(len(self.segments)))
+        load = [0] * self.workers  # tasks in flight per worker
+        owner: dict[int, int] = {}  # task -> worker
         submitted, ready = 0, {}
         for index in range(len(ranges)):
             while free and submitted < len(ranges):
-                self.tasks.put((submitted, free.pop(), *ranges[submitted]))
+                worker = load.index(min(load))
+                self.pipes[worker].send((submitted, free.pop(), *ranges[submitted]))
+                owner[submitted] = worker
+                load[worker] += 1
                 submitted += 1
             while index not in ready:
-                done, slot, kept, bad, err, worker, cpu = self._next_result()
-                self.worker_cpu[worker] = cpu
+                done, slot, kept, bad, err = self._next_result()
+                load[owner.pop(done)] -= 1
                 if err is not None:
                     raise err
                 ready[done] = (slot, kept, bad)
@@ -229,17 +317,17 @@ class DecodeRing:
             yield Batch(index, self.arrays[slot], len(kept), kept, bad)
             free.append(slot)
 
-    @property
-    def worker_cpu_s(self) -> float:
-        """CPU seconds the workers have spent decoding (0 without workers: the main process decodes)."""
-        return sum(self.worker_cpu.values())
-
     def _next_result(self):
         while True:
-            try:
-                return self.results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p for p in self.processes if not p.is_alive()]
-                if dead:
-                    raise PipelineError(f"a decode worker died (exit code {dead[0].exitcode}); nothing was "
-                                        "written") from None
+            for pipe in connection.wait(self.pipes, timeout=1.0):
+                try:
+                    return pipe.recv()
+                except (EOFError, OSError):
+                    worker = self.pipes.index(pipe)
+                    self.processes[worker].join(timeout=5)
+                    raise PipelineError(f"a decode worker died (exit code {self.processes[worker].exitcode}); "
+                                        "nothing was written") from None
+            dead = [p for p in self.processes if not p.is_alive()]
+            if dead:
+                raise PipelineError(f"a decode worker died (exit code {dead[0].exitcode}); nothing was "
+                                    "written") from None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from competition import SkippedImages, ground_truth_not_in_gallery, score_predictions, write_submission
+from competition import ImageTSV, SkippedImages, ground_truth_not_in_gallery, score_predictions, write_submission
 from competition.errors import first_of
 from competition.io import WriteError, atomic_write_text
 from competition.layout import split_files, split_paths
@@ -25,7 +25,7 @@ from .embed import embed_gallery, embed_queries
 from .ensemble import align, fuse, parse_weights, pick_weights
 from .pipeline import default_workers
 from .rerank import DEFAULT_BETA, cached_bank_stats, check_beta, rescorer
-from .runtime import BundleEncoders, has_graphs
+from .runtime import BundleEncoders, has_graphs, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,35 @@ def check_options(dirs: list[str], data_dir: str, split: str, out_path: str, opt
         raise WriteError(13, f"cannot write {out_path}: its directory {parent} is not writable")
 
 
+def _memory_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def image_batch(requested: int | None, tsv_path: str, bundle_dir: str, workers: int) -> int | None:
+    """The image batch predict runs (None: the device's default): never more images than the
+    gallery has (a larger batch would be padding alone), and refused, naming --batch-size, when
+    the decode ring's slots for it would take more than half the memory available."""
+    if requested is None:
+        return None
+    images = len(ImageTSV(tsv_path))
+    batch = max(1, min(requested, images))
+    if batch < requested:
+        log.info("--batch-size %d is more than the gallery's %d images: running batches of %d", requested, images,
+                 batch)
+    size = int(read_manifest(bundle_dir)["image_size"])
+    slots = 2 * workers if workers else 1
+    need, available = slots * batch * size * size * 3, _memory_available()
+    if available is not None and need > available // 2:
+        raise ValueError(f"--batch-size {requested}: {slots} decode slots of {batch} images at {size} px take "
+                         f"{need / 2**30:.1f} GiB, more than half the {available / 2**30:.1f} GiB of memory "
+                         "available; lower --batch-size (128 is plenty on a GPU) or --workers")
+    return batch
+
+
 def _rescore(encoders, data_dir: str, weights, queries, qfeat: np.ndarray, gallery: np.ndarray,
              opts: PredictOptions):
     """The re-ranking's `rescore` for `exact_topk`, and a record of its settings. Bank queries
@@ -164,8 +193,8 @@ def predict_split(bundle_dirs, data_dir: str, split: str, out_path: str, opts: P
     queries_path, tsv_path = split_files(data_dir, split)
     check_options(dirs, data_dir, split, out_path, opts)
     if encoders is None:
-        encoders = [BundleEncoders(d, opts.device, opts.precision, opts.threads, batch_size=opts.batch_size)
-                    for d in dirs]
+        encoders = [BundleEncoders(d, opts.device, opts.precision, opts.threads,
+                                   batch_size=image_batch(opts.batch_size, tsv_path, d, opts.workers)) for d in dirs]
     elif not isinstance(encoders, (list, tuple)):
         encoders = [encoders]
     for d, enc in zip(dirs, encoders):

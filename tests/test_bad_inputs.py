@@ -571,3 +571,43 @@ def test_resume_says_when_config_yaml_drops_the_ema(small_sample, preset, tmp_pa
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("ema: 0.9", "ema: null"))
     accepted(muge("train", "--resume", run, "--data", small_sample, "--set", "train.epochs=2"))
     assert "holds an EMA of the weights, but config.yaml no longer sets train.ema" in caplog.text
+
+
+# -- round 4 -------------------------------------------------------------------------------------------------
+def test_a_per_query_csv_opens_safely_in_a_spreadsheet(tmp_path):
+    """Formula-like texts neutralised (OWASP), a lone CR quoted (one row per query), a lone
+    surrogate escaped instead of crashing the writer, and a BOM for Excel's UTF-8."""
+    import pandas as pd
+
+    texts = ["=HYPERLINK(\"x\")", "+1", "-50%折扣", "@SUM(A1)", "\tq", "红\r裙", "坏\ud800字", "普通 连衣裙"]
+    gt = tmp_path / "gt.jsonl"
+    gt.write_text("".join(json.dumps({"query_id": i + 1, "query_text": t, "item_ids": [100 + i]}) + "\n"
+                          for i, t in enumerate(texts)), encoding="utf-8")
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text("".join(json.dumps({"query_id": i + 1, "query_text": "", "item_ids": [100 + i] + list(range(9))})
+                            + "\n" for i in range(len(texts))))
+    accepted(muge("score", gt, pred, "--per-query", tmp_path / "q.csv"))
+    raw = (tmp_path / "q.csv").read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf")
+    table = pd.read_csv(tmp_path / "q.csv", encoding="utf-8-sig", keep_default_na=False)
+    assert table["query_id"].tolist() == list(range(1, len(texts) + 1))
+    assert table["query_text"].tolist() == ["'=HYPERLINK(\"x\")", "'+1", "'-50%折扣", "'@SUM(A1)", "'\tq", "红\r裙",
+                                            "坏\\ud800字", "普通 连衣裙"]
+
+
+def test_a_batch_larger_than_the_gallery_runs_at_the_gallery_size(tiny_bundle, small_sample, tmp_path, caplog,
+                                                                  monkeypatch):
+    import logging
+
+    args = ["predict", "--bundle", tiny_bundle, "--data", small_sample, "--split", "valid", "--workers", "0"]
+    accepted(muge(*args, "--out", tmp_path / "a.jsonl", "--cache-dir", tmp_path / "ca", "--batch-size", "16"))
+    with caplog.at_level(logging.INFO, logger="predict.submit"):
+        accepted(muge(*args, "--out", tmp_path / "b.jsonl", "--cache-dir", tmp_path / "cb", "--batch-size", "100000"))
+    assert "more than the gallery's 120 images: running batches of 120" in caplog.text
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    import predict.submit as submit
+
+    monkeypatch.setattr(submit, "_memory_available", lambda: 2**18)  # 256 KiB: 120 images of 32 px do not fit
+    refused(muge(*args, "--out", tmp_path / "c.jsonl", "--cache-dir", tmp_path / "cc", "--batch-size", "100000"),
+            "--batch-size 100000", "lower --batch-size")
+    assert not (tmp_path / "c.jsonl").exists()

@@ -70,26 +70,60 @@ def test_a_full_disk_gets_a_clear_error_and_a_rerun_with_room_is_right(tiny_bund
     assert sorted(os.listdir(tiny_disk)) == ["cache", "filler"]
 
 
-def _segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")} if os.path.isdir("/dev/shm") else set()
+def _ours(pid: int) -> set[str]:
+    """This predict's segments in /dev/shm (named after their process: `predict.pipeline`)."""
+    from predict.pipeline import SHM_DIR, segment_prefix
+
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(segment_prefix(pid))}
+
+
+def _shm_mapped(pids) -> set[int]:
+    """The inodes of every /dev/shm file the processes map: slots, and named semaphores (which
+    glibc maps under a temporary name before linking it to `sem.NAME`, so only the inode tells).
+    What must be gone from /dev/shm once the processes are."""
+    found = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8") as f:
+                found |= {int(line.split()[4]) for line in f if "/dev/shm/" in line}
+        except OSError:
+            pass
+    return found
+
+
+def _shm_inodes() -> set[int]:
+    return {os.stat(os.path.join("/dev/shm", n), follow_symlinks=False).st_ino for n in os.listdir("/dev/shm")}
 
 
 def _predict_until_decoding(tiny_bundle, big_split, tmp_path):
-    """A `muge predict` subprocess, returned once its decode ring is in /dev/shm."""
+    """A `muge predict` subprocess (in a process group of its own), returned once both its decode
+    workers have mapped the ring; with what they map in /dev/shm."""
     import time
 
-    before = _segments()
+    from predict.pipeline import segment_prefix
+
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen(MUGE + ["predict", "--bundle", tiny_bundle, "--data", big_split, "--split", "test",
                                     "--out", str(tmp_path / "sub.jsonl"), "--cache-dir", str(tmp_path / "cache"),
                                     "--workers", "2", "--batch-size", "16"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     deadline = time.time() + 120
-    while not _segments() - before:
+    while True:
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "no decode ring appeared"
+        children = _workers_of(proc.pid)  # the decode workers, and the resource tracker
+        workers = [w for w in children if _maps_ring(w, segment_prefix(proc.pid))]
+        if len(workers) >= 2 and not _ours(proc.pid):  # attached, and the names already unlinked
+            return proc, children, _shm_mapped([proc.pid, *children])
         time.sleep(0.05)
-    return proc, before
+
+
+def _maps_ring(pid: int, prefix: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8") as f:
+            return prefix in f.read()
+    except OSError:
+        return False
 
 
 def _workers_of(pid: int) -> list[int]:
@@ -100,28 +134,61 @@ def _workers_of(pid: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory lives in /dev/shm on Linux")
-@pytest.mark.parametrize("how", ["kill", "interrupt", "terminate"])
+@pytest.mark.parametrize("how", ["kill", "kill-group", "hangup-group", "interrupt", "terminate"])
 def test_a_predict_stopped_mid_gallery_leaves_no_shared_memory(tiny_bundle, big_split, tmp_path, how):
-    """Killed (SIGKILL: the resource tracker unlinks the ring, the workers notice their parent is
-    gone), interrupted (Ctrl-C: no traceback from any process) or terminated: no segment is left
-    in /dev/shm, no worker lives on, no submission is written, and a rerun resumes right."""
+    """Killed (SIGKILL of the main process, or of its whole group with the resource tracker, as
+    `timeout -s KILL`, docker and systemd do), hung up (SIGHUP to the group: a closed terminal),
+    interrupted (Ctrl-C: no traceback from any process) or terminated: nothing it mapped in
+    /dev/shm (slots, semaphores) is left, no worker lives on, no submission is written, and a
+    rerun resumes right. Only this predict's files are counted: others may run beside it."""
     import signal
     import time
 
-    proc, before = _predict_until_decoding(tiny_bundle, big_split, tmp_path)
-    workers = _workers_of(proc.pid)
-    proc.send_signal({"kill": signal.SIGKILL, "interrupt": signal.SIGINT, "terminate": signal.SIGTERM}[how])
+    proc, workers, mapped = _predict_until_decoding(tiny_bundle, big_split, tmp_path)
+    assert mapped
+    number = {"kill": signal.SIGKILL, "kill-group": signal.SIGKILL, "hangup-group": signal.SIGHUP,
+              "interrupt": signal.SIGINT, "terminate": signal.SIGTERM}[how]
+    if how.endswith("-group"):
+        os.killpg(proc.pid, number)
+    else:
+        proc.send_signal(number)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
     if how == "interrupt":
         assert "Aborted!" in err and "Traceback" not in err, err[-3000:]
     deadline = time.time() + 15
-    while (_segments() - before or any(os.path.exists(f"/proc/{w}") for w in workers)) and time.time() < deadline:
+    while (mapped & _shm_inodes() or any(os.path.exists(f"/proc/{w}") for w in workers)) and time.time() < deadline:
         time.sleep(0.1)
-    assert _segments() - before == set()
+    assert mapped & _shm_inodes() == set()
     assert not [w for w in workers if os.path.exists(f"/proc/{w}") and "zombie" not in open(f"/proc/{w}/status").read()
                 .lower()]
     assert not (tmp_path / "sub.jsonl").exists()
     accepted(muge("predict", "--bundle", tiny_bundle, "--data", big_split, "--split", "test", "--out",
                   tmp_path / "sub.jsonl", "--cache-dir", tmp_path / "cache", "--workers", "2", "--batch-size", "16"))
-    assert _segments() - before == set()
+    assert not _ours(os.getpid())
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory lives in /dev/shm on Linux")
+def test_segments_of_a_killed_predict_are_swept_and_others_kept():
+    """A ring killed before its workers attached leaves its named segments: the next ring of this
+    owner removes those whose process is gone, and no one else's."""
+    from multiprocessing import shared_memory
+
+    from predict.pipeline import segment_prefix, sweep_orphans
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    orphan = shared_memory.SharedMemory(name=f"{segment_prefix(dead_pid)}0-test", create=True, size=4096)
+    alive = shared_memory.SharedMemory(name=f"{segment_prefix()}0-test", create=True, size=4096)
+    try:
+        assert orphan.name in sweep_orphans()
+        assert not os.path.exists(f"/dev/shm/{orphan.name}") and os.path.exists(f"/dev/shm/{alive.name}")
+    finally:
+        from multiprocessing import resource_tracker
+
+        for segment in (orphan, alive):
+            segment.close()
+            try:
+                segment.unlink()
+            except FileNotFoundError:  # swept: the tracker need not unlink it at exit
+                resource_tracker.unregister(segment._name, "shared_memory")
