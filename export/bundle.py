@@ -126,7 +126,8 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
     return manifest
 
 
-def export_pretrained(name: str, out_dir: str, data_dir: str, tokenizer: str | None = None, **export_options) -> dict:
+def export_pretrained(name: str, out_dir: str, data_dir: str, tokenizer: str | None = None,
+                      heads: tuple[int, int] | None = None, **export_options) -> dict:
     """`muge export --pretrained`: stage `name` as a run directory beside `out_dir`
     (`train.pretrained`), export it with `export_bundle` (same gate), and remove the stand-in run
     whatever happens."""
@@ -136,7 +137,7 @@ def export_pretrained(name: str, out_dir: str, data_dir: str, tokenizer: str | N
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".pretrained-", dir=parent)
     try:
-        pretrained_run(name, staging, tokenizer)
+        pretrained_run(name, staging, tokenizer, heads=heads)
         free_memory()  # the loaded file and the model it filled, before the export loads best.pt
         return export_bundle(staging, out_dir, data_dir, checkpoint="best", **export_options)
     finally:

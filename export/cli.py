@@ -13,6 +13,8 @@ import click
               "directory, or a cn_clip checkpoint file (clip_cn_vit-b-16.pt, epoch_latest.pt).")
 @click.option("--tokenizer", metavar="DIR_OR_NAME", help="With --pretrained: the tokenizer (default: the weights' own; "
               "for a cn_clip .pt file, the installed cn_clip package's vocabulary).")
+@click.option("--attention-heads", metavar="VISION,TEXT", help="With --pretrained X.pt of a shape Chinese-CLIP does "
+              "not publish: the attention heads of each tower (the tensors cannot tell; default: 64-wide heads).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
 @click.option("--data", "data_dir", default="data/sample", show_default=True,
               help="MUGE directory whose valid split feeds the parity gate.")
@@ -29,8 +31,8 @@ import click
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="Export transformer towers for ORT's fusion (TorchScript exporter, eager attention) and fuse them.")
 @click.option("--int8", is_flag=True, help="Also write gated int8 graphs for CPU predict (--precision int8).")
-def export(run_dir, pretrained, tokenizer, out_dir, data_dir, checkpoint, opset, exporter, parity_queries,
-           parity_gallery, parity_batch, device, fuse, int8):
+def export(run_dir, pretrained, tokenizer, attention_heads, out_dir, data_dir, checkpoint, opset, exporter,
+           parity_queries, parity_gallery, parity_batch, device, fuse, int8):
     """Export RUN_DIR's checkpoint (or --pretrained weights) to an ONNX bundle (fp32 + fp16) behind a parity gate."""
     from competition import MugeDataError
     from competition.io import exit_on_hangup_or_term
@@ -44,13 +46,25 @@ def export(run_dir, pretrained, tokenizer, out_dir, data_dir, checkpoint, opset,
     exit_on_hangup_or_term()  # the build directory is removed on the way out (SIGKILL: by the next export)
     if bool(run_dir) == bool(pretrained):
         raise click.UsageError("give a RUN_DIR or --pretrained NAME_DIR_OR_PT (one of them)")
-    if tokenizer and not pretrained:
-        raise click.UsageError("--tokenizer goes with --pretrained (a run brings its own tokenizer)")
+    for flag, value in (("--tokenizer", tokenizer), ("--attention-heads", attention_heads)):
+        if value and not pretrained:
+            raise click.UsageError(f"{flag} goes with --pretrained (a run brings its own)")
+    if pretrained and checkpoint != "best":
+        raise click.UsageError("--checkpoint picks a run's checkpoint; with --pretrained the weights are its file")
+    heads = None
+    if attention_heads:
+        try:
+            heads = tuple(int(x) for x in attention_heads.split(","))
+        except ValueError:
+            heads = ()
+        if len(heads) != 2 or min(heads) < 1:
+            raise click.BadParameter(f"{attention_heads!r}: expected two positive counts, VISION,TEXT (e.g. 16,16)",
+                                     param_hint="--attention-heads")
     options = dict(opset=opset, exporter=exporter, device=device, fused=fuse, int8=int8,
                    settings=ParitySettings(parity_queries, parity_gallery, parity_batch))
     try:
         if pretrained:
-            export_pretrained(pretrained, out_dir, data_dir, tokenizer=tokenizer, **options)
+            export_pretrained(pretrained, out_dir, data_dir, tokenizer=tokenizer, heads=heads, **options)
         else:
             export_bundle(run_dir, out_dir, data_dir, checkpoint=checkpoint, **options)
     except ParityError as exc:

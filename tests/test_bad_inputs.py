@@ -611,3 +611,19 @@ def test_a_batch_larger_than_the_gallery_runs_at_the_gallery_size(tiny_bundle, s
     refused(muge(*args, "--out", tmp_path / "c.jsonl", "--cache-dir", tmp_path / "cc", "--batch-size", "100000"),
             "--batch-size 100000", "lower --batch-size")
     assert not (tmp_path / "c.jsonl").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.augment.auto_augment=bogus", "data.augment.auto_augment='bogus': not a timm AutoAugment policy"),
+    ("train.tensorboard=true", "train.tensorboard=true needs the tensorboard package")])
+def test_training_options_are_checked_with_the_config(small_sample, tmp_path, monkeypatch, override, message):
+    """Before the model or the data are built: no DataLoader worker's traceback."""
+    import importlib.util
+
+    if override.startswith("train.tensorboard"):  # as on a machine without the package
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else
+                            real(name, *a))
+    refused(muge("train", "--config", "configs/sample.yaml", "--data", small_sample, "--out", tmp_path / "run",
+                 "--set", override), message)
+    assert not (tmp_path / "run").exists()

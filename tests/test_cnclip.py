@@ -555,3 +555,50 @@ def test_tensorboard_gets_the_runs_scalars(small_sample, tmp_path):
     assert [e.step for e in events.Scalars("valid/mean_recall")] == [0, 1, 2]
     history = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in events.Scalars("valid/mean_recall")] == pytest.approx([h["mean_recall"] for h in history])
+
+
+# -- shapes Chinese-CLIP does not publish -------------------------------------------------------------
+def test_heads_the_tensors_cannot_tell_are_refused_warned_or_given(small_sample, vocab_dir, tmp_path, caplog):
+    """A text tower 32 wide (32-wide heads): 64-wide heads cannot split it, so the export is
+    refused naming --attention-heads; given them, the bundle embeds as cn_clip does. A shape with
+    64-wide heads that is not published is exported with a warning that names the heads taken."""
+    import logging
+
+    from cn_clip.clip import tokenize
+    from cn_clip.clip.model import CLIP
+
+    torch.manual_seed(3)
+    model = CLIP(embed_dim=32, image_resolution=224, vision_layers=1, vision_width=64, vision_patch_size=32,
+                 vocab_size=21128, text_attention_probs_dropout_prob=0.0, text_hidden_act="gelu",
+                 text_hidden_dropout_prob=0.0, text_hidden_size=32, text_initializer_range=0.02,
+                 text_intermediate_size=64, text_max_position_embeddings=64, text_num_attention_heads=1,
+                 text_num_hidden_layers=1, text_type_vocab_size=2).float().eval()
+    path = save_like_training(model, tmp_path / "narrow.pt")
+    common = ["--tokenizer", vocab_dir, "--data", small_sample, "--parity-queries", "20", "--parity-gallery", "40"]
+    refused(muge("export", "--pretrained", path, "--out", tmp_path / "b0", *common),
+            str(path), "text tower is 32 wide", "--attention-heads")
+    assert not (tmp_path / "b0").exists()
+    refused(muge("export", "--pretrained", path, "--out", tmp_path / "b1", "--attention-heads", "1", *common),
+            "--attention-heads")
+    accepted(muge("export", "--pretrained", path, "--out", tmp_path / "b2", "--attention-heads", "1,1", *common))
+    from predict.runtime import BundleEncoders
+
+    texts = [q.text for q in read_queries(small_sample / "MR_valid_queries.jsonl")][:16]
+    with torch.no_grad():
+        theirs = model.encode_text(tokenize([cn_clip_text(t) for t in texts], 52))
+    theirs = torch.nn.functional.normalize(theirs, dim=-1)
+    ours = BundleEncoders(str(tmp_path / "b2"), device="cpu").encode_text(texts)
+    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="train.cnclip"):
+        accepted(muge("export", "--pretrained", save_like_training(tiny_cn_clip(), tmp_path / "tiny.pt"), "--out",
+                      tmp_path / "b3", *common))
+    assert "not a shape Chinese-CLIP publishes" in caplog.text and "taken as 1 (vision) and 1 (text)" in caplog.text
+
+
+def test_export_flags_that_a_pretrained_file_ignores_are_refused(checkpoint, small_sample, tmp_path):
+    _, path = checkpoint
+    refused(muge("export", "--pretrained", path, "--checkpoint", "last", "--out", tmp_path / "b", "--data",
+                 small_sample), "--checkpoint")
+    refused(muge("export", "runs", "--attention-heads", "1,1", "--out", tmp_path / "b", "--data", small_sample),
+            "--attention-heads goes with --pretrained")

@@ -67,7 +67,8 @@ def test_an_external_data_bundle_predicts_what_the_single_file_bundle_predicts(l
         np.testing.assert_array_equal(a.encode_text(texts), b.encode_text(texts))
     cache = tmp_path / "cache"
     runs = {}
-    for name, bundles in (("plain", [plain]), ("large", [large]), ("ensemble", [large, large_bundles / "chinese-clip"])):
+    ensemble = [large, large_bundles / "chinese-clip"]
+    for name, bundles in (("plain", [plain]), ("large", [large]), ("ensemble", ensemble)):
         out = tmp_path / f"{name}.jsonl"
         args = [a for b in bundles for a in ("--bundle", b)]
         result = accepted(muge("predict", *args, "--data", small_sample, "--split", "valid", "--out", out,

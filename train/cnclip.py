@@ -19,6 +19,7 @@ vision tower (RN50), which `transformers` has no Chinese-CLIP class for. Files l
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -27,6 +28,8 @@ import torch
 from competition.errors import first_of
 
 from .checkpoint import CheckpointError, WeightsError, load_weights
+
+log = logging.getLogger(__name__)
 
 CNCLIP_MAX_CHARS_PER_WORD = 200  # cn_clip/clip/bert_tokenizer.py WordpieceTokenizer
 VISION_HEAD_WIDTH = {1280: 80}   # ViT-H/14; every other published width has 64-wide heads
@@ -65,8 +68,14 @@ def _layers(state: dict, prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def infer_architecture(state: dict, path: str) -> dict:
-    """The published-style description of the checkpoint's model (module docstring)."""
+HEADS_HINT = ("give the head counts: `muge export --pretrained X.pt --attention-heads VISION,TEXT`, or for training "
+              "model.config: {vision_config: {num_attention_heads: V}, text_config: {num_attention_heads: T}}")
+
+
+def infer_architecture(state: dict, path: str, heads: dict | None = None) -> dict:
+    """The published-style description of the checkpoint's model (module docstring). `heads`
+    ({"vision": V, "text": T}): the attention heads, which the tensors cannot tell, for a model
+    of a shape Chinese-CLIP does not publish."""
     if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in state):
         raise WeightsError(f"{path}: a ResNet (RN50) Chinese-CLIP: transformers has no ResNet Chinese-CLIP, so it "
                              "cannot be exported or fine-tuned here; use a ViT one (B/16, L/14, L/14@336px, H/14)")
@@ -92,6 +101,22 @@ def infer_architecture(state: dict, path: str) -> dict:
     }
     arch["published"] = PUBLISHED.get((arch["vision_width"], arch["vision_layers"], arch["vision_patch_size"],
                                        arch["image_resolution"]))
+    heads = {k: v for k, v in (heads or {}).items() if v}
+    arch["vision_heads"] = int(heads.get("vision", arch["vision_heads"]))
+    arch["text_num_attention_heads"] = int(heads.get("text", arch["text_num_attention_heads"]))
+    for tower, width, count in (("vision", arch["vision_width"], arch["vision_heads"]),
+                                ("text", arch["text_hidden_size"], arch["text_num_attention_heads"])):
+        if count < 1 or width % count:
+            raise WeightsError(f"{path}: its {tower} tower is {width} wide, which {count} attention heads cannot "
+                               f"split (a published Chinese-CLIP has 64-wide heads, 80 for ViT-H/14); {HEADS_HINT}")
+    published_text = arch["text_hidden_size"] in (768, 1024) and arch["text_num_attention_heads"] == \
+        arch["text_hidden_size"] // TEXT_HEAD_WIDTH
+    if not heads and (arch["published"] is None or not published_text):
+        log.warning("%s: not a shape Chinese-CLIP publishes (vision %d wide, %d layers; text %d wide): its attention "
+                    "heads cannot be read from the tensors and are taken as %d (vision) and %d (text), 64 wide; if "
+                    "it was trained with others, its embeddings will not be its own: %s", path, arch["vision_width"],
+                    arch["vision_layers"], arch["text_hidden_size"], arch["vision_heads"],
+                    arch["text_num_attention_heads"], HEADS_HINT)
     return arch
 
 
@@ -156,13 +181,14 @@ def to_hf_state_dict(state: dict, path: str = "the checkpoint") -> dict[str, tor
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def load_cnclip(path: str):
+def load_cnclip(path: str, heads: dict | None = None):
     """(ChineseCLIPModel with the file's weights, the source record for the manifest, less the
-    file's sha256: `ChineseCLIPEncoder.weights_source` adds it when asked)."""
+    file's sha256: `ChineseCLIPEncoder.weights_source` adds it when asked). `heads`: see
+    `infer_architecture`."""
     from transformers import ChineseCLIPModel
 
     state = read_checkpoint(path)
-    arch = infer_architecture(state, path)
+    arch = infer_architecture(state, path, heads)
     model = ChineseCLIPModel(hf_config(arch))
     try:
         load_weights(model, to_hf_state_dict(state, path), path, assign=True)

@@ -8,6 +8,7 @@ the default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import types
 import typing
@@ -290,12 +291,29 @@ def validate_values(cfg: Config) -> Config:
             if getattr(aug, key):
                 raise ConfigError(f"data.augment.{key}={getattr(aug, key)} with data.augment.auto_augment: timm's "
                                   "transform takes no other colour augmentation; set it to 0")
+        _check_auto_augment(aug.auto_augment)
+    if train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package, which is not installed: pip install "
+                          "tensorboard (or the project's [tensorboard] extra), or set train.tensorboard=false")
     if train.ema is not None and not 0 < train.ema < 1:
         raise ConfigError(f"train.ema={train.ema!r}; expected a decay in (0, 1), e.g. 0.999, or null")
     if train.grad_cache_chunk is not None and (train.grad_cache_chunk < 1 or train.batch_size % train.grad_cache_chunk):
         raise ConfigError(f"train.grad_cache_chunk={train.grad_cache_chunk} must divide "
                           f"train.batch_size={train.batch_size}")
     return cfg
+
+
+def _check_auto_augment(policy: str) -> None:
+    """The policy built as training builds it (timm's `create_transform`), before any work: a name
+    timm does not know is a config error, not a DataLoader worker's traceback."""
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, scale=(0.9, 1.0), auto_augment=policy)
+    except Exception as exc:  # timm asserts, or raises KeyError / ValueError, per policy family
+        raise ConfigError(f"data.augment.auto_augment={policy!r}: not a timm AutoAugment policy ({type(exc).__name__}"
+                          f": {str(exc)[:120]}); e.g. original (Chinese-CLIP's --use-augment), v0, "
+                          "rand-m9-mstd0.5, augmix-m5-w3, or null") from None
 
 
 def read_preset(path: str) -> dict:

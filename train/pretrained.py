@@ -20,12 +20,16 @@ log = logging.getLogger(__name__)
 CONTEXT_LENGTH = 52  # Chinese-CLIP's text length
 
 
-def pretrained_run(name: str, run_dir: str, tokenizer: str | None = None, max_text_length: int | None = None) -> dict:
+def pretrained_run(name: str, run_dir: str, tokenizer: str | None = None, max_text_length: int | None = None,
+                   heads: tuple[int, int] | None = None) -> dict:
     """Write `run_dir/best.pt` and `run_dir/tokenizer/` from Chinese-CLIP weights `name` (a hub
     name, a `transformers` directory or a `cn_clip` checkpoint file); return the source record for
     the bundle's manifest. The image size is the vision tower's own, the text preprocessing
     Chinese-CLIP's (`cn-clip`)."""
     cfg = Config(model=ModelConfig(family="chinese-clip", name=name))
+    if heads:  # a cn_clip file of a shape Chinese-CLIP does not publish (train.cnclip.infer_architecture)
+        cfg.model.config = {"vision_config": {"num_attention_heads": heads[0]},
+                            "text_config": {"num_attention_heads": heads[1]}}
     cfg.model.text.tokenizer = tokenizer
     log.info("loading Chinese-CLIP weights %s", name)
     model, arch = create_model(cfg.model)
