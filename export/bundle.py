@@ -48,9 +48,10 @@ def _versions() -> dict:
 def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str = "best", opset: int = 18,
                   exporter: str = "dynamo", settings: ParitySettings | None = None,
                   limits: ParityLimits | None = None, device: str = "auto", fused: bool = True,
-                  int8: bool = False) -> dict:
+                  int8: bool = False, tokenizer_label: str | None = None) -> dict:
     """Write the bundle to `out_dir` (replacing an old one only on success); return its manifest.
-    `fused`: transformer towers exported for and through ORT's fusion; `int8`: add int8 graphs.
+    `fused`: transformer towers exported for and through ORT's fusion; `int8`: add int8 graphs;
+    `tokenizer_label`: what errors call the tokenizer (default its directory in the run).
 
     Memory: one copy of the weights (memory-mapped from the checkpoint); each tower's PyTorch
     reference for the gate is computed, its graph written, and its weights freed before the next
@@ -64,8 +65,9 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
     normalization = cfg["data"].get("text_normalization", TEXT_NORMALIZATION)  # runs from before it was a setting
     tokenizer = TextTokenizer(tokenizer_dir, max_len, normalization)
+    from_cn_clip = (ckpt.get("source") or {}).get("format") == "cn_clip checkpoint"  # its vocabulary is known
     check_tokenizer(tokenizer, model.text_vocab_rows, [q.text for q in read_queries(queries_path)[:2000]],
-                    tokenizer_dir)
+                    tokenizer_label or tokenizer_dir, exact=from_cn_clip)
     inputs = gate_inputs(queries_path, tsv_path, settings, size, cfg["data"]["resize_rule"])
     plans = prepare_fusion(model, ckpt["arch"], fused)
     logit_scale = float(model.logit_scale.detach().exp())
@@ -139,7 +141,8 @@ def export_pretrained(name: str, out_dir: str, data_dir: str, tokenizer: str | N
     try:
         pretrained_run(name, staging, tokenizer, heads=heads)
         free_memory()  # the loaded file and the model it filled, before the export loads best.pt
-        return export_bundle(staging, out_dir, data_dir, checkpoint="best", **export_options)
+        label = f"--tokenizer {tokenizer}" if tokenizer else f"the tokenizer of {name}"
+        return export_bundle(staging, out_dir, data_dir, checkpoint="best", tokenizer_label=label, **export_options)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -602,3 +602,73 @@ def test_export_flags_that_a_pretrained_file_ignores_are_refused(checkpoint, sma
                  small_sample), "--checkpoint")
     refused(muge("export", "runs", "--attention-heads", "1,1", "--out", tmp_path / "b", "--data", small_sample),
             "--attention-heads goes with --pretrained")
+
+
+# -- tokenizers and files, round 4 --------------------------------------------------------------------
+def _export_pretrained(path, small_sample, out, *extra):
+    return muge("export", "--pretrained", path, "--out", out, "--data", small_sample, "--parity-queries", "20",
+                "--parity-gallery", "40", *extra)
+
+
+def test_bad_tokenizers_for_a_cn_clip_file_get_one_clear_error(checkpoint, small_sample, tmp_path):
+    """Each names the user's file or flag (never the staging run), and writes no bundle."""
+    _, path = checkpoint
+    vocab = open(VOCAB, encoding="utf-8").read().splitlines()
+    cases = {}
+    d = tmp_path / "nospecials"
+    d.mkdir()
+    (d / "vocab.txt").write_text("\n".join(t for t in vocab if t not in ("[CLS]", "[SEP]")) + "\n", encoding="utf-8")
+    cases[d] = [str(d / "vocab.txt"), "lacks BERT's special tokens [CLS], [SEP]"]
+    d = tmp_path / "gbk"
+    d.mkdir()
+    (d / "vocab.txt").write_bytes("\n".join(vocab).encode("gb18030"))
+    cases[d] = [str(d / "vocab.txt"), "not UTF-8"]
+    d = tmp_path / "foreign"
+    d.mkdir()
+    (d / "vocab.txt").write_text("\n".join(vocab[:127]) + "\n", encoding="utf-8")
+    cases[d] = [f"--tokenizer {d}", "the tokenizer has 127 tokens, the text tower's embedding 21128 rows"]
+    cases["char-vocab"] = ["char-vocab builds a vocabulary from the training queries"]
+    cases[tmp_path / "missing"] = [str(tmp_path / "missing"), "not found"]
+    os.symlink("/dev/zero", tmp_path / "zero")
+    cases[tmp_path / "zero"] = [str(tmp_path / "zero"), "not a regular file or a directory"]
+    for tokenizer, fragments in cases.items():
+        out = tmp_path / "bundle"
+        result = refused(_export_pretrained(path, small_sample, out, "--tokenizer", tokenizer), *fragments)
+        assert ".pretrained-" not in result.output, result.output
+        assert not out.exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no staging left
+
+
+def test_cn_clips_vocab_directory_may_hold_a_readme(checkpoint, small_sample, tmp_path):
+    _, path = checkpoint
+    d = tmp_path / "vocab"
+    d.mkdir()
+    shutil.copy(VOCAB, d / "vocab.txt")
+    (d / "README.md").write_text("Chinese-CLIP's vocabulary\n")
+    accepted(_export_pretrained(path, small_sample, tmp_path / "bundle", "--tokenizer", d))
+
+
+def test_a_fine_tune_resumes_after_its_start_file_moved_and_dual_presets_refuse_one(checkpoint, vocab_dir,
+                                                                                    small_sample, tmp_path):
+    _, path = checkpoint
+    start = tmp_path / "start.pt"
+    shutil.copy(path, start)
+    run = tmp_path / "run"
+    common = ["--set", "train.compile=false", "--set", "data.workers=0", "--set", "train.batch_size=16",
+              "--set", "data.limit_pairs=32", "--set", "eval.batch_size=64"]
+    accepted(muge("train", "--config", "configs/cnclip-vit-b16.yaml", "--data", small_sample, "--out", run,
+                  "--set", f"model.name={start}", "--set", f"model.text.tokenizer={vocab_dir}", "--set",
+                  "train.epochs=2", *common))
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    # back to the end of epoch 1, then the start file goes away: every weight resumed is in last.pt
+    history = (run / "metrics.jsonl").read_text().splitlines()
+    assert last["epoch"] == 2 and len(history) == 3
+    start.unlink()
+    import torch as _torch
+
+    ckpt = _torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2
+    result = accepted(muge("train", "--resume", run, "--data", small_sample))
+    assert "best valid MR" in result.output
+    refused(muge("train", "--config", "configs/sample.yaml", "--data", small_sample, "--out", tmp_path / "dual",
+                 "--set", f"model.name={path}"), "model.family=dual does not use")

@@ -292,6 +292,10 @@ def validate_values(cfg: Config) -> Config:
                 raise ConfigError(f"data.augment.{key}={getattr(aug, key)} with data.augment.auto_augment: timm's "
                                   "transform takes no other colour augmentation; set it to 0")
         _check_auto_augment(aug.auto_augment)
+    if cfg.model.family == "dual" and cfg.model.name:
+        raise ConfigError(f"model.name={cfg.model.name!r} names Chinese-CLIP weights, which model.family=dual does not "
+                          "use (its towers are model.text.name and model.image.name / model.image.checkpoint): set "
+                          "model.family=chinese-clip, or use a cnclip-* preset")
     if train.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("train.tensorboard=true needs the tensorboard package, which is not installed: pip install "
                           "tensorboard (or the project's [tensorboard] extra), or set train.tensorboard=false")

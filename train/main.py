@@ -29,7 +29,7 @@ from .ema import ModelEma
 from .evaluate import check_gallery, evaluate
 from .loop import train_one_epoch
 from .loss import ClipLoss
-from .model import FAMILIES, RetrievalModel, create_model
+from .model import FAMILIES, RetrievalModel, build_from_arch, create_model
 from .optim import apply_freeze, create_optimizer
 from .precision import grad_scaler, resolve_precision
 from .scheduler import create_scheduler
@@ -83,11 +83,13 @@ def steps_per_epoch(batches: int, accum_steps: int) -> int:
 
 
 def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str, world: World | None = None, *,
-                   total_steps: int | None = None, defer_compile: bool = False) -> Training:
+                   total_steps: int | None = None, defer_compile: bool = False, arch: dict | None = None) -> Training:
     """Model (seeded by `train.seed`), tokenizer (written to `tokenizer_dir/tokenizer/` by rank 0
     first), pairs and loader, optimizer, schedule over `total_steps` (default: the config's
     epochs), gradient scaler, loss and EMA, on this process's device. `defer_compile`: build
-    for a compiled model (static text shapes) but leave compiling it to the caller."""
+    for a compiled model (static text shapes) but leave compiling it to the caller. `arch`: a
+    resumed run's architecture (from `last.pt`, which holds every weight): the model is rebuilt
+    from it, so the file it started from (`model.name: X.pt`) may have moved."""
     world = world or World()
     device = device_for(world)
     precision = resolve_precision(cfg.train.precision, device)
@@ -104,7 +106,12 @@ def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str
     tokenizer = tokenizer_now() if world.main else None
     barrier()  # rank 0 wrote it; the others read it
     tokenizer = tokenizer or tokenizer_now()
-    model, arch = create_model(cfg.model, tokenizer.vocab_size)
+    if arch is not None:
+        model = build_from_arch(arch, os.path.join(tokenizer_dir, "last.pt"))
+        if cfg.model.grad_checkpointing:
+            model.set_grad_checkpointing()
+    else:
+        model, arch = create_model(cfg.model, tokenizer.vocab_size)
     own_size = getattr(model, "image_size", None)  # a ViT's is fixed by its position embedding
     if own_size is not None and own_size != cfg.data.image_size:
         raise ConfigError(f"data.image_size={cfg.data.image_size}, but the model's vision tower takes {own_size} px "
@@ -112,7 +119,9 @@ def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str
     # before the optimizer: its state takes the parameters' memory layout
     optimize_model(model.to(device), device, compiled and not defer_compile)
     dataset = PairDataset(train_queries, train_tsv, cfg)
-    check_tokenizer(tokenizer, model.text_vocab_rows, dataset.texts(2000), os.path.join(tokenizer_dir, "tokenizer"))
+    from_cn_clip = (getattr(model, "source", None) or {}).get("format") == "cn_clip checkpoint"
+    check_tokenizer(tokenizer, model.text_vocab_rows, dataset.texts(2000), os.path.join(tokenizer_dir, "tokenizer"),
+                    exact=from_cn_clip)
     loader = train_loader(dataset, tokenizer, cfg, world.rank, world.size, device,
                           pad_to=cfg.data.max_text_length if compiled else None)
     trainable = apply_freeze(model, cfg.train.freeze, 0)
@@ -164,7 +173,7 @@ def _run(cfg: Config, data_dir: str, out_dir: str, resume: bool, world: World) -
     train_files, valid_files = split_files(data_dir, "train"), split_files(data_dir, "valid")  # inputs first
     ckpt = resumable_checkpoint(os.path.join(out_dir, "last.pt")) if resume else None  # refused before any work
     os.makedirs(out_dir, exist_ok=True)
-    tr = build_training(cfg, train_files, out_dir, world)
+    tr = build_training(cfg, train_files, out_dir, world, arch=ckpt["arch"] if ckpt else None)
     try:
         return _train(tr, cfg, valid_files, out_dir, resume, ckpt)
     finally:

@@ -21,14 +21,23 @@ class TokenizerError(ValueError):
     """A tokenizer that does not fit the text tower it feeds."""
 
 
-def check_tokenizer(tokenizer: TextTokenizer, vocab_rows: int, texts: list[str], where: str) -> float:
+def check_tokenizer(tokenizer: TextTokenizer, vocab_rows: int, texts: list[str], where: str,
+                    exact: bool = False) -> float:
     """Refuse a tokenizer that emits ids beyond the text tower's embedding, or that knows so few of
     the queries' characters that most become [UNK] (above `UNKNOWN_REFUSED`; a warning above
-    `UNKNOWN_WARNED`): such a model sees the same token for every query and ranks nothing.
-    Returns the unknown share."""
+    `UNKNOWN_WARNED`): such a model sees the same token for every query and ranks nothing. A
+    vocabulary of another size than the embedding's rows is warned about, and refused when
+    `exact` (a Chinese-CLIP checkpoint, whose vocabulary is known). Returns the unknown share."""
     if tokenizer.max_id >= vocab_rows:
         raise TokenizerError(f"{where}: the tokenizer emits ids up to {tokenizer.max_id}, but the text tower's "
                              f"embedding has {vocab_rows} rows: it is not this model's tokenizer")
+    if tokenizer.vocab_size != vocab_rows:
+        message = (f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, the text tower's embedding "
+                   f"{vocab_rows} rows: not the vocabulary the model was trained with")
+        if exact:
+            raise TokenizerError(message + " (a Chinese-CLIP checkpoint's is cn_clip's vocab.txt: leave --tokenizer "
+                                 "out to use it)")
+        log.warning("%s", message)
     share = tokenizer.unknown_share(texts)
     if share > UNKNOWN_REFUSED:
         raise TokenizerError(f"{where}: {share:.0%} of the tokens of {len(texts)} queries are [UNK] (over "
@@ -75,10 +84,45 @@ def _save_wordpiece(vocab: list[str], tok_dir: str, max_chars_per_word: int = 10
     wordpiece_tokenizer(vocab, max_chars_per_word).save(os.path.join(tok_dir, TextTokenizer.FILE))
 
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+VOCAB_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # what a BERT WordPiece vocabulary must hold
+
+
 def read_vocab(path: str) -> list[str]:
-    """A BERT `vocab.txt`: one token a line, its line number its id."""
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+    """A BERT `vocab.txt`: one token a line, its line number its id; UTF-8, with BERT's special
+    tokens (a clear TokenizerError naming the file otherwise)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            vocab = [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError as exc:
+        with open(path, "rb") as f:
+            line = f.read(exc.start).count(b"\n") + 1
+        raise TokenizerError(f"{path}:{line}: not UTF-8 (a BERT vocab.txt is; convert it, e.g. iconv -f GBK -t "
+                             "UTF-8)") from None
+    missing = [t for t in VOCAB_SPECIALS if t not in vocab]
+    if missing:
+        raise TokenizerError(f"{path}: lacks BERT's special tokens {', '.join(missing)}: not a BERT vocab.txt")
+    return vocab
+
+
+def _vocab_dir(name: str) -> bool:
+    """A directory holding a BERT `vocab.txt` and no Hugging Face tokenizer (Chinese-CLIP's way;
+    a README or a licence beside it is fine)."""
+    files = os.listdir(name)
+    return "vocab.txt" in files and not any(f in files for f in HF_TOKENIZER_FILES)
+
+
+def _check_local(name: str, what: str) -> None:
+    """A name that is a local path must be a directory or a regular file that exists: otherwise
+    say so, rather than let it be taken for a hub name."""
+    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.lexists(name)
+    if not looks_local:
+        return
+    path = os.path.expanduser(name)
+    if not os.path.exists(path):
+        raise TokenizerError(f"{name}: {what} not found")
+    if not (os.path.isdir(path) or os.path.isfile(path)):
+        raise TokenizerError(f"{name}: {what} is not a regular file or a directory")
 
 
 def prepare_tokenizer(spec: str | None, source: str | None, train_queries: str, out_dir: str,
@@ -91,13 +135,18 @@ def prepare_tokenizer(spec: str | None, source: str | None, train_queries: str, 
     if not os.path.exists(os.path.join(tok_dir, TextTokenizer.FILE)):
         os.makedirs(tok_dir, exist_ok=True)
         name = spec or source
+        if name and name != "char-vocab":
+            _check_local(name, "the tokenizer" if spec else "the weights")
         if spec == "char-vocab":
+            if not train_queries:
+                raise TokenizerError("--tokenizer char-vocab builds a vocabulary from the training queries, for a "
+                                     "random text tower in training; exported weights bring their own tokenizer")
             _save_wordpiece(build_char_vocab((q.text for q in iter_queries(train_queries)), normalization), tok_dir)
         elif spec is None and source and os.path.isfile(source):  # a Chinese-CLIP checkpoint: its package's vocabulary
             from .cnclip import CNCLIP_MAX_CHARS_PER_WORD, cn_clip_vocab
 
             _save_wordpiece(read_vocab(cn_clip_vocab(source)), tok_dir, CNCLIP_MAX_CHARS_PER_WORD)
-        elif name and os.path.isdir(name) and os.listdir(name) == ["vocab.txt"]:
+        elif name and os.path.isdir(name) and _vocab_dir(name):
             from .cnclip import CNCLIP_MAX_CHARS_PER_WORD
 
             _save_wordpiece(read_vocab(os.path.join(name, "vocab.txt")), tok_dir, CNCLIP_MAX_CHARS_PER_WORD)
