@@ -22,7 +22,7 @@ import numpy as np
 from competition.layout import split_paths
 
 from .memory import children, memory_mib
-from .table import emit, table_options
+from .table import emit, in_checkout, table_options
 from .tsv import whole_tsv_dict
 
 CHARS = ("连衣裙女夏季新款韩版宽松显瘦白色黑色红色蓝色碎花长袖短袖"
@@ -60,16 +60,20 @@ def write_muge_train(out_dir: str, images: int, pairs: int, seed: int = 0) -> No
 
 
 @click.command("data")
-@click.option("--images", default=130_000, show_default=True)
-@click.option("--pairs", default=250_000, show_default=True)
-@click.option("--batches", default=1000, show_default=True, help="Batches of the epoch to iterate.")
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--workers", default=2, show_default=True)
-@click.option("--config", "config_path", default="configs/bert-convnext.yaml", show_default=True,
+@click.option("--images", type=click.IntRange(min=1), default=130_000, show_default=True)
+@click.option("--pairs", type=click.IntRange(min=1), default=250_000, show_default=True)
+@click.option("--batches", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Batches of the epoch to iterate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              default=in_checkout("configs/bert-convnext.yaml"), show_default=True,
               help="Preset whose data settings (image size, augmentation) are used.")
 @click.option("--dir", "directory", default=None, help="Keep the generated split here (reused when present).")
-@click.option("--main-limit-mb", default=1536, show_default=True, help="RSS limit of the main process.")
-@click.option("--worker-limit-mb", default=500, show_default=True, help="RSS limit of each worker.")
+@click.option("--main-limit-mb", type=click.IntRange(min=1), default=1536, show_default=True,
+              help="RSS limit of the main process.")
+@click.option("--worker-limit-mb", type=click.IntRange(min=1), default=500, show_default=True,
+              help="RSS limit of each worker.")
 @table_options
 def bench_data(images, pairs, batches, batch_size, workers, config_path, directory, main_limit_mb, worker_limit_mb,
                json_out, csv_out):

@@ -20,9 +20,9 @@ import click
 import numpy as np
 
 from .shapes import BERT_CHINESE_VOCAB, VIT_B16_CLIP, setting
-from .table import emit, table_options
+from .table import emit, in_checkout, table_options
 
-PRESETS = ("configs/sample.yaml", "configs/bert-convnext.yaml", "configs/cnclip-vit-b16.yaml")
+PRESETS = tuple(in_checkout(f"configs/{name}.yaml") for name in ("sample", "bert-convnext", "cnclip-vit-b16"))
 
 
 def _random_model(preset: str):
@@ -115,12 +115,16 @@ def bench_preset(preset: str, batches: tuple[int, ...], min_runs: int, budget_s:
 
 
 @click.command("export")
-@click.option("--preset", "presets", multiple=True, default=PRESETS, show_default=True,
+@click.option("--preset", "presets", multiple=True, type=click.Path(exists=True, dir_okay=False), default=PRESETS,
+              show_default=True,
               help="Config presets to build (random weights).")
-@click.option("--batch", "batches", multiple=True, type=int, default=(1, 8, 32), show_default=True)
-@click.option("--min-runs", default=3, show_default=True, help="Timed runs per case (median reported).")
-@click.option("--budget", default=2.0, show_default=True, help="Seconds per case to keep repeating within.")
-@click.option("--threads", type=int, default=None, help="torch and ORT intra-op threads (default: all cores).")
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), default=(1, 8, 32), show_default=True)
+@click.option("--min-runs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed runs per case (median reported).")
+@click.option("--budget", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Seconds per case to keep repeating within.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch and ORT intra-op threads (default: all cores).")
 @click.option("--int8/--no-int8", default=True, show_default=True, help="Also time the int8 graphs.")
 @table_options
 def bench_export(presets, batches, min_runs, budget, threads, int8, json_out, csv_out):

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import click
 import numpy as np
 
-from .table import emit, table_options
+from .table import emit, in_checkout, table_options
 
 
 def _cpu_s(who=resource.RUSAGE_SELF) -> float:
@@ -93,8 +93,10 @@ def bench_pipeline(data_dir: str, split: str, gallery: int, workers: int, batch_
 
 
 @click.command("predict")
-@click.option("--bundle", "bundle_dir", default="bundles/sample", show_default=True)
-@click.option("--data", "data_dir", default="data/sample", show_default=True)
+@click.option("--bundle", "bundle_dir", default=in_checkout("bundles/sample"), show_default=True,
+              type=click.Path(file_okay=False))
+@click.option("--data", "data_dir", default=in_checkout("data/sample"), show_default=True,
+              type=click.Path(file_okay=False))
 @click.option("--split", default="valid", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Decode processes (default: predict's, every core but one).")
@@ -116,6 +118,12 @@ def bench_predict(bundle_dir, data_dir, split, workers, pipeline, gallery, batch
     from predict.runtime import BundleEncoders
 
     workers = default_workers() if workers is None else workers
+    try:
+        split_files(data_dir, split)  # the split's files, checked before any work
+        if not pipeline:
+            BundleEncoders(bundle_dir, "cpu", "fp32", batch_size=64)
+    except (ValueError, OSError) as exc:  # MugeDataError, BundleError
+        raise click.ClickException(str(exc)) from None
     if pipeline:
         return bench_pipeline(data_dir, split, gallery, workers, batch_size, size, json_out, csv_out)
 

@@ -22,7 +22,7 @@ import click
 
 from report.build import read_history
 
-from .table import emit, table_options
+from .table import emit, in_checkout, table_options
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,11 @@ def _predict(bundles: list[str], data: str, work: str, name: str, workers: int, 
 
 
 @click.command("quality")
-@click.option("--data", "data_dir", default="data/hard", show_default=True,
+@click.option("--data", "data_dir", default=in_checkout("data/hard"), show_default=True,
               help="A MUGE directory; the hard sample is generated here when missing.")
-@click.option("--config", "config_path", default="configs/sample.yaml", show_default=True)
-@click.option("--work", "work_dir", default="runs/bench-quality", show_default=True,
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              default=in_checkout("configs/sample.yaml"), show_default=True)
+@click.option("--work", "work_dir", default=in_checkout("runs/bench-quality"), show_default=True,
               help="Runs, bundles, submissions and caches of the bench.")
 @click.option("--ema", "ema_decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.98,
               show_default=True, help="train.ema of run C.")
@@ -103,6 +104,13 @@ def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, worker
     from competition.sample import HARD, make_sample
     from train.average import average_runs
 
+    if pretrained:  # before minutes of training: a local path must be there
+        from train.tokenizer import TokenizerError, _check_local
+
+        try:
+            _check_local(pretrained, "the --pretrained weights")
+        except TokenizerError as exc:
+            raise click.BadParameter(str(exc), param_hint="--pretrained") from None
     if not os.path.isfile(split_paths(data_dir, "valid")[0]):
         log.info("drawing the hard sample into %s", data_dir)
         make_sample(data_dir, difficulty=HARD)

@@ -15,10 +15,29 @@ import click
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def writable_output(ctx, param, value):
+    """A click callback: an output file's folder must exist and be writable, checked before any
+    work (a bench that runs for minutes must not fail at its last line)."""
+    if value is None:
+        return value
+    if os.path.isdir(value):
+        raise click.BadParameter(f"{value} is a directory; give a file name", ctx=ctx, param=param)
+    parent = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise click.BadParameter(f"cannot write {value}: {parent} is not a writable directory", ctx=ctx, param=param)
+    return value
+
+
+def in_checkout(relative: str) -> str:
+    """A default path of the checkout (configs/X.yaml, data/sample), whatever the current directory."""
+    return os.path.join(ROOT, relative)
+
+
 def table_options(command):
-    """`--json OUT` and `--csv OUT` on a bench command."""
-    command = click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write the table as CSV.")(command)
-    return click.option("--json", "json_out", type=click.Path(dir_okay=False),
+    """`--json OUT` and `--csv OUT` on a bench command, checked before any work."""
+    command = click.option("--csv", "csv_out", type=click.Path(dir_okay=False), callback=writable_output,
+                           help="Write the table as CSV.")(command)
+    return click.option("--json", "json_out", type=click.Path(dir_okay=False), callback=writable_output,
                         help="Write the table (and the date, commit and machine) as JSON.")(command)
 
 

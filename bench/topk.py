@@ -39,11 +39,12 @@ def chinese_clip_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10) -> 
 
 
 @click.command("topk")
-@click.option("--queries", default=5004, show_default=True)
-@click.option("--gallery", default=30588, show_default=True)
-@click.option("--dim", default=512, show_default=True)
-@click.option("--loop-queries", default=500, show_default=True, help="Queries timed for the per-query numpy loop.")
-@click.option("--cnclip-queries", default=50, show_default=True,
+@click.option("--queries", type=click.IntRange(min=1), default=5004, show_default=True)
+@click.option("--gallery", type=click.IntRange(min=10), default=30588, show_default=True)
+@click.option("--dim", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--loop-queries", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Queries timed for the per-query numpy loop.")
+@click.option("--cnclip-queries", type=click.IntRange(min=0), default=50, show_default=True,
               help="Queries timed for Chinese-CLIP's method (needs torch; 0 skips it).")
 @table_options
 def bench_topk(queries, gallery, dim, loop_queries, cnclip_queries, json_out, csv_out):

@@ -21,7 +21,7 @@ import time
 
 import click
 
-from .table import emit, table_options
+from .table import emit, in_checkout, table_options
 
 # Dense bf16/fp16 tensor-core peak in TFLOP/s, from the vendors' spec sheets (SXM parts where both
 # exist); the longest name contained in torch.cuda.get_device_name() wins. TF32 is half of it.
@@ -113,10 +113,13 @@ def pipeline_per_worker(dataset, collate, n: int) -> dict:
 
 @click.command("train")
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--data", "data_dir", default="data/sample", show_default=True, type=click.Path(file_okay=False))
+@click.option("--data", "data_dir", default=in_checkout("data/sample"), show_default=True,
+              type=click.Path(exists=True, file_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
-@click.option("--steps", default=20, show_default=True, help="Timed steps, for the bare step and the loop each.")
-@click.option("--warmup", default=3, show_default=True, help="Untimed steps first (compile, autotuning).")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed steps, for the bare step and the loop each.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Untimed steps first (compile, autotuning).")
 @click.option("--compiled/--no-compiled", default=True, show_default=True,
               help="Also time the compiled bare step (compiling takes a minute or more).")
 @table_options

@@ -47,9 +47,10 @@ def _random_reads(read, ids: np.ndarray, reads: int) -> tuple[float, int]:
 
 
 @click.command("tsv")
-@click.option("--size-mb", default=1024, show_default=True)
-@click.option("--reads", default=20_000, show_default=True)
-@click.option("--dir", "directory", default=None, help="Where to write the synthetic TSV (default: a temp dir).")
+@click.option("--size-mb", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--reads", type=click.IntRange(min=1), default=20_000, show_default=True)
+@click.option("--dir", "directory", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Where to write the synthetic TSV (default: a temp dir).")
 @table_options
 def bench_tsv(size_mb, reads, directory, json_out, csv_out):
     """A SIZE_MB TSV: our offset index (build, cached load, reads by id) vs the whole file in a dict."""

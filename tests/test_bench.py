@@ -8,8 +8,10 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from conftest import muge, refused
 from tiny import tiny_config
 
+from bench.table import ROOT
 from muge_cli import cli
 from train.config import save_config
 
@@ -167,3 +169,41 @@ def test_predict_bench_measures_the_pipeline_against_decode_only(small_sample, t
     assert body["gallery"] == 600 and body["workers"] == 1 and 0 < body["efficiency"]
     for row in (decode, pipeline):
         assert row["images_per_s"] > 0 and row["worker_cpu_ms_per_image"] > 0 and row["main_cpu_ms_per_image"] >= 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tsv", "--size-mb", "0"], "--size-mb"), (["tsv", "--reads", "-5"], "--reads"),
+    (["tsv", "--dir", "/nonexistent-muge"], "does not exist"),
+    (["topk", "--gallery", "5"], "--gallery"), (["topk", "--dim", "0"], "--dim"),
+    (["topk", "--queries", "-1"], "--queries"),
+    (["export", "--batch", "0"], "--batch"), (["export", "--min-runs", "0"], "--min-runs"),
+    (["export", "--threads", "0"], "--threads"), (["export", "--preset", "configs/nope.yaml"], "does not exist"),
+    (["data", "--images", "-1"], "--images"), (["data", "--batch-size", "0"], "--batch-size"),
+    (["data", "--main-limit-mb", "0"], "--main-limit-mb"),
+    (["train", "--config", "configs/sample.yaml", "--steps", "0"], "--steps"),
+    (["train", "--config", "configs/sample.yaml", "--data", "/nonexistent-muge"], "does not exist"),
+    (["predict", "--bundle", "/nonexistent-muge"], "is not an export bundle"),
+    (["predict", "--pipeline", "--data", "/nonexistent-muge"], "not found"),
+    (["quality", "--pretrained", "/nonexistent-muge"], "not found"),
+    (["topk", "--json", "/nonexistent-muge/t.json"], "is not a writable directory"),
+    (["topk", "--csv", "/tmp"], "is a directory")])
+def test_every_bench_checks_its_arguments_before_any_work(args, message):
+    refused(muge("bench", *args), message)
+
+
+def test_bench_default_paths_are_the_checkouts_wherever_it_runs(tmp_path, monkeypatch):
+    """A bench run from another directory finds its default presets (and names the checkout's
+    data and bundle paths)."""
+    from bench.data import bench_data
+    from bench.export import bench_export
+    from bench.predict import bench_predict
+    from bench.quality import bench_quality
+
+    monkeypatch.chdir(tmp_path)
+    defaults = {(cmd.name, p.name): p.default for cmd in (bench_data, bench_export, bench_predict, bench_quality)
+                for p in cmd.params if p.name in ("config_path", "presets", "bundle_dir", "data_dir")}
+    for (name, param), value in defaults.items():
+        for path in (value if isinstance(value, tuple) else [value]):
+            assert os.path.isabs(path) and path.startswith(ROOT), (name, param, path)
+    assert all(os.path.isfile(p) for k, v in defaults.items() if k[1] in ("config_path", "presets")
+               for p in (v if isinstance(v, tuple) else [v]))
