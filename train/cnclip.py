@@ -69,7 +69,7 @@ def _layers(state: dict, prefix: str) -> int:
 
 
 HEADS_HINT = ("give the head counts: `muge export --pretrained X.pt --attention-heads VISION,TEXT`, or for training "
-              "model.config: {vision_config: {num_attention_heads: V}, text_config: {num_attention_heads: T}}")
+              "model.attention_heads=[VISION, TEXT]")
 
 
 def infer_architecture(state: dict, path: str, heads: dict | None = None) -> dict:

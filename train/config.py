@@ -48,6 +48,7 @@ class ModelConfig:
     family: Family = "dual"
     name: str | None = None            # chinese-clip: hub name or local dir; None: random from `config`
     config: dict = field(default_factory=dict)  # chinese-clip: ChineseCLIPConfig fields
+    attention_heads: list | None = None  # [vision, text] of a cn_clip file of a shape Chinese-CLIP does not publish
     text: TextTower = field(default_factory=TextTower)
     image: ImageTower = field(default_factory=ImageTower)
     embed_dim: int = 512
@@ -292,6 +293,9 @@ def validate_values(cfg: Config) -> Config:
                 raise ConfigError(f"data.augment.{key}={getattr(aug, key)} with data.augment.auto_augment: timm's "
                                   "transform takes no other colour augmentation; set it to 0")
         _check_auto_augment(aug.auto_augment)
+    heads = cfg.model.attention_heads
+    if heads is not None and (len(heads) != 2 or not all(isinstance(h, int) and h > 0 for h in heads)):
+        raise ConfigError(f"model.attention_heads={heads!r}; expected [vision, text], two positive counts")
     if cfg.model.family == "dual" and cfg.model.name:
         raise ConfigError(f"model.name={cfg.model.name!r} names Chinese-CLIP weights, which model.family=dual does not "
                           "use (its towers are model.text.name and model.image.name / model.image.checkpoint): set "

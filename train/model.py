@@ -328,9 +328,7 @@ class ChineseCLIPEncoder(RetrievalModel):
         if cfg.name and os.path.isfile(cfg.name):
             from .cnclip import load_cnclip
 
-            conf = cfg.config or {}  # for a file, only its attention heads (which its tensors cannot tell)
-            heads = {tower: (conf.get(f"{tower}_config") or {}).get("num_attention_heads")
-                     for tower in ("vision", "text")}
+            heads = dict(zip(("vision", "text"), cfg.attention_heads or ()))  # what its tensors cannot tell
             clip, source = load_cnclip(cfg.name, heads)
         elif cfg.name:
             clip = load_pretrained(ChineseCLIPModel, cfg.name, "Chinese-CLIP")

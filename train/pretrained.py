@@ -27,9 +27,7 @@ def pretrained_run(name: str, run_dir: str, tokenizer: str | None = None, max_te
     the bundle's manifest. The image size is the vision tower's own, the text preprocessing
     Chinese-CLIP's (`cn-clip`)."""
     cfg = Config(model=ModelConfig(family="chinese-clip", name=name))
-    if heads:  # a cn_clip file of a shape Chinese-CLIP does not publish (train.cnclip.infer_architecture)
-        cfg.model.config = {"vision_config": {"num_attention_heads": heads[0]},
-                            "text_config": {"num_attention_heads": heads[1]}}
+    cfg.model.attention_heads = list(heads) if heads else None  # a shape Chinese-CLIP does not publish
     cfg.model.text.tokenizer = tokenizer
     log.info("loading Chinese-CLIP weights %s", name)
     model, arch = create_model(cfg.model)
