@@ -111,6 +111,31 @@ def pipeline_per_worker(dataset, collate, n: int) -> dict:
     return rates
 
 
+def mask_ratio_rows(tr, step, ratios, steps: int, warmup: int, device, bs: int) -> list[dict]:
+    """The eager bare step at each FLIP mask ratio (highest first), with the samples/s against
+    the unmasked step's and the peak resident set so far (on a GPU, the peak memory of each)."""
+    import resource
+
+    import torch
+
+    rows, rates = [], {}
+    for ratio in ratios:
+        tr.model.set_mask_ratio(ratio)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds, _ = time_steps(step, steps, warmup, device)
+        rates[ratio] = bs / seconds
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+        rows.append({"what": f"bare step, eager, FLIP mask {ratio:g}", "mask_ratio": ratio,
+                     "samples_per_s": round(rates[ratio], 1),
+                     ("peak_mem_gib" if device.type == "cuda" else "peak_rss_gib"): round(peak, 2)})
+    if 0.0 in rates:
+        for row in rows:
+            row["of_unmasked"] = round(rates[row["mask_ratio"]] / rates[0.0], 2)
+    return rows
+
+
 @click.command("train")
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--data", "data_dir", default=in_checkout("data/sample"), show_default=True,
@@ -122,8 +147,11 @@ def pipeline_per_worker(dataset, collate, n: int) -> dict:
               help="Untimed steps first (compile, autotuning).")
 @click.option("--compiled/--no-compiled", default=True, show_default=True,
               help="Also time the compiled bare step (compiling takes a minute or more).")
+@click.option("--mask-ratio", "mask_ratios", multiple=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Also time the eager bare step at these FLIP mask ratios (train.mask_ratio), each with the peak "
+                   "RSS so far: run from the highest ratio (least memory) down.")
 @table_options
-def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, json_out, csv_out):
+def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_ratios, json_out, csv_out):
     """Training samples/s: the bare step (eager, compiled) against the real loop on the data."""
     import torch
 
@@ -154,8 +182,13 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, json_
         def step():
             train_step(tr, tr.model, synth)
 
+        rows = []
+        if mask_ratios:
+            rows += mask_ratio_rows(tr, step, sorted(set(mask_ratios), reverse=True), steps, warmup, device, bs)
+        tr.model.set_mask_ratio(cfg.train.mask_ratio)
         eager_s, _ = time_steps(step, steps, warmup, device)
-        rows = [{"what": "bare step, eager", "samples_per_s": round(bs / eager_s, 1)}]
+        rows.append({"what": "bare step, eager", "mask_ratio": cfg.train.mask_ratio,
+                     "samples_per_s": round(bs / eager_s, 1)})
         compiled_s = compile_s = None
 
         def time_compiled():

@@ -627,3 +627,19 @@ def test_training_options_are_checked_with_the_config(small_sample, tmp_path, mo
     refused(muge("train", "--config", "configs/sample.yaml", "--data", small_sample, "--out", tmp_path / "run",
                  "--set", override), message)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.mask_ratio=-0.1"], "train.mask_ratio=-0.1; expected a share of patches in [0, 1)"),
+    (["train.mask_ratio=1.0"], "train.mask_ratio=1.0; expected a share of patches in [0, 1)"),
+    (["train.mask_schedule={0: 1.5}"], "train.mask_schedule.0=1.5"),
+    (["train.mask_schedule={9: 0.0}"], "train.mask_schedule: 9 is not an epoch of this run (0 to 0"),
+    (["train.mask_ratio=0.5"], "the image tower resnet10t has no patch tokens to drop"),
+    (["train.mask_schedule={0: 0.5}"], "the image tower resnet10t has no patch tokens to drop")])
+def test_bad_flip_settings_are_refused_naming_the_key(small_sample, tmp_path, overrides, message):
+    """Out of range, an epoch the run does not have, or a CNN image tower (the tiny dual's
+    resnet10t), before any training."""
+    sets = [a for o in ["train.epochs=1", *overrides] for a in ("--set", o)]
+    cfg = tmp_path / "tiny.yaml"
+    save_config(tiny_config("dual"), str(cfg))
+    refused(muge("train", "--config", cfg, "--data", small_sample, "--out", tmp_path / "run", *sets), message)

@@ -285,7 +285,7 @@ def _batch(small_sample, n: int, repeat_image: bool = False):
     return pairs, np.stack(images), theirs
 
 
-def _their_step(model, images, texts):
+def _their_step(model, images, texts, mask_ratio: float = 0.0):
     """One step of cn_clip/training: its get_loss with gathered features (a one-process group),
     its AdamW groups (main.py:147-166), cosine_lr (scheduler.py), the logit-scale clamp (train.py:262)."""
     import argparse
@@ -300,12 +300,14 @@ def _their_step(model, images, texts):
                                    {"params": [p for n, p in named if not exclude(n)], "weight_decay": WD}],
                                   lr=LR, betas=(0.9, 0.98), eps=1e-6)
     scheduler = cosine_lr(optimizer, LR, WARMUP, TOTAL)
-    args = argparse.Namespace(accum_freq=1, distillation=False, mask_ratio=0, aggregate=True, gather_with_grad=False,
+    args = argparse.Namespace(accum_freq=1, distillation=False, mask_ratio=mask_ratio, aggregate=True,
+                              gather_with_grad=False,
                               local_device_rank=0, report_training_batch_acc=False)
     model.train()
     scheduler(0)
     optimizer.zero_grad()
     assert dist.is_initialized() and dist.get_world_size() == 1
+    torch.manual_seed(7)  # the FLIP masks
     loss, _ = get_loss(model, images, texts, torch.nn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss(), args)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in named}
@@ -314,7 +316,7 @@ def _their_step(model, images, texts):
     return loss.detach(), grads
 
 
-def _our_step(path, pixels, ids, mask, image_ids, query_ids):
+def _our_step(path, pixels, ids, mask, image_ids, query_ids, mask_ratio: float = 0.0):
     """One step of ours: the chinese-clip family from the same file, ClipLoss, our optimizer (its
     betas, eps and lr; our no-decay rule), our schedule, our clamp."""
     from tiny import tiny_config
@@ -349,8 +351,10 @@ def _our_step(path, pixels, ids, mask, image_ids, query_ids):
              "query_ids": torch.tensor(query_ids)}
     grads = {}
     model.train()
+    model.set_mask_ratio(mask_ratio)
     hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, p.grad.detach().clone()))
              for n, p in model.clip.named_parameters()]
+    torch.manual_seed(7)  # the FLIP masks, drawn as cn_clip draws them
     loss = train_step(tr, model, batch)
     for h in hooks:
         h.remove()
@@ -366,18 +370,22 @@ def one_process_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_one_training_step_is_chinese_clips_own(small_sample, vocab_dir, tmp_path, monkeypatch, one_process_group):
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.5])
+def test_one_training_step_is_chinese_clips_own(small_sample, vocab_dir, tmp_path, monkeypatch, one_process_group,
+                                                mask_ratio):
+    """With FLIP masking (`--mask-ratio 0.5` there, `train.mask_ratio` here) too: the same patches
+    dropped from the same seed, the same loss, gradients and weights."""
     from train.tokenizer import prepare_tokenizer
 
     model = tiny_cn_clip(seed=1)
     path = save_like_training(model, tmp_path / "start.pt")
     pairs, pixels, (images, texts) = _batch(small_sample, 12)
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # get_loss moves its labels to a GPU
-    their_loss, their_grads = _their_step(model, images, texts)
+    their_loss, their_grads = _their_step(model, images, texts, mask_ratio)
     tokenizer = prepare_tokenizer(str(vocab_dir), None, "", str(tmp_path), 52, "cn-clip")
     ids, mask = tokenizer([q.text for q, _ in pairs])
     our_loss, our_grads, our_weights = _our_step(path, pixels, ids, mask, [i for _, i in pairs],
-                                                 [q.query_id for q, _ in pairs])
+                                                 [q.query_id for q, _ in pairs], mask_ratio)
     assert abs(float(our_loss) - float(their_loss)) < 1e-5
     for name, grad in to_hf_state_dict(their_grads).items():
         torch.testing.assert_close(our_grads[name], grad, atol=1e-5, rtol=0, msg=name)
@@ -672,3 +680,27 @@ def test_a_fine_tune_resumes_after_its_start_file_moved_and_dual_presets_refuse_
     assert "best valid MR" in result.output
     refused(muge("train", "--config", "configs/sample.yaml", "--data", small_sample, "--out", tmp_path / "dual",
                  "--set", f"model.name={path}"), "model.family=dual does not use")
+
+
+# -- FLIP patch masking ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_a_masked_image_embedding_is_chinese_clips_own(checkpoint, small_sample, ratio):
+    """Our masked embedding (training mode, `train.mask_ratio`) against cn_clip's
+    `encode_image(image, mask_ratio)`, same weights, images and seed; evaluation never masks."""
+    from train.config import ModelConfig
+    from train.model import create_model
+
+    model, path = checkpoint
+    _, pixels, (images, _) = _batch(small_sample, 6)
+    ours, _ = create_model(ModelConfig(family="chinese-clip", name=str(path)))
+    ours.train().set_mask_ratio(ratio)
+    with torch.no_grad():
+        torch.manual_seed(11)
+        got = ours.encode_image(torch.from_numpy(pixels))
+        torch.manual_seed(11)
+        want = torch.nn.functional.normalize(model.encode_image(images, ratio), dim=-1)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        unmasked = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+        assert (got - unmasked).abs().max() > 1e-3  # the masking is there to see
+        ours.eval()
+        torch.testing.assert_close(ours.encode_image(torch.from_numpy(pixels)), unmasked, atol=1e-5, rtol=0)

@@ -78,3 +78,34 @@ def test_compiled_resume_is_exact(small_sample, tmp_path, monkeypatch, compiled_
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [h["mean_recall"] for h in _history(compiled_run)] == [h["mean_recall"] for h in _history(tmp_path / "b")]
+
+
+def test_flip_masking_compiles_once(one_thread):
+    """A masked Chinese-CLIP tower under torch.compile: the kept length is fixed, so steps after the
+    first reuse its graph (a recompile per step would raise here)."""
+    from train.model import create_model
+    from train.speed import compile_model
+
+    cfg = tiny_config("chinese-clip", "data.image_size=32")
+    torch.manual_seed(0)
+    model, _ = create_model(cfg.model, vocab_size=64)
+    model.train().set_mask_ratio(0.5)
+    compile_model(model)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        pixels = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=g)
+        ids = torch.randint(5, 64, (4, 8), generator=g)
+        image, text, _ = model(pixels, ids, torch.ones_like(ids))
+        (image @ text.t()).sum().backward()
+        return image
+
+    first = step()
+    saved = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for _ in range(3):
+            again = step()
+    finally:
+        torch._dynamo.config.error_on_recompile = saved
+    assert first.shape == again.shape and torch.isfinite(again).all()

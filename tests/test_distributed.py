@@ -96,6 +96,19 @@ def test_grad_cache_replays_dropout_masks():
     assert abs(plain[0] - _step(model, batch, chunk=4)[0]) > 1e-4  # dropout is really on
 
 
+@pytest.mark.parametrize("family", ["dual", "chinese-clip"])
+def test_grad_cache_replays_flip_masks(family):
+    """FLIP masking (a timm ViT's patch dropout, Chinese-CLIP's masking): the grad pass drops the
+    patches the no-grad pass dropped (RNG replayed), so the step equals chunk-wise forwards."""
+    model = _model(family, dropout=False)
+    model.set_mask_ratio(0.5)
+    batch = _batch()
+    _assert_same(_step(model, batch, chunk=4), _chunks_in_memory(model, batch, 4))
+    masked = _step(model, batch)
+    model.set_mask_ratio(0.0)
+    assert abs(masked[0] - _step(model, batch)[0]) > 1e-4  # the masking is really on
+
+
 def test_grad_cache_restores_batchnorm_statistics():
     """BN towers: the no-grad pass must not update running statistics a second time."""
     cfg = tiny_config("dual")

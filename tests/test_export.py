@@ -203,3 +203,22 @@ def test_fused_and_int8_graphs_pass_the_gate_and_predict(runs, small_sample, tmp
     export_bundle(runs[family], str(plain), str(small_sample), settings=FAST)
     with pytest.raises(BundleError, match="no int8 graphs: export it with `muge export --int8`"):
         BundleEncoders(str(plain), precision="int8")
+
+
+@pytest.mark.slow
+def test_flip_settings_change_no_graph(runs, small_sample, tmp_path):
+    """train.mask_ratio is training's alone: the same weights export to the same graphs, and
+    score the same in the gate, with or without it in the run's config."""
+    import shutil
+
+    from train.checkpoint import load_checkpoint, save_checkpoint
+
+    masked = tmp_path / "masked-run"
+    shutil.copytree(runs["chinese-clip"], masked)
+    ckpt = load_checkpoint(str(masked / "best.pt"))
+    ckpt["config"]["train"].update(mask_ratio=0.5, mask_schedule={0: 0.75})
+    save_checkpoint(str(masked / "best.pt"), ckpt)
+    plain = export_bundle(runs["chinese-clip"], str(tmp_path / "plain"), str(small_sample), settings=FAST)
+    flip = export_bundle(str(masked), str(tmp_path / "flip"), str(small_sample), settings=FAST)
+    assert plain["files"] == flip["files"]
+    assert plain["parity"]["fp32"] == flip["parity"]["fp32"]

@@ -120,6 +120,8 @@ class TrainConfig:
     precision: Precision = "auto"      # auto: bf16 (or fp16) on CUDA, fp32 on CPU
     compile: bool | None = None        # torch.compile the model; None: on for CUDA, off on CPU
     ema: float | None = None           # decay of an EMA of the weights (e.g. 0.999): scored each epoch, may be best.pt
+    mask_ratio: float = 0.0            # FLIP: share of image patches dropped in training (Chinese-CLIP's --mask-ratio)
+    mask_schedule: dict = field(default_factory=dict)  # {epoch (0-based): ratio from then on}, e.g. {2: 0.0}
     tensorboard: bool = False          # event files in RUN/tensorboard/ (needs the tensorboard package)
     seed: int = 0                      # the random start (weights not loaded) and, unless data_seed, the data
     data_seed: int | None = None       # data order, augmentation, dropout (soup runs: one seed, several data_seeds)
@@ -268,6 +270,16 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
+def mask_ratio_at(train: TrainConfig, epoch: int) -> float:
+    """The FLIP mask ratio in force in `epoch` (0-based): `mask_ratio`, then each `mask_schedule`
+    entry from its epoch on."""
+    ratio = float(train.mask_ratio)
+    for start in sorted(int(e) for e in train.mask_schedule):
+        if start <= epoch:
+            ratio = float(train.mask_schedule.get(start, train.mask_schedule.get(str(start))))
+    return ratio
+
+
 def validate_values(cfg: Config) -> Config:
     """What the field types cannot say: positive sizes, seeds, the EMA decay, chunking."""
     data, train = cfg.data, cfg.train
@@ -303,6 +315,14 @@ def validate_values(cfg: Config) -> Config:
     if train.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("train.tensorboard=true needs the tensorboard package, which is not installed: pip install "
                           "tensorboard (or the project's [tensorboard] extra), or set train.tensorboard=false")
+    for key, ratio in [("train.mask_ratio", train.mask_ratio)] + [(f"train.mask_schedule.{e}", r)
+                                                                  for e, r in train.mask_schedule.items()]:
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
+            raise ConfigError(f"{key}={ratio!r}; expected a share of patches in [0, 1), e.g. 0.5")
+    for epoch in train.mask_schedule:
+        if not str(epoch).isdigit() or int(epoch) >= train.epochs:
+            raise ConfigError(f"train.mask_schedule: {epoch!r} is not an epoch of this run (0 to {train.epochs - 1}, "
+                              "counted from 0)")
     if train.ema is not None and not 0 < train.ema < 1:
         raise ConfigError(f"train.ema={train.ema!r}; expected a decay in (0, 1), e.g. 0.999, or null")
     if train.grad_cache_chunk is not None and (train.grad_cache_chunk < 1 or train.batch_size % train.grad_cache_chunk):

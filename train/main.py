@@ -21,7 +21,7 @@ from competition.layout import split_files
 from competition.preprocess import TextTokenizer
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
-from .config import Config, ConfigError, data_seed, save_config, to_dict
+from .config import Config, ConfigError, data_seed, mask_ratio_at, save_config, to_dict
 from .curves import plot_curves, write_history
 from .data import PairDataset, stop_workers, train_loader
 from .distributed import World, barrier, cleanup, device_for, init_distributed
@@ -112,6 +112,11 @@ def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str
             model.set_grad_checkpointing()
     else:
         model, arch = create_model(cfg.model, tokenizer.vocab_size)
+    try:  # a CNN tower with a ratio > 0 anywhere in the schedule is refused now, not at that epoch
+        model.set_mask_ratio(max(mask_ratio_at(cfg.train, e) for e in range(cfg.train.epochs)))
+        model.set_mask_ratio(mask_ratio_at(cfg.train, 0))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     own_size = getattr(model, "image_size", None)  # a ViT's is fixed by its position embedding
     if own_size is not None and own_size != cfg.data.image_size:
         raise ConfigError(f"data.image_size={cfg.data.image_size}, but the model's vision tower takes {own_size} px "
@@ -294,6 +299,7 @@ def train_epochs(tr: Training, state: RunState, valid_files, out_dir: str, track
     ddp, trainable = None, tr.trainable
     for epoch in range(state.epoch, cfg.train.epochs):
         now = apply_freeze(tr.model, cfg.train.freeze, epoch)
+        tr.model.set_mask_ratio(mask_ratio_at(cfg.train, epoch))
         if ddp is None or now != trainable:
             ddp, trainable = wrap_ddp(tr.model, world, tr.device), now
         seed_everything(data_seed(cfg.train) * 1000 + epoch)  # dropout etc.: a function of (seed, epoch) alone

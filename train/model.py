@@ -152,6 +152,19 @@ def _with_head_group(model: nn.Module, layout: Layout) -> Layout:
     return layout
 
 
+def random_masking(tokens: torch.Tensor, ratio: float) -> torch.Tensor:
+    """FLIP: keep the class token and a random `int((L - 1) * (1 - ratio))` of the patch tokens of
+    each image, drawn exactly as Chinese-CLIP draws them (cn_clip/clip/model.py
+    `VisualTransformer.random_masking`: `torch.rand` noise on the tokens' device, argsort, the first
+    ones kept, in that order)."""
+    n, length, dim = tokens.shape
+    keep = int((length - 1) * (1 - ratio))
+    noise = torch.rand(n, length - 1, device=tokens.device)
+    ids = torch.argsort(noise, dim=1)[:, :keep] + 1
+    kept = torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, dim))
+    return torch.cat([tokens[:, :1], kept], dim=1)
+
+
 class RetrievalModel(nn.Module):
     """What the training loop, export and the optimizer ask of every family."""
 
@@ -169,6 +182,11 @@ class RetrievalModel(nn.Module):
 
     def to_arch(self) -> dict:
         return {"family": self.family, **self.arch}
+
+    mask_ratio = 0.0  # FLIP patch masking in training (`set_mask_ratio`); evaluation never masks
+
+    def set_mask_ratio(self, ratio: float) -> None:
+        self.mask_ratio = float(ratio)
 
     def release_tower(self, kind: str) -> None:
         """Free the weights of one tower (`text` | `image`), moved to the meta device: an export
@@ -242,6 +260,21 @@ class DualEncoder(RetrievalModel):
     def tower_modules(self, kind: str) -> tuple[nn.Module, ...]:
         return (self.text, self.pool, self.text_proj) if kind == "text" else (self.image, self.image_proj)
 
+    def set_mask_ratio(self, ratio: float) -> None:
+        """A timm ViT tower masks with its own patch dropout (active in training only); a CNN has
+        no patch tokens to drop."""
+        from timm.layers import PatchDropout
+
+        if not hasattr(self.image, "patch_drop"):
+            if ratio:
+                raise ValueError(f"FLIP masking (train.mask_ratio, train.mask_schedule: {ratio}): the image tower "
+                                 f"{self.arch['image_name']} has no patch "
+                                 "tokens to drop (FLIP masking needs a ViT image tower); set train.mask_ratio=0")
+            return
+        super().set_mask_ratio(ratio)
+        prefix = getattr(self.image, "num_prefix_tokens", 1)
+        self.image.patch_drop = PatchDropout(ratio, num_prefix_tokens=prefix) if ratio else nn.Identity()
+
     def encode_text(self, input_ids, attention_mask):
         hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return F.normalize(self.text_proj(self.pool(hidden, attention_mask)), dim=-1)
@@ -281,6 +314,13 @@ class ChineseCLIPEncoder(RetrievalModel):
         self.logit_scale_max = logit_scale_max
         self.arch = {"clip_config": clip.config.to_dict(), "logit_scale_max": logit_scale_max}
         self.source = source  # what pretrained weights were loaded (None: a random start); see weights_source
+        # FLIP, where Chinese-CLIP masks: after the position embedding, before the pre-norm
+        clip.vision_model.embeddings.register_forward_hook(self._mask_patches)
+
+    def _mask_patches(self, module, args, tokens):
+        if self.training and self.mask_ratio:
+            return random_masking(tokens, self.mask_ratio)
+        return None
 
     def weights_source(self) -> dict | None:
         """`source` with the sha256 of the local weights it names (a cn_clip file, or each weight
