@@ -36,6 +36,7 @@ CNCLIP_MODELS = {"cnclip-vit-b16": "ViT-B-16@RoBERTa-wwm-ext-base-chinese",
                  "cnclip-vit-l14-336": "ViT-L-14-336@RoBERTa-wwm-ext-base-chinese",
                  "cnclip-vit-h14": "ViT-H-14@RoBERTa-wwm-ext-large-chinese"}
 GIB = 2**30
+STAGES = ("export", "predict", "train", "memory")
 # a training run is tried only where its weights, gradients and AdamW state (16 bytes a
 # parameter) plus the loaded checkpoint leave this much of the machine's memory free
 TRAIN_HEADROOM_BYTES = 2 * GIB
@@ -128,10 +129,10 @@ def run_measured(args: list[str], log_path: str, code: str = "from muge_cli impo
     return {"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2), "status": ended}
 
 
-def _last_line(path: str) -> str:
+def _last_line(path: str, limit: int | None = 200) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
-    return lines[-1][:200] if lines else ""
+    return lines[-1][:limit] if lines else ""
 
 
 def small_split(work: str, queries: int, images: int) -> str:
@@ -167,7 +168,7 @@ def param_count(preset: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def memory_figures(preset: str) -> dict:
+def memory_figures(preset: str, mask_ratio: float = 0.0) -> dict:
     """Training memory of the preset at its published shape (random weights), measured on the CPU:
     - state: bytes of weights, gradients and AdamW state after one optimizer step;
     - per pair: bytes of the tensors autograd saves for backward (counted once per storage) in a
@@ -176,6 +177,7 @@ def memory_figures(preset: str) -> dict:
       so the autocast copies of the weights (once per step) are not counted per pair; with
       checkpointing, plus one vision layer's saved tensors (what backward recomputes and holds
       at once).
+    `mask_ratio`: with FLIP masking (`train.mask_ratio`), as training would run.
     Not measured (a GPU run is the check): allocator overhead and fragmentation, the attention
     kernel's own saved state (SDPA's flash kernel keeps no attention map; the CPU's math path
     does), cuDNN and cuBLAS workspaces."""
@@ -192,6 +194,7 @@ def memory_figures(preset: str) -> dict:
     torch.manual_seed(0)
     model, _ = create_model(cfg.model)
     model.train()
+    model.set_mask_ratio(mask_ratio)
     size, seq = cfg.data.image_size, 52
 
     def forward(pairs: int):
@@ -204,7 +207,8 @@ def memory_figures(preset: str) -> dict:
     recompute = 0.0
     if cfg.model.grad_checkpointing:
         layer = model.clip.vision_model.encoder.layers[0]
-        tokens = (size // CNCLIP_SHAPES[preset]["vision_config"]["patch_size"]) ** 2 + 1
+        patches = (size // CNCLIP_SHAPES[preset]["vision_config"]["patch_size"]) ** 2
+        tokens = 1 + int(patches * (1 - mask_ratio))  # what a layer sees after masking
         hidden = {p: torch.randn(p, tokens, layer.embed_dim, requires_grad=True) for p in (1, 3)}
         checkpointed, layer.gradient_checkpointing = layer.gradient_checkpointing, False  # the layer as recomputed
         layer_saved = {p: _saved_bytes(lambda p=p: layer(hidden[p], None))[0] for p in (1, 3)}
@@ -219,7 +223,7 @@ def memory_figures(preset: str) -> dict:
                  if isinstance(v, torch.Tensor) and v.dim() > 0)
     chunk = cfg.train.grad_cache_chunk or cfg.train.batch_size
     return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), "state_gib": round(state / GIB, 2),
-            "checkpointing": bool(cfg.model.grad_checkpointing),
+            "checkpointing": bool(cfg.model.grad_checkpointing), "mask_ratio": mask_ratio,
             "saved_per_pair_mib": round(per_pair / 2**20, 1), "recompute_per_pair_mib": round(recompute / 2**20, 1),
             "chunk": chunk, "chunk_activations_gib": round(chunk * (per_pair + recompute) / GIB, 2),
             "total_gib": round((state + chunk * (per_pair + recompute)) / GIB, 2)}
@@ -256,7 +260,8 @@ def summary(stage: str, f: dict) -> str:
                 f"{f['mr_cn_clip']}")
     if stage == "train":
         return f"{f['steps']} steps of {f['batch']}, untrained MR {f['untrained_mr']}, wrote {f['checkpoints']}"
-    return (f"{f['params_m']}M params: state {f['state_gib']} GiB + {f['chunk']} x "
+    masked = f", FLIP mask {f['mask_ratio']:g}" if f.get("mask_ratio") else ""
+    return (f"{f['params_m']}M params{masked}: state {f['state_gib']} GiB + {f['chunk']} x "
             f"({f['saved_per_pair_mib']} + {f['recompute_per_pair_mib']}) MiB = {f['total_gib']} GiB")
 
 
@@ -286,12 +291,14 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
     row("checkpoint", wall_s=round(time.perf_counter() - start, 1), status="ok",
         file_gib=round(os.path.getsize(ckpt) / GIB, 2), reused=reused)
     bundle = os.path.join(d, "bundle")
-    shutil.rmtree(bundle, ignore_errors=True)
-    export = run_measured(["export", "--pretrained", ckpt, "--out", bundle, "--data", data, "--parity-queries",
-                           opts["parity_queries"], "--parity-gallery", opts["parity_gallery"], "--parity-batch", 4],
-                          os.path.join(d, "export.log"))
-    row("export", **export, **(bundle_sizes(bundle) if export["status"] == "ok" else {}))
-    if export["status"] == "ok":
+    export = {"status": "not run"}
+    if "export" in opts["stages"]:
+        shutil.rmtree(bundle, ignore_errors=True)
+        export = run_measured(["export", "--pretrained", ckpt, "--out", bundle, "--data", data, "--parity-queries",
+                               opts["parity_queries"], "--parity-gallery", opts["parity_gallery"], "--parity-batch",
+                               4], os.path.join(d, "export.log"))
+        row("export", **export, **(bundle_sizes(bundle) if export["status"] == "ok" else {}))
+    if export["status"] == "ok" and "predict" in opts["stages"]:
         out, cache = os.path.join(d, "valid.jsonl"), os.path.join(d, "cache")
         shutil.rmtree(cache, ignore_errors=True)  # embedded anew: the bundle is new
         predict = run_measured(["predict", "--bundle", bundle, "--data", data, "--split", "valid", "--out", out,
@@ -311,7 +318,7 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
                            mr_cn_clip=round(score_predictions(
                                queries, {q.query_id: t for q, t in zip(queries, theirs)}).mean_recall, 2))
         row("predict", **predict)
-    if opts["train"]:
+    if "train" in opts["stages"]:
         need = 16 * param_count(preset) + os.path.getsize(ckpt) + TRAIN_HEADROOM_BYTES
         if need > _machine_memory():
             row("train", status=f"not run: weights, gradients and AdamW state need {16 * param_count(preset) / GIB:.1f}"
@@ -335,12 +342,12 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
                                                   if os.path.isfile(os.path.join(run_dir, n))))
             row("train", **train)
             shutil.rmtree(run_dir, ignore_errors=True)  # last.pt is 16 bytes a parameter
-    if opts["memory"]:  # in a process of its own too: at H/14 it holds 15 GiB of training state
+    if "memory" in opts["stages"]:  # in a process of its own too: at H/14 it holds 15 GiB of training state
         log_path = os.path.join(d, "memory.log")
-        memory = run_measured([preset], log_path, code="import json, sys; from bench.scale import memory_figures; "
-                              "print(json.dumps(memory_figures(sys.argv[1])))")
+        memory = run_measured([preset, opts["mask_ratio"]], log_path, code="import json, sys; from bench.scale import "
+                              "memory_figures; print(json.dumps(memory_figures(sys.argv[1], float(sys.argv[2]))))")
         if memory["status"] == "ok":
-            memory.update(json.loads(_last_line(log_path)))
+            memory.update(json.loads(_last_line(log_path, limit=None)))
         row("memory", **memory)
     return rows
 
@@ -357,10 +364,12 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
 @click.option("--parity-gallery", type=click.IntRange(min=10), default=10, show_default=True)
 @click.option("--train-batch", type=click.IntRange(min=2), default=4, show_default=True,
               help="Pairs per step of the two training steps (gradient cache chunk: half of it).")
-@click.option("--train/--no-train", default=True, show_default=True, help="Run the two training steps.")
-@click.option("--memory/--no-memory", default=True, show_default=True, help="Measure the training memory figures.")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(STAGES), default=STAGES, show_default=True,
+              help="Stages to run (predict needs export).")
+@click.option("--mask-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="The memory stage with FLIP masking (train.mask_ratio).")
 @table_options
-def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gallery, train_batch, train, memory,
+def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gallery, train_batch, stages, mask_ratio,
                 json_out, csv_out):
     """Published shapes, random weights: export, predict vs cn_clip, two training steps, memory."""
     try:
@@ -374,7 +383,7 @@ def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gal
     os.makedirs(work, exist_ok=True)
     data = small_split(work, valid_queries, images)
     opts = {"parity_queries": parity_queries, "parity_gallery": parity_gallery, "train_batch": train_batch,
-            "train": train, "memory": memory}
+            "stages": set(stages), "mask_ratio": mask_ratio}
     click.echo(f"published shapes with random weights, each stage a muge process (wall time, peak RSS); "
                f"split {data}; work {work}")
     rows = []
