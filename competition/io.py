@@ -84,6 +84,17 @@ def atomic_write_bytes(path, data: bytes) -> None:
 _UNSAFE_IN_LINES = re.compile("[\u2028\u2029\u0085\u000b\u000c\u001c-\u001e\ud800-\udfff]")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def exit_on_hangup_or_term() -> None:
     """SIGTERM (docker stop, systemd, `timeout`) and SIGHUP (a closed terminal or ssh session)
     unwind like Ctrl-C, so `finally` blocks remove temporary files, build directories and

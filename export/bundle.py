@@ -19,7 +19,7 @@ from importlib import metadata
 import torch
 
 from competition import read_queries
-from competition.io import replace_dir, sha256
+from competition.io import pid_alive, replace_dir, sha256
 from competition.layout import split_files
 from competition.preprocess import TEXT_NORMALIZATION, TextTokenizer
 from train.tokenizer import check_tokenizer
@@ -168,22 +168,12 @@ def remove_stale_builds(parent: str, prefix: str, max_age_s: float = 24 * 3600) 
         try:
             with open(os.path.join(path, BUILDER), encoding="utf-8") as f:
                 owner = json.load(f)
-            alive = owner.get("host") == socket.gethostname() and _pid_alive(int(owner["pid"]))
+            alive = owner.get("host") == socket.gethostname() and pid_alive(int(owner["pid"]))
         except (OSError, ValueError, KeyError, TypeError):
             alive = False
         if not alive or time.time() - os.path.getmtime(path) > max_age_s:
             log.info("removing %s, left by an export that did not finish", path)
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_json(path: str, obj) -> None:

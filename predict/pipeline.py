@@ -41,6 +41,7 @@ from multiprocessing import connection, resource_tracker, shared_memory
 import numpy as np
 
 from competition import ImageTSV, MugeDataError
+from competition.io import pid_alive
 
 log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
@@ -55,16 +56,6 @@ def segment_prefix(pid: int | None = None) -> str:
     return f"{SHM_PREFIX}{os.getuid()}-{os.getpid() if pid is None else pid}-"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_orphans() -> list[str]:
     """Unlink this owner's segments whose creating process is gone; returns their names."""
     pattern = re.compile(rf"{re.escape(SHM_PREFIX)}{os.getuid()}-(\d+)-")
@@ -75,7 +66,7 @@ def sweep_orphans() -> list[str]:
         return removed
     for name in names:
         match = pattern.match(name)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(SHM_DIR, name))
                 removed.append(name)
