@@ -88,8 +88,8 @@ def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str
     first), pairs and loader, optimizer, schedule over `total_steps` (default: the config's
     epochs), gradient scaler, loss and EMA, on this process's device. `defer_compile`: build
     for a compiled model (static text shapes) but leave compiling it to the caller. `arch`: a
-    resumed run's architecture (from `last.pt`, which holds every weight): the model is rebuilt
-    from it, so the file it started from (`model.name: X.pt`) may have moved."""
+    resumed run's architecture (from `last.pt`, which holds every weight): where the file the run
+    started from (`model.name: X.pt`) has moved, the model is rebuilt from it."""
     world = world or World()
     device = device_for(world)
     precision = resolve_precision(cfg.train.precision, device)
@@ -106,7 +106,7 @@ def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str
     tokenizer = tokenizer_now() if world.main else None
     barrier()  # rank 0 wrote it; the others read it
     tokenizer = tokenizer or tokenizer_now()
-    if arch is not None:
+    if arch is not None and _start_file_gone(cfg.model.name):
         model = build_from_arch(arch, os.path.join(tokenizer_dir, "last.pt"))
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing()
@@ -138,6 +138,11 @@ def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str
     ema = ModelEma(model, cfg.train.ema) if cfg.train.ema else None
     return Training(cfg, world, device, precision, compiled, tokenizer, model, arch, dataset, loader, optimizer,
                     scheduler, grad_scaler(precision, device), criterion, ema, trainable)
+
+
+def _start_file_gone(name: str | None) -> bool:
+    """`model.name` names a local weights file that is no longer there."""
+    return bool(name) and (name.endswith((".pt", ".pth", ".bin")) or os.path.isabs(name)) and not os.path.exists(name)
 
 
 @dataclass
@@ -247,6 +252,9 @@ def restore(tr: Training, ckpt: dict, path: str) -> RunState:
     saved, now = ckpt["config"].get("model", {}), to_dict(tr.cfg)["model"]
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     hint = f"; config.yaml's model section was edited since ({', '.join(changed)} differ)" if changed else ""
+    if [k for k in changed if k != "name"] and _start_file_gone(tr.cfg.model.name):  # rebuilt from last.pt: say so
+        raise CheckpointError(f"{path}: config.yaml's model section was edited since ({', '.join(changed)} differ), "
+                              "and the run's start file is gone: resume with the model it was trained with")
     load_weights(tr.model, ckpt["model"], path, hint)
     try:
         tr.optimizer.load_state_dict(ckpt["optimizer"])
