@@ -119,9 +119,9 @@ def bench_predict(bundle_dir, data_dir, split, workers, pipeline, gallery, batch
 
     workers = default_workers() if workers is None else workers
     try:
-        split_files(data_dir, split)  # the split's files, checked before any work
-        if not pipeline:
+        if not pipeline:  # the bundle, then the split's files, checked before any work
             BundleEncoders(bundle_dir, "cpu", "fp32", batch_size=64)
+        split_files(data_dir, split)
     except (ValueError, OSError) as exc:  # MugeDataError, BundleError
         raise click.ClickException(str(exc)) from None
     if pipeline:
