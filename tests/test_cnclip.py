@@ -608,7 +608,7 @@ def test_export_flags_that_a_pretrained_file_ignores_are_refused(checkpoint, sma
     _, path = checkpoint
     refused(muge("export", "--pretrained", path, "--checkpoint", "last", "--out", tmp_path / "b", "--data",
                  small_sample), "--checkpoint")
-    refused(muge("export", "runs", "--attention-heads", "1,1", "--out", tmp_path / "b", "--data", small_sample),
+    refused(muge("export", tmp_path, "--attention-heads", "1,1", "--out", tmp_path / "b", "--data", small_sample),
             "--attention-heads goes with --pretrained")
 
 
