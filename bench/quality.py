@@ -105,10 +105,10 @@ def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, worker
     from train.average import average_runs
 
     if pretrained:  # before minutes of training: a local path must be there
-        from train.tokenizer import TokenizerError, _check_local
+        from train.tokenizer import TokenizerError, check_local_path
 
         try:
-            _check_local(pretrained, "the --pretrained weights")
+            check_local_path(pretrained, "the --pretrained weights")
         except TokenizerError as exc:
             raise click.BadParameter(str(exc), param_hint="--pretrained") from None
     if not os.path.isfile(split_paths(data_dir, "valid")[0]):

@@ -112,7 +112,7 @@ def _vocab_dir(name: str) -> bool:
     return "vocab.txt" in files and not any(f in files for f in HF_TOKENIZER_FILES)
 
 
-def _check_local(name: str, what: str) -> None:
+def check_local_path(name: str, what: str) -> None:
     """A name that is a local path must be a directory or a regular file that exists: otherwise
     say so, rather than let it be taken for a hub name."""
     looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.lexists(name)
@@ -136,7 +136,7 @@ def prepare_tokenizer(spec: str | None, source: str | None, train_queries: str, 
         os.makedirs(tok_dir, exist_ok=True)
         name = spec or source
         if name and name != "char-vocab":
-            _check_local(name, "the tokenizer" if spec else "the weights")
+            check_local_path(name, "the tokenizer" if spec else "the weights")
         if spec == "char-vocab":
             if not train_queries:
                 raise TokenizerError("--tokenizer char-vocab builds a vocabulary from the training queries, for a "
