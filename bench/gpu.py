@@ -85,12 +85,12 @@ def graph_images_per_s(bundle: str, batch: int, seconds: float = 2.0) -> float:
 def check_shape(name: str, small: bool, sample_dir: str, bench_dir: str, work: str, steps: int, workers: int) -> dict:
     import torch
 
+    from competition.history import run_history
     from export.bundle import export_bundle
     from export.parity import ParityError
     from predict.submit import PredictOptions, predict_split
-    from report.build import read_history
     from train.config import load_config
-    from train.main import run
+    from train.main import train_run
 
     preset, big, tiny = SHAPES[name]
     cfg = load_config(os.path.join(CONFIGS, preset), [*(tiny + SMALL if small else big), "train.epochs=2",
@@ -101,16 +101,16 @@ def check_shape(name: str, small: bool, sample_dir: str, bench_dir: str, work: s
     run_dir, bundle = os.path.join(work, "runs", name), os.path.join(work, "bundles", name)
     log.info("[%s] training 2 x %d steps of batch %d", name, steps, cfg.train.batch_size)
     start = time.time()
-    run(cfg, sample_dir, run_dir)
-    history = read_history(run_dir)
-    row.update(train_s=round(time.time() - start, 1), train_samples_per_s=round(history[-1]["samples_per_s"], 1))
+    train_run(cfg, sample_dir, run_dir)
+    history = run_history(run_dir)
+    row.update(train_s=round(time.time() - start, 1), train_samples_per_s=round(history[-1].samples_per_s, 1))
     if torch.cuda.is_available():
         row["train_peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         torch.cuda.empty_cache()
     log.info("[%s] export + parity gate", name)
     start = time.time()
     try:
-        parity = export_bundle(run_dir, bundle, sample_dir)["parity"]
+        parity = export_bundle(run_dir, bundle, sample_dir).parity
     except ParityError as err:
         parity = err.report.to_dict()
     fp16 = parity["fp16"] or {}

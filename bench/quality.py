@@ -20,7 +20,7 @@ import time
 
 import click
 
-from report.build import read_history
+from competition.history import run_history
 
 from .table import emit, in_checkout, table_options
 
@@ -48,11 +48,11 @@ def _timed(work: str, key: str, done: str, reuse: bool, fn) -> float:
 
 def _train(cfg_path: str, data: str, run_dir: str, overrides: list[str]) -> None:
     from train.config import load_config
-    from train.main import run
+    from train.main import train_run
 
     shutil.rmtree(run_dir, ignore_errors=True)
     log.info("training %s (%s)", run_dir, " ".join(overrides) or "the preset as it is")
-    run(load_config(cfg_path, overrides), data, run_dir)
+    train_run(load_config(cfg_path, overrides), data, run_dir)
 
 
 def _export(run_dir: str | None, bundle: str, data: str, pretrained: str | None = None) -> None:
@@ -65,12 +65,12 @@ def _export(run_dir: str | None, bundle: str, data: str, pretrained: str | None 
 
 
 def _ema_note(run_dir: str) -> str:
-    history = [h for h in read_history(run_dir) if "ema" in h]
-    trained = max(history, key=lambda h: h["mean_recall"])
-    ema = max(history, key=lambda h: h["ema"]["mean_recall"])
-    holds = "EMA" if ema["ema"]["mean_recall"] > trained["mean_recall"] else "trained"
-    return (f"best EMA MR {ema['ema']['mean_recall']:.2f} (epoch {ema['epoch']}), best trained "
-            f"{trained['mean_recall']:.2f} (epoch {trained['epoch']}): best.pt holds the {holds} weights")
+    history = [h for h in run_history(run_dir) if h.ema]
+    trained = max(history, key=lambda h: h.mean_recall)
+    ema = max(history, key=lambda h: h.ema["mean_recall"])
+    holds = "EMA" if ema.ema["mean_recall"] > trained.mean_recall else "trained"
+    return (f"best EMA MR {ema.ema['mean_recall']:.2f} (epoch {ema.epoch}), best trained "
+            f"{trained.mean_recall:.2f} (epoch {trained.epoch}): best.pt holds the {holds} weights")
 
 
 def _predict(bundles: list[str], data: str, work: str, name: str, workers: int, **options) -> dict:
@@ -86,11 +86,11 @@ def _predict(bundles: list[str], data: str, work: str, name: str, workers: int, 
 
 
 @click.command("quality")
-@click.option("--data", "data_dir", default=in_checkout("data/hard"), show_default=True,
+@click.option("--data", "data_dir", **in_checkout("data/hard"),
               help="A MUGE directory; the hard sample is generated here when missing.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              default=in_checkout("configs/sample.yaml"), show_default=True)
-@click.option("--work", "work_dir", default=in_checkout("runs/bench-quality"), show_default=True,
+              **in_checkout("configs/sample.yaml"))
+@click.option("--work", "work_dir", **in_checkout("runs/bench-quality"),
               help="Runs, bundles, submissions and caches of the bench.")
 @click.option("--ema", "ema_decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.98,
               show_default=True, help="train.ema of run C.")
@@ -127,7 +127,7 @@ def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, worker
         build[k] += _timed(work_dir, f"export-{k}", os.path.join(bundle[k], "manifest.json"), reuse,
                            lambda k=k: _export(run[k], bundle[k], data_dir))
     a, ab = [bundle["a"]], [bundle["a"], bundle["b"]]
-    mr = {k: max(h["mean_recall"] for h in read_history(run[k])) for k in ("a", "b")}
+    mr = {k: max(h.mean_recall for h in run_history(run[k]) if h.scored) for k in ("a", "b")}
     plan = [("plain chain (run A)", a, {}, build["a"], ""),
             ("--tta hflip", a, {"tta": "hflip"}, build["a"], ""),
             ("--rerank qbnorm", a, {"rerank": "qbnorm"}, build["a"], "bank: the train queries"),

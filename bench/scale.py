@@ -27,8 +27,11 @@ import time
 
 import click
 
+from competition.history import run_history
+from predict.manifest import read_manifest
+
 from .shapes import CNCLIP_SHAPES
-from .table import ROOT, emit, table_options
+from .table import ROOT, emit, in_checkout, table_options
 
 # preset -> cn_clip's own model name (cn_clip/clip/model_configs/VISION.json + TEXT.json)
 CNCLIP_MODELS = {"cnclip-vit-b16": "ViT-B-16@RoBERTa-wwm-ext-base-chinese",
@@ -147,14 +150,13 @@ def small_split(work: str, queries: int, images: int) -> str:
 
 def bundle_sizes(bundle: str) -> dict:
     """MiB on disk of each graph with its external-data file, and which graphs have one."""
-    with open(os.path.join(bundle, "manifest.json"), encoding="utf-8") as f:
-        manifest = json.load(f)
+    manifest = read_manifest(bundle)
     sizes = {}
     for name in ("text.onnx", "image.onnx", "text.fp16.onnx", "image.fp16.onnx"):
-        files = [name, *manifest.get("external_data", {}).get(name, ())]
+        files = [name, *manifest.external_data.get(name, ())]
         sizes[name.replace(".onnx", "").replace(".", "_") + "_mib"] = round(sum(os.path.getsize(os.path.join(bundle, f))
                                                          for f in files) / 2**20)
-    sizes["external_data"] = ",".join(manifest.get("external_data", {})) or "-"
+    sizes["external_data"] = ",".join(manifest.external_data) or "-"
     return sizes
 
 
@@ -335,9 +337,8 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
                                   "--out", run_dir, *[a for s in sets for a in ("--set", s)]],
                                  os.path.join(d, "train.log"))
             if train["status"] == "ok":
-                with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-                    history = [json.loads(line) for line in f]
-                train.update(steps=2, batch=batch, untrained_mr=round(history[0]["mean_recall"], 2),
+                untrained = run_history(run_dir)[0]
+                train.update(steps=2, batch=batch, untrained_mr=round(untrained.mean_recall, 2),
                              checkpoints=",".join(n for n in ("last.pt", "best.pt")
                                                   if os.path.isfile(os.path.join(run_dir, n))))
             row("train", **train)
@@ -355,8 +356,8 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
 @click.command("scale")
 @click.option("--preset", "presets", multiple=True, type=click.Choice(list(CNCLIP_MODELS)),
               default=tuple(CNCLIP_MODELS), show_default=True, help="Presets to run at their published shape.")
-@click.option("--work", type=click.Path(file_okay=False), default=os.path.join(ROOT, "build", "scale"),
-              show_default=True, help="Checkpoints (reused), bundles, logs.")
+@click.option("--work", type=click.Path(file_okay=False), **in_checkout("build/scale"),
+              help="Checkpoints (reused), bundles, logs.")
 @click.option("--valid-queries", type=click.IntRange(min=1), default=12, show_default=True,
               help="Valid queries of the small split predict scores.")
 @click.option("--images", type=click.IntRange(min=10), default=40, show_default=True, help="Images per split.")

@@ -15,6 +15,8 @@ import unicodedata
 import numpy as np
 from PIL import Image
 
+from .errors import MugeDataError
+
 RESIZE_RULES = ("squash", "shorter-crop")
 TEXT_NORMALIZATION = "nfkc+collapse-whitespace"  # the default
 _SPACES = re.compile(r"\s+")
@@ -118,3 +120,18 @@ class TextTokenizer:
             ids[row, :len(e.ids)] = e.ids
             mask[row, :len(e.ids)] = 1
         return ids, mask
+
+
+TOKENIZER_DIR = "tokenizer"  # in a run directory and in a bundle: the run's tokenizer.json (and its vocabulary)
+
+
+def directory_tokenizer(directory: str, max_length: int, normalization: str = TEXT_NORMALIZATION) -> TextTokenizer:
+    """The tokenizer a run or a bundle directory holds (`tokenizer/`), with the length and the
+    normalisation it was trained with. An unreadable one is a `MugeDataError` naming it."""
+    path = os.path.join(directory, TOKENIZER_DIR)
+    try:
+        return TextTokenizer(path, max_length, normalization)
+    except ValueError:
+        raise
+    except Exception as exc:  # the tokenizers library raises its own exception type
+        raise MugeDataError(path, f"no readable {TextTokenizer.FILE} ({str(exc).splitlines()[0][:200]})") from None

@@ -7,6 +7,7 @@ beside the destination and renamed into place only after every graph passes `onn
 loads in ONNX Runtime and passes the parity gate."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import dataclass, field
 from importlib import metadata
 
 import torch
@@ -21,7 +23,9 @@ import torch
 from competition import read_queries
 from competition.io import pid_alive, replace_dir, sha256
 from competition.layout import split_files
-from competition.preprocess import TEXT_NORMALIZATION, TextTokenizer
+from competition.preprocess import TOKENIZER_DIR, directory_tokenizer
+from predict.manifest import Manifest, write_manifest
+from train.config import config_from_dict
 from train.tokenizer import check_tokenizer
 
 from .graphs import check_graph, free_memory, graph_files, load_run_model, to_fp16
@@ -29,7 +33,6 @@ from .optimize import export_tower, prepare_fusion, to_int8
 from .parity import ParityError, ParityLimits, ParitySettings, check_bundle, gate_inputs, torch_embeddings
 
 log = logging.getLogger(__name__)
-FORMAT = "muge-bundle/1"
 BUILDER = ".builder.json"  # in a build directory only: which process is building it
 GRAPHS = ("text.onnx", "image.onnx", "text.fp16.onnx", "image.fp16.onnx")
 INT8_GRAPHS = ("text.int8.onnx", "image.int8.onnx")
@@ -45,80 +48,56 @@ def _versions() -> dict:
     return out
 
 
-def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str = "best", opset: int = 18,
-                  exporter: str = "dynamo", settings: ParitySettings | None = None,
-                  limits: ParityLimits | None = None, device: str = "auto", fused: bool = True,
-                  int8: bool = False, tokenizer_label: str | None = None) -> dict:
+@dataclass
+class ExportOptions:
+    """How `muge export` builds a bundle (its command-line options)."""
+    checkpoint: str = "best"           # best | last | a .pt path
+    opset: int = 18
+    exporter: str = "dynamo"           # dynamo | torchscript, for the graphs not fused
+    settings: ParitySettings = field(default_factory=ParitySettings)
+    limits: ParityLimits | None = None
+    device: str = "auto"               # where the fp16 graphs are checked
+    fused: bool = True                 # transformer towers exported for and through ORT's fusion
+    int8: bool = False                 # also int8 graphs, gated
+
+
+def export_bundle(run_dir: str, out_dir: str, data_dir: str, opts: ExportOptions | None = None,
+                  tokenizer_label: str | None = None) -> Manifest:
     """Write the bundle to `out_dir` (replacing an old one only on success); return its manifest.
-    `fused`: transformer towers exported for and through ORT's fusion; `int8`: add int8 graphs;
     `tokenizer_label`: what errors call the tokenizer (default its directory in the run).
 
     Memory: one copy of the weights (memory-mapped from the checkpoint); each tower's PyTorch
     reference for the gate is computed, its graph written, and its weights freed before the next
     tower; the gate then opens one graph at a time."""
-    t0 = time.time()
-    settings = settings or ParitySettings()
-    model, ckpt, ckpt_path = load_run_model(run_dir, checkpoint)
-    cfg = ckpt["config"]
-    size, max_len = cfg["data"]["image_size"], cfg["data"]["max_text_length"]
+    t0, opts = time.time(), opts or ExportOptions()
+    model, ckpt, ckpt_path = load_run_model(run_dir, opts.checkpoint)
+    data = config_from_dict(ckpt["config"], ckpt_path).data
     queries_path, tsv_path = split_files(data_dir, "valid")
-    tokenizer_dir = os.path.join(run_dir, "tokenizer")
-    normalization = cfg["data"].get("text_normalization", TEXT_NORMALIZATION)  # runs from before it was a setting
-    tokenizer = TextTokenizer(tokenizer_dir, max_len, normalization)
+    tokenizer = directory_tokenizer(run_dir, data.max_text_length, data.text_normalization)
     from_cn_clip = (ckpt.get("source") or {}).get("format") == "cn_clip checkpoint"  # its vocabulary is known
     check_tokenizer(tokenizer, model.text_vocab_rows, [q.text for q in read_queries(queries_path)[:2000]],
-                    tokenizer_label or tokenizer_dir, exact=from_cn_clip)
-    inputs = gate_inputs(queries_path, tsv_path, settings, size, cfg["data"]["resize_rule"])
-    plans = prepare_fusion(model, ckpt["arch"], fused)
-    logit_scale = float(model.logit_scale.detach().exp())
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    prefix = "." + os.path.basename(out_dir) + "."
-    remove_stale_builds(parent, prefix)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    os.chmod(tmp, 0o755)
-    _write_json(os.path.join(tmp, BUILDER), {"pid": os.getpid(), "host": socket.gethostname()})
+                    tokenizer_label or os.path.dirname(tokenizer.path), exact=from_cn_clip)
+    inputs = gate_inputs(queries_path, tsv_path, opts.settings, data.image_size, data.resize_rule)
+    tmp = _build_dir(out_dir)
     try:
-        shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
-        examples = {"text": (torch.randint(5, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)),
-                    "image": (torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8),)}
-        exports, fusion, reference = {}, {}, {}
-        for kind in ("text", "image"):
-            log.info("parity gate: PyTorch %s reference on %d %s ...", kind,
-                     *((len(inputs.texts), "queries") if kind == "text" else (len(inputs.ids), "images")))
-            reference[kind] = torch_embeddings(model, kind, inputs, tokenizer, settings.batch_size)
-            path = os.path.join(tmp, f"{kind}.onnx")
-            exports[kind], fusion[kind] = export_tower(model, kind, path, examples[kind], plans[kind], opset=opset,
-                                                       exporter=exporter, release=True)
-            to_fp16(path, os.path.join(tmp, f"{kind}.fp16.onnx"))
-            if int8:
-                to_int8(path, os.path.join(tmp, f"{kind}.int8.onnx"))
+        shutil.copytree(os.path.dirname(tokenizer.path), os.path.join(tmp, TOKENIZER_DIR))
+        manifest = Manifest(family=ckpt["arch"]["family"], embed_dim=0, image_size=data.image_size,
+                            resize_rule=data.resize_rule, max_text_length=data.max_text_length,
+                            text_normalization=data.text_normalization,
+                            logit_scale=float(model.logit_scale.detach().exp()), files={}, opset=opts.opset,
+                            exporter=opts.exporter, **_source(ckpt, ckpt_path), libraries=_versions())
+        reference = _export_towers(model, ckpt["arch"], tmp, inputs, tokenizer, opts, manifest)
         del model
         free_memory()
-        graphs = GRAPHS + (INT8_GRAPHS if int8 else ())
-        for name in graphs:
-            check_graph(os.path.join(tmp, name))
-        external = {name: [os.path.basename(p) for p in graph_files(os.path.join(tmp, name))[1:]] for name in graphs}
-        external = {name: data for name, data in external.items() if data}
-        files = [name for g in graphs for name in [g, *external.get(g, ())]]
-        manifest = {
-            "format": FORMAT, "family": ckpt["arch"]["family"], "embed_dim": int(reference["text"].shape[1]),
-            "image_size": size, "resize_rule": cfg["data"]["resize_rule"], "image_input": "uint8 NHWC, resized",
-            "max_text_length": max_len, "text_normalization": normalization, "logit_scale": logit_scale,
-            "opset": opset,
-            "exporter": exporter, "graph_exports": exports, "fusion": fusion,
-            **_source(ckpt, ckpt_path),
-            "libraries": _versions(), "files": {n: sha256(os.path.join(tmp, n)) for n in files},
-            **({"external_data": external} if external else {}),
-        }
-        _write_json(os.path.join(tmp, "manifest.json"), manifest)  # the gate runs the bundle as predict will
+        _record_files(tmp, manifest, GRAPHS + (INT8_GRAPHS if opts.int8 else ()))
+        write_manifest(tmp, manifest)  # the gate runs the bundle as predict will
         log.info("parity gate on %s ...", data_dir)
-        report = check_bundle(reference, tmp, inputs, settings=settings, limits=limits, device=device)
+        report = check_bundle(reference, tmp, inputs, settings=opts.settings, limits=opts.limits, device=opts.device)
         log.log(logging.INFO if report.passed else logging.ERROR, "%s", report.render())
         if not report.passed:
             raise ParityError(report)
-        manifest["parity"] = report.to_dict()
-        _write_json(os.path.join(tmp, "manifest.json"), manifest)
+        manifest.parity = report.to_dict()
+        write_manifest(tmp, manifest)
         os.remove(os.path.join(tmp, BUILDER))
         replace_dir(tmp, out_dir)
     except BaseException:
@@ -128,8 +107,56 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, *, checkpoint: str 
     return manifest
 
 
+def _build_dir(out_dir: str) -> str:
+    """A new build directory beside `out_dir`, marked with the process building it; earlier
+    builds of this bundle that were killed are removed first."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    prefix = "." + os.path.basename(out_dir) + "."
+    remove_stale_builds(parent, prefix)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    os.chmod(tmp, 0o755)
+    with open(os.path.join(tmp, BUILDER), "w", encoding="utf-8") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+    return tmp
+
+
+def _export_towers(model, arch: dict, tmp: str, inputs, tokenizer, opts: ExportOptions, manifest: Manifest) -> dict:
+    """Each tower in turn: its PyTorch reference embeddings for the gate, its fp32 graph (then its
+    torch weights are released), its fp16 and, with `--int8`, its int8 twin. Records how each was
+    exported in `manifest`; returns the references."""
+    size = manifest.image_size
+    examples = {"text": (torch.randint(5, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)),
+                "image": (torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8),)}
+    plans = prepare_fusion(model, arch, opts.fused)
+    reference = {}
+    for kind in ("text", "image"):
+        log.info("parity gate: PyTorch %s reference on %d %s ...", kind,
+                 *((len(inputs.texts), "queries") if kind == "text" else (len(inputs.ids), "images")))
+        reference[kind] = torch_embeddings(model, kind, inputs, tokenizer, opts.settings.batch_size)
+        path = os.path.join(tmp, f"{kind}.onnx")
+        manifest.graph_exports[kind], manifest.fusion[kind] = export_tower(
+            model, kind, path, examples[kind], plans[kind], opset=opts.opset, exporter=opts.exporter, release=True)
+        to_fp16(path, os.path.join(tmp, f"{kind}.fp16.onnx"))
+        if opts.int8:
+            to_int8(path, os.path.join(tmp, f"{kind}.int8.onnx"))
+    manifest.embed_dim = int(reference["text"].shape[1])
+    return reference
+
+
+def _record_files(tmp: str, manifest: Manifest, graphs: tuple[str, ...]) -> None:
+    """Check every graph, then hash it and its external-data files into the manifest."""
+    for name in graphs:
+        check_graph(os.path.join(tmp, name))
+        data = [os.path.basename(p) for p in graph_files(os.path.join(tmp, name))[1:]]
+        if data:
+            manifest.external_data[name] = data
+        for file in (name, *data):
+            manifest.files[file] = sha256(os.path.join(tmp, file))
+
+
 def export_pretrained(name: str, out_dir: str, data_dir: str, tokenizer: str | None = None,
-                      heads: tuple[int, int] | None = None, **export_options) -> dict:
+                      heads: tuple[int, int] | None = None, opts: ExportOptions | None = None) -> Manifest:
     """`muge export --pretrained`: stage `name` as a run directory beside `out_dir`
     (`train.pretrained`), export it with `export_bundle` (same gate), and remove the stand-in run
     whatever happens."""
@@ -142,7 +169,8 @@ def export_pretrained(name: str, out_dir: str, data_dir: str, tokenizer: str | N
         pretrained_run(name, staging, tokenizer, heads=heads)
         free_memory()  # the loaded file and the model it filled, before the export loads best.pt
         label = f"--tokenizer {tokenizer}" if tokenizer else f"the tokenizer of {name}"
-        return export_bundle(staging, out_dir, data_dir, checkpoint="best", tokenizer_label=label, **export_options)
+        opts = dataclasses.replace(opts or ExportOptions(), checkpoint="best")
+        return export_bundle(staging, out_dir, data_dir, opts, tokenizer_label=label)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -174,8 +202,3 @@ def remove_stale_builds(parent: str, prefix: str, max_age_s: float = 24 * 3600) 
         if not alive or time.time() - os.path.getmtime(path) > max_age_s:
             log.info("removing %s, left by an export that did not finish", path)
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)

@@ -40,7 +40,7 @@ def export(run_dir, pretrained, tokenizer, attention_heads, out_dir, data_dir, c
     from train.config import ConfigError
     from train.tokenizer import TokenizerError
 
-    from .bundle import export_bundle, export_pretrained
+    from .bundle import ExportOptions, export_bundle, export_pretrained
     from .parity import ParityError, ParitySettings
 
     exit_on_hangup_or_term()  # the build directory is removed on the way out (SIGKILL: by the next export)
@@ -60,13 +60,13 @@ def export(run_dir, pretrained, tokenizer, attention_heads, out_dir, data_dir, c
         if len(heads) != 2 or min(heads) < 1:
             raise click.BadParameter(f"{attention_heads!r}: expected two positive counts, VISION,TEXT (e.g. 16,16)",
                                      param_hint="--attention-heads")
-    options = dict(opset=opset, exporter=exporter, device=device, fused=fuse, int8=int8,
-                   settings=ParitySettings(parity_queries, parity_gallery, parity_batch))
+    opts = ExportOptions(checkpoint=checkpoint, opset=opset, exporter=exporter, device=device, fused=fuse, int8=int8,
+                         settings=ParitySettings(parity_queries, parity_gallery, parity_batch))
     try:
         if pretrained:
-            export_pretrained(pretrained, out_dir, data_dir, tokenizer=tokenizer, heads=heads, **options)
+            export_pretrained(pretrained, out_dir, data_dir, tokenizer=tokenizer, heads=heads, opts=opts)
         else:
-            export_bundle(run_dir, out_dir, data_dir, checkpoint=checkpoint, **options)
+            export_bundle(run_dir, out_dir, data_dir, opts)
     except ParityError as exc:
         click.echo(f"export refused, no bundle written: {exc}", err=True)
         sys.exit(2)

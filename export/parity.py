@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from competition import ImageTSV, read_queries, score_predictions
 from competition.topk import exact_topk, first_nonfinite_row
-from predict.runtime import BundleEncoders, RuntimeChoice, bundle_tokenizer, choose_runtime, has_graphs, read_manifest
+from predict.manifest import read_manifest
+from predict.runtime import BundleEncoders, RuntimeChoice, bundle_tokenizer, choose_runtime, has_graphs
 
 from .graphs import free_memory
 
@@ -147,7 +148,7 @@ class GateInputs:
 
     texts: list[str]
     ids: list[int]
-    scored: dict
+    recall_queries: dict
     pixels: np.ndarray
 
 
@@ -157,20 +158,20 @@ def gate_inputs(queries_path: str, tsv_path: str, settings: ParitySettings, imag
     queries = read_queries(queries_path)[:settings.queries]
     n_gallery = min(settings.gallery, len(tsv))
     chosen: dict[int, None] = {}  # insertion-ordered set
-    scored = {}
+    recall_queries = {}
     for row, q in enumerate(queries):
         positives = [i for i in (q.item_ids or ()) if i in tsv]
         new = [i for i in positives if i not in chosen]
         if positives and len(chosen) + len(new) <= n_gallery // 2:
             chosen.update(dict.fromkeys(new))
-            scored[row] = q
+            recall_queries[row] = q
     for img_id in tsv.ids.tolist():
         if len(chosen) >= n_gallery:
             break
         chosen.setdefault(img_id)
     ids = list(chosen)
     pixels = np.stack([tsv.load_pixels(i, image_size, resize_rule) for i in ids])
-    return GateInputs([q.text for q in queries], ids, scored, pixels)
+    return GateInputs([q.text for q in queries], ids, recall_queries, pixels)
 
 
 def ranking_agreement(ref_q: np.ndarray, ref_g: np.ndarray, cand_q: np.ndarray, cand_g: np.ndarray,
@@ -217,7 +218,7 @@ def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, *, sett
     """The gate on a written bundle against `model`: its reference embeddings, then `check_bundle`."""
     settings = settings or ParitySettings()
     manifest = read_manifest(bundle_dir)
-    inputs = gate_inputs(queries_path, tsv_path, settings, int(manifest["image_size"]), manifest["resize_rule"])
+    inputs = gate_inputs(queries_path, tsv_path, settings, manifest.image_size, manifest.resize_rule)
     tokenizer = bundle_tokenizer(bundle_dir, manifest)
     model = model.eval().float().cpu()
     reference = {kind: torch_embeddings(model, kind, inputs, tokenizer, settings.batch_size)
@@ -231,7 +232,7 @@ def check_bundle(reference: dict, bundle_dir: str, inputs: GateInputs, *, settin
     embeddings of `inputs`); return the report (raise nothing). Each graph's session is opened
     alone and closed before the next: at ViT-H/14 one fp32 image session holds gigabytes."""
     settings, limits = settings or ParitySettings(), limits or ParityLimits()
-    texts, ids, scored = inputs.texts, inputs.ids, inputs.scored
+    texts, ids, recall_queries = inputs.texts, inputs.ids, inputs.recall_queries
     bs = settings.batch_size
     fp16_runtime = choose_runtime(device, "fp16")
     choices = {"fp32": RuntimeChoice(("CPUExecutionProvider",), False),
@@ -249,7 +250,7 @@ def check_bundle(reference: dict, bundle_dir: str, inputs: GateInputs, *, settin
             del encoders, encode  # the session goes before the next opens
             free_memory()
         outputs[name] = tuple(feats)
-    report = ParityReport(len(texts), len(ids), len(scored), bs, fp16_runtime.device, limits)
+    report = ParityReport(len(texts), len(ids), len(recall_queries), bs, fp16_runtime.device, limits)
     finite = {}
     for name, (text_feats, image_feats) in outputs.items():
         finite[name] = True
@@ -270,21 +271,21 @@ def check_bundle(reference: dict, bundle_dir: str, inputs: GateInputs, *, settin
     for name in choices:
         if name != "fp32" and finite["torch"] and finite[name]:
             result, failures = reduced_parity(name, getattr(limits, name), outputs["torch"], outputs[name], ids,
-                                              scored)
+                                              recall_queries)
             setattr(report, name, result)
             report.failures += failures
     return report
 
 
-def reduced_parity(name: str, limits: ReducedLimits, ref, cand, ids, scored) -> tuple[ReducedParity, list[str]]:
+def reduced_parity(name: str, limits: ReducedLimits, ref, cand, ids, recall_queries) -> tuple[ReducedParity, list[str]]:
     """Cosine, tie-aware ranking and subset recall of the `name` graphs (fp16 | int8) against
     PyTorch; returns the figures and the failures."""
     (ref_t, ref_i), (out_t, out_i) = ref, cand
     rank = ranking_agreement(ref_t, ref_i, out_t, out_i)
     recall = {}
     for who, top in (("torch", rank["ref_top"]), (name, rank["cand_top"])):
-        preds = {q.query_id: [ids[p] for p in top[row]] for row, q in scored.items()}
-        recall[who] = score_predictions(list(scored.values()), preds).mean_recall if scored else None
+        preds = {q.query_id: [ids[p] for p in top[row]] for row, q in recall_queries.items()}
+        recall[who] = score_predictions(list(recall_queries.values()), preds).mean_recall if recall_queries else None
     result = ReducedParity(_cosine(out_t, ref_t), _cosine(out_i, ref_i), rank["score_error"], rank["score_error_max"],
                            rank["tie_aware"], rank["overlap"], recall["torch"], recall[name])
     failures = []
@@ -293,13 +294,13 @@ def reduced_parity(name: str, limits: ReducedLimits, ref, cand, ids, scored) -> 
             failures.append(f"{name} {kind} min cosine {value:.6f} < {limits.min_cosine}")
     if not result.top10_tie_aware >= limits.min_tie_aware:
         failures.append(f"{name} top-10 explained by score error {result.top10_tie_aware:.4f} < {limits.min_tie_aware}")
-    if not scored:
+    if not recall_queries:
         failures.append(f"no valid query has its positives among the gate's {len(ids)} images: recall cannot "
                         "be checked (raise --parity-gallery)")
         return result, failures
     result.recall_delta = recall[name] - recall["torch"]
-    result.recall_tolerance = max(limits.max_recall_delta, 100.0 / len(scored))
+    result.recall_tolerance = max(limits.max_recall_delta, 100.0 / len(recall_queries))
     if abs(result.recall_delta) > result.recall_tolerance:
-        failures.append(f"{name} MeanRecall {recall[name]:.2f} vs torch {recall['torch']:.2f} on {len(scored)} "
+        failures.append(f"{name} MeanRecall {recall[name]:.2f} vs torch {recall['torch']:.2f} on {len(recall_queries)} "
                         f"queries: |delta| {abs(result.recall_delta):.2f} > {result.recall_tolerance:.2f}")
     return result, failures

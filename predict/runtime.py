@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from competition import MugeDataError
 from competition.io import atomic_write_text, sha256
-from competition.preprocess import TEXT_NORMALIZATION, TextTokenizer
+from competition.preprocess import TextTokenizer, directory_tokenizer
 from competition.topk import NonFiniteError, first_nonfinite_row
 
+from .manifest import MANIFEST, BundleError, Manifest, read_manifest
+
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 # Images per graph call. Measured with `muge bench gpu` (README): on an H100 the fp16 graphs of
 # convnext_tiny and ViT-B/16 gain little past 128 while decode keeps up; on a CPU 64.
 DEFAULT_BATCH = {"cuda": 128, "cpu": 64}
@@ -49,9 +51,9 @@ def cuda_device_count() -> int:
 SUFFIXES = {"fp32": ".onnx", "fp16": ".fp16.onnx", "int8": ".int8.onnx"}  # text.onnx, text.fp16.onnx, ...
 
 
-def has_graphs(manifest: dict, precision: str) -> bool:
+def has_graphs(manifest: Manifest, precision: str) -> bool:
     """Whether a bundle holds the graphs of `precision` (int8 only with `muge export --int8`)."""
-    return f"text{SUFFIXES[precision]}" in manifest["files"]
+    return manifest.has_graphs(SUFFIXES[precision])
 
 
 @dataclass(frozen=True)
@@ -114,36 +116,16 @@ def text_lengths(max_length: int, step: int = 16) -> tuple[int, ...]:
     return tuple(sorted({*range(step, max_length, step), max_length}))
 
 
-class BundleError(ValueError):
-    """A bundle that is incomplete, corrupt or altered. The message names the file."""
-
-
-MANIFEST_KEYS = ("image_size", "resize_rule", "max_text_length", "embed_dim", "files")
 VERIFIED = ".verified.json"  # graphs whose sha256 matched the manifest, by (inode, size, mtime, ctime)
 
 
-def read_manifest(bundle_dir: str) -> dict:
-    path = os.path.join(bundle_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise BundleError(f"{path} not found: {bundle_dir} is not an export bundle (run `muge export`)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc}); re-export the bundle") from None
-    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
-    if missing:
-        raise BundleError(f"{path}: no '{missing[0]}': not a muge bundle manifest (re-export the bundle)")
-    return manifest
-
-
-def external_data(manifest: dict, graph: str) -> list[str]:
+def external_data(manifest: Manifest, graph: str) -> list[str]:
     """The external-data files of `graph` (one, `GRAPH.data`, for a graph over protobuf's 2 GiB
     limit; none otherwise)."""
-    return list(manifest.get("external_data", {}).get(graph, ()))
+    return list(manifest.external_data.get(graph, ()))
 
 
-def verify_graph(bundle_dir: str, name: str, manifest: dict) -> str:
+def verify_graph(bundle_dir: str, name: str, manifest: Manifest) -> str:
     """The graph's sha256, which must be the manifest's, as must each of its external-data files':
     a graph copied in from another export (or damaged) would otherwise give silently wrong
     embeddings, and reuse a stale cache. Returns the digest caches are keyed by: the graph's
@@ -152,11 +134,11 @@ def verify_graph(bundle_dir: str, name: str, manifest: dict) -> str:
     return digests[0] if len(digests) == 1 else hashlib.sha256("|".join(digests).encode()).hexdigest()
 
 
-def _verified_sha256(bundle_dir: str, name: str, manifest: dict) -> str:
+def _verified_sha256(bundle_dir: str, name: str, manifest: Manifest) -> str:
     """One file's sha256 checked against the manifest's. Hashing is skipped while the file's inode,
     size, mtime and ctime are those of its last verification (`VERIFIED`)."""
     path = os.path.join(bundle_dir, name)
-    expected = manifest["files"].get(name)
+    expected = manifest.files.get(name)
     if not os.path.isfile(path):
         raise BundleError(f"{path} not found: the bundle is incomplete (re-export it)")
     if not expected:
@@ -182,17 +164,14 @@ def _verified_sha256(bundle_dir: str, name: str, manifest: dict) -> str:
     return expected
 
 
-def bundle_tokenizer(bundle_dir: str, manifest: dict) -> TextTokenizer:
+def bundle_tokenizer(bundle_dir: str, manifest: Manifest) -> TextTokenizer:
     """The bundle's tokenizer with its length and text normalisation, as predict tokenizes."""
-    tokenizer_dir = os.path.join(bundle_dir, "tokenizer")
     try:
-        return TextTokenizer(tokenizer_dir, int(manifest["max_text_length"]),
-                             manifest.get("text_normalization", TEXT_NORMALIZATION))
-    except (TypeError, ValueError) as exc:
+        return directory_tokenizer(bundle_dir, manifest.max_text_length, manifest.text_normalization)
+    except MugeDataError as exc:
+        raise BundleError(f"{exc}; re-export the bundle") from None
+    except ValueError as exc:
         raise BundleError(f"{os.path.join(bundle_dir, MANIFEST)}: bad value ({exc})") from None
-    except Exception as exc:  # the tokenizers library raises its own exception type
-        raise BundleError(f"{tokenizer_dir}: no readable tokenizer.json ({str(exc).splitlines()[0][:200]}); "
-                          "re-export the bundle") from None
 
 
 class BundleEncoders:
@@ -218,12 +197,8 @@ class BundleEncoders:
         self.graph_hashes = {graphs[t]: verify_graph(bundle_dir, graphs[t], self.manifest) for t in towers}
         self.text, self.image = (_load_session(os.path.join(bundle_dir, graphs[t]), self.choice, threads)
                                  if t in towers else None for t in ("text", "image"))
-        try:
-            self.image_size = int(self.manifest["image_size"])
-            self.resize_rule = str(self.manifest["resize_rule"])
-            self.dim = int(self.manifest["embed_dim"])
-        except (TypeError, ValueError) as exc:
-            raise BundleError(f"{os.path.join(bundle_dir, MANIFEST)}: bad value ({exc})") from None
+        self.image_size, self.resize_rule = self.manifest.image_size, self.manifest.resize_rule
+        self.dim = self.manifest.embed_dim
         self.tokenizer = bundle_tokenizer(bundle_dir, self.manifest)
         if self.image is not None:
             self._check_graph_inputs()

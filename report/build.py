@@ -21,7 +21,9 @@ from importlib import resources
 import numpy as np
 
 from competition import ImageTSV, MugeDataError, Query, Score, check_submission, read_queries, score_predictions
+from competition.history import HISTORY, read_history
 from competition.io import atomic_write_text
+from predict.manifest import MANIFEST, BundleError, read_manifest
 
 log = logging.getLogger(__name__)
 MISSED_SHOWN = 10  # missed ground-truth thumbnails per query (the count is always shown)
@@ -97,29 +99,27 @@ def thumbnails(tsv_path: str, ids, size: int = 64, quality: int = 70, workers: i
     return out
 
 
-def read_history(run_dir: str | None) -> list[dict]:
-    """The run's per-epoch metrics (`metrics.jsonl`); a bundle directory leads to its run."""
+def run_history(run_dir: str | None) -> list[dict]:
+    """The run's per-epoch records (`competition.history`), JSON-ready; a bundle directory leads to
+    its run."""
     if not run_dir:
         return []
-    manifest = os.path.join(run_dir, "manifest.json")
-    from_bundle = os.path.isfile(manifest)
+    from_bundle = os.path.isfile(os.path.join(run_dir, MANIFEST))
     if from_bundle:
         try:
-            with open(manifest, encoding="utf-8") as f:
-                source = json.load(f)["source_checkpoint"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise MugeDataError(manifest, f"not a readable bundle manifest ({type(exc).__name__}: {exc})") from None
+            source = read_manifest(run_dir).source_checkpoint
+        except BundleError as exc:
+            raise MugeDataError(None, str(exc)) from None
         if source is None:  # `muge export --pretrained`: no run, no curves
             return []
         run_dir = os.path.dirname(source)
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = os.path.join(run_dir, HISTORY)
     if not os.path.isfile(path):
         if from_bundle:  # the bundle travelled without its run: no curves, but still a report
             log.warning("%s not found (the run the bundle came from): no training curves", path)
             return []
         raise FileNotFoundError(f"{path} not found: --run expects a training run (or bundle) directory")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [r.to_dict() for r in read_history(path)]
 
 
 def report_data(queries_path: str, images_path: str, pred_paths: list[str], run_dir: str | None = None,
@@ -150,7 +150,7 @@ def report_data(queries_path: str, images_path: str, pred_paths: list[str], run_
         "queries_path": queries_path, "images_path": images_path,
         "runs": [{"name": r.name, "path": r.path, "metrics": r.score.as_dict(),
                   "histogram": first_hit_histogram(r.score.first_hit)} for r in runs],
-        "history": read_history(run_dir), "run_dir": run_dir,
+        "history": run_history(run_dir), "run_dir": run_dir,
         "missed_shown": MISSED_SHOWN, "thumb_size": thumb_size,
         "queries": rows, "thumbs": {str(k): v for k, v in thumbs.items()},
     }

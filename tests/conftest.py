@@ -27,24 +27,24 @@ def runs(small_sample, tmp_path_factory):
     """One-epoch tiny runs of each family on the small sample."""
     from tiny import tiny_config
 
-    from train.main import run
+    from train.main import train_run
 
     out = {}
     for family in ("dual", "chinese-clip"):
         d = tmp_path_factory.mktemp(f"run-{family}")
-        run(tiny_config(family, "train.epochs=1", "eval.untrained=false"), str(small_sample), str(d))
+        train_run(tiny_config(family, "train.epochs=1", "eval.untrained=false"), str(small_sample), str(d))
         out[family] = str(d)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(runs, small_sample, tmp_path_factory):
-    from export.bundle import export_bundle
+    from export.bundle import ExportOptions, export_bundle
     from export.parity import ParitySettings
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript",
-                  settings=ParitySettings(queries=40, gallery=60, batch_size=16))
+    settings = ParitySettings(queries=40, gallery=60, batch_size=16)
+    export_bundle(runs["dual"], str(out), str(small_sample), ExportOptions(exporter="torchscript", settings=settings))
     return str(out)
 
 

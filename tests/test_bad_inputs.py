@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import accepted, muge, not_an_image, refused
@@ -93,14 +94,25 @@ def test_a_graph_from_elsewhere_is_refused_and_never_reuses_a_cache(tiny_bundle,
     refused(predict(bundle, small_sample, tmp_path, "--device", "cpu"), "image.onnx: ONNX Runtime cannot load it")
 
 
+def _edit_manifest(bundle, **values):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest.update(values)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda b: (b / "manifest.json").write_text("{not json"), "manifest.json: not valid JSON"),
     (lambda b: (b / "manifest.json").write_text(json.dumps({k: v for k, v in json.loads(
         (b / "manifest.json").read_text()).items() if k != "embed_dim"})), "manifest.json: no 'embed_dim'"),
     (lambda b: (b / "manifest.json").unlink(), "manifest.json not found"),
+    (lambda b: _edit_manifest(b, format="muge-bundle/0"),
+     "manifest.json: format 'muge-bundle/0', but this muge reads 'muge-bundle/1' bundles"),
+    (lambda b: _edit_manifest(b, format=None), "manifest.json: format None, but this muge reads"),
+    (lambda b: _edit_manifest(b, image_size="224"), "manifest.json: bad value for 'image_size' ('224')"),
     (lambda b: shutil.rmtree(b / "tokenizer"), "tokenizer: no readable tokenizer.json"),
     (lambda b: (b / "text.onnx").unlink(), "text.onnx not found: the bundle is incomplete"),
-], ids=["invalid-json", "missing-key", "no-manifest", "no-tokenizer", "no-graph"])
+], ids=["invalid-json", "missing-key", "no-manifest", "other-version", "no-version", "mistyped", "no-tokenizer",
+        "no-graph"])
 def test_a_damaged_bundle_is_named(tiny_bundle, small_sample, tmp_path, damage, message):
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
@@ -474,8 +486,9 @@ def test_answered_queries_are_left_out_of_the_bank(tiny_bundle, small_sample, tm
 def test_a_large_beta_keeps_the_reranked_order_exact():
     """At the largest β allowed, float64 rescoring ranks like a dense float64 computation."""
     import numpy as np
+    from tiny import rerank_topk
 
-    from predict.rerank import MAX_BETA, bank_stats, rerank_topk
+    from predict.rerank import MAX_BETA, bank_stats
 
     rng = np.random.default_rng(0)
     unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
@@ -548,7 +561,6 @@ def test_a_tsv_edited_in_place_keeping_size_and_mtime_is_embedded_again(tiny_bun
 
     caplog.set_level(logging.INFO, logger="predict.embed")
     accepted(predict(tiny_bundle, data, tmp_path, split="valid"))
-    first = (tmp_path / "sub.jsonl").read_bytes()
     tsv = data / "MR_valid_imgs.tsv"
     st = os.stat(tsv)
     lines = tsv.read_bytes().splitlines(keepends=True)  # two images swap ids: same bytes, same length
@@ -560,9 +572,37 @@ def test_a_tsv_edited_in_place_keeping_size_and_mtime_is_embedded_again(tiny_bun
     caplog.clear()
     accepted(predict(tiny_bundle, data, tmp_path, split="valid"))
     assert "gallery embeddings reused" not in caplog.text
-    galleries = [n for _, dirs, _ in os.walk(tmp_path / "cache") for n in dirs if n.startswith("gallery-")]
+    galleries = sorted((os.path.join(root, "gallery.npz") for root, _, files in os.walk(tmp_path / "cache")
+                        if "gallery.npz" in files), key=os.path.getmtime)
     assert len(galleries) == 2  # the edited file has a key of its own
-    assert first
+    (old_ids, old_feats), (new_ids, new_feats) = [(z["ids"], z["features"]) for z in map(np.load, galleries)]
+    # the new embeddings are of the edited file: the two images kept their rows and traded ids
+    assert new_ids[:2].tolist() == old_ids[:2][::-1].tolist() and (new_ids[2:] == old_ids[2:]).all()
+    np.testing.assert_allclose(new_feats, old_feats, atol=1e-6)
+
+
+def test_the_fingerprint_sees_in_place_edits_in_its_sampled_spans_only(tmp_path):
+    from competition.io import content_fingerprint
+
+    path = tmp_path / "g.tsv"
+    size = 4 << 20  # 4 MiB: 64 KiB at each end, 16 blocks of 4 KiB between
+    path.write_bytes(bytes(size))
+    st = os.stat(path)
+    before = content_fingerprint(path)
+
+    def edit(offset: int) -> str:
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(b"\x01")
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return content_fingerprint(path)
+
+    sampled = edit(size * 5 // 17 + 100)  # inside the fifth sampled block
+    assert sampled != before
+    path.write_bytes(bytes(size))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert content_fingerprint(path) == before
+    assert edit(size * 5 // 17 + 8192) == before  # between two sampled blocks: the documented blind spot
 
 
 def test_resume_says_when_config_yaml_drops_the_ema(small_sample, preset, tmp_path, caplog):

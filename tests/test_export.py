@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from competition import ImageTSV, read_queries
-from export.bundle import GRAPHS, INT8_GRAPHS, export_bundle
+from export.bundle import GRAPHS, INT8_GRAPHS, ExportOptions, export_bundle
 from export.graphs import load_run_model
 from export.parity import ParityError, ParitySettings, run_parity
 from predict.runtime import BundleEncoders
@@ -22,13 +22,14 @@ FAST = ParitySettings(queries=40, gallery=60, batch_size=16)
 def test_export_loads_and_passes_gate(runs, small_sample, tmp_path, monkeypatch, family, exporter, fused):
     """`exporter` applies to the graphs not fused: the image CNN, or every graph with fused=False."""
     out = tmp_path / "bundle"
-    manifest = export_bundle(runs[family], str(out), str(small_sample), exporter=exporter, settings=FAST, fused=fused)
+    opts = ExportOptions(exporter=exporter, settings=FAST, fused=fused)
+    manifest = export_bundle(runs[family], str(out), str(small_sample), opts)
     for name in GRAPHS + ("manifest.json", "tokenizer/tokenizer.json"):
         assert (out / name).exists(), name
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk["parity"]["passed"] and on_disk["embed_dim"] == 32 and on_disk["image_size"] == 32
     assert len(on_disk["source_sha256"]) == 64 and on_disk["family"] == family
-    assert manifest["files"] == on_disk["files"]
+    assert manifest.files == on_disk["files"]
     # fp16 graphs keep fp32 / uint8 / int64 inputs and outputs
     for name, inputs in (("image.fp16.onnx", {"pixels": onnx.TensorProto.UINT8}),
                          ("text.fp16.onnx", {"input_ids": onnx.TensorProto.INT64})):
@@ -72,7 +73,7 @@ def test_corrupted_export_fails_gate_and_leaves_no_bundle(runs, small_sample, tm
     monkeypatch.setattr(optimize_mod, "export_graph", perturbed)  # the graphs export_bundle writes
     out = tmp_path / "bundle"
     with pytest.raises(ParityError) as err:
-        export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript", settings=FAST)
+        export_bundle(runs["dual"], str(out), str(small_sample), ExportOptions(exporter="torchscript", settings=FAST))
     assert "fp32 image max |diff|" in str(err.value)
     assert not out.exists()
     assert os.listdir(tmp_path) == []  # the temporary build directory is gone too
@@ -80,7 +81,7 @@ def test_corrupted_export_fails_gate_and_leaves_no_bundle(runs, small_sample, tm
 
 def test_failed_export_keeps_previous_bundle(runs, small_sample, tmp_path, monkeypatch):
     out = tmp_path / "bundle"
-    export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript", settings=FAST)
+    export_bundle(runs["dual"], str(out), str(small_sample), ExportOptions(exporter="torchscript", settings=FAST))
     before = (out / "manifest.json").read_text()
     import export.optimize as optimize_mod
 
@@ -89,7 +90,7 @@ def test_failed_export_keeps_previous_bundle(runs, small_sample, tmp_path, monke
 
     monkeypatch.setattr(optimize_mod, "export_graph", broken)
     with pytest.raises(RuntimeError):
-        export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript", settings=FAST)
+        export_bundle(runs["dual"], str(out), str(small_sample), ExportOptions(exporter="torchscript", settings=FAST))
     assert (out / "manifest.json").read_text() == before
     assert sorted(os.listdir(tmp_path)) == ["bundle"]
 
@@ -135,11 +136,11 @@ def _near_tied_run(run_dir, out, alpha=0.01):
 def test_gate_passes_a_near_tied_model_and_reports_every_figure(runs, small_sample, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="export.bundle")
     run_dir = _near_tied_run(runs["dual"], tmp_path / "near-tied")
-    manifest = export_bundle(run_dir, str(tmp_path / "bundle"), str(small_sample), exporter="torchscript",
-                             settings=ParitySettings(40, 120, 16), device="cpu")
-    report = manifest["parity"]
+    opts = ExportOptions(exporter="torchscript", settings=ParitySettings(40, 120, 16), device="cpu")
+    manifest = export_bundle(run_dir, str(tmp_path / "bundle"), str(small_sample), opts)
+    report = manifest.parity
     assert report["passed"] and report["recall_queries"] > 0
-    assert report["fp16"]["top10_overlap"] < 0.95  # the old raw-overlap rule would have refused this export
+    assert report["fp16"]["top10_overlap"] < 0.95  # a rule on raw overlap would refuse this export
     assert report["fp16"]["top10_tie_aware"] >= 0.99
     assert abs(report["fp16"]["recall_delta"]) <= report["fp16"]["recall_tolerance"]
     for words in ("explained by score error", "raw top-10 overlap", "MeanRecall on", "delta", "PASSED"):
@@ -164,7 +165,7 @@ def test_gate_fails_non_finite_fp16_outputs_and_leaves_no_bundle(runs, small_sam
     monkeypatch.setattr(bundle_mod, "to_fp16", poisoned)
     out = tmp_path / "bundle"
     with pytest.raises(ParityError, match=r"fp16 image embeddings not finite in 60 of 60 rows \(first: image \d+\)"):
-        export_bundle(runs["dual"], str(out), str(small_sample), exporter="torchscript", settings=FAST)
+        export_bundle(runs["dual"], str(out), str(small_sample), ExportOptions(exporter="torchscript", settings=FAST))
     assert os.listdir(tmp_path) == []
 
 
@@ -173,19 +174,19 @@ def test_gate_fails_non_finite_fp16_outputs_and_leaves_no_bundle(runs, small_sam
 def test_fused_and_int8_graphs_pass_the_gate_and_predict(runs, small_sample, tmp_path, family):
     """Transformer towers ship fused (one Attention node per layer; the tiny towers have 2), fp16
     is made from the fused graph, and --int8 adds gated int8 graphs that `--precision int8` runs."""
-    from predict.runtime import BundleError
+    from predict.manifest import BundleError
     from predict.submit import PredictOptions, predict_split
 
     out = tmp_path / "bundle"
-    manifest = export_bundle(runs[family], str(out), str(small_sample), settings=FAST, int8=True)
-    fusion = manifest["fusion"]
+    manifest = export_bundle(runs[family], str(out), str(small_sample), ExportOptions(settings=FAST, int8=True))
+    fusion = manifest.fusion
     assert fusion["text"]["Attention"] == 2 and fusion["text"]["SkipLayerNormalization"] >= 2
     assert fusion["image"].get("Attention", 0) == (2 if family == "chinese-clip" else 0)  # a CNN has none
     for name in ("text.onnx", "text.fp16.onnx", "text.int8.onnx"):
         ops = {n.op_type for n in onnx.load(str(out / name)).graph.node}
         assert {"Attention", "QAttention"} & ops, name
-    assert set(INT8_GRAPHS) <= manifest["files"].keys()
-    report = manifest["parity"]
+    assert set(INT8_GRAPHS) <= manifest.files.keys()
+    report = manifest.parity
     assert report["passed"] and report["int8"]["top10_tie_aware"] >= report["limits"]["int8"]["min_tie_aware"]
     assert abs(report["int8"]["recall_delta"]) <= report["int8"]["recall_tolerance"]
     summary = predict_split(str(out), str(small_sample), "valid", str(tmp_path / "valid.jsonl"),
@@ -200,7 +201,7 @@ def test_fused_and_int8_graphs_pass_the_gate_and_predict(runs, small_sample, tmp
                                  one_at_a_time=False)
     assert submission_lists(tmp_path / "valid.jsonl") == expected  # the int8 graphs' own ranking
     plain = tmp_path / "plain"
-    export_bundle(runs[family], str(plain), str(small_sample), settings=FAST)
+    export_bundle(runs[family], str(plain), str(small_sample), ExportOptions(settings=FAST))
     with pytest.raises(BundleError, match="no int8 graphs: export it with `muge export --int8`"):
         BundleEncoders(str(plain), precision="int8")
 
@@ -218,7 +219,8 @@ def test_flip_settings_change_no_graph(runs, small_sample, tmp_path):
     ckpt = load_checkpoint(str(masked / "best.pt"))
     ckpt["config"]["train"].update(mask_ratio=0.5, mask_schedule={0: 0.75})
     save_checkpoint(str(masked / "best.pt"), ckpt)
-    plain = export_bundle(runs["chinese-clip"], str(tmp_path / "plain"), str(small_sample), settings=FAST)
-    flip = export_bundle(str(masked), str(tmp_path / "flip"), str(small_sample), settings=FAST)
-    assert plain["files"] == flip["files"]
+    fast = ExportOptions(settings=FAST)
+    plain = export_bundle(runs["chinese-clip"], str(tmp_path / "plain"), str(small_sample), fast)
+    flip = export_bundle(str(masked), str(tmp_path / "flip"), str(small_sample), fast)
+    assert plain.files == flip.files
     assert plain["parity"]["fp32"] == flip["parity"]["fp32"]

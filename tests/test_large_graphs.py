@@ -9,7 +9,7 @@ import onnx
 import pytest
 from conftest import accepted, muge, refused
 
-from export.bundle import GRAPHS, INT8_GRAPHS, export_bundle
+from export.bundle import GRAPHS, INT8_GRAPHS, ExportOptions, export_bundle
 from export.parity import ParitySettings
 from predict.runtime import BundleEncoders
 
@@ -28,10 +28,10 @@ def large_bundles(runs, small_sample, tmp_path_factory):
     graphs.MAX_SINGLE_FILE_BYTES = LIMIT
     try:
         for family in ("dual", "chinese-clip"):
-            export_bundle(runs[family], str(out / family), str(small_sample), settings=FAST, int8=True)
+            export_bundle(runs[family], str(out / family), str(small_sample), ExportOptions(settings=FAST, int8=True))
     finally:
         graphs.MAX_SINGLE_FILE_BYTES = saved
-    export_bundle(runs["dual"], str(out / "plain"), str(small_sample), settings=FAST, int8=True)
+    export_bundle(runs["dual"], str(out / "plain"), str(small_sample), ExportOptions(settings=FAST, int8=True))
     return out
 
 

@@ -105,7 +105,7 @@ def test_stages_import_only_what_they_need():
             assert all(e.split(".")[0] in ("competition", "predict", "report") for e in edges), (module, edges)
         if stage == "export":
             allowed = {"train.checkpoint", "train.model", "train.config", "train.tokenizer", "train.pretrained",
-                       "predict.runtime"}
+                       "predict.runtime", "predict.manifest"}
             across = {e for e in edges if e.split(".")[0] in ("train", "predict", "report")}
             assert across <= allowed, f"{module} imports {sorted(across - allowed)}"
 
@@ -177,6 +177,35 @@ def test_every_documented_command_exists():
         for flag in re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", " ".join(words)):
             assert flag in options, f"{where}: `{command.name}` has no option {flag}"
     assert seen >= 10  # the docs do show commands
+
+
+def test_the_cli_reference_is_generated_from_the_commands():
+    """docs/cli.md ends with every command's --help; `make docs` regenerates it."""
+    import muge_cli
+
+    path = os.path.join(ROOT, muge_cli.REFERENCE)
+    with open(path, encoding="utf-8") as f:
+        committed = f.read()
+    assert committed == muge_cli.cli_reference(muge_cli.reference_head(path)), (
+        f"{muge_cli.REFERENCE} is stale: run `make docs` and commit it")
+    for option in ("--train-queries", "--parity-gallery", "--threads", "--thumb-size", "--mask-ratio"):
+        assert f"  {option}" in committed, option
+
+
+def test_the_readme_code_map_names_every_module():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = text.split("## Code map", 1)[1].split("```")[1]
+    entries, package = {}, None
+    for line in block.splitlines():
+        if line[:1].strip():
+            package = line.split()[0].rstrip("/")
+        if package:
+            entries[package] = entries.get(package, "") + line
+    for package in PACKAGES:
+        files = sorted(n for n in os.listdir(os.path.join(ROOT, package)) if n.endswith(".py") and n != "__init__.py")
+        missing = [n for n in files if not re.search(rf"(?<![\w.]){re.escape(n)}", entries.get(package, ""))]
+        assert not missing, f"README's code map does not name {package}/{', '.join(missing)}"
 
 
 @pytest.mark.parametrize("path", DOCS)

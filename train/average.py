@@ -120,23 +120,21 @@ def average_runs(run_dirs: list[str], out_dir: str, checkpoint: str = "best", da
 def score_soup(soup: dict, run_dir: str, data_dir: str):
     """The soup's valid Score, evaluated like the training loop does."""
     from competition.layout import split_files
-    from competition.preprocess import TEXT_NORMALIZATION, TextTokenizer
+    from competition.preprocess import directory_tokenizer
 
+    from .config import config_from_dict
     from .distributed import World, device_for
-    from .evaluate import evaluate
+    from .evaluate import EvalSettings, evaluate
     from .model import build_from_arch
     from .precision import resolve_precision
 
-    cfg = soup["config"]
+    cfg = config_from_dict(soup["config"], soup["soup"][0]["checkpoint"])  # the first run's config
     device = device_for(World())
     model = build_from_arch(soup["arch"])
     model.load_state_dict(soup["model"])  # the runs' own weights, averaged: they fit
     model.to(device).eval()
     queries, tsv = split_files(data_dir, "valid")
-    tokenizer = TextTokenizer(os.path.join(run_dir, "tokenizer"), cfg["data"]["max_text_length"],
-                              cfg["data"].get("text_normalization", TEXT_NORMALIZATION))
+    tokenizer = directory_tokenizer(run_dir, cfg.data.max_text_length, cfg.data.text_normalization)
+    settings = EvalSettings.of_run(cfg, device, resolve_precision(cfg.train.precision, device))
     with torch.no_grad():
-        return evaluate(model, tokenizer, queries, tsv, size=cfg["data"]["image_size"],
-                        rule=cfg["data"]["resize_rule"], batch_size=cfg["eval"]["batch_size"],
-                        workers=cfg["data"]["workers"], device=device,
-                        precision=resolve_precision(cfg["train"]["precision"], device), label="valid (soup)")
+        return evaluate(model, tokenizer, queries, tsv, settings, label="valid (soup)")

@@ -370,3 +370,12 @@ def save_config(cfg: Config, path: str) -> None:
     from competition.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
+
+
+def config_from_dict(values: dict, where: str) -> Config:
+    """A run's config as its checkpoint saved it, read back into the schema (a key the run did not
+    save takes its default); a value that does not fit is a ConfigError naming `where`."""
+    try:
+        return _build(Config, values, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -1,14 +1,7 @@
-"""A run's history on disk: `metrics.jsonl` (one record per scored epoch) and `curves.png`."""
+"""A run's curves, `curves.png`, from its history (`competition.history` writes `metrics.jsonl`)."""
 from __future__ import annotations
 
-import json
 import os
-
-from competition.io import atomic_write_text
-
-
-def write_history(history: list[dict], path: str) -> None:
-    atomic_write_text(path, "".join(json.dumps(h) + "\n" for h in history))
 
 
 def plot_curves(history: list[dict], path: str) -> None:

@@ -1,0 +1,75 @@
+"""A training run's `metrics.jsonl`, one typed record per epoch: `train` writes it, `muge report`
+and the benches read it, all through this module (torch-free, like the readers of the task's
+own files). An unreadable line is a `MugeDataError` naming the file and line."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+from .errors import MugeDataError
+from .io import atomic_write_text
+
+HISTORY = "metrics.jsonl"
+SCORES = ("r1", "r5", "r10", "mean_recall", "mrr")  # competition.metric.Score.as_dict's keys
+
+
+@dataclass
+class EpochRecord:
+    epoch: int                          # epochs completed (0: the untrained model, scored before any step)
+    step: int                           # optimizer steps taken
+    train_loss: float | None = None     # the epoch's mean loss (None before training)
+    samples_per_s: float | None = None  # after the epoch's first batches (compile, start-up)
+    r1: float | None = None             # valid scores, x100, on the epochs that are scored
+    r5: float | None = None
+    r10: float | None = None
+    mean_recall: float | None = None
+    mrr: float | None = None
+    ema: dict | None = None             # the EMA weights' valid scores (SCORES), with train.ema
+
+    @property
+    def scored(self) -> bool:
+        return self.mean_recall is not None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v is not None or k in ("train_loss", "samples_per_s")}
+
+
+def record_from_dict(values: dict, where: str) -> EpochRecord:
+    names = {f.name for f in dataclasses.fields(EpochRecord)}
+    if not isinstance(values, dict) or not {"epoch", "step"} <= values.keys():
+        raise MugeDataError(where, "not an epoch record (a JSON object with epoch and step)")
+    unknown = sorted(values.keys() - names)
+    if unknown:
+        raise MugeDataError(where, f"unknown field {unknown[0]!r} in an epoch record (fields: {', '.join(names)})")
+    return EpochRecord(**values)
+
+
+def write_history(path: str, history: list[dict]) -> None:
+    """`history` (the run's records, as the checkpoint keeps them: plain dicts) as metrics.jsonl."""
+    records = [record_from_dict(h, f"{path} (epoch record {i})") for i, h in enumerate(history)]
+    atomic_write_text(path, "".join(json.dumps(r.to_dict()) + "\n" for r in records))
+
+
+def read_history(path: str) -> list[EpochRecord]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                values = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MugeDataError(path, f"not valid JSON ({exc.msg})", lineno) from None
+            out.append(record_from_dict(values, f"{path}:{lineno}"))
+    return out
+
+
+def run_history(run_dir: str) -> list[EpochRecord]:
+    """The records of the run in `run_dir` (FileNotFoundError when it has none)."""
+    path = os.path.join(run_dir, HISTORY)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: not a training run directory")
+    return read_history(path)
