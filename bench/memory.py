@@ -4,7 +4,6 @@ what a process alone holds."""
 from __future__ import annotations
 
 import os
-import resource
 
 
 def memory_mib(pid: int | str = "self") -> dict[str, float]:
@@ -17,10 +16,6 @@ def memory_mib(pid: int | str = "self") -> dict[str, float]:
                 fields[parts[0].rstrip(":")] = int(parts[1]) / 1024
     uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
     return {"rss": fields.get("Rss", 0), "pss": fields.get("Pss", 0), "uss": uss}
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def children(pid: int) -> list[int]:

@@ -59,8 +59,8 @@ def measure(run, n: int) -> dict:
 def bench_pipeline(data_dir: str, split: str, gallery: int, workers: int, batch_size: int, size: int,
                    json_out, csv_out) -> None:
     from competition import ImageTSV
+    from competition.gallery import DecodeRing
     from predict.embed import embed_gallery
-    from predict.pipeline import DecodeRing
 
     from .gpu import write_repeated_split
 
@@ -93,9 +93,9 @@ def bench_pipeline(data_dir: str, split: str, gallery: int, workers: int, batch_
 
 
 @click.command("predict")
-@click.option("--bundle", "bundle_dir", default=in_checkout("bundles/sample"), show_default=True,
+@click.option("--bundle", "bundle_dir", **in_checkout("bundles/sample"),
               type=click.Path(file_okay=False))
-@click.option("--data", "data_dir", default=in_checkout("data/sample"), show_default=True,
+@click.option("--data", "data_dir", **in_checkout("data/sample"),
               type=click.Path(file_okay=False))
 @click.option("--split", default="valid", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None,
@@ -112,9 +112,9 @@ def bench_predict(bundle_dir, data_dir, split, workers, pipeline, gallery, batch
     """Gallery embedding: pipelined decode pool vs decode-then-embed in one loop; with --pipeline,
     the pipeline (stand-in graph) vs decode alone: images/s and CPU per image."""
     from competition import ImageTSV
+    from competition.gallery import default_workers
     from competition.layout import split_files
     from predict.embed import embed_gallery
-    from predict.pipeline import default_workers
     from predict.runtime import BundleEncoders
 
     workers = default_workers() if workers is None else workers

@@ -296,7 +296,7 @@ class ImageTSV:
         than a dict of Python ints: forked DataLoader workers then share the index pages
         instead of copying them as reference counts change (129k images: 2 MB, not ~15 MB)."""
         img_id = int(img_id)
-        if not -2**63 <= img_id < 2**63:
+        if not fits_int64(img_id):
             return -1
         k = int(np.searchsorted(self._sorted_ids, img_id))
         return int(self._order[k]) if k < len(self._sorted_ids) and self._sorted_ids[k] == img_id else -1
@@ -348,10 +348,6 @@ class SkippedImages:
     """Undecodable images left out under `--skip-bad-images`: how many, and which."""
 
     items: list[tuple[int, int, str]] = field(default_factory=list)  # (img_id, line, reason)
-
-    def add(self, err: MugeDataError, img_id: int) -> None:
-        self.items.append((img_id, err.line or 0, err.reason))
-        log.warning("skipping %s", err)
 
     def summary(self) -> str:
         if not self.items:

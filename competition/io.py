@@ -71,14 +71,6 @@ def atomic_write_text(path, text: str) -> None:
             os.fsync(f.fileno())
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-
 # Characters that are legal raw inside a JSON string but split lines for `str.splitlines()` and
 # line-based readers, and lone surrogates, which no UTF-8 file can hold: written as \\uXXXX escapes.
 _UNSAFE_IN_LINES = re.compile("[\u2028\u2029\u0085\u000b\u000c\u001c-\u001e\ud800-\udfff]")
@@ -113,8 +105,9 @@ def json_line(obj) -> str:
 
 def content_fingerprint(path, samples: int = 16, block: int = 4096) -> str:
     """Size, mtime and a sample of the content (the first and last 64 KiB and `samples` blocks
-    between): a file edited in place that keeps its size and mtime is still told apart, at the
-    cost of a few reads."""
+    between), at the cost of a few reads. A file edited in place that keeps its size and mtime is
+    told apart when the edit touches a sampled span; an edit elsewhere is not (a full hash of a
+    10 GB gallery on every predict would cost more than it saves)."""
     st = os.stat(path)
     h = hashlib.blake2b(f"{st.st_size}|{st.st_mtime_ns}".encode(), digest_size=16)
     edge = 65536

@@ -32,8 +32,13 @@ class Score:
         return {"r1": self.r1, "r5": self.r5, "r10": self.r10, "mean_recall": self.mean_recall, "mrr": self.mrr}
 
     def summary(self) -> str:
-        return (f"R@1 {self.r1:.2f}  R@5 {self.r5:.2f}  R@10 {self.r10:.2f}  MR {self.mean_recall:.2f}  "
-                f"MRR@10 {self.mrr:.2f}  ({len(self.query_ids)} queries)")
+        return f"{score_line(self.as_dict())}  ({len(self.query_ids)} queries)"
+
+
+def score_line(scores: Mapping[str, float]) -> str:
+    """How every command prints a score (`Score.as_dict`'s keys)."""
+    return (f"R@1 {scores['r1']:.2f}  R@5 {scores['r5']:.2f}  R@10 {scores['r10']:.2f}  "
+            f"MR {scores['mean_recall']:.2f}  MRR@10 {scores['mrr']:.2f}")
 
 
 def score_predictions(ground_truth: Sequence[Query], preds: Mapping[int, Sequence[int]], k: int = 10) -> Score:

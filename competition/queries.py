@@ -32,7 +32,8 @@ class Query:
     line: int = 0
 
 
-def _detect_schema(obj: dict) -> str | None:
+def detect_schema(obj: dict) -> str | None:
+    """The schema whose id field the line holds (None: neither)."""
     for name, (id_field, _, _) in SCHEMAS.items():
         if id_field in obj:
             return name
@@ -47,7 +48,7 @@ def parse_query_line(raw: str, path, lineno: int, require_ids: bool | None) -> t
         raise MugeDataError(path, f"not valid JSON: {exc.msg} (column {exc.colno})", lineno) from None
     if not isinstance(obj, dict):
         raise MugeDataError(path, f"expected a JSON object, got {type(obj).__name__}", lineno)
-    schema = _detect_schema(obj)
+    schema = detect_schema(obj)
     if schema is None:
         raise MugeDataError(path, "missing field 'query_id' (or 'text_id' in the Chinese-CLIP schema)", lineno)
     id_field, text_field, ids_field = SCHEMAS[schema]

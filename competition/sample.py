@@ -322,6 +322,22 @@ def _id_stream(rng, low: int, high: int, n: int):
     return iter(rng.choice(np.arange(low, high), size=n, replace=False).tolist())
 
 
+def _render_jobs(rng, galleries: dict, seed: int, odd_fraction: float, d: Difficulty) -> list[tuple]:
+    """One `_render` job per image; about `odd_fraction` of them in an odd format (PNG with alpha,
+    grayscale, CMYK, palette), as the real galleries hold a few."""
+    odd_kinds = ["png-rgba", "gray", "cmyk", "palette"]
+    jobs = []
+    for split in SPLITS:
+        for i, p in enumerate(galleries[split]):
+            odd = None
+            if rng.random() < odd_fraction:
+                odd = odd_kinds[int(rng.integers(len(odd_kinds)))]
+                if odd == "gray" and p.colour not in ("黑色", "白色", "灰色"):
+                    odd = "png-rgba"
+            jobs.append((seed, split, i, p, odd, d))
+    return jobs
+
+
 def make_sample(out_dir, seed: int = 0, n_train_queries: int = 3000, n_eval_queries: int = 500,
                 gallery_size: int = 1000, odd_fraction: float = 0.01, workers: int | None = None,
                 difficulty: Difficulty = EASY) -> dict:
@@ -347,16 +363,7 @@ def make_sample(out_dir, seed: int = 0, n_train_queries: int = 3000, n_eval_quer
         "valid": _eval_queries(rng, galleries["valid"], n_eval_queries, used, qids, d),
         "test": _eval_queries(rng, galleries["test"], n_eval_queries, used, qids, d),
     }
-    odd_kinds = ["png-rgba", "gray", "cmyk", "palette"]
-    jobs = []
-    for split in SPLITS:
-        for i, p in enumerate(galleries[split]):
-            odd = None
-            if rng.random() < odd_fraction:
-                odd = odd_kinds[int(rng.integers(len(odd_kinds)))]
-                if odd == "gray" and p.colour not in ("黑色", "白色", "灰色"):
-                    odd = "png-rgba"
-            jobs.append((seed, split, i, p, odd, d))
+    jobs = _render_jobs(rng, galleries, seed, odd_fraction, d)
     with Pool(workers or min(4, os.cpu_count() or 1)) as pool:
         lines = pool.map(_render, jobs, chunksize=32)
     start = 0
@@ -367,8 +374,7 @@ def make_sample(out_dir, seed: int = 0, n_train_queries: int = 3000, n_eval_quer
             with open(tmp, "w", encoding="ascii") as f:
                 f.writelines(lines[start:start + n])
         start += n
-        write_queries(queries_path, queries[split],
-                      with_ids=split != "test")
+        write_queries(queries_path, queries[split], with_ids=split != "test")
     test_ids = [p.img_id for p in galleries["test"]]
     example = [json.dumps({"query_id": q.query_id, "query_text": q.text,
                            "item_ids": [int(i) for i in rng.choice(test_ids, 10, replace=False)]},

@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import first_of, is_int_id
 from .io import atomic_write_text, json_line
-from .queries import SCHEMAS, Query, read_queries, starts_with_bom, utf8_lines
+from .queries import SCHEMAS, Query, detect_schema, read_queries, starts_with_bom, utf8_lines
 
 TOP_K = 10
 
@@ -126,7 +126,7 @@ def read_predictions(path, k: int = TOP_K, allow_bom: bool = False) -> Submissio
         if not isinstance(obj, dict):
             report.errors.append(f"{where}: expected a JSON object")
             continue
-        schema = next((s for s, (idf, _, _) in SCHEMAS.items() if idf in obj), None)
+        schema = detect_schema(obj)
         if schema is None:
             report.errors.append(f"{where}: missing 'query_id' (or 'text_id')")
             continue
@@ -166,7 +166,7 @@ def check_submission(queries_path, pred_path, k: int = TOP_K,
         queries = read_queries(queries_path)
     report = read_predictions(pred_path, k, allow_bom)
     missing = [q.query_id for q in queries if q.query_id not in report.predictions]
-    # a query whose line was malformed is already reported; do not report it twice as missing
+    # a query whose line was malformed counts here too: its line's own error above says why
     if missing:
         report.errors.append(f"{len(missing)} of {len(queries)} queries have no valid prediction: {first_of(missing)}")
     expected = {q.query_id for q in queries}

@@ -127,3 +127,9 @@ def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int = 10, gallery_ch
         out_scores[q0:q0 + len(qb)] = vals.reshape(len(qb), k)
         out_pos[q0:q0 + len(qb)] = cols.reshape(len(qb), k)
     return out_scores, out_pos
+
+
+def predictions_from_positions(queries, gallery_ids: np.ndarray, positions: np.ndarray) -> dict[int, list[int]]:
+    """query id -> the gallery ids at its row of top-K `positions` (as `exact_topk` returns them),
+    for `queries` (`competition.Query`) in the order of the rows."""
+    return {q.query_id: gallery_ids[row].tolist() for q, row in zip(queries, positions)}

@@ -146,18 +146,17 @@ def export_graph(model, kind: str, path: str, example: tuple, opset: int = 18, e
     each, beside the graph), so `path` is in a folder of its own (`export.optimize.export_tower`
     moves the graph out of it with `save_graph`)."""
     graph = (TextGraph(model) if kind == "text" else ImageGraph(model)).eval()
+    _export(graph, kind, example, path, opset, exporter)
+    return path
+
+
+def _export(graph, kind: str, example: tuple, path: str, opset: int, exporter: str) -> None:
     if kind == "text":
         names, output = list(TEXT_INPUTS), TEXT_OUTPUT
         axes = {n: {0: "batch", 1: "seq"} for n in names}
     else:
         names, output = [IMAGE_INPUT], IMAGE_OUTPUT
         axes = {IMAGE_INPUT: {0: "batch"}}
-    _export(graph, kind, example, path, names, output, axes, opset, exporter)
-    return path
-
-
-def _export(graph, kind: str, example: tuple, path: str, names: list[str], output: str, axes: dict, opset: int,
-            exporter: str) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":

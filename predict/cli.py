@@ -54,11 +54,12 @@ def predict(bundle_dirs, data_dir, split, out_path, device, precision, threads, 
             skip_bad_images, schema, weights, tta, rerank, rerank_beta, bank):
     """Embed a split's gallery and queries with ONNX Runtime and write the exact top-10 submission."""
     from competition import MugeDataError, SubmissionError
+    from competition.gallery import PipelineError, default_workers
     from competition.io import exit_on_hangup_or_term
+    from competition.metric import score_line
     from competition.topk import NonFiniteError
 
-    from .pipeline import PipelineError, default_workers
-    from .runtime import BundleError
+    from .manifest import BundleError
     from .submit import PredictOptions, predict_split
 
     exit_on_hangup_or_term()  # the decode workers stop and the submission's temporary file goes
@@ -78,6 +79,5 @@ def predict(bundle_dirs, data_dir, split, out_path, device, precision, threads, 
     except (MugeDataError, SubmissionError, NonFiniteError, BundleError, PipelineError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     if "mean_recall" in summary:
-        click.echo(f"{split}: R@1 {summary['r1']:.2f}  R@5 {summary['r5']:.2f}  R@10 {summary['r10']:.2f}  "
-                   f"MR {summary['mean_recall']:.2f}  ->  {summary['result']}")
+        click.echo(f"{split}: {score_line(summary)}  ->  {summary['result']}")
     click.echo(json.dumps(summary, ensure_ascii=False))

@@ -1,7 +1,7 @@
 """Gallery and query embeddings with ONNX Runtime, cached on disk.
 
 Gallery images are decoded and resized by worker processes straight into a ring of
-shared-memory batch slots (`predict.pipeline`) while the main process runs the image graph on
+shared-memory batch slots (`competition.gallery`) while the main process runs the image graph on
 each slot as it is: no pixel crosses a pipe, and at most `2 x workers` batches are in flight, so
 memory stays bounded whatever the gallery size. Embeddings are saved per chunk of TSV lines
 under a key made of the bundle's hash and the input file's fingerprint; a rerun reuses them and a
@@ -24,17 +24,17 @@ import numpy as np
 from tqdm import tqdm
 
 from competition import ImageTSV, SkippedImages, read_queries
+from competition.gallery import DecodeRing
 from competition.io import atomic_path, content_fingerprint
 
-from .pipeline import DecodeRing
 from .runtime import BundleEncoders
 
 log = logging.getLogger(__name__)
 
 
 def file_fingerprint(path: str) -> str:
-    """The file's path, size, mtime and a sample of its content: a TSV edited in place that keeps
-    its size and mtime gets new embeddings, not the old ones."""
+    """The file's path, size, mtime and a sample of its content (`content_fingerprint`): a TSV
+    rewritten, or edited in place within a sampled span, gets new embeddings, not the old ones."""
     return hashlib.sha256(f"{os.path.abspath(path)}|{content_fingerprint(path)}".encode()).hexdigest()[:16]
 
 
@@ -115,6 +115,17 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, *, w
                               tta=tta)
 
 
+def _completed_chunks(cache: str, n_chunks: int) -> list[dict]:
+    """The arrays of the chunks a killed run completed, in order, up to the first one missing."""
+    chunks: list[dict] = []
+    while len(chunks) < n_chunks:
+        loaded = load_npz(os.path.join(cache, f"chunk-{len(chunks):05d}.npz"), "ids", "features", "skipped")
+        if loaded is None:
+            break
+        chunks.append(loaded)
+    return chunks
+
+
 def _embed_gallery(encoders: BundleEncoders, tsv_path: str, cache: str, *, workers: int, chunk_size: int,
                    skip_bad: bool, tta: str | None) -> GalleryEmbeddings:
     final = os.path.join(cache, "gallery.npz")
@@ -127,12 +138,7 @@ def _embed_gallery(encoders: BundleEncoders, tsv_path: str, cache: str, *, worke
     tsv = ImageTSV(tsv_path)
     n = len(tsv)
     n_chunks = (n + chunk_size - 1) // chunk_size
-    chunks: list[dict] = []  # the completed chunks, read once
-    while len(chunks) < n_chunks:
-        loaded = load_npz(os.path.join(cache, f"chunk-{len(chunks):05d}.npz"), "ids", "features", "skipped")
-        if loaded is None:
-            break
-        chunks.append(loaded)
+    chunks = _completed_chunks(cache, n_chunks)
     done = len(chunks)
     if done:
         log.info("resuming the gallery after %d of %d completed chunks", done, n_chunks)

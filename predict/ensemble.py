@@ -16,7 +16,7 @@ import logging
 import numpy as np
 
 from competition import score_predictions
-from competition.topk import exact_topk
+from competition.topk import exact_topk, predictions_from_positions
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def pick_weights(queries, query_parts: list[np.ndarray], gallery_ids: np.ndarray
     table = []
     for weights in weight_grid(len(query_parts)):
         _, pos = exact_topk(fuse(query_parts, weights), fuse(gallery_parts), k=k)
-        score = score_predictions(queries, {q.query_id: gallery_ids[row].tolist() for q, row in zip(queries, pos)})
+        score = score_predictions(queries, predictions_from_positions(queries, gallery_ids, pos))
         table.append({"weights": list(weights), **score.as_dict()})
     best = max(table, key=lambda r: (round(r["mean_recall"], 6), -float(np.ptp(r["weights"]))))
     return tuple(best["weights"]), table

@@ -46,7 +46,6 @@ from .embed import load_npz, save_npz
 
 log = logging.getLogger(__name__)
 METHODS = ("qbnorm", "dual-softmax")
-DEFAULT_BETA = 20.0  # when a bundle records no logit scale
 MAX_BETA = 300.0  # exp(2 * 300 + log 1e9) < float64's largest: see the module docstring
 
 
@@ -140,9 +139,3 @@ def rescorer(method: str, queries: np.ndarray, gallery: np.ndarray, stats: BankS
         out[keep] = block[keep]
         return out
     return qbnorm
-
-
-def rerank_topk(method: str, queries: np.ndarray, gallery: np.ndarray, stats: BankStats, beta: float,
-                k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, gallery positions) of the re-ranked exact top-k."""
-    return exact_topk(queries, gallery, k=k, rescore=rescorer(method, queries, gallery, stats, beta))

@@ -16,16 +16,17 @@ import numpy as np
 
 from competition import ImageTSV, SkippedImages, ground_truth_not_in_gallery, score_predictions, write_submission
 from competition.errors import first_of
+from competition.gallery import default_workers
 from competition.io import WriteError, atomic_write_text
 from competition.layout import split_files, split_paths
 from competition.metric import success_json, write_result
-from competition.topk import exact_topk
+from competition.topk import exact_topk, predictions_from_positions
 
 from .embed import embed_gallery, embed_queries
 from .ensemble import align, fuse, parse_weights, pick_weights
-from .pipeline import default_workers
-from .rerank import DEFAULT_BETA, cached_bank_stats, check_beta, rescorer
-from .runtime import BundleEncoders, has_graphs, read_manifest
+from .manifest import read_manifest
+from .rerank import cached_bank_stats, check_beta, rescorer
+from .runtime import BundleEncoders, has_graphs
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def image_batch(requested: int | None, tsv_path: str, bundle_dir: str, workers: 
     if batch < requested:
         log.info("--batch-size %d is more than the gallery's %d images: running batches of %d", requested, images,
                  batch)
-    size = int(read_manifest(bundle_dir)["image_size"])
+    size = read_manifest(bundle_dir).image_size
     slots = 2 * workers if workers else 1
     need, available = slots * batch * size * size * 3, _memory_available()
     if available is not None and need > available // 2:
@@ -174,12 +175,35 @@ def _rescore(encoders, data_dir: str, weights, queries, qfeat: np.ndarray, galle
         log.warning("--bank %s: left %d queries out of the bank: they are among the queries being answered", path,
                     int((~keep).sum()))
     bank = fuse([f[keep] for f in features], weights)
-    scales = [enc.manifest.get("logit_scale") for enc in encoders]
-    beta = opts.rerank_beta or (float(np.dot(weights, scales)) if None not in scales else DEFAULT_BETA)
+    beta = opts.rerank_beta or float(np.dot(weights, [enc.manifest.logit_scale for enc in encoders]))
     stats = cached_bank_stats(bank, gallery, beta, opts.cache_dir)
     record = {"method": opts.rerank, "beta": round(beta, 4), "bank": path, "bank_queries": len(bank),
               "bank_left_out": int((~keep).sum())}
     return rescorer(opts.rerank, qfeat, gallery, stats, beta), record
+
+
+def _score_split(split: str, queries, preds: dict, gallery_ids: np.ndarray, files: tuple[str, str],
+                 out_path: str) -> dict:
+    """On a split whose every query has ground truth: its score as the evaluator gives it, written
+    to `<out>.result.json`; {} on one without (a test split)."""
+    queries_path, tsv_path = files
+    truth = [q for q in queries if q.item_ids is not None]
+    if truth and len(truth) < len(queries):
+        lacking = [q.line for q in queries if q.item_ids is None]
+        log.warning("%s: %d of %d queries have no item_ids (lines %s): the split is not scored", queries_path,
+                    len(lacking), len(queries), first_of(lacking))
+    if not truth or len(truth) < len(queries):
+        return {}
+    absent = ground_truth_not_in_gallery(queries, set(gallery_ids.tolist()).__contains__)
+    if absent:
+        log.warning("%d ground-truth id(s) of %s are not among the %d embedded images of %s, so their queries "
+                    "can miss however good the model (query:id %s)", len(absent), queries_path, len(gallery_ids),
+                    tsv_path, first_of([f"{q.query_id}:{i}" for q, i in absent]))
+    score = score_predictions(queries, preds)
+    result_path = os.path.splitext(out_path)[0] + ".result.json"
+    write_result(result_path, success_json(score))
+    log.info("%s: %s", split, score.summary())
+    return {**score.as_dict(), "result": result_path}
 
 
 def predict_split(bundle_dirs, data_dir: str, split: str, out_path: str, opts: PredictOptions | None = None,
@@ -215,7 +239,7 @@ def predict_split(bundle_dirs, data_dir: str, split: str, out_path: str, opts: P
     t1 = time.time()
     _, pos = exact_topk(qfeat, gfeat, k=opts.k, rescore=rescore)
     topk_s = time.time() - t1
-    preds = {q.query_id: gallery_ids[row].tolist() for q, row in zip(queries, pos)}
+    preds = predictions_from_positions(queries, gallery_ids, pos)
     write_submission(out_path, queries, preds, schema=opts.schema, k=opts.k)
     summary = {"split": split, "submission": out_path, "queries": len(queries), "gallery": len(gallery_ids),
                "skipped_images": len(emb.skipped.items), "gallery_cached": emb.cached,
@@ -231,22 +255,7 @@ def predict_split(bundle_dirs, data_dir: str, split: str, out_path: str, opts: P
         atomic_write_text(record, json.dumps(ensemble, indent=1, ensure_ascii=False) + "\n")
         summary.update(weights=ensemble["weights"], ensemble=record)
 
-    truth = [q for q in queries if q.item_ids is not None]
-    if truth and len(truth) < len(queries):
-        lacking = [q.line for q in queries if q.item_ids is None]
-        log.warning("%s: %d of %d queries have no item_ids (lines %s): the split is not scored", queries_path,
-                    len(lacking), len(queries), first_of(lacking))
-    if truth and len(truth) == len(queries):  # ground truth present: score it like the evaluator
-        absent = ground_truth_not_in_gallery(queries, set(gallery_ids.tolist()).__contains__)
-        if absent:
-            log.warning("%d ground-truth id(s) of %s are not among the %d embedded images of %s, so their queries "
-                        "can miss however good the model (query:id %s)", len(absent), queries_path, len(gallery_ids),
-                        tsv_path, first_of([f"{q.query_id}:{i}" for q, i in absent]))
-        score = score_predictions(queries, preds)
-        result_path = os.path.splitext(out_path)[0] + ".result.json"
-        write_result(result_path, success_json(score))
-        summary.update(score.as_dict(), result=result_path)
-        log.info("%s: %s", split, score.summary())
+    summary.update(_score_split(split, queries, preds, gallery_ids, (queries_path, tsv_path), out_path))
     log.info("wrote %s (%d queries, top-%d in %.2fs) in %.1fs", out_path, len(queries), opts.k, topk_s,
              time.time() - t0)
     return summary

@@ -71,8 +71,8 @@ def test_a_full_disk_gets_a_clear_error_and_a_rerun_with_room_is_right(tiny_bund
 
 
 def _ours(pid: int) -> set[str]:
-    """This predict's segments in /dev/shm (named after their process: `predict.pipeline`)."""
-    from predict.pipeline import SHM_DIR, segment_prefix
+    """This predict's segments in /dev/shm (named after their process: `competition.gallery`)."""
+    from competition.gallery import SHM_DIR, segment_prefix
 
     return {n for n in os.listdir(SHM_DIR) if n.startswith(segment_prefix(pid))}
 
@@ -100,7 +100,7 @@ def _predict_until_decoding(tiny_bundle, big_split, tmp_path):
     workers have mapped the ring; with what they map in /dev/shm."""
     import time
 
-    from predict.pipeline import segment_prefix
+    from competition.gallery import segment_prefix
 
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen(MUGE + ["predict", "--bundle", tiny_bundle, "--data", big_split, "--split", "test",
@@ -174,7 +174,7 @@ def test_segments_of_a_killed_predict_are_swept_and_others_kept():
     owner removes those whose process is gone, and no one else's."""
     from multiprocessing import shared_memory
 
-    from predict.pipeline import segment_prefix, sweep_orphans
+    from competition.gallery import segment_prefix, sweep_orphans
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)

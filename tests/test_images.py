@@ -9,6 +9,7 @@ from conftest import jpeg_bytes, rgb_at, write_tsv
 from PIL import Image
 
 from competition import ImageTSV, MugeDataError, SkippedImages, decode_image, iter_tsv, resize_image
+from competition.gallery import decode_into
 from competition.images import decode_image_pil
 
 
@@ -105,13 +106,11 @@ def test_bad_image_payloads_name_id_and_line(tmp_path):
         tsv.load(3)
     with pytest.raises(MugeDataError, match=r"g.tsv:4: image 4: truncated or corrupt"):
         tsv.load(4)
-    skipped = SkippedImages()
-    for img_id in tsv.ids.tolist():
-        try:
-            tsv.load(img_id)
-        except MugeDataError as err:
-            skipped.add(err, img_id)
-    assert [i for i, _, _ in skipped.items] == [2, 3, 4]
+    out = np.zeros((4, 32, 32, 3), np.uint8)
+    kept, bad = decode_into(tsv, 0, 4, out, 32, "squash", skip_bad=True)  # the decoder train and predict share
+    assert kept.tolist() == [0] and [(i, line) for i, line, _ in bad] == [(2, 2), (3, 3), (4, 4)]
+    assert out[0].any() and not out[1:].any()  # the kept image first; the rows left over are zeroed
+    skipped = SkippedImages(bad)
     assert skipped.summary().startswith("skipped 3 undecodable image(s): 2, 3, 4")
 
 

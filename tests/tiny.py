@@ -15,3 +15,11 @@ def tiny_config(family: str = "dual", *overrides: str):
         base = ["model.family=chinese-clip", "model.text.tokenizer=char-vocab", setting("model.config", TINY_CLIP),
                 "train.lr={head: 1.0e-3, text: 1.0e-3, image: 1.0e-3}"]
     return load_config(None, base + COMMON + list(overrides))
+
+
+def rerank_topk(method: str, queries, gallery, stats, beta: float, k: int = 10):
+    """(scores, gallery positions) of the re-ranked exact top-k, as predict ranks with --rerank."""
+    from competition.topk import exact_topk
+    from predict.rerank import rescorer
+
+    return exact_topk(queries, gallery, k=k, rescore=rescorer(method, queries, gallery, stats, beta))

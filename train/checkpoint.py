@@ -12,6 +12,7 @@ import pickle
 
 import torch
 
+from competition.errors import first_of
 from competition.io import atomic_path
 
 
@@ -33,20 +34,26 @@ def save_checkpoint(path: str, state: dict) -> None:
         torch.save(state, tmp)
 
 
+def safe_load(path: str, map_location="cpu", mmap: bool = False, what: str = "checkpoint"):
+    """`torch.load(weights_only=True)`: tensors and plain data only, so opening a file from
+    elsewhere cannot run code. Refusals are `CheckpointError`s naming `path`."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[-1][:200]
+        raise CheckpointError(f"{path}: refused: it holds pickled objects other than tensors and plain data, which "
+                              f"could run code when loaded ({reason})") from None
+    except Exception as exc:  # truncated, not a zip, not a torch file
+        raise CheckpointError(f"{path}: not a readable {what}, truncated or corrupt "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+
+
 def load_checkpoint(path: str, map_location="cpu", mmap: bool = False) -> dict:
     """The checkpoint's dict; with `mmap` its tensors are pages of the file, read when used (an
     export holds one copy of the weights, not two)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[-1][:200]
-        raise CheckpointError(f"{path}: refused: it holds pickled objects other than tensors and plain data, which "
-                              f"could run code when loaded; muge checkpoints never do ({reason})") from None
-    except Exception as exc:  # truncated, not a zip, not a torch file
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt "
-                              f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
+    ckpt = safe_load(path, map_location, mmap)
     if not isinstance(ckpt, dict) or not {"model", "arch", "config"} <= ckpt.keys():
         raise CheckpointError(f"{path}: not a muge checkpoint (expected a dict with model, arch and config)")
     for key in ("model", "arch", "config"):
@@ -72,10 +79,14 @@ def load_weights(model, state: dict, path: str, hint: str = "", assign: bool = F
         theirs = {k: tuple(v.shape) for k, v in state.items()}
         missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
         shapes = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
-        found = [f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                 for kind, keys in (("missing", missing), ("unexpected", extra), ("of another shape", shapes))
-                 if keys]
-        raise CheckpointError(f"{path}: its weights do not fit the model: {'; '.join(found)} tensors{hint}") from None
+        raise CheckpointError(f"{path}: its weights do not fit the model: {mismatch(missing, extra, shapes)}"
+                              f"{hint}") from None
+
+
+def mismatch(missing, unexpected, mis_shaped) -> str:
+    """How every "these weights do not fit" message counts and names the tensors at fault."""
+    kinds = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
+    return "; ".join(f"{len(keys)} {kind} ({first_of(keys, 3)})" for kind, keys in kinds if keys) + " tensors"
 
 
 def rng_state() -> dict:
@@ -103,3 +114,14 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give loaded optimizer state its parameter's memory layout: fused and foreach AdamW walk a
+    parameter and its moments as flat memory, so a checkpoint saved with other strides (a CPU run
+    resumed on CUDA, where weights are channels-last) must not pair the wrong elements."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)

@@ -23,7 +23,7 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
     from .distributed import DistributedSetupError
-    from .main import run
+    from .main import train_run
 
     if resume_dir:
         config_path, out_dir = os.path.join(resume_dir, "config.yaml"), resume_dir
@@ -37,7 +37,7 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--config/--set") from None
     try:
-        best = run(cfg, data_dir, out_dir, resume=bool(resume_dir))
+        best = train_run(cfg, data_dir, out_dir, resume=bool(resume_dir))
     except (MugeDataError, CheckpointError, DistributedSetupError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"best valid MR {best['mean_recall']:.2f}; checkpoint {os.path.join(out_dir, 'best.pt')}")
@@ -60,8 +60,8 @@ def average(run_dirs, out_dir, checkpoint, data_dir):
         soup = average_runs(list(run_dirs), out_dir, checkpoint=checkpoint, data_dir=data_dir)
     except (CheckpointError, MugeDataError, ValueError, OSError) as exc:
         raise click.ClickException(f"{exc}; nothing written") from None
-    scored = f"; valid MR {soup['metrics']['mean_recall']:.2f}" if "metrics" in soup else ""
-    click.echo(f"averaged {len(run_dirs)} runs into {os.path.join(out_dir, 'best.pt')}{scored}")
+    soup_score = f"; valid MR {soup['metrics']['mean_recall']:.2f}" if "metrics" in soup else ""
+    click.echo(f"averaged {len(run_dirs)} runs into {os.path.join(out_dir, 'best.pt')}{soup_score}")
 
 
 if __name__ == "__main__":  # torchrun -m train.cli ...

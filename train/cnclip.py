@@ -27,7 +27,7 @@ import torch
 
 from competition.errors import first_of
 
-from .checkpoint import CheckpointError, WeightsError, load_weights
+from .checkpoint import CheckpointError, WeightsError, load_weights, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +41,15 @@ PUBLISHED = {(768, 12, 16, 224): "ViT-B-16", (768, 12, 32, 224): "ViT-B-32", (10
 
 def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """The state dict of a cn_clip file, `module.` prefixes removed."""
-    import pickle
-
     with open(path, "rb") as f:
         magic = f.read(4)
     if not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):  # torch's zip, or a legacy pickle
         raise WeightsError(f"{path}: not a Chinese-CLIP checkpoint file (a torch .pt); weights are a hub name, a "
                            "transformers directory, or a cn_clip .pt file")
     try:  # torch's zip format is memory-mapped: the model takes its tensors without a second copy
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=magic.startswith(b"PK"))
-    except pickle.UnpicklingError as exc:
-        raise WeightsError(f"{path}: refused: it holds pickled objects other than tensors and plain data, which "
-                             f"could run code when loaded ({str(exc).strip().splitlines()[-1][:200]})") from None
-    except Exception as exc:  # truncated, not a zip, not a torch file
-        raise WeightsError(f"{path}: not a readable Chinese-CLIP checkpoint, truncated or corrupt "
-                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        obj = safe_load(path, mmap=magic.startswith(b"PK"), what="Chinese-CLIP checkpoint")
+    except CheckpointError as exc:
+        raise WeightsError(str(exc)) from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise WeightsError(f"{path}: not a Chinese-CLIP checkpoint (expected a state dict of tensors, or a dict "

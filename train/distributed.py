@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 class DistributedSetupError(RuntimeError):
@@ -47,19 +48,25 @@ def device_for(world: World) -> torch.device:
     return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def distributed() -> bool:
+    """Whether this process is in an initialised torch.distributed process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if distributed() else 1
+
+
+def unwrap(model):
+    """The model itself, under a DDP wrapper or not."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.barrier()
 
 
-def broadcast_object(obj, src: int = 0):
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.destroy_process_group()

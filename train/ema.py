@@ -1,10 +1,12 @@
-"""An exponential moving average of the weights (`train.ema`), as timm's ModelEmaV3 keeps it.
+"""An exponential moving average of the weights (`train.ema`).
 
 After every optimizer step each floating-point tensor of the state (parameters and buffers) moves
-towards the model's: shadow <- d * shadow + (1 - d) * weights, with the decay warmed up as
-d = min(decay, (1 + n) / (10 + n)) after n updates, so early averages are not dominated by the
-random start. The shadow lives on the model's device, in fp32; `applied` swaps it into the model
-for evaluation (or a checkpoint) and swaps the trained weights back.
+towards the model's: shadow <- d * shadow + (1 - d) * weights, with the decay always warmed up as
+d = min(decay, (1 + n) / (10 + n)) after n updates (the schedule of TensorFlow's
+ExponentialMovingAverage with num_updates), so early averages are not dominated by the start.
+(timm's ModelEmaV3 warms up only when asked, by another formula.) The shadow lives on the model's
+device, in fp32; `applied` swaps it into the model for evaluation (or a checkpoint) and swaps the
+trained weights back.
 """
 from __future__ import annotations
 

@@ -1,49 +1,80 @@
 """Training-time evaluation: embed the whole valid gallery and every valid query, exact top-10,
-and the competition's own scorer. Preprocessing is `competition.preprocess`, as in `predict`."""
+and the competition's own scorer. The gallery is decoded by `competition.gallery`, the decoder
+predict uses, with the same preprocessing (`competition.preprocess`)."""
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from competition import read_queries, score_predictions
-from competition.topk import exact_topk
+from competition import ImageTSV, SkippedImages, read_queries, score_predictions
+from competition.gallery import DecodeRing
+from competition.topk import exact_topk, predictions_from_positions
 
-from .data import GalleryImages, gallery_loader
 from .precision import autocast
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a model is scored on a split: the run's image preprocessing, the batch, the decode
+    workers, the device and the precision."""
+    size: int
+    rule: str
+    batch_size: int
+    workers: int
+    device: torch.device
+    precision: str = "fp32"
+    skip_bad: bool = False
+    progress: bool = True
+
+    @classmethod
+    def of_run(cls, cfg, device: torch.device, precision: str) -> EvalSettings:
+        """The settings a run with config `cfg` (`train.config.Config`) evaluates with."""
+        return cls(cfg.data.image_size, cfg.data.resize_rule, cfg.eval.batch_size, cfg.data.workers, device,
+                   precision, cfg.data.skip_bad_images)
+
+
+def _decoded_batches(tsv_path: str, settings: EvalSettings, skip_bad: bool, desc: str):
+    """The gallery's batches in file order (`competition.gallery.Batch`), behind a progress bar."""
+    n, bs = len(ImageTSV(tsv_path)), settings.batch_size
+    ranges = [(start, min(n, start + bs)) for start in range(0, n, bs)]
+    with DecodeRing(tsv_path, settings.size, settings.rule, bs, settings.workers, skip_bad) as ring:
+        yield from tqdm(ring.batches(ranges), total=len(ranges), desc=desc, disable=not settings.progress,
+                        leave=False)
+
+
 @torch.no_grad()
-def embed_gallery(model, tsv_path: str, *, size: int, rule: str, batch_size: int, workers: int, device,
-                  precision: str = "fp32", skip_bad: bool = False, progress: bool = True):
+def gallery_features(model, tsv_path: str, settings: EvalSettings) -> tuple[np.ndarray, np.ndarray]:
     """(image ids, L2-normalised features) of every decodable gallery image, in file order."""
-    dataset = GalleryImages(tsv_path, size, rule, skip_bad)
-    feats = np.zeros((len(dataset), 0), np.float32)
-    keep = np.ones(len(dataset), bool)
+    tsv = ImageTSV(tsv_path)
+    feats, kept, skipped = [], [], SkippedImages()
     model.eval()
-    for pixels, idx, ok in tqdm(gallery_loader(dataset, batch_size, workers, device), desc="embed gallery",
-                                disable=not progress, leave=False):
-        with autocast(precision, device):
-            f = model.encode_image(pixels.to(device, non_blocking=True)).float().cpu().numpy()
-        if feats.shape[1] == 0:
-            feats = np.zeros((len(dataset), f.shape[1]), np.float32)
-        feats[idx.numpy()] = f
-        keep[idx.numpy()] = ok.numpy()
-    return dataset.tsv.ids[keep], feats[keep]
+    for batch in _decoded_batches(tsv_path, settings, settings.skip_bad, "embed gallery"):
+        if batch.count:
+            pixels = torch.from_numpy(batch.pixels[:batch.count]).to(settings.device, non_blocking=True)
+            with autocast(settings.precision, settings.device):
+                feats.append(model.encode_image(pixels).float().cpu().numpy())
+            kept.append(batch.positions)
+        skipped.items.extend(batch.bad)
+    if skipped.items:
+        log.warning("%s: %s", tsv_path, skipped.summary())
+    if not feats:
+        return tsv.ids[:0], np.zeros((0, 0), np.float32)
+    return tsv.ids[np.concatenate(kept)], np.concatenate(feats)
 
 
-def check_gallery(tsv_path: str, *, size: int, rule: str, batch_size: int, workers: int, device) -> None:
+def check_gallery(tsv_path: str, settings: EvalSettings) -> None:
     """Decode and resize every image of a gallery (no model): a bad one raises, naming its line."""
     t0 = time.time()
-    dataset = GalleryImages(tsv_path, size, rule)
-    for _ in tqdm(gallery_loader(dataset, batch_size, workers, device), desc="check valid images", leave=False):
+    for _ in _decoded_batches(tsv_path, settings, False, "check valid images"):
         pass
-    log.info("checked the %d images of %s in %.1fs", len(dataset), tsv_path, time.time() - t0)
+    log.info("checked the %d images of %s in %.1fs", len(ImageTSV(tsv_path)), tsv_path, time.time() - t0)
 
 
 @torch.no_grad()
@@ -58,18 +89,14 @@ def embed_texts(model, tokenizer, texts, *, batch_size: int, device, precision: 
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def evaluate(model, tokenizer, queries_path: str, tsv_path: str, *, size: int, rule: str, batch_size: int,
-             workers: int, device, precision: str = "fp32", skip_bad: bool = False, progress: bool = True,
-             label: str = "valid"):
+def evaluate(model, tokenizer, queries_path: str, tsv_path: str, settings: EvalSettings, label: str = "valid"):
     """Score the model on a split with the official metric. Returns competition's `Score`."""
     t0 = time.time()
     queries = read_queries(queries_path, require_ids=True)
-    ids, gallery = embed_gallery(model, tsv_path, size=size, rule=rule, batch_size=batch_size, workers=workers,
-                                 device=device, precision=precision, skip_bad=skip_bad, progress=progress)
-    q = embed_texts(model, tokenizer, [x.text for x in queries], batch_size=batch_size, device=device,
-                    precision=precision, progress=progress)
+    ids, gallery = gallery_features(model, tsv_path, settings)
+    q = embed_texts(model, tokenizer, [x.text for x in queries], batch_size=settings.batch_size,
+                    device=settings.device, precision=settings.precision, progress=settings.progress)
     _, pos = exact_topk(q, gallery, k=10)
-    preds = {x.query_id: ids[row].tolist() for x, row in zip(queries, pos)}
-    score = score_predictions(queries, preds)
+    score = score_predictions(queries, predictions_from_positions(queries, ids, pos))
     log.info("%s: %s [%.1fs, %d images]", label, score.summary(), time.time() - t0, len(ids))
     return score

@@ -15,10 +15,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import world_size
+
 
 def gather_features(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """All-gather along dim 0; this rank's slice is the original tensor (with its grad)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return list(tensors)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = []
@@ -79,7 +81,7 @@ class ClipLoss(nn.Module):
 
     def forward(self, image, text, log_scale, image_ids, query_ids):
         """Returns (loss to backward, global-batch loss for logging)."""
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = world_size()
         if world > 1:
             # The logit scale enters every rank's loss whole, not through local features only:
             # its gradient is divided by the world size so the `* world` below leaves it exact.

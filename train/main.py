@@ -17,23 +17,32 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from competition.history import HISTORY, write_history
 from competition.layout import split_files
 from competition.preprocess import TextTokenizer
 
-from .checkpoint import CheckpointError, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    match_param_layout,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import Config, ConfigError, data_seed, mask_ratio_at, save_config, to_dict
-from .curves import plot_curves, write_history
+from .curves import plot_curves
 from .data import PairDataset, stop_workers, train_loader
 from .distributed import World, barrier, cleanup, device_for, init_distributed
 from .ema import ModelEma
-from .evaluate import check_gallery, evaluate
-from .loop import train_one_epoch
+from .evaluate import EvalSettings, check_gallery, evaluate
+from .loop import StepParts, train_one_epoch
 from .loss import ClipLoss
 from .model import FAMILIES, RetrievalModel, build_from_arch, create_model
 from .optim import apply_freeze, create_optimizer
 from .precision import grad_scaler, resolve_precision
 from .scheduler import create_scheduler
-from .speed import compile_enabled, configure_backends, match_param_layout, optimize_model
+from .speed import compile_enabled, configure_backends, optimize_model
 from .tokenizer import check_tokenizer, prepare_tokenizer
 from .tracking import Tracker
 
@@ -71,6 +80,10 @@ class Training:
     criterion: ClipLoss
     ema: ModelEma | None
     trainable: dict  # trainable parameter counts per group after epoch 0's freezing
+
+    def step_parts(self) -> StepParts:
+        return StepParts(self.criterion, self.optimizer, self.scheduler, self.scaler, self.precision, self.device,
+                         self.cfg.train.grad_clip, self.cfg.train.grad_cache_chunk)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -164,13 +177,13 @@ def wrap_ddp(model, world: World, device):
                                    find_unused_parameters=False)
 
 
-def run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False) -> dict:
+def train_run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False) -> dict:
     """Train per `cfg`; returns the best epoch's metrics. A run directory this call created is
     removed again if training fails before its first checkpoint: a bad input leaves nothing behind."""
     world = init_distributed()
     created = not os.path.exists(out_dir)
     try:
-        return _run(cfg, data_dir, out_dir, resume, world)
+        return _build_and_train(cfg, data_dir, out_dir, resume, world)
     except BaseException:
         if world.main and created and not os.path.exists(os.path.join(out_dir, "last.pt")):
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -179,26 +192,26 @@ def run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False) -> dict:
         cleanup()
 
 
-def _run(cfg: Config, data_dir: str, out_dir: str, resume: bool, world: World) -> dict:
+def _build_and_train(cfg: Config, data_dir: str, out_dir: str, resume: bool, world: World) -> dict:
     train_files, valid_files = split_files(data_dir, "train"), split_files(data_dir, "valid")  # inputs first
     ckpt = resumable_checkpoint(os.path.join(out_dir, "last.pt")) if resume else None  # refused before any work
     os.makedirs(out_dir, exist_ok=True)
-    tr = build_training(cfg, train_files, out_dir, world, arch=ckpt["arch"] if ckpt else None)
+    training = build_training(cfg, train_files, out_dir, world, arch=ckpt["arch"] if ckpt else None)
     try:
-        return _train(tr, cfg, valid_files, out_dir, resume, ckpt)
+        return _train_and_report(training, cfg, valid_files, out_dir, resume, ckpt)
     finally:
-        stop_workers(tr.loader)
+        stop_workers(training.loader)
 
 
-def _train(tr: Training, cfg: Config, valid_files, out_dir: str, resume: bool, ckpt: dict | None) -> dict:
-    world = tr.world
+def _train_and_report(training: Training, cfg: Config, valid_files, out_dir: str, resume: bool,
+                      ckpt: dict | None) -> dict:
+    world = training.world
     if world.main and not cfg.eval.untrained and not cfg.data.skip_bad_images:
         # every valid image decodes, or the run stops now rather than after its first epoch
-        check_gallery(valid_files[1], size=cfg.data.image_size, rule=cfg.data.resize_rule,
-                      batch_size=cfg.eval.batch_size, workers=cfg.data.workers, device=tr.device)
+        check_gallery(valid_files[1], EvalSettings.of_run(cfg, training.device, training.precision))
     barrier()
     if ckpt is not None:
-        state = restore(tr, ckpt, os.path.join(out_dir, "last.pt"))
+        state = restore(training, ckpt, os.path.join(out_dir, "last.pt"))
         if world.main:
             log.info("resuming %s after epoch %d (step %d)", out_dir, state.epoch, state.step)
     else:
@@ -207,20 +220,20 @@ def _train(tr: Training, cfg: Config, valid_files, out_dir: str, resume: bool, c
             save_config(cfg, os.path.join(out_dir, "config.yaml"))
     if world.main:
         log.info("%s model, %.1fM parameters, %s%s on %s x%d; %d pairs, %d steps/epoch, %d epochs",
-                 cfg.model.family, sum(p.numel() for p in tr.model.parameters()) / 1e6, tr.precision,
-                 ", compiled" if tr.compiled else "", tr.device.type, world.size, len(tr.dataset), tr.steps_per_epoch,
-                 cfg.train.epochs)
+                 cfg.model.family, sum(p.numel() for p in training.model.parameters()) / 1e6, training.precision,
+                 ", compiled" if training.compiled else "", training.device.type, world.size, len(training.dataset),
+                 training.steps_per_epoch, cfg.train.epochs)
     tracker = Tracker(out_dir if cfg.train.tensorboard and world.main else None)
     if not resume and cfg.eval.untrained and world.main:
-        record = score_epoch(tr, valid_files, epoch=0, step=0, train_loss=None, samples_per_s=None)
+        record = score_epoch(training, valid_files, epoch=0, step=0, train_loss=None, samples_per_s=None)
         state.history.append(record)
         tracker.epoch(record)
         log.info("untrained model: MR %.2f", record["mean_recall"])
         if starts_pretrained(cfg):  # a fine-tune never ends worse than where it started
-            save_best(tr, state, {**record, "weights": "start"}, out_dir)
+            save_best(training, state, {**record, "weights": "start"}, out_dir)
     barrier()
     try:
-        train_epochs(tr, state, valid_files, out_dir, tracker)
+        train_epochs(training, state, valid_files, out_dir, tracker)
     finally:
         tracker.close()
     if world.main:
@@ -247,48 +260,46 @@ def resumable_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def restore(tr: Training, ckpt: dict, path: str) -> RunState:
-    """Load `last.pt`'s weights, optimizer, schedule, scaler, RNG and EMA into `tr`."""
-    saved, now = ckpt["config"].get("model", {}), to_dict(tr.cfg)["model"]
+def restore(training: Training, ckpt: dict, path: str) -> RunState:
+    """Load `last.pt`'s weights, optimizer, schedule, scaler, RNG and EMA into `training`."""
+    saved, now = ckpt["config"].get("model", {}), to_dict(training.cfg)["model"]
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     hint = f"; config.yaml's model section was edited since ({', '.join(changed)} differ)" if changed else ""
-    if [k for k in changed if k != "name"] and _start_file_gone(tr.cfg.model.name):  # rebuilt from last.pt: say so
+    if [k for k in changed if k != "name"] and _start_file_gone(training.cfg.model.name):  # rebuilt from last.pt
         raise CheckpointError(f"{path}: config.yaml's model section was edited since ({', '.join(changed)} differ), "
                               "and the run's start file is gone: resume with the model it was trained with")
-    load_weights(tr.model, ckpt["model"], path, hint)
+    load_weights(training.model, ckpt["model"], path, hint)
     try:
-        tr.optimizer.load_state_dict(ckpt["optimizer"])
+        training.optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: its optimizer state does not fit the parameter groups config.yaml makes now "
                               f"({exc}); the train section was edited since") from None
-    match_param_layout(tr.optimizer)
-    tr.scheduler.load_state_dict(ckpt["scheduler"])
-    tr.scaler.load_state_dict(ckpt["scaler"])
+    match_param_layout(training.optimizer)
+    training.scheduler.load_state_dict(ckpt["scheduler"])
+    training.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
-    if tr.ema is not None and "ema" in ckpt:
-        tr.ema.load_state_dict(ckpt["ema"])
-    elif tr.ema is not None and tr.world.main:
+    if training.ema is not None and "ema" in ckpt:
+        training.ema.load_state_dict(ckpt["ema"])
+    elif training.ema is not None and training.world.main:
         log.warning("%s holds no EMA of the weights: the average starts from the resumed weights", path)
-    elif "ema" in ckpt and tr.world.main:
+    elif "ema" in ckpt and training.world.main:
         log.warning("%s holds an EMA of the weights, but config.yaml no longer sets train.ema: it is dropped from "
                     "here on (set train.ema again to keep it)", path)
     return RunState(ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"])
 
 
-def valid_scores(tr: Training, valid_files: tuple[str, str], label: str = "valid") -> dict:
-    data = tr.cfg.data
-    return evaluate(tr.model, tr.tokenizer, *valid_files, size=data.image_size, rule=data.resize_rule,
-                    batch_size=tr.cfg.eval.batch_size, workers=data.workers, device=tr.device,
-                    precision=tr.precision, skip_bad=data.skip_bad_images, label=label).as_dict()
+def valid_scores(training: Training, valid_files: tuple[str, str], label: str = "valid") -> dict:
+    settings = EvalSettings.of_run(training.cfg, training.device, training.precision)
+    return evaluate(training.model, training.tokenizer, *valid_files, settings, label=label).as_dict()
 
 
-def score_epoch(tr: Training, valid_files, *, epoch: int, step: int, train_loss, samples_per_s) -> dict:
+def score_epoch(training: Training, valid_files, *, epoch: int, step: int, train_loss, samples_per_s) -> dict:
     """The epoch's record for metrics.jsonl: its training figures, valid scores and the EMA's."""
     record = {"epoch": epoch, "step": step, "train_loss": train_loss, "samples_per_s": samples_per_s,
-              **valid_scores(tr, valid_files)}
-    if tr.ema is not None and epoch > 0:
-        with tr.ema.applied(tr.model):
-            record["ema"] = valid_scores(tr, valid_files, "valid (EMA)")
+              **valid_scores(training, valid_files)}
+    if training.ema is not None and epoch > 0:
+        with training.ema.applied(training.model):
+            record["ema"] = valid_scores(training, valid_files, "valid (EMA)")
     return record
 
 
@@ -301,52 +312,53 @@ def best_candidate(record: dict) -> dict:
     return record
 
 
-def train_epochs(tr: Training, state: RunState, valid_files, out_dir: str, tracker: Tracker) -> None:
+def train_epochs(training: Training, state: RunState, valid_files, out_dir: str, tracker: Tracker) -> None:
     """The epochs from `state.epoch` on: train, score valid, keep best.pt and last.pt."""
-    cfg, world = tr.cfg, tr.world
-    ddp, trainable = None, tr.trainable
+    cfg, world = training.cfg, training.world
+    ddp, trainable = None, training.trainable
     for epoch in range(state.epoch, cfg.train.epochs):
-        now = apply_freeze(tr.model, cfg.train.freeze, epoch)
-        tr.model.set_mask_ratio(mask_ratio_at(cfg.train, epoch))
+        now = apply_freeze(training.model, cfg.train.freeze, epoch)
+        training.model.set_mask_ratio(mask_ratio_at(cfg.train, epoch))
         if ddp is None or now != trainable:
-            ddp, trainable = wrap_ddp(tr.model, world, tr.device), now
+            ddp, trainable = wrap_ddp(training.model, world, training.device), now
         seed_everything(data_seed(cfg.train) * 1000 + epoch)  # dropout etc.: a function of (seed, epoch) alone
-        tr.loader.sampler.set_epoch(epoch)
-        if tr.compiled and epoch == state.epoch and world.main:
+        training.loader.sampler.set_epoch(epoch)
+        if training.compiled and epoch == state.epoch and world.main:
             log.info("the first batch compiles the model (torch.compile): a minute or more, once")
-        stats = train_one_epoch(tr, ddp, epoch, state.step, tracker=tracker)
+        stats = train_one_epoch(training, ddp, epoch, state.step, tracker=tracker)
         state.epoch, state.step = epoch + 1, stats.step
         if world.main:
             if state.epoch % cfg.eval.every_epochs == 0 or state.epoch == cfg.train.epochs:
-                record = score_epoch(tr, valid_files, epoch=state.epoch, step=state.step, train_loss=stats.loss,
+                record = score_epoch(training, valid_files, epoch=state.epoch, step=state.step, train_loss=stats.loss,
                                      samples_per_s=stats.steady_samples_per_s)
             else:
                 record = {"epoch": state.epoch, "step": state.step, "train_loss": stats.loss,
                           "samples_per_s": stats.steady_samples_per_s}
             state.history.append(record)
             tracker.epoch(record)
-            save_epoch(tr, state, best_candidate(record), out_dir)
+            save_epoch(training, state, best_candidate(record), out_dir)
         barrier()
 
 
-def save_best(tr: Training, state: RunState, candidate: dict, out_dir: str) -> None:
-    """best.pt, when `candidate` (an epoch's scores, `weights` saying which) beats the best so far."""
+def save_best(training: Training, state: RunState, candidate: dict, out_dir: str) -> None:
+    """best.pt, when `candidate` (an epoch's scores, `weights` saying which) beats the best until now."""
     if candidate.get("mean_recall", -1) > state.best["mean_recall"]:
         state.best = candidate
-        with tr.ema.applied(tr.model) if candidate.get("weights") == "ema" else contextlib.nullcontext():
-            save_checkpoint(os.path.join(out_dir, "best.pt"), {"model": tr.model.state_dict(), "arch": tr.arch,
-                                                               "config": to_dict(tr.cfg), "epoch": state.epoch,
-                                                               "metrics": candidate})
+        ema = candidate.get("weights") == "ema"
+        with training.ema.applied(training.model) if ema else contextlib.nullcontext():
+            save_checkpoint(os.path.join(out_dir, "best.pt"), {
+                "model": training.model.state_dict(), "arch": training.arch, "config": to_dict(training.cfg),
+                "epoch": state.epoch, "metrics": candidate})
 
 
-def save_epoch(tr: Training, state: RunState, candidate: dict, out_dir: str) -> None:
-    """best.pt when `candidate` beats the best so far, then last.pt, metrics.jsonl, curves.png."""
-    common = {"arch": tr.arch, "config": to_dict(tr.cfg), "epoch": state.epoch}
-    save_best(tr, state, candidate, out_dir)
+def save_epoch(training: Training, state: RunState, candidate: dict, out_dir: str) -> None:
+    """best.pt when `candidate` beats the best until now, then last.pt, metrics.jsonl, curves.png."""
+    common = {"arch": training.arch, "config": to_dict(training.cfg), "epoch": state.epoch}
+    save_best(training, state, candidate, out_dir)
     save_checkpoint(os.path.join(out_dir, "last.pt"), {
-        "model": tr.model.state_dict(), **common, "optimizer": tr.optimizer.state_dict(),
-        "scheduler": tr.scheduler.state_dict(), "scaler": tr.scaler.state_dict(), "rng": rng_state(),
+        "model": training.model.state_dict(), **common, "optimizer": training.optimizer.state_dict(),
+        "scheduler": training.scheduler.state_dict(), "scaler": training.scaler.state_dict(), "rng": rng_state(),
         "step": state.step, "history": state.history, "best": state.best,
-        **({"ema": tr.ema.state_dict()} if tr.ema is not None else {})})
-    write_history(state.history, os.path.join(out_dir, "metrics.jsonl"))
+        **({"ema": training.ema.state_dict()} if training.ema is not None else {})})
+    write_history(os.path.join(out_dir, HISTORY), state.history)
     plot_curves(state.history, os.path.join(out_dir, "curves.png"))

@@ -25,9 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from competition.errors import first_of
-
-from .checkpoint import CheckpointError, WeightsError
+from .checkpoint import CheckpointError, WeightsError, mismatch
 from .config import Head, ModelConfig, Pooling
 
 Layout = dict[str, tuple[str, int, int]]  # parameter name -> (group, layer id, top block id)
@@ -116,11 +114,10 @@ def load_pretrained(cls, name: str, what: str, **kwargs):
     unexpected = sorted(k for k in info.get("unexpected_keys") or () if not k.split(".", 1)[-1].startswith("pooler.")
                         and not k.startswith("pooler."))
     mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
-    problems = [f"{len(keys)} {kind} ({first_of(keys, 4)})" for kind, keys in
-                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)) if keys]
-    if problems:
-        raise WeightsError(f"{name}: these weights do not fit a {what} model: {'; '.join(problems)} tensors. They "
-                           "are another architecture's; refused rather than trained from a partly random start")
+    if missing or unexpected or mismatched:
+        raise WeightsError(f"{name}: these weights do not fit a {what} model: "
+                           f"{mismatch(missing, unexpected, mismatched)}. They are another architecture's; refused "
+                           "rather than trained from a partly random start")
     return model
 
 

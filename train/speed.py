@@ -44,14 +44,3 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (timing marks); nothing to wait for on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
-    """Give loaded optimizer state its parameter's memory layout: fused and foreach AdamW walk a
-    parameter and its moments as flat memory, so a checkpoint saved with other strides (a CPU run
-    resumed on CUDA, where weights are channels-last) must not pair the wrong elements."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)

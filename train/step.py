@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
+from .distributed import unwrap
 from .precision import autocast
 
 
@@ -48,7 +48,7 @@ def _set_rng_state(state: tuple, device) -> None:
 
 def grad_cache_step(model, criterion, batch: dict, *, precision, device, scaler, scale: float = 1.0,
                     chunk: int) -> torch.Tensor:
-    module = model.module if isinstance(model, DistributedDataParallel) else model
+    module = unwrap(model)
     slices = [slice(i, i + chunk) for i in range(0, len(batch["pixels"]), chunk)]
 
     def run(sl, net):

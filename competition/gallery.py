@@ -40,8 +40,9 @@ from multiprocessing import connection, resource_tracker, shared_memory
 
 import numpy as np
 
-from competition import ImageTSV, MugeDataError
-from competition.io import pid_alive
+from .errors import MugeDataError
+from .images import ImageTSV
+from .io import pid_alive
 
 log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
@@ -71,7 +72,7 @@ def sweep_orphans() -> list[str]:
                 os.unlink(os.path.join(SHM_DIR, name))
                 removed.append(name)
     if removed:
-        log.info("removed %d shared-memory slots left in %s by a predict that was killed", len(removed), SHM_DIR)
+        log.info("removed %d shared-memory slots left in %s by a process that was killed", len(removed), SHM_DIR)
     return removed
 
 
