@@ -111,7 +111,7 @@ def pipeline_per_worker(dataset, collate, n: int) -> dict:
     return rates
 
 
-def mask_ratio_rows(tr, step, ratios, steps: int, warmup: int, device, bs: int) -> list[dict]:
+def mask_ratio_rows(training, step, ratios, steps: int, warmup: int, device, bs: int) -> list[dict]:
     """The eager bare step at each FLIP mask ratio (highest first), with the samples/s against
     the unmasked step's and the peak resident set so far (on a GPU, the peak memory of each)."""
     import resource
@@ -120,7 +120,7 @@ def mask_ratio_rows(tr, step, ratios, steps: int, warmup: int, device, bs: int) 
 
     rows, rates = [], {}
     for ratio in ratios:
-        tr.model.set_mask_ratio(ratio)
+        training.model.set_mask_ratio(ratio)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds, _ = time_steps(step, steps, warmup, device)
@@ -138,7 +138,7 @@ def mask_ratio_rows(tr, step, ratios, steps: int, warmup: int, device, bs: int) 
 
 @click.command("train")
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--data", "data_dir", default=in_checkout("data/sample"), show_default=True,
+@click.option("--data", "data_dir", **in_checkout("data/sample"),
               type=click.Path(exists=True, file_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
@@ -167,25 +167,27 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--config/--set") from None
     with tempfile.TemporaryDirectory() as tmp:
-        tr = build_training(cfg, split_files(data_dir, "train"), tmp, total_steps=10**9, defer_compile=True)
-        device, bs = tr.device, cfg.train.batch_size
+        training = build_training(cfg, split_files(data_dir, "train"), tmp, total_steps=10**9, defer_compile=True)
+        device, bs = training.device, cfg.train.batch_size
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-        pad_to = cfg.data.max_text_length if tr.compiled else None
-        collate = Collate(tr.tokenizer, pad_to)
-        real = collate([tr.dataset[(0, i)] for i in range(bs)])
-        synth = synthetic_batch(real, tr.tokenizer.vocab_size, device)
-        flops = model_flops_per_sample(tr.model, tr.criterion, synth, tr.precision, device)
-        title = (f"muge bench train: {config_path} on {name}, {tr.precision}, batch {bs}, {cfg.data.image_size} px, "
+        pad_to = cfg.data.max_text_length if training.compiled else None
+        collate = Collate(training.tokenizer, pad_to)
+        real = collate([training.dataset[(0, i)] for i in range(bs)])
+        synth = synthetic_batch(real, training.tokenizer.vocab_size, device)
+        parts = training.step_parts()
+        flops = model_flops_per_sample(training.model, training.criterion, synth, training.precision, device)
+        title = (f"muge bench train: {config_path} on {name}, {training.precision}, batch {bs}, "
+                 f"{cfg.data.image_size} px, "
                  f"text padded to {pad_to or 'the batch longest'}; "
-                 f"{sum(p.numel() for p in tr.model.parameters()) / 1e6:.1f}M parameters")
+                 f"{sum(p.numel() for p in training.model.parameters()) / 1e6:.1f}M parameters")
 
         def step():
-            train_step(tr, tr.model, synth)
+            train_step(parts, training.model, synth)
 
         rows = []
         if mask_ratios:
-            rows += mask_ratio_rows(tr, step, sorted(set(mask_ratios), reverse=True), steps, warmup, device, bs)
-        tr.model.set_mask_ratio(cfg.train.mask_ratio)
+            rows += mask_ratio_rows(training, step, sorted(set(mask_ratios), reverse=True), steps, warmup, device, bs)
+        training.model.set_mask_ratio(cfg.train.mask_ratio)
         eager_s, _ = time_steps(step, steps, warmup, device)
         rows.append({"what": "bare step, eager", "mask_ratio": cfg.train.mask_ratio,
                      "samples_per_s": round(bs / eager_s, 1)})
@@ -193,45 +195,46 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_
 
         def time_compiled():
             nonlocal compiled_s, compile_s
-            compile_model(tr.model)
+            compile_model(training.model)
             compiled_s, compile_s = time_steps(step, steps, warmup, device)
             rows.append({"what": "bare step, compiled", "samples_per_s": round(bs / compiled_s, 1),
                          "of_eager": round(eager_s / compiled_s, 2), "first_step_s": round(compile_s, 1)})
 
-        if tr.compiled:  # the loop runs the model as the config says: compiled first, or compiled after
+        if training.compiled:  # the loop runs the model as the config says: compiled first, or compiled after
             time_compiled()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         samples = seconds = 0.0
         epoch, left = 0, steps + warmup
         while left > 0:
-            tr.loader.sampler.set_epoch(epoch)
-            stats = train_one_epoch(tr, tr.model, epoch, 0, max_batches=left, warmup=warmup if epoch == 0 else 0)
+            training.loader.sampler.set_epoch(epoch)
+            stats = train_one_epoch(training, training.model, epoch, 0, max_batches=left,
+                                    warmup=warmup if epoch == 0 else 0)
             samples, seconds = samples + stats.steady_samples, seconds + stats.steady_s
-            left, epoch = left - min(left, len(tr.loader)), epoch + 1
-        stop_workers(tr.loader)
+            left, epoch = left - min(left, len(training.loader)), epoch + 1
+        stop_workers(training.loader)
         loop = samples / max(seconds, 1e-9)
-        loop_step_s = compiled_s if tr.compiled else eager_s
+        loop_step_s = compiled_s if training.compiled else eager_s
         ratio = loop / (bs / loop_step_s)
-        rows.append({"what": f"real loop, {'compiled' if tr.compiled else 'eager'} ({epoch} epoch(s) of "
-                             f"{len(tr.loader)} batches, data.workers={cfg.data.workers})",
+        rows.append({"what": f"real loop, {'compiled' if training.compiled else 'eager'} ({epoch} epoch(s) of "
+                             f"{len(training.loader)} batches, data.workers={cfg.data.workers})",
                      "samples_per_s": round(loop, 1), "of_its_bare_step": round(ratio, 2)})
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        peak = peak_tflops(name, tr.precision) if device.type == "cuda" else None
+        peak = peak_tflops(name, training.precision) if device.type == "cuda" else None
         mfu = loop * flops / (peak * 1e12) if peak else None
-        if compiled and not tr.compiled:
+        if compiled and not training.compiled:
             time_compiled()
-        pipe = pipeline_per_worker(tr.dataset, collate, min(256, len(tr.dataset)))
+        pipe = pipeline_per_worker(training.dataset, collate, min(256, len(training.dataset)))
         per_worker = 1e3 / pipe["sample_ms"]
         step_rate = bs / loop_step_s  # the step the loop runs
         needed = math.ceil(step_rate / per_worker)
         rows.append({"what": "data, one core (a worker)", "samples_per_s": round(per_worker, 1)})
     emit(rows, title=title, json_out=json_out, csv_out=csv_out,
-         extra={"config": config_path, "device": name, "precision": tr.precision, "batch_size": bs,
+         extra={"config": config_path, "device": name, "precision": training.precision, "batch_size": bs,
                 "image_size": cfg.data.image_size, "text_length": int(synth["input_ids"].shape[1]),
                 "step_samples_per_s": bs / eager_s,
                 "step_compiled_samples_per_s": bs / compiled_s if compiled_s else None,
-                "compile_s": compile_s, "loop_compiled": tr.compiled, "loop_samples_per_s": loop,
+                "compile_s": compile_s, "loop_compiled": training.compiled, "loop_samples_per_s": loop,
                 "loop_step_ratio": ratio, "peak_mem_gib": peak_mem, "flops_per_sample": flops, "mfu": mfu,
                 "workers": cfg.data.workers, **pipe, "workers_needed": needed},
          notes=[f"model: {flops / 1e9:,.2f} GFLOP per pair (forward + backward); MFU "

@@ -11,14 +11,36 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .distributed import unwrap
 from .speed import synchronize
 from .step import forward_backward
 
 log = logging.getLogger(__name__)
+LOG_INTERVAL_S = 60.0  # at most one "where the time goes" line a minute (the bar shows it at every log step)
+STARVED = 0.25  # a data-wait share above this is called out
 
 
-def unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
+@dataclass
+class WaitClock:
+    """Where an interval's time goes, as open_clip's log shows it: waiting for the loader's next
+    batch (data) vs everything else (compute: transfer, forward, backward, step). The host waits
+    for the device only at log steps, so over an interval the split is what the device allows."""
+    data_s: float = 0.0
+    total_s: float = 0.0
+    batches: int = 0
+
+    def add(self, data_s: float, total_s: float) -> None:
+        self.data_s, self.total_s, self.batches = self.data_s + data_s, self.total_s + total_s, self.batches + 1
+
+    @property
+    def data_share(self) -> float:
+        return self.data_s / max(self.total_s, 1e-9)
+
+    def describe(self) -> str:
+        per_batch = max(self.batches, 1)
+        starved = "; the loader starves the model: raise data.workers" if self.data_share > STARVED else ""
+        return (f"data wait {self.data_s / per_batch:.3f}s/batch ({100 * self.data_share:.0f}%), compute "
+                f"{(self.total_s - self.data_s) / per_batch:.3f}s/batch{starved}")
 
 
 @dataclass
@@ -35,41 +57,55 @@ class EpochStats:
         return self.steady_samples / max(self.steady_s, 1e-9)
 
 
-def train_step(tr, model, batch: dict, *, group: int = 1, boundary: bool = True) -> torch.Tensor:
+@dataclass
+class StepParts:
+    """What one optimizer step uses (`Training.step_parts`)."""
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: str
+    device: torch.device
+    grad_clip: float | None = None
+    grad_cache_chunk: int | None = None
+
+
+def train_step(parts: StepParts, model, batch: dict, *, group: int = 1, boundary: bool = True) -> torch.Tensor:
     """Forward and backward one batch (as 1/`group` of an accumulation group) and, at a group's
-    `boundary`, clip, step and clamp. `tr` is the run's `Training`; `model` is its model or the
-    DDP wrapper of it. Returns the detached loss, on the device: no host sync."""
-    train_cfg = tr.cfg.train
+    `boundary`, clip, step and clamp. `model` is the model or its DDP wrapper. Returns the
+    detached loss, on the device: no host sync."""
     skip_sync = not boundary and isinstance(model, DistributedDataParallel)
     with model.no_sync() if skip_sync else contextlib.nullcontext():
-        loss = forward_backward(model, tr.criterion, batch, precision=tr.precision, device=tr.device,
-                                scaler=tr.scaler, scale=1.0 / group, chunk=train_cfg.grad_cache_chunk)
+        loss = forward_backward(model, parts.criterion, batch, precision=parts.precision, device=parts.device,
+                                scaler=parts.scaler, scale=1.0 / group, chunk=parts.grad_cache_chunk)
     if boundary:
-        if train_cfg.grad_clip:
-            tr.scaler.unscale_(tr.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], train_cfg.grad_clip)
-        tr.scaler.step(tr.optimizer)
-        tr.scaler.update()
-        tr.optimizer.zero_grad(set_to_none=True)
-        tr.scheduler.step()
+        if parts.grad_clip:
+            parts.scaler.unscale_(parts.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], parts.grad_clip)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scheduler.step()
         unwrap(model).clamp_logit_scale()
     return loss
 
 
-def train_one_epoch(tr, model, epoch: int, step: int, *, max_batches: int | None = None,
+def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int | None = None,
                     warmup: int = 3, tracker=None) -> EpochStats:
-    """One pass over `tr.loader` (or its first `max_batches`), updating the EMA after each
+    """One pass over `training.loader` (or its first `max_batches`), updating the EMA after each
     optimizer step. The host waits for the device only at log intervals and at the `warmup` mark,
     where `tracker` (`train.tracking.Tracker`) also records the step's figures."""
-    train_cfg, loader, world, device = tr.cfg.train, tr.loader, tr.world, tr.device
+    train_cfg, loader, world, device = training.cfg.train, training.loader, training.world, training.device
+    parts = training.step_parts()
     model.train()
     n = len(loader) if max_batches is None else min(max_batches, len(loader))
     total, count, seen = torch.zeros((), device=device), 0, 0
     warmup = max(0, min(warmup, n - 1))
-    start = time.perf_counter()
-    first_batch_s, steady = 0.0, (start, 0)
+    start = fetch = logged = time.perf_counter()
+    first_batch_s, steady, epoch_clock, clock = 0.0, (start, 0), WaitClock(), WaitClock()
     bar = tqdm(loader, total=n, desc=f"epoch {epoch + 1}/{train_cfg.epochs}", disable=not world.main, leave=False)
     for i, batch in enumerate(bar):
+        got = time.perf_counter()
         if i == warmup:
             synchronize(device)
             steady = (time.perf_counter(), seen)
@@ -78,10 +114,10 @@ def train_one_epoch(tr, model, epoch: int, step: int, *, max_batches: int | None
         # the next epoch, and last.pt holds none), averaged over its own length
         group = min(train_cfg.accum_steps, n - (i - i % train_cfg.accum_steps))
         boundary = (i + 1) % train_cfg.accum_steps == 0 or i == n - 1
-        total += train_step(tr, model, batch, group=group, boundary=boundary)
+        total += train_step(parts, model, batch, group=group, boundary=boundary)
         step += boundary
-        if boundary and tr.ema is not None:
-            tr.ema.update(unwrap(model))
+        if boundary and training.ema is not None:
+            training.ema.update(unwrap(model))
         count += 1
         seen += len(batch["pixels"]) * world.size
         if i == 0:
@@ -90,17 +126,27 @@ def train_one_epoch(tr, model, epoch: int, step: int, *, max_batches: int | None
         if world.main and (i % train_cfg.log_every == 0 or i == n - 1):
             scale, loss = unwrap(model).logit_scale.exp().item(), total.item() / count
             rate = seen / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{tr.optimizer.param_groups[0]['lr']:.2e}",
-                            temp=f"{1 / scale:.4f}", samples_per_s=f"{rate:.1f}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{training.optimizer.param_groups[0]['lr']:.2e}",
+                            temp=f"{1 / scale:.4f}", samples_per_s=f"{rate:.1f}",
+                            data=f"{100 * clock.data_share:.0f}%", refresh=False)
             if tracker is not None:
-                tracker.step(step, loss=loss, optimizer=tr.optimizer, logit_scale=scale, samples_per_s=rate)
+                tracker.step(step, loss=loss, optimizer=training.optimizer, logit_scale=scale, samples_per_s=rate,
+                             data_wait_share=clock.data_share)
+        now = time.perf_counter()
+        for c in (clock, epoch_clock):
+            c.add(got - fetch, now - fetch)
+        if world.main and now - logged >= LOG_INTERVAL_S and i + 1 < n:
+            log.info("epoch %d, batch %d/%d: %s", epoch + 1, i + 1, n, clock.describe())
+            clock, logged = WaitClock(), now
         if i + 1 == n:  # `max_batches`: stop without fetching another batch
             break
+        fetch = time.perf_counter()
     synchronize(device)
     end = time.perf_counter()
     stats = EpochStats(loss=total.item() / max(count, 1), step=step, samples_per_s=seen / max(end - start, 1e-9),
                        steady_samples=seen - steady[1], steady_s=end - steady[0], first_batch_s=first_batch_s)
     if world.main:
-        log.info("epoch %d: loss %.4f, %.1f samples/s (%.1f after its first %d batches; the first took %.1fs)",
-                 epoch + 1, stats.loss, stats.samples_per_s, stats.steady_samples_per_s, warmup, first_batch_s)
+        log.info("epoch %d: loss %.4f, %.1f samples/s (%.1f after its first %d batches; the first took %.1fs); %s",
+                 epoch + 1, stats.loss, stats.samples_per_s, stats.steady_samples_per_s, warmup, first_batch_s,
+                 epoch_clock.describe())
     return stats

@@ -20,10 +20,12 @@ class Tracker:
             raise ImportError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
         self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
 
-    def step(self, step: int, *, loss: float, optimizer, logit_scale: float, samples_per_s: float) -> None:
+    def step(self, step: int, *, loss: float, optimizer, logit_scale: float, samples_per_s: float,
+             data_wait_share: float = 0.0) -> None:
         if self.writer is None:
             return
         self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/data_wait_share", data_wait_share, step)
         self.writer.add_scalar("train/logit_scale", logit_scale, step)
         self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
         top: dict[str, float] = {}  # each group's top layer trains at its base rate; lower layers decay from it
