@@ -6,7 +6,7 @@ static shape) where the eager run pads to each batch's longest; masking makes th
 
 The compiled runs use one intra-op thread. With several, inductor's CPU kernels reduce in thread
 order (the embedding gradient, for one), so two compiled runs differ slightly (up to 3.4e-4 in a
-weight after one epoch here, both uninterrupted so far) and a resumed one differs as much (up to
+weight after one epoch here, neither interrupted) and a resumed one differs as much (up to
 4e-3 after two epochs); with one thread both are reproducible, and the resume is exact.
 """
 import json
@@ -17,7 +17,7 @@ from tiny import tiny_config
 
 from train.checkpoint import load_checkpoint
 from train.config import load_config
-from train.main import run
+from train.main import train_run
 
 pytestmark = pytest.mark.slow  # compiling takes a minute with inductor's cache cold (CI)
 COMPILE_RTOL = 1e-3  # per-epoch mean loss, compiled vs eager (the README states it)
@@ -47,14 +47,14 @@ def compiled_run(small_sample, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run(_cfg(True), str(small_sample), str(out))
+        train_run(_cfg(True), str(small_sample), str(out))
     finally:
         torch.set_num_threads(threads)
     return out
 
 
 def test_compiled_losses_match_eager(small_sample, tmp_path, compiled_run):
-    run(_cfg(False), str(small_sample), str(tmp_path / "eager"))
+    train_run(_cfg(False), str(small_sample), str(tmp_path / "eager"))
     eager, compiled = _history(tmp_path / "eager"), _history(compiled_run)
     assert [h["train_loss"] for h in compiled] == pytest.approx([h["train_loss"] for h in eager], rel=COMPILE_RTOL)
     assert eager[-1]["train_loss"] < eager[0]["train_loss"]  # it trains at all
@@ -68,10 +68,10 @@ def test_compiled_resume_is_exact(small_sample, tmp_path, monkeypatch, compiled_
 
     monkeypatch.setattr(train.main, "plot_curves", killed)
     with pytest.raises(KeyboardInterrupt):
-        run(_cfg(True), str(small_sample), str(tmp_path / "b"))
+        train_run(_cfg(True), str(small_sample), str(tmp_path / "b"))
     monkeypatch.undo()
     assert load_checkpoint(str(tmp_path / "b" / "last.pt"))["epoch"] == 1
-    run(load_config(str(tmp_path / "b" / "config.yaml")), str(small_sample), str(tmp_path / "b"), resume=True)
+    train_run(load_config(str(tmp_path / "b" / "config.yaml")), str(small_sample), str(tmp_path / "b"), resume=True)
     a = load_checkpoint(str(compiled_run / "last.pt"))["model"]
     b = load_checkpoint(str(tmp_path / "b" / "last.pt"))["model"]
     assert a.keys() == b.keys()  # compiled in place: no `_orig_mod.` prefixes

@@ -188,6 +188,7 @@ def test_cache_reuse_and_resume_after_interruption(tiny_bundle, small_sample, tm
     again = embed_gallery(enc, tsv_path, cache, workers=2, chunk_size=32)
     assert again.from_cache and np.array_equal(again.features, resumed.features)
     q1 = embed_queries(enc, str(small_sample / "MR_test_queries.jsonl"), cache)[1]
+    monkeypatch.setattr(enc, "encode_text", lambda texts: pytest.fail("the query embeddings were not reused"))
     q2 = embed_queries(enc, str(small_sample / "MR_test_queries.jsonl"), cache)[1]
     assert np.array_equal(q1, q2)
 

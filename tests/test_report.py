@@ -2,28 +2,32 @@
 import json
 import re
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from competition import ImageTSV, read_queries, score_predictions
-from report.build import first_hit_histogram, report_data
+from competition import ImageTSV, read_queries
+from report.build import report_data
 from report.cli import report
 
 
-def _predictions(queries, gallery_ids, path, seed, miss_every):
+def _predictions(queries, gallery_ids, path, seed, miss_every) -> dict[int, int]:
     """Top-10 lists with the first ground truth put at a rank chosen per query (a miss every
-    `miss_every` queries), the rest filled with non-truth gallery ids."""
+    `miss_every` queries), the rest filled with non-truth gallery ids. Returns the planned first-hit
+    rank of each query (0: a miss): what the report must show, known without any scorer."""
     rng = np.random.default_rng(seed)
+    planned = {}
     with open(path, "w", encoding="utf-8") as f:
         for q in queries:
             others = [i for i in rng.permutation(gallery_ids).tolist() if i not in set(q.item_ids)][:10]
             rank = int(rng.integers(1, 11))
-            if q.query_id % miss_every:
+            planned[q.query_id] = rank if q.query_id % miss_every else 0
+            if planned[q.query_id]:
                 others[rank - 1] = q.item_ids[0]
             f.write(json.dumps({"query_id": q.query_id, "query_text": q.text, "item_ids": others}) + "\n")
-    return str(path)
+    return planned
 
 
 @pytest.fixture(scope="module")
@@ -33,32 +37,47 @@ def two_runs(small_sample, tmp_path_factory):
     images = str(small_sample / "MR_valid_imgs.tsv")
     gallery = ImageTSV(images).ids.tolist()
     gt = read_queries(queries, require_ids=True)
-    a = _predictions(gt, gallery, d / "a.jsonl", seed=1, miss_every=4)
-    b = _predictions(gt, gallery, d / "b.jsonl", seed=2, miss_every=3)
-    return {"queries": queries, "images": images, "a": a, "b": b, "gt": gt, "dir": d}
+    planned = {"a": _predictions(gt, gallery, d / "a.jsonl", seed=1, miss_every=4),
+               "b": _predictions(gt, gallery, d / "b.jsonl", seed=2, miss_every=3)}
+    return {"queries": queries, "images": images, "a": str(d / "a.jsonl"), "b": str(d / "b.jsonl"), "gt": gt,
+            "dir": d, "planned": planned}
 
 
-def _first_hits(gt, path):
-    preds = {json.loads(x)["query_id"]: json.loads(x)["item_ids"] for x in open(path)}
-    return score_predictions(gt, preds)
+def _expected_metrics(planned: dict[int, int]) -> dict:
+    """R@1/5/10 and MeanRecall (x100) of the planned ranks, by their definition."""
+    ranks = list(planned.values())
+    recall = {k: 100 * sum(0 < r <= k for r in ranks) / len(ranks) for k in (1, 5, 10)}
+    return {"r1": recall[1], "r5": recall[5], "r10": recall[10], "mean_recall": sum(recall.values()) / 3}
 
 
-def test_report_data_matches_the_scorer(two_runs, runs):
+@dataclass
+class Planned:
+    mean_recall: float
+    first_hit: np.ndarray  # per ground-truth query, in file order; 0 = a miss
+
+
+def _planned(r, name) -> Planned:
+    ranks = r["planned"][name]
+    return Planned(_expected_metrics(ranks)["mean_recall"], np.array([ranks[q.query_id] for q in r["gt"]]))
+
+
+def test_report_data_matches_the_planned_ranks(two_runs, runs):
     r = two_runs
     data = report_data(r["queries"], r["images"], [r["a"], r["b"]], run_dir=runs["dual"], workers=1)
-    sa, sb = _first_hits(r["gt"], r["a"]), _first_hits(r["gt"], r["b"])
-    assert [run["metrics"]["mean_recall"] for run in data["runs"]] == [sa.mean_recall, sb.mean_recall]
-    assert data["runs"][0]["histogram"] == first_hit_histogram(sa.first_hit)
-    assert sum(data["runs"][0]["histogram"]) == len(r["gt"]) and data["runs"][0]["histogram"][-1] > 0
+    for run, name in zip(data["runs"], "ab"):
+        expected = _expected_metrics(r["planned"][name])
+        assert {k: run["metrics"][k] for k in expected} == pytest.approx(expected)
+        ranks = list(r["planned"][name].values())
+        assert run["histogram"] == [ranks.count(k) for k in range(1, 11)] + [ranks.count(0)]
+    assert data["runs"][0]["histogram"][-1] > 0
     by_id = {q["id"]: q for q in data["queries"]}
-    for qid, rank_a, rank_b in zip(sa.query_ids.tolist(), sa.first_hit.tolist(), sb.first_hit.tolist()):
-        assert by_id[qid]["rank"] == [rank_a, rank_b]
+    assert {qid: q["rank"] for qid, q in by_id.items()} == {
+        qid: [r["planned"]["a"][qid], r["planned"]["b"][qid]] for qid in r["planned"]["a"]}
     # thumbnails: exactly the images some query shows, no other gallery image
     shown = {i for q in data["queries"] for run in range(2) for i in q["top"][run] + q["missed"][run][:10]}
     assert set(map(int, data["thumbs"])) == shown
     q = next(q for q in data["queries"] if q["rank"][0] == 0)
     assert set(q["missed"][0]) == set(q["gt"])  # a miss: every truth is missed
-    assert [h["epoch"] for h in data["history"]] == [1]  # the run's curves came along
 
 
 def test_report_file_is_self_contained(two_runs, tmp_path):
@@ -145,7 +164,7 @@ def test_report_renders_and_filters_in_chromium(two_runs, runs, browser, tmp_pat
     res = CliRunner().invoke(report, ["--queries", r["queries"], "--images", r["images"], "--pred", r["a"],
                                       "--pred", r["b"], "--run", runs["dual"], "--out", str(out)])
     assert res.exit_code == 0, res.output
-    sa, sb = _first_hits(r["gt"], r["a"]), _first_hits(r["gt"], r["b"])
+    sa, sb = _planned(r, "a"), _planned(r, "b")
     browser.open(out.as_uri())
     js = browser.js
     assert js("document.body.dataset.ready") == "1", browser.console_errors()

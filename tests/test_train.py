@@ -65,10 +65,22 @@ def test_label_smoothing_and_hard_negative_terms_are_finite():
     img = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     ids = torch.tensor([1, 1, 2, 3, 4, 5])
+    img[1] = txt[0] = img[0]  # pairs 0 and 1 share their image: each other's hardest "negative", never counted
     base = clip_loss(img, txt, torch.tensor(10.0), ids, torch.arange(6))
     smooth = clip_loss(img, txt, torch.tensor(10.0), ids, torch.arange(6), label_smoothing=0.1)
-    hard = clip_loss(img, txt, torch.tensor(10.0), ids, torch.arange(6), hard_negative_margin=0.2)
-    assert torch.isfinite(smooth) and smooth != base and hard > base
+    hard = clip_loss(img, txt, torch.tensor(10.0), ids, torch.arange(6), hard_negative_margin=0.2,
+                     hard_negative_weight=0.7)
+    assert torch.isfinite(smooth) and smooth != base
+
+    def hinge(sims):  # each row's hardest negative (not itself, not a positive: same image) within the margin
+        terms = [max(0.0, 0.2 - sims[i][i] + max(sims[i][j] for j in range(6) if j != i and ids[j] != ids[i]))
+                 for i in range(6)]
+        return sum(terms) / 6
+
+    sims = (txt @ img.T).tolist()
+    expected = 0.7 * 0.5 * (hinge(sims) + hinge([list(col) for col in zip(*sims)]))
+    assert expected > 0.05  # random features: the margin is violated, so the term is really tested
+    assert float(hard - base) == pytest.approx(expected, rel=1e-5)
 
 
 def test_llrd_groups_and_no_decay(small_sample, tmp_path):
@@ -172,8 +184,21 @@ def test_the_schema_names_the_choices_the_model_implements():
 
     assert set(FAMILIES) == set(get_args(Family)) and get_args(ResizeRule) == RESIZE_RULES
     assert HEADS == get_args(Head) and POOLINGS == get_args(Pooling)
+    # each pooling, by its definition, on a batch whose padded positions hold values no pooling may see
+    hidden, mask = torch.randn(2, 4, 8), torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    hidden[mask == 0] = 1e4
+    valid = [hidden[b, :int(mask[b].sum())] for b in range(2)]
+    mean = torch.stack([v.mean(0) for v in valid])
+    expected = {"cls": hidden[:, 0], "mean": mean,
+                "mean_max": torch.cat([mean, torch.stack([v.amax(0) for v in valid])], dim=-1)}
     for kind in POOLINGS:
-        assert TextPool(kind, 8).kind == kind
+        pool = TextPool(kind, 8)
+        out = pool(hidden, mask)
+        assert out.shape == (2, pool.out_dim), kind
+        if kind == "attentive":  # a learned softmax over the valid positions: a convex mix of them
+            weights = [pool.score(v).squeeze(-1).softmax(0) for v in valid]
+            expected[kind] = torch.stack([(w[:, None] * v).sum(0) for w, v in zip(weights, valid)])
+        torch.testing.assert_close(out, expected[kind], msg=kind)
     for kind in HEADS:
         assert projection_head(kind, 8, 4, 0.0)(torch.zeros(2, 8)).shape == (2, 4)
 

@@ -8,7 +8,7 @@ from tiny import tiny_config
 
 from train.checkpoint import load_checkpoint
 from train.config import load_config
-from train.main import run
+from train.main import train_run
 
 
 def _weights(path):
@@ -23,7 +23,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(small_sample, tmp_p
     """accum3: 10 batches of 16 per epoch in groups of 3, 3, 3 and 1: the short last group is stepped
     at the epoch's end, so nothing leaks into the next epoch and resume stays bit-identical."""
     cfg = tiny_config("dual", "train.epochs=2", "eval.untrained=false", "train.grad_clip=1.0", *accum)
-    run(cfg, str(small_sample), str(tmp_path / "a"))
+    train_run(cfg, str(small_sample), str(tmp_path / "a"))
     import train.main
 
     def killed(history, path):  # Ctrl-C right after epoch 1's checkpoint and metrics are written
@@ -31,12 +31,12 @@ def test_resume_after_interruption_matches_uninterrupted_run(small_sample, tmp_p
 
     monkeypatch.setattr(train.main, "plot_curves", killed)
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, str(small_sample), str(tmp_path / "b"))
+        train_run(cfg, str(small_sample), str(tmp_path / "b"))
     monkeypatch.undo()
     first = load_checkpoint(str(tmp_path / "b" / "last.pt"))
     assert first["epoch"] == 1 and first["step"] == (4 if accum else 9)
     resumed = load_config(str(tmp_path / "b" / "config.yaml"))
-    run(resumed, str(small_sample), str(tmp_path / "b"), resume=True)
+    train_run(resumed, str(small_sample), str(tmp_path / "b"), resume=True)
     a, b = _weights(tmp_path / "a" / "last.pt"), _weights(tmp_path / "b" / "last.pt")
     assert a.keys() == b.keys()
     for k in a:
