@@ -14,11 +14,11 @@ BUNDLE ?= bundles/$(notdir $(RUN))
 NPROC  ?= 1
 SET    ?=
 
-.PHONY: setup sample train export submit validate report browser test bench bench-quality bench-scale gpu-check clean help
+.PHONY: setup sample train export submit validate report browser test docs bench bench-quality bench-scale gpu-check clean help
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make submit | validate | report | train | export | sample | test | bench | bench-quality | bench-scale | gpu-check | setup   (see README.md)"
+	@echo "make submit | validate | report | train | export | sample | test | docs | bench | bench-quality | bench-scale | gpu-check | setup   (see README.md)"
 
 # -- install -----------------------------------------------------------------------------------
 # Re-runs only when setup.cfg / pyproject.toml change. torch and torchvision are pinned as a
@@ -103,6 +103,10 @@ PYTEST ?=
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --durations=15 $(PYTEST)
+
+# docs/cli.md's last section is every command's --help; `make test` fails when it is stale.
+docs: $(STAMP)
+	$(PY) -c "import muge_cli; muge_cli.write_reference()"
 
 bench: $(BUNDLE)/manifest.json
 	$(MUGE) bench topk

@@ -60,6 +60,47 @@ def bench():
     """Benchmarks: each prints ours vs. the obvious alternative, measured in one run."""
 
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+REFERENCE = "docs/cli.md"
+REFERENCE_WIDTH = 110  # the help text's wrap width: the same file on every terminal
+GENERATED = "## Every command and option\n"  # the reference's hand-written part ends here
+
+
+def _commands(group: click.Group, prefix: str):
+    """(full name, command) of every command under `group`, in the order `muge --help` lists them."""
+    context = click.Context(group, info_name=prefix)
+    for name in group.list_commands(context):
+        command = group.get_command(context, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, f"{prefix} {name}")
+        elif command is not None:
+            yield f"{prefix} {name}", command
+
+
+def cli_reference(head: str) -> str:
+    """`head` (the reference's hand-written part: usage examples, make targets), then each
+    command's own `--help` as click renders it: no option can be missing or stale."""
+    parts = [head.rstrip() + "\n", GENERATED + "\nGenerated from the commands themselves by `make docs`: each "
+             "one's `--help`.\n"]
+    for name, command in _commands(cli, "muge"):
+        context = click.Context(command, info_name=name, terminal_width=REFERENCE_WIDTH,
+                                max_content_width=REFERENCE_WIDTH)
+        parts.append(f"### `{name}`\n\n```text\n{command.get_help(context)}\n```\n")
+    return "\n".join(parts)
+
+
+def reference_head(path: str = os.path.join(ROOT, REFERENCE)) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read().split(GENERATED, 1)[0]
+
+
+def write_reference(path: str = os.path.join(ROOT, REFERENCE)) -> None:
+    """`make docs`: regenerate the reference's generated part in place."""
+    from competition.io import atomic_write_text
+
+    atomic_write_text(path, cli_reference(reference_head(path)))
+
+
 def main():
     from competition.logs import quiet_progress
 

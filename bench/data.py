@@ -67,7 +67,7 @@ def write_muge_train(out_dir: str, images: int, pairs: int, seed: int = 0) -> No
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              default=in_checkout("configs/bert-convnext.yaml"), show_default=True,
+              **in_checkout("configs/bert-convnext.yaml"),
               help="Preset whose data settings (image size, augmentation) are used.")
 @click.option("--dir", "directory", default=None, help="Keep the generated split here (reused when present).")
 @click.option("--main-limit-mb", type=click.IntRange(min=1), default=1536, show_default=True,

@@ -22,7 +22,7 @@ import numpy as np
 from .shapes import BERT_CHINESE_VOCAB, VIT_B16_CLIP, setting
 from .table import emit, in_checkout, table_options
 
-PRESETS = tuple(in_checkout(f"configs/{name}.yaml") for name in ("sample", "bert-convnext", "cnclip-vit-b16"))
+PRESETS = in_checkout(*(f"configs/{name}.yaml" for name in ("sample", "bert-convnext", "cnclip-vit-b16")))
 
 
 def _random_model(preset: str):
@@ -115,8 +115,7 @@ def bench_preset(preset: str, batches: tuple[int, ...], min_runs: int, budget_s:
 
 
 @click.command("export")
-@click.option("--preset", "presets", multiple=True, type=click.Path(exists=True, dir_okay=False), default=PRESETS,
-              show_default=True,
+@click.option("--preset", "presets", multiple=True, type=click.Path(exists=True, dir_okay=False), **PRESETS,
               help="Config presets to build (random weights).")
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), default=(1, 8, 32), show_default=True)
 @click.option("--min-runs", type=click.IntRange(min=1), default=3, show_default=True,

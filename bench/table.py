@@ -28,9 +28,12 @@ def writable_output(ctx, param, value):
     return value
 
 
-def in_checkout(relative: str) -> str:
-    """A default path of the checkout (configs/X.yaml, data/sample), whatever the current directory."""
-    return os.path.join(ROOT, relative)
+def in_checkout(*relative: str) -> dict:
+    """An option's default path(s) of the checkout (configs/X.yaml, data/sample), whatever the
+    current directory, shown as the checkout's own (the same help text on every machine)."""
+    paths = tuple(os.path.join(ROOT, r) for r in relative)
+    shown = "the checkout's " + ", ".join(relative)
+    return {"default": paths[0] if len(paths) == 1 else paths, "show_default": shown}
 
 
 def table_options(command):
