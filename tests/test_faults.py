@@ -192,3 +192,23 @@ def test_segments_of_a_killed_predict_are_swept_and_others_kept():
                 segment.unlink()
             except FileNotFoundError:  # swept: the tracker need not unlink it at exit
                 resource_tracker.unregister(segment._name, "shared_memory")
+
+
+def test_training_evaluation_decodes_in_process_when_shared_memory_is_short(small_sample, monkeypatch, caplog):
+    """Docker's default /dev/shm (64 MiB) holds less than two slots of 256 images at 224 px: the
+    decode ring refuses, and training-time evaluation then decodes in its own process."""
+    import logging
+
+    import torch
+
+    from competition.gallery import DecodeRing
+    from train.evaluate import EvalSettings, check_gallery
+
+    def short(self):
+        raise OSError(28, "/dev/shm has room for 1 batch but the decode workers need 2")
+
+    monkeypatch.setattr(DecodeRing, "_slot_count", short)
+    caplog.set_level(logging.INFO, logger="train.evaluate")
+    check_gallery(str(small_sample / "MR_valid_imgs.tsv"), EvalSettings(32, "squash", 64, 1, torch.device("cpu")))
+    assert "decoding the gallery in this process instead" in caplog.text
+    assert "checked the 120 images" in caplog.text

@@ -1,4 +1,5 @@
-"""Training pairs and evaluation inputs, read through the `competition` readers.
+"""Training pairs, read through the `competition` readers (the valid gallery is decoded by
+`competition.gallery`, as predict decodes it).
 
 The dataset holds ids, texts and the TSV's offset index only; DataLoader workers decode images
 by id with `pread`. Batches are full (drop_last): the contrastive loss wants a constant batch
@@ -140,33 +141,3 @@ def stop_workers(loader: DataLoader) -> None:
             worker.terminate()
     iterator._shutdown_workers()
     loader._iterator = None
-
-
-class GalleryImages(Dataset):
-    """A gallery's images in file order, resized by the one shared function."""
-
-    def __init__(self, tsv_path: str, size: int, rule: str, skip_bad: bool = False):
-        self.tsv = ImageTSV(tsv_path)
-        self.size, self.rule, self.skip_bad = size, rule, skip_bad
-
-    def __len__(self) -> int:
-        return len(self.tsv)
-
-    def __getitem__(self, i: int):
-        img_id = int(self.tsv.ids[i])
-        try:
-            return self.tsv.load_pixels(img_id, self.size, self.rule), i, True
-        except MugeDataError as err:
-            if not self.skip_bad:
-                raise
-            log.warning("skipping %s", err)
-            return np.zeros((self.size, self.size, 3), np.uint8), i, False
-
-
-def gallery_loader(dataset: GalleryImages, batch_size: int, workers: int, device) -> DataLoader:
-    def collate(batch):
-        pixels, idx, ok = zip(*batch)
-        return torch.from_numpy(np.stack(pixels)), torch.tensor(idx), torch.tensor(ok)
-
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                      worker_init_fn=_worker_init, pin_memory=device.type == "cuda")

@@ -44,9 +44,17 @@ def _decoded_batches(tsv_path: str, settings: EvalSettings, skip_bad: bool, desc
     """The gallery's batches in file order (`competition.gallery.Batch`), behind a progress bar."""
     n, bs = len(ImageTSV(tsv_path)), settings.batch_size
     ranges = [(start, min(n, start + bs)) for start in range(0, n, bs)]
-    with DecodeRing(tsv_path, settings.size, settings.rule, bs, settings.workers, skip_bad) as ring:
+    ring = DecodeRing(tsv_path, settings.size, settings.rule, bs, settings.workers, skip_bad)
+    try:
+        ring.__enter__()  # starts the workers
+    except OSError as exc:  # /dev/shm too small for the workers' slots (Docker's default 64 MiB)
+        log.warning("%s; decoding the gallery in this process instead", exc)
+        ring = DecodeRing(tsv_path, settings.size, settings.rule, bs, 0, skip_bad).__enter__()
+    try:
         yield from tqdm(ring.batches(ranges), total=len(ranges), desc=desc, disable=not settings.progress,
                         leave=False)
+    finally:
+        ring.close()
 
 
 @torch.no_grad()
