@@ -2,6 +2,7 @@
 or `muge predict` never pays for importing torch."""
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 
@@ -66,15 +67,23 @@ REFERENCE_WIDTH = 110  # the help text's wrap width: the same file on every term
 GENERATED = "## Every command and option\n"  # the reference's hand-written part ends here
 
 
-def _commands(group: click.Group, prefix: str):
-    """(full name, command) of every command under `group`, in the order `muge --help` lists them."""
-    context = click.Context(group, info_name=prefix)
+def _commands(context: click.Context):
+    """(full name, context) of every command under `context`'s group, in `--help`'s order; each
+    context a child of its group's, as `muge X --help` renders it (the same help option names)."""
+    group = context.command
     for name in group.list_commands(context):
         command = group.get_command(context, name)
+        if command is None:
+            continue
         if isinstance(command, click.Group):
-            yield from _commands(command, f"{prefix} {name}")
-        elif command is not None:
-            yield f"{prefix} {name}", command
+            yield from _commands(click.Context(command, info_name=name, parent=context))
+            continue
+        # a copy: click caches a command's help option as first rendered (by a test that invoked the
+        # command on its own, say), and the reference shows it as `muge X --help` does
+        command = copy.copy(command)
+        command.params, command._help_option = list(command.params), None
+        child = click.Context(command, info_name=name, parent=context)
+        yield child.command_path, child
 
 
 def cli_reference(head: str) -> str:
@@ -82,10 +91,10 @@ def cli_reference(head: str) -> str:
     command's own `--help` as click renders it: no option can be missing or stale."""
     parts = [head.rstrip() + "\n", GENERATED + "\nGenerated from the commands themselves by `make docs`: each "
              "one's `--help`.\n"]
-    for name, command in _commands(cli, "muge"):
-        context = click.Context(command, info_name=name, terminal_width=REFERENCE_WIDTH,
-                                max_content_width=REFERENCE_WIDTH)
-        parts.append(f"### `{name}`\n\n```text\n{command.get_help(context)}\n```\n")
+    root = click.Context(cli, info_name="muge", terminal_width=REFERENCE_WIDTH, max_content_width=REFERENCE_WIDTH,
+                         **cli.context_settings)
+    for name, context in _commands(root):
+        parts.append(f"### `{name}`\n\n```text\n{context.command.get_help(context)}\n```\n")
     return "\n".join(parts)
 
 

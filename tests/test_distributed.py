@@ -212,7 +212,7 @@ def test_torchrun_trains_resumes_and_only_rank0_writes(small_sample, tmp_path):
     assert first.stdout.count("best valid MR") == 2  # each rank returns; rank 0 alone evaluated
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1]
-    from train.evaluate import evaluate
+    from train.evaluate import EvalSettings, evaluate
     from train.model import build_from_arch
 
     best = load_checkpoint(str(out / "best.pt"))  # rank 0 scored the weights all ranks trained
@@ -221,8 +221,7 @@ def test_torchrun_trains_resumes_and_only_rank0_writes(small_sample, tmp_path):
     from competition.preprocess import TextTokenizer
 
     score = evaluate(model, TextTokenizer(out / "tokenizer", 24), str(small_sample / "MR_valid_queries.jsonl"),
-                     str(small_sample / "MR_valid_imgs.tsv"), size=32, rule="squash", batch_size=64, workers=0,
-                     device=torch.device("cpu"))
+                     str(small_sample / "MR_valid_imgs.tsv"), EvalSettings(32, "squash", 64, 0, torch.device("cpu")))
     assert history[0]["mean_recall"] == pytest.approx(score.mean_recall, abs=100 / 40)  # a query's worth at most
     # epoch 1 covered len(pairs) // (2 ranks x 16) steps of the global batch of 32
 

@@ -223,4 +223,4 @@ def test_flip_settings_change_no_graph(runs, small_sample, tmp_path):
     plain = export_bundle(runs["chinese-clip"], str(tmp_path / "plain"), str(small_sample), fast)
     flip = export_bundle(str(masked), str(tmp_path / "flip"), str(small_sample), fast)
     assert plain.files == flip.files
-    assert plain["parity"]["fp32"] == flip["parity"]["fp32"]
+    assert plain.parity["fp32"] == flip.parity["fp32"]

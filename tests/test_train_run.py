@@ -1,5 +1,6 @@
 """End-to-end training runs on the small sample: artifacts, determinism, resume equivalence."""
 import json
+import re
 
 import pytest
 import torch
@@ -67,3 +68,21 @@ def test_cli_run_writes_every_artifact(small_sample, tmp_path):
     assert set(best) == {"model", "arch", "config", "epoch", "metrics"}  # no optimizer state in best.pt
     res = CliRunner().invoke(train, ["--config", str(tmp_path / "tiny.yaml"), "--set", "train.epohcs=1"])
     assert res.exit_code != 0 and "unknown config key train.epohcs" in res.output
+
+
+def test_the_log_says_when_the_loader_starves_the_model(small_sample, tmp_path, monkeypatch, caplog):
+    """Each epoch's line splits a batch's time into data wait and compute; a loader that takes
+    much longer than the step is called out (here every image read sleeps 10 ms, 160 ms a batch)."""
+    import logging
+    import time
+
+    from train.data import PairDataset
+
+    real = PairDataset.__getitem__
+    monkeypatch.setattr(PairDataset, "__getitem__", lambda self, i: (time.sleep(0.01), real(self, i))[1])
+    caplog.set_level(logging.INFO, logger="train.loop")
+    train_run(tiny_config("dual", "train.epochs=1", "eval.untrained=false", "data.limit_pairs=64"),
+              str(small_sample), str(tmp_path / "slow"))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1: loss"))
+    share = int(re.search(r"data wait [\d.]+s/batch \((\d+)%\), compute [\d.]+s/batch", line).group(1))
+    assert share > 25 and "the loader starves the model: raise data.workers" in line, line
