@@ -12,7 +12,6 @@ from .errors import MugeDataError
 from .io import atomic_write_text
 
 HISTORY = "metrics.jsonl"
-SCORES = ("r1", "r5", "r10", "mean_recall", "mrr")  # competition.metric.Score.as_dict's keys
 
 
 @dataclass
@@ -26,7 +25,7 @@ class EpochRecord:
     r10: float | None = None
     mean_recall: float | None = None
     mrr: float | None = None
-    ema: dict | None = None             # the EMA weights' valid scores (SCORES), with train.ema
+    ema: dict | None = None             # the EMA weights' valid scores (`Score.as_dict`), with train.ema
 
     @property
     def scored(self) -> bool:

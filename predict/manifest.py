@@ -44,10 +44,6 @@ class Manifest:
     image_input: str = "uint8 NHWC, resized"
     format: str = FORMAT
 
-    def has_graphs(self, suffix: str) -> bool:
-        """Whether the bundle holds the text graph of that suffix (`.int8.onnx` only with `--int8`)."""
-        return f"text{suffix}" in self.files
-
     def to_dict(self) -> dict:
         out = {"format": self.format, **{k: v for k, v in dataclasses.asdict(self).items() if k != "format"}}
         for optional in ("external_data", "source_pretrained", "parity"):  # absent rather than empty

@@ -53,7 +53,7 @@ SUFFIXES = {"fp32": ".onnx", "fp16": ".fp16.onnx", "int8": ".int8.onnx"}  # text
 
 def has_graphs(manifest: Manifest, precision: str) -> bool:
     """Whether a bundle holds the graphs of `precision` (int8 only with `muge export --int8`)."""
-    return manifest.has_graphs(SUFFIXES[precision])
+    return f"text{SUFFIXES[precision]}" in manifest.files
 
 
 @dataclass(frozen=True)

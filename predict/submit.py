@@ -187,12 +187,11 @@ def _score_split(split: str, queries, preds: dict, gallery_ids: np.ndarray, file
     """On a split whose every query has ground truth: its score as the evaluator gives it, written
     to `<out>.result.json`; {} on one without (a test split)."""
     queries_path, tsv_path = files
-    truth = [q for q in queries if q.item_ids is not None]
-    if truth and len(truth) < len(queries):
-        lacking = [q.line for q in queries if q.item_ids is None]
+    lacking = [q.line for q in queries if q.item_ids is None]
+    if lacking and len(lacking) < len(queries):
         log.warning("%s: %d of %d queries have no item_ids (lines %s): the split is not scored", queries_path,
                     len(lacking), len(queries), first_of(lacking))
-    if not truth or len(truth) < len(queries):
+    if lacking or not queries:
         return {}
     absent = ground_truth_not_in_gallery(queries, set(gallery_ids.tolist()).__contains__)
     if absent:

@@ -99,7 +99,7 @@ def thumbnails(tsv_path: str, ids, size: int = 64, quality: int = 70, workers: i
     return out
 
 
-def run_history(run_dir: str | None) -> list[dict]:
+def report_history(run_dir: str | None) -> list[dict]:
     """The run's per-epoch records (`competition.history`), JSON-ready; a bundle directory leads to
     its run."""
     if not run_dir:
@@ -150,7 +150,7 @@ def report_data(queries_path: str, images_path: str, pred_paths: list[str], run_
         "queries_path": queries_path, "images_path": images_path,
         "runs": [{"name": r.name, "path": r.path, "metrics": r.score.as_dict(),
                   "histogram": first_hit_histogram(r.score.first_hit)} for r in runs],
-        "history": run_history(run_dir), "run_dir": run_dir,
+        "history": report_history(run_dir), "run_dir": run_dir,
         "missed_shown": MISSED_SHOWN, "thumb_size": thumb_size,
         "queries": rows, "thumbs": {str(k): v for k, v in thumbs.items()},
     }

@@ -40,9 +40,9 @@ class EvalSettings:
                    precision, cfg.data.skip_bad_images)
 
 
-def _decoded_batches(tsv_path: str, settings: EvalSettings, skip_bad: bool, desc: str):
+def _decoded_batches(tsv: ImageTSV, settings: EvalSettings, skip_bad: bool, desc: str):
     """The gallery's batches in file order (`competition.gallery.Batch`), behind a progress bar."""
-    n, bs = len(ImageTSV(tsv_path)), settings.batch_size
+    tsv_path, n, bs = tsv.path, len(tsv), settings.batch_size
     ranges = [(start, min(n, start + bs)) for start in range(0, n, bs)]
     ring = DecodeRing(tsv_path, settings.size, settings.rule, bs, settings.workers, skip_bad)
     try:
@@ -63,7 +63,7 @@ def gallery_features(model, tsv_path: str, settings: EvalSettings) -> tuple[np.n
     tsv = ImageTSV(tsv_path)
     feats, kept, skipped = [], [], SkippedImages()
     model.eval()
-    for batch in _decoded_batches(tsv_path, settings, settings.skip_bad, "embed gallery"):
+    for batch in _decoded_batches(tsv, settings, settings.skip_bad, "embed gallery"):
         if batch.count:
             pixels = torch.from_numpy(batch.pixels[:batch.count]).to(settings.device, non_blocking=True)
             with autocast(settings.precision, settings.device):
@@ -79,10 +79,10 @@ def gallery_features(model, tsv_path: str, settings: EvalSettings) -> tuple[np.n
 
 def check_gallery(tsv_path: str, settings: EvalSettings) -> None:
     """Decode and resize every image of a gallery (no model): a bad one raises, naming its line."""
-    t0 = time.time()
-    for _ in _decoded_batches(tsv_path, settings, False, "check valid images"):
+    t0, tsv = time.time(), ImageTSV(tsv_path)
+    for _ in _decoded_batches(tsv, settings, False, "check valid images"):
         pass
-    log.info("checked the %d images of %s in %.1fs", len(ImageTSV(tsv_path)), tsv_path, time.time() - t0)
+    log.info("checked the %d images of %s in %.1fs", len(tsv), tsv_path, time.time() - t0)
 
 
 @torch.no_grad()
