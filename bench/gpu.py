@@ -145,8 +145,8 @@ def device_name() -> str:
               help="Training steps per epoch (default 30, small 4).")
 @click.option("--gallery", type=click.IntRange(min=10), default=None, help="Test images (default 30000, small 300).")
 @click.option("--queries", type=click.IntRange(min=1), default=None, help="Test queries (default 5000, small 50).")
-@click.option("--workers", type=click.IntRange(min=0), default=max(1, min(12, (os.cpu_count() or 2) - 2)),
-              show_default=True, help="Data loader and decode processes.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, show_default="CPUs - 2, from 1 to 12",
+              help="Data loader and decode processes.")
 @click.option("--work", "work_dir", default=None, help="Keep the data, runs and bundles here (default: a temp dir).")
 @table_options
 def bench_gpu(small, models, steps, gallery, queries, workers, work_dir, json_out, csv_out):
@@ -163,6 +163,10 @@ def bench_gpu(small, models, steps, gallery, queries, workers, work_dir, json_ou
                                  param_hint="--models")
     if not small and not torch.cuda.is_available():
         raise click.ClickException("no CUDA GPU visible: the realistic shapes need one (use --small on a CPU)")
+    if workers is None:
+        from competition.gallery import available_cores
+
+        workers = max(1, min(12, available_cores() - 2))
     steps = steps or (4 if small else 30)
     gallery, queries = gallery or (300 if small else 30_000), queries or (50 if small else 5_000)
     work = work_dir or tempfile.mkdtemp(prefix="muge-gpu-check-")

@@ -95,14 +95,18 @@ def _predict(bundles: list[str], data: str, work: str, name: str, workers: int, 
 @click.option("--ema", "ema_decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.98,
               show_default=True, help="train.ema of run C.")
 @click.option("--pretrained", help="Chinese-CLIP weights (hub name or directory) for the zero-shot row.")
-@click.option("--workers", type=click.IntRange(min=0), default=max(1, (os.cpu_count() or 2) - 1), show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None, show_default="CPUs - 1, at least 1",
+              help="Decode processes of each predict.")
 @click.option("--reuse", is_flag=True, help="Keep runs and bundles already in --work.")
 @table_options
 def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, workers, reuse, json_out, csv_out):
     """Train on the hard sample and score the plain chain and every quality feature on valid."""
+    from competition.gallery import default_workers
     from competition.layout import split_paths
     from competition.sample import HARD, make_sample
     from train.average import average_runs
+
+    workers = default_workers() if workers is None else workers
 
     if pretrained:  # before minutes of training: a local path must be there
         from train.tokenizer import TokenizerError, check_local_path

@@ -76,15 +76,19 @@ def sweep_orphans() -> list[str]:
     return removed
 
 
+def available_cores() -> int:
+    """The cores this process may run on: `os.sched_getaffinity` sees a container's CPU set where
+    `os.cpu_count()` sees the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 2
+
+
 def default_workers() -> int:
     """Decode processes for this machine: every core this process may run on but one (for the
-    main process and ONNX Runtime), at least one. `os.sched_getaffinity` sees a container's CPU
-    set where `os.cpu_count()` sees the host's."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 2
-    return max(1, cores - 1)
+    main process and ONNX Runtime), at least one."""
+    return max(1, available_cores() - 1)
 
 
 class PipelineError(RuntimeError):

@@ -3,6 +3,8 @@ name only commands, options and make targets that exist."""
 import ast
 import os
 import re
+import subprocess
+import sys
 
 import click
 import pytest
@@ -190,6 +192,23 @@ def test_the_cli_reference_is_generated_from_the_commands():
         f"{muge_cli.REFERENCE} is stale: run `make docs` and commit it")
     for option in ("--train-queries", "--parity-gallery", "--threads", "--thumb-size", "--mask-ratio"):
         assert f"  {option}" in committed, option
+
+
+@pytest.mark.parametrize("cpus", [1, 16])
+def test_the_cli_reference_does_not_depend_on_the_machine(tmp_path, cpus):
+    """The reference rendered in a process that sees 1 or 16 CPUs (os.cpu_count and the affinity
+    set patched through a sitecustomize.py) is the committed one: a default that follows the
+    machine is shown by its rule, so `make test` is green on every machine."""
+    import muge_cli
+
+    (tmp_path / "sitecustomize.py").write_text(f"import os\nos.cpu_count = lambda: {cpus}\n"
+                                               f"os.sched_getaffinity = lambda pid: set(range({cpus}))\n")
+    code = "import os, muge_cli; assert os.cpu_count() == %d; print(muge_cli.cli_reference(muge_cli.reference_head()))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])}
+    out = subprocess.run([sys.executable, "-c", code % cpus], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(os.path.join(ROOT, muge_cli.REFERENCE), encoding="utf-8") as f:
+        assert out.stdout == f.read() + "\n"
 
 
 def test_the_readme_code_map_names_every_module():
