@@ -90,12 +90,16 @@ def pid_alive(pid: int) -> bool:
 def exit_on_hangup_or_term() -> None:
     """SIGTERM (docker stop, systemd, `timeout`) and SIGHUP (a closed terminal or ssh session)
     unwind like Ctrl-C, so `finally` blocks remove temporary files, build directories and
-    shared memory (SIGKILL cannot be caught: each stage sweeps what a killed run leaves)."""
+    shared memory (SIGKILL cannot be caught: each stage sweeps what a killed run leaves).
+    A signal this process was started with ignored stays ignored: `nohup muge predict ... &`
+    outlives its terminal, as nohup promises (and a script's background job ignores SIGINT:
+    Python itself leaves it so)."""
     import signal
     import sys
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, lambda number, frame: sys.exit(128 + number))
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, lambda number, frame: sys.exit(128 + number))
 
 
 def json_line(obj) -> str:

@@ -95,18 +95,24 @@ def _shm_inodes() -> set[int]:
     return {os.stat(os.path.join("/dev/shm", n), follow_symlinks=False).st_ino for n in os.listdir("/dev/shm")}
 
 
-def _predict_until_decoding(tiny_bundle, big_split, tmp_path):
-    """A `muge predict` subprocess (in a process group of its own), returned once both its decode
-    workers have mapped the ring; with what they map in /dev/shm."""
+def _predict_until_decoding(tiny_bundle, big_split, tmp_path, ignored: dict | None = None):
+    """A `muge predict` subprocess (in a process group of its own, SIGINT and SIGHUP at their
+    defaults unless `ignored` maps them to SIG_IGN), returned once both its decode workers have
+    mapped the ring; with what they map in /dev/shm."""
+    import signal
     import time
 
     from competition.gallery import segment_prefix
 
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    # the signals' dispositions of a terminal's foreground job, whatever this test runs under: a
+    # script's background job (`make test &`) ignores SIGINT, and so would the predict it starts
+    dispositions = {signal.SIGINT: signal.SIG_DFL, signal.SIGHUP: signal.SIG_DFL, **(ignored or {})}
     proc = subprocess.Popen(MUGE + ["predict", "--bundle", tiny_bundle, "--data", big_split, "--split", "test",
                                     "--out", str(tmp_path / "sub.jsonl"), "--cache-dir", str(tmp_path / "cache"),
                                     "--workers", "2", "--batch-size", "16"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: [signal.signal(n, d) for n, d in dispositions.items()])
     deadline = time.time() + 120
     while True:
         assert proc.poll() is None, proc.communicate()
@@ -153,7 +159,8 @@ def test_a_predict_stopped_mid_gallery_leaves_no_shared_memory(tiny_bundle, big_
     else:
         proc.send_signal(number)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode != 0, err[-3000:]
+    assert not list((tmp_path / "cache").rglob("gallery.npz")), "signalled after the gallery was done: proves nothing"
     if how == "interrupt":
         assert "Aborted!" in err and "Traceback" not in err, err[-3000:]
     deadline = time.time() + 15
@@ -166,6 +173,20 @@ def test_a_predict_stopped_mid_gallery_leaves_no_shared_memory(tiny_bundle, big_
     accepted(muge("predict", "--bundle", tiny_bundle, "--data", big_split, "--split", "test", "--out",
                   tmp_path / "sub.jsonl", "--cache-dir", tmp_path / "cache", "--workers", "2", "--batch-size", "16"))
     assert not _ours(os.getpid())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory lives in /dev/shm on Linux")
+def test_a_predict_started_with_hangup_ignored_outlives_its_terminal(tiny_bundle, big_split, tmp_path):
+    """`nohup muge predict ... &`: SIGHUP (the terminal closing) mid-gallery does not stop it; it
+    writes its submission as if nothing happened."""
+    import signal
+
+    proc, _, _ = _predict_until_decoding(tiny_bundle, big_split, tmp_path, {signal.SIGHUP: signal.SIG_IGN})
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    accepted(muge("check-submission", os.path.join(big_split, "MR_test_queries.jsonl"), tmp_path / "sub.jsonl"))
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory lives in /dev/shm on Linux")
