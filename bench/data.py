@@ -85,6 +85,9 @@ def bench_data(images, pairs, batches, batch_size, workers, config_path, directo
     from train.data import PairDataset, train_loader
     from train.tokenizer import prepare_tokenizer
 
+    if pairs < batch_size:  # before minutes of writing a split
+        raise click.BadParameter(f"{pairs} pairs do not fill one batch of --batch-size {batch_size}",
+                                 param_hint="--pairs")
     tmp = None if directory else tempfile.TemporaryDirectory()
     data_dir = directory or tmp.name
     try:
@@ -103,7 +106,10 @@ def bench_data(images, pairs, batches, batch_size, workers, config_path, directo
         dataset = PairDataset(queries, tsv_path, cfg)
         built = memory_mib()
         build_s = time.time() - start
-        loader = train_loader(dataset, tokenizer, cfg, 0, 1, torch.device("cpu"))
+        try:
+            loader = train_loader(dataset, tokenizer, cfg, 0, 1, torch.device("cpu"))
+        except ValueError as exc:  # a kept --dir split of fewer pairs than one batch
+            raise click.ClickException(f"{data_dir}: {exc}") from None
         peak = {"main": dict(built)}
         start = time.time()
         n = min(batches, len(loader))

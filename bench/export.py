@@ -20,7 +20,7 @@ import click
 import numpy as np
 
 from .shapes import BERT_CHINESE_VOCAB, VIT_B16_CLIP, setting
-from .table import emit, in_checkout, table_options
+from .table import FiniteFloatRange, emit, in_checkout, table_options
 
 PRESETS = in_checkout(*(f"configs/{name}.yaml" for name in ("sample", "bert-convnext", "cnclip-vit-b16")))
 
@@ -120,7 +120,7 @@ def bench_preset(preset: str, batches: tuple[int, ...], min_runs: int, budget_s:
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), default=(1, 8, 32), show_default=True)
 @click.option("--min-runs", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed runs per case (median reported).")
-@click.option("--budget", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--budget", type=FiniteFloatRange(min=0), default=2.0, show_default=True,
               help="Seconds per case to keep repeating within.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch and ORT intra-op threads (default: all cores).")

@@ -22,7 +22,7 @@ import click
 
 from competition.history import run_history
 
-from .table import emit, in_checkout, table_options
+from .table import FiniteFloatRange, emit, in_checkout, table_options
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _predict(bundles: list[str], data: str, work: str, name: str, workers: int, 
               **in_checkout("configs/sample.yaml"))
 @click.option("--work", "work_dir", **in_checkout("runs/bench-quality"),
               help="Runs, bundles, submissions and caches of the bench.")
-@click.option("--ema", "ema_decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.98,
+@click.option("--ema", "ema_decay", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=0.98,
               show_default=True, help="train.ema of run C.")
 @click.option("--pretrained", help="Chinese-CLIP weights (hub name or directory) for the zero-shot row.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, show_default="CPUs - 1, at least 1",

@@ -31,7 +31,7 @@ from competition.history import run_history
 from predict.manifest import read_manifest
 
 from .shapes import CNCLIP_SHAPES
-from .table import ROOT, emit, in_checkout, table_options
+from .table import ROOT, FiniteFloatRange, emit, in_checkout, table_options
 
 # preset -> cn_clip's own model name (cn_clip/clip/model_configs/VISION.json + TEXT.json)
 CNCLIP_MODELS = {"cnclip-vit-b16": "ViT-B-16@RoBERTa-wwm-ext-base-chinese",
@@ -367,7 +367,7 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
               help="Pairs per step of the two training steps (gradient cache chunk: half of it).")
 @click.option("--stage", "stages", multiple=True, type=click.Choice(STAGES), default=STAGES, show_default=True,
               help="Stages to run (predict needs export).")
-@click.option("--mask-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--mask-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="The memory stage with FLIP masking (train.mask_ratio).")
 @table_options
 def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gallery, train_batch, stages, mask_ratio,
@@ -378,10 +378,17 @@ def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gal
     except ImportError:
         raise click.ClickException("cn_clip is needed for its model class and configs: `make setup` installs it "
                                    "(pip install --no-deps cn-clip==1.6.0)") from None
-    for path in (json_out, csv_out):
-        if path and not os.access(os.path.dirname(os.path.abspath(path)) or ".", os.W_OK):
-            raise click.BadParameter(f"{path}: its directory is not writable", param_hint="--json/--csv")
-    os.makedirs(work, exist_ok=True)
+    presets, stages = tuple(dict.fromkeys(presets)), tuple(dict.fromkeys(stages))  # each once, in the order given
+    if "predict" in stages and "export" not in stages:
+        raise click.BadParameter("the predict stage predicts with the bundle the export stage writes: add --stage "
+                                 "export", param_hint="--stage")
+    if mask_ratio and "memory" not in stages:
+        raise click.BadParameter(f"{mask_ratio} is a setting of the memory stage, which is not run: add --stage "
+                                 "memory", param_hint="--mask-ratio")
+    try:
+        os.makedirs(work, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot make {work}: {exc.strerror or exc}", param_hint="--work") from None
     data = small_split(work, valid_queries, images)
     opts = {"parity_queries": parity_queries, "parity_gallery": parity_gallery, "train_batch": train_batch,
             "stages": set(stages), "mask_ratio": mask_ratio}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import subprocess
@@ -16,16 +17,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def writable_output(ctx, param, value):
-    """A click callback: an output file's folder must exist and be writable, checked before any
-    work (a bench that runs for minutes must not fail at its last line)."""
-    if value is None:
-        return value
-    if os.path.isdir(value):
-        raise click.BadParameter(f"{value} is a directory; give a file name", ctx=ctx, param=param)
-    parent = os.path.dirname(os.path.abspath(value))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise click.BadParameter(f"cannot write {value}: {parent} is not a writable directory", ctx=ctx, param=param)
+    """A click callback: an output file must be creatable where it is to go, checked before any work
+    (a bench that runs for minutes must not fail at its last line), as the writer will
+    (`competition.io.check_writable`)."""
+    from competition.io import WriteError, check_writable
+
+    if value is not None:
+        try:
+            check_writable(value, make_dirs=False)
+        except WriteError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
     return value
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, less NaN (every comparison with NaN is false, so click lets it through)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
 
 
 def in_checkout(*relative: str) -> dict:

@@ -21,7 +21,7 @@ import time
 
 import click
 
-from .table import emit, in_checkout, table_options
+from .table import FiniteFloatRange, emit, in_checkout, table_options
 
 # Dense bf16/fp16 tensor-core peak in TFLOP/s, from the vendors' spec sheets (SXM parts where both
 # exist); the longest name contained in torch.cuda.get_device_name() wins. TF32 is half of it.
@@ -147,7 +147,7 @@ def mask_ratio_rows(training, step, ratios, steps: int, warmup: int, device, bs:
               help="Untimed steps first (compile, autotuning).")
 @click.option("--compiled/--no-compiled", default=True, show_default=True,
               help="Also time the compiled bare step (compiling takes a minute or more).")
-@click.option("--mask-ratio", "mask_ratios", multiple=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--mask-ratio", "mask_ratios", multiple=True, type=FiniteFloatRange(0, 1, max_open=True),
               help="Also time the eager bare step at these FLIP mask ratios (train.mask_ratio), each with the peak "
                    "RSS so far: run from the highest ratio (least memory) down.")
 @table_options
@@ -166,6 +166,11 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_
         cfg = load_config(config_path, list(overrides))
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--config/--set") from None
+    try:  # each ratio is a train.mask_ratio: checked as the config checks it (a CNN tower has no patches)
+        for ratio in mask_ratios:
+            load_config(config_path, [*overrides, f"train.mask_ratio={ratio}"])
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--mask-ratio") from None
     with tempfile.TemporaryDirectory() as tmp:
         training = build_training(cfg, split_files(data_dir, "train"), tmp, total_steps=10**9, defer_compile=True)
         device, bs = training.device, cfg.train.batch_size

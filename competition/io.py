@@ -44,6 +44,24 @@ def atomic_path(path, suffix: str = ""):
         raise
 
 
+def check_writable(path, make_dirs: bool = True) -> None:
+    """Raise `WriteError` (naming `path`) unless a file can be created where `path` is to go: checked
+    by creating and removing one there, as `atomic_path` will (as root, `os.access` calls /proc or
+    a read-only mount writable). Its directory is made when missing, with `make_dirs`."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "it is a directory; give a file name")
+        if make_dirs:
+            os.makedirs(parent, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".muge-write-check-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise WriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def replace_dir(src: str, dst: str) -> None:
     """Put the finished directory `src` at `dst`; an old `dst` is removed only afterwards."""
     import shutil

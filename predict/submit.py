@@ -17,7 +17,7 @@ import numpy as np
 from competition import ImageTSV, SkippedImages, ground_truth_not_in_gallery, score_predictions, write_submission
 from competition.errors import first_of
 from competition.gallery import default_workers
-from competition.io import WriteError, atomic_write_text
+from competition.io import atomic_write_text, check_writable
 from competition.layout import split_files, split_paths
 from competition.metric import success_json, write_result
 from competition.topk import exact_topk, predictions_from_positions
@@ -120,13 +120,7 @@ def check_options(dirs: list[str], data_dir: str, split: str, out_path: str, opt
         raise ValueError(f"--cache-dir {opts.cache_dir} is a file, not a directory")
     if os.path.isdir(out_path):
         raise ValueError(f"--out {out_path} is a directory; give the submission's file name")
-    parent = os.path.dirname(os.path.abspath(out_path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as exc:
-        raise WriteError(exc.errno, f"cannot write {out_path}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise WriteError(13, f"cannot write {out_path}: its directory {parent} is not writable")
+    check_writable(out_path)
 
 
 def _memory_available() -> int | None:

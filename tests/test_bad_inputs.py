@@ -658,12 +658,10 @@ def test_a_batch_larger_than_the_gallery_runs_at_the_gallery_size(tiny_bundle, s
     ("train.tensorboard=true", "train.tensorboard=true needs the tensorboard package")])
 def test_training_options_are_checked_with_the_config(small_sample, tmp_path, monkeypatch, override, message):
     """Before the model or the data are built: no DataLoader worker's traceback."""
-    import importlib.util
+    import sys
 
-    if override.startswith("train.tensorboard"):  # as on a machine without the package
-        real = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else
-                            real(name, *a))
+    if override.startswith("train.tensorboard"):  # as on a machine without the package: its import fails
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     refused(muge("train", "--config", "configs/sample.yaml", "--data", small_sample, "--out", tmp_path / "run",
                  "--set", override), message)
     assert not (tmp_path / "run").exists()
@@ -675,11 +673,28 @@ def test_training_options_are_checked_with_the_config(small_sample, tmp_path, mo
     (["train.mask_schedule={0: 1.5}"], "train.mask_schedule.0=1.5"),
     (["train.mask_schedule={9: 0.0}"], "train.mask_schedule: 9 is not an epoch of this run (0 to 0"),
     (["train.mask_ratio=0.5"], "the image tower resnet10t has no patch tokens to drop"),
-    (["train.mask_schedule={0: 0.5}"], "the image tower resnet10t has no patch tokens to drop")])
-def test_bad_flip_settings_are_refused_naming_the_key(small_sample, tmp_path, overrides, message):
-    """Out of range, an epoch the run does not have, or a CNN image tower (the tiny dual's
-    resnet10t), before any training."""
+    (["train.mask_schedule={0: 0.5}"], "the image tower resnet10t has no patch tokens to drop"),
+    (["train.mask_schedule={'０': 0.0}"], "train.mask_schedule: '０' is not an epoch of this run"),
+    (["train.mask_schedule={'²': 0.0}"], "train.mask_schedule: '²' is not an epoch of this run"),
+    (["train.epochs=2", "train.mask_schedule={'01': 0.0}"], "train.mask_schedule: '01' is not an epoch of this run"),
+    (["train.mask_schedule={true: 0.0}"], "train.mask_schedule: True is not an epoch of this run"),
+    (["train.mask_schedule={0: 0.0, '0': 0.0}"], "train.mask_schedule: epoch 0 is given twice (0 and '0')"),
+    (["model.attention_heads=[true, 1]"], "model.attention_heads=[True, 1]; expected [vision, text]"),
+    (["model.attention_heads=[4, 2]"], "model.attention_heads=[4, 2] is read only from a Chinese-CLIP checkpoint"),
+    (["model.family=chinese-clip", "model.attention_heads=[4, 2]"], "a random Chinese-CLIP takes them from")])
+def test_bad_flip_and_heads_settings_are_refused_naming_the_key(small_sample, tmp_path, overrides, message):
+    """Out of range, an epoch the run does not have (or given twice, or not in plain digits), a CNN
+    image tower (the tiny dual's resnet10t); attention heads that are not counts, or on a model
+    that does not read them: before any training."""
     sets = [a for o in ["train.epochs=1", *overrides] for a in ("--set", o)]
     cfg = tmp_path / "tiny.yaml"
     save_config(tiny_config("dual"), str(cfg))
     refused(muge("train", "--config", cfg, "--data", small_sample, "--out", tmp_path / "run", *sets), message)
+
+
+def test_flip_on_a_cnn_preset_is_refused_before_its_weights_are_fetched(small_sample, tmp_path):
+    """bert-convnext names hub weights (no network here): the CNN refusal is the config's, so it
+    comes first, not a download error."""
+    refused(muge("train", "--config", "configs/bert-convnext.yaml", "--data", small_sample, "--out", tmp_path / "run",
+                 "--set", "train.mask_ratio=0.5"), "the image tower convnext_tiny has no patch tokens to drop")
+    assert not (tmp_path / "run").exists()

@@ -200,7 +200,18 @@ def test_predict_bench_measures_the_pipeline_against_decode_only(small_sample, t
     (["predict", "--bundle", "/nonexistent-muge"], "is not an export bundle"),
     (["predict", "--pipeline", "--data", "/nonexistent-muge"], "not found"),
     (["quality", "--pretrained", "/nonexistent-muge"], "not found"),
-    (["topk", "--json", "/nonexistent-muge/t.json"], "is not a writable directory"),
+    (["topk", "--json", "/nonexistent-muge/t.json"], "cannot write /nonexistent-muge/t.json"),
+    (["topk", "--json", "/proc/muge-t.json"], "cannot write /proc/muge-t.json"),
+    (["predict", "--csv", "/proc/muge-t.csv"], "cannot write /proc/muge-t.csv"),
+    (["scale", "--json", "/proc/muge-t.json"], "cannot write /proc/muge-t.json"),
+    (["scale", "--mask-ratio", "nan"], "'nan' is not a number"),
+    (["scale", "--mask-ratio", "0.5", "--stage", "export"], "a setting of the memory stage"),
+    (["scale", "--stage", "predict"], "add --stage export"),
+    (["scale", "--work", "README.md/scale"], "--work"),
+    (["train", "--config", "configs/sample.yaml", "--mask-ratio", "nan"], "'nan' is not a number"),
+    (["train", "--config", "configs/sample.yaml", "--data", "configs", "--mask-ratio", "0.5"], "has no patch tokens"),
+    (["quality", "--ema", "nan"], "'nan' is not a number"),
+    (["data", "--pairs", "100"], "100 pairs do not fill one batch of --batch-size 128"),
     (["topk", "--csv", "/tmp"], "is a directory")])
 def test_every_bench_checks_its_arguments_before_any_work(args, message):
     refused(muge("bench", *args), message)

@@ -8,7 +8,7 @@ the default.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import os
 import re
 import types
 import typing
@@ -145,6 +145,9 @@ class Config:
 
 class ConfigError(ValueError):
     pass
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin")  # model.name: a weights file rather than a hub name or directory
 
 
 def _section_hint(cls, parts: list[str]):
@@ -305,30 +308,92 @@ def validate_values(cfg: Config) -> Config:
                 raise ConfigError(f"data.augment.{key}={getattr(aug, key)} with data.augment.auto_augment: timm's "
                                   "transform takes no other colour augmentation; set it to 0")
         _check_auto_augment(aug.auto_augment)
-    heads = cfg.model.attention_heads
-    if heads is not None and (len(heads) != 2 or not all(isinstance(h, int) and h > 0 for h in heads)):
-        raise ConfigError(f"model.attention_heads={heads!r}; expected [vision, text], two positive counts")
+    _check_attention_heads(cfg.model)
     if cfg.model.family == "dual" and cfg.model.name:
         raise ConfigError(f"model.name={cfg.model.name!r} names Chinese-CLIP weights, which model.family=dual does not "
                           "use (its towers are model.text.name and model.image.name / model.image.checkpoint): set "
                           "model.family=chinese-clip, or use a cnclip-* preset")
-    if train.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("train.tensorboard=true needs the tensorboard package, which is not installed: pip install "
-                          "tensorboard (or the project's [tensorboard] extra), or set train.tensorboard=false")
-    for key, ratio in [("train.mask_ratio", train.mask_ratio)] + [(f"train.mask_schedule.{e}", r)
-                                                                  for e, r in train.mask_schedule.items()]:
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
-            raise ConfigError(f"{key}={ratio!r}; expected a share of patches in [0, 1), e.g. 0.5")
-    for epoch in train.mask_schedule:
-        if not str(epoch).isdigit() or int(epoch) >= train.epochs:
-            raise ConfigError(f"train.mask_schedule: {epoch!r} is not an epoch of this run (0 to {train.epochs - 1}, "
-                              "counted from 0)")
+    if train.tensorboard:
+        _check_tensorboard()
+    _check_masking(cfg)
     if train.ema is not None and not 0 < train.ema < 1:
         raise ConfigError(f"train.ema={train.ema!r}; expected a decay in (0, 1), e.g. 0.999, or null")
     if train.grad_cache_chunk is not None and (train.grad_cache_chunk < 1 or train.batch_size % train.grad_cache_chunk):
         raise ConfigError(f"train.grad_cache_chunk={train.grad_cache_chunk} must divide "
                           f"train.batch_size={train.batch_size}")
     return cfg
+
+
+def _check_attention_heads(model: ModelConfig) -> None:
+    heads = model.attention_heads
+    if heads is None:
+        return
+    if len(heads) != 2 or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in heads):
+        raise ConfigError(f"model.attention_heads={heads!r}; expected [vision, text], two positive counts")
+    if model.family != "chinese-clip" or not model.name or not (
+            os.path.isfile(model.name) or model.name.endswith(CHECKPOINT_SUFFIXES)):
+        raise ConfigError(f"model.attention_heads={heads!r} is read only from a Chinese-CLIP checkpoint file "
+                          "(model.family=chinese-clip, model.name: X.pt), whose tensors cannot tell the heads; a "
+                          "random Chinese-CLIP takes them from model.config (vision_config / text_config "
+                          "num_attention_heads), a hub name or transformers directory from its config.json, and a "
+                          "dual model from its towers: remove model.attention_heads")
+
+
+def _check_tensorboard() -> None:
+    """Imported as the tracker imports it: a package that is installed but broken fails here too."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"train.tensorboard=true needs the tensorboard package, which cannot be imported ({exc}): "
+                          "pip install tensorboard (or the project's [tensorboard] extra), or set "
+                          "train.tensorboard=false") from None
+
+
+# an epoch of train.mask_schedule: an integer, or its plain decimal digits ("2"; not "02", "２" or "²")
+_EPOCH = re.compile(r"0|[1-9][0-9]*")
+
+
+def _check_masking(cfg: Config) -> None:
+    """FLIP's settings: ratios in [0, 1), the schedule's epochs this run's, each once, and a ViT
+    image tower wherever a ratio is above 0 (before any weights or tokenizer are fetched)."""
+    train = cfg.train
+    for key, ratio in [("train.mask_ratio", train.mask_ratio)] + [(f"train.mask_schedule.{e}", r)
+                                                                  for e, r in train.mask_schedule.items()]:
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
+            raise ConfigError(f"{key}={ratio!r}; expected a share of patches in [0, 1), e.g. 0.5")
+    seen: dict[int, object] = {}
+    for epoch in train.mask_schedule:
+        plain = isinstance(epoch, int) and not isinstance(epoch, bool) or isinstance(epoch, str) and \
+            _EPOCH.fullmatch(epoch)
+        if not plain or not int(epoch) < train.epochs:
+            raise ConfigError(f"train.mask_schedule: {epoch!r} is not an epoch of this run (0 to {train.epochs - 1}, "
+                              "counted from 0, in plain digits)")
+        if int(epoch) in seen:
+            raise ConfigError(f"train.mask_schedule: epoch {int(epoch)} is given twice ({seen[int(epoch)]!r} and "
+                              f"{epoch!r}); keep one")
+        seen[int(epoch)] = epoch
+    if cfg.model.family == "dual" and any(mask_ratio_at(train, e) for e in range(train.epochs)):
+        _check_patch_tower(cfg.model.image)
+
+
+def flip_refusal(tower: str) -> str:
+    return (f"FLIP masking (train.mask_ratio, train.mask_schedule): the image tower {tower} has no patch tokens to "
+            "drop (FLIP masking needs a ViT image tower); set train.mask_ratio=0")
+
+
+def _check_patch_tower(image: ImageTower) -> None:
+    """timm builds the tower on the meta device (no memory, no weights) to show whether it has
+    patch tokens; a name timm does not know is left to the model's builder to name."""
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            tower = timm.create_model(image.name, pretrained=False, **image.kwargs)
+    except Exception:  # timm's RuntimeError for an unknown name, TypeError for a bad kwarg, ...
+        return
+    if not hasattr(tower, "patch_drop"):
+        raise ConfigError(flip_refusal(image.name))
 
 
 def _check_auto_augment(policy: str) -> None:

@@ -30,7 +30,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import Config, ConfigError, data_seed, mask_ratio_at, save_config, to_dict
+from .config import CHECKPOINT_SUFFIXES, Config, ConfigError, data_seed, mask_ratio_at, save_config, to_dict
 from .curves import plot_curves
 from .data import PairDataset, stop_workers, train_loader
 from .distributed import World, barrier, cleanup, device_for, init_distributed
@@ -155,7 +155,7 @@ def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str
 
 def _start_file_gone(name: str | None) -> bool:
     """`model.name` names a local weights file that is no longer there."""
-    return bool(name) and (name.endswith((".pt", ".pth", ".bin")) or os.path.isabs(name)) and not os.path.exists(name)
+    return bool(name) and (name.endswith(CHECKPOINT_SUFFIXES) or os.path.isabs(name)) and not os.path.exists(name)
 
 
 @dataclass

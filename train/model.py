@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, WeightsError, mismatch
-from .config import Head, ModelConfig, Pooling
+from .config import Head, ModelConfig, Pooling, flip_refusal
 
 Layout = dict[str, tuple[str, int, int]]  # parameter name -> (group, layer id, top block id)
 
@@ -264,9 +264,7 @@ class DualEncoder(RetrievalModel):
 
         if not hasattr(self.image, "patch_drop"):
             if ratio:
-                raise ValueError(f"FLIP masking (train.mask_ratio, train.mask_schedule: {ratio}): the image tower "
-                                 f"{self.arch['image_name']} has no patch "
-                                 "tokens to drop (FLIP masking needs a ViT image tower); set train.mask_ratio=0")
+                raise ValueError(flip_refusal(self.arch["image_name"]))
             return
         super().set_mask_ratio(ratio)
         prefix = getattr(self.image, "num_prefix_tokens", 1)
