@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .errors import MugeDataError
 from .io import atomic_write_text
+from .records import RecordError, from_dict
 
 HISTORY = "metrics.jsonl"
 
@@ -37,13 +38,16 @@ class EpochRecord:
 
 
 def record_from_dict(values: dict, where: str) -> EpochRecord:
-    names = {f.name for f in dataclasses.fields(EpochRecord)}
-    if not isinstance(values, dict) or not {"epoch", "step"} <= values.keys():
-        raise MugeDataError(where, "not an epoch record (a JSON object with epoch and step)")
-    unknown = sorted(values.keys() - names)
-    if unknown:
-        raise MugeDataError(where, f"unknown field {unknown[0]!r} in an epoch record (fields: {', '.join(names)})")
-    return EpochRecord(**values)
+    """An epoch record by the rule every record is read with (`competition.records`), its counts
+    not negative; a refusal is a `MugeDataError` naming `where`."""
+    try:
+        record = from_dict(EpochRecord, values, what="epoch record")
+    except RecordError as exc:
+        raise MugeDataError(where, str(exc)) from None
+    for key in ("epoch", "step"):
+        if getattr(record, key) < 0:
+            raise MugeDataError(where, f"{key}={getattr(record, key)}: expected a count (0 or more)")
+    return record
 
 
 def write_history(path: str, history: list[dict]) -> None:
@@ -54,14 +58,19 @@ def write_history(path: str, history: list[dict]) -> None:
 
 def read_history(path: str) -> list[EpochRecord]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MugeDataError(path, f"not UTF-8 text (byte {exc.start + 1} of the line)", lineno) from None
             if not line.strip():
                 continue
             try:
                 values = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MugeDataError(path, f"not valid JSON ({exc.msg})", lineno) from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise MugeDataError(path, f"not valid JSON ({reason})", lineno) from None
             out.append(record_from_dict(values, f"{path}:{lineno}"))
     return out
 

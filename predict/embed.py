@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from competition import ImageTSV, SkippedImages, read_queries
 from competition.gallery import DecodeRing
-from competition.io import atomic_path, content_fingerprint
+from competition.io import WriteError, atomic_path, content_fingerprint
 
 from .runtime import BundleEncoders
 
@@ -62,8 +62,12 @@ def _cache_dir(cache_root: str, encoders: BundleEncoders, input_path: str, kind:
 def cache_lock(directory: str):
     """Hold an exclusive lock on `directory`'s `.lock` file (released when the process exits, even
     on SIGKILL): one process at a time writes and removes a cache entry's chunk files."""
-    os.makedirs(directory, exist_ok=True)
-    fd = os.open(os.path.join(directory, ".lock"), os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(os.path.join(directory, ".lock"), os.O_CREAT | os.O_RDWR, 0o666)
+    except OSError as exc:
+        raise WriteError(exc.errno, f"cannot write the embeddings cache {directory}: {exc.strerror or exc}; give "
+                                    "--cache-dir a writable directory") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -110,9 +114,22 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, *, w
     Decode tasks are `encoders.batch_size` lines each, so the image graph sees one batch shape.
     `tta`: see `encode_gallery_images`; cached apart from the plain embeddings."""
     cache = _cache_dir(cache_root, encoders, tsv_path, "gallery", skip_bad, *([tta] if tta else []))
+    cached = _cached_gallery(cache)  # a finished entry is read without the lock: it was written whole (renamed)
+    if cached is not None:
+        return cached
     with cache_lock(cache):
-        return _embed_gallery(encoders, tsv_path, cache, workers=workers, chunk_size=chunk_size, skip_bad=skip_bad,
-                              tta=tta)
+        return _cached_gallery(cache) or _embed_gallery(encoders, tsv_path, cache, workers=workers,
+                                                         chunk_size=chunk_size, skip_bad=skip_bad, tta=tta)
+
+
+def _cached_gallery(cache: str) -> GalleryEmbeddings | None:
+    final = os.path.join(cache, "gallery.npz")
+    cached = load_npz(final, "ids", "features", "skipped")
+    if cached is None:
+        return None
+    skipped = SkippedImages([tuple(x) for x in json.loads(str(cached["skipped"]))])
+    log.info("gallery embeddings reused from %s", final)
+    return GalleryEmbeddings(cached["ids"], cached["features"], skipped, from_cache=True)
 
 
 def _completed_chunks(cache: str, n_chunks: int) -> list[dict]:
@@ -129,12 +146,6 @@ def _completed_chunks(cache: str, n_chunks: int) -> list[dict]:
 def _embed_gallery(encoders: BundleEncoders, tsv_path: str, cache: str, *, workers: int, chunk_size: int,
                    skip_bad: bool, tta: str | None) -> GalleryEmbeddings:
     final = os.path.join(cache, "gallery.npz")
-    cached = load_npz(final, "ids", "features", "skipped")
-    if cached is not None:
-        skipped = SkippedImages([tuple(x) for x in json.loads(str(cached["skipped"]))])
-        log.info("gallery embeddings reused from %s", final)
-        return GalleryEmbeddings(cached["ids"], cached["features"], skipped, from_cache=True)
-    os.makedirs(cache, exist_ok=True)
     tsv = ImageTSV(tsv_path)
     n = len(tsv)
     n_chunks = (n + chunk_size - 1) // chunk_size

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import types
-import typing
+import re
 from dataclasses import dataclass, field
+from typing import Literal
+
+from competition.preprocess import RESIZE_RULES, TEXT_NORMALIZATIONS
+from competition.records import RecordError, from_dict
 
 FORMAT = "muge-bundle/1"
 MANIFEST = "manifest.json"
@@ -19,16 +23,24 @@ class BundleError(ValueError):
     """A bundle that is incomplete, corrupt or altered. The message names the file."""
 
 
+Family = Literal["dual", "chinese-clip"]
+ResizeRule = Literal[RESIZE_RULES]
+TextNormalization = Literal[tuple(TEXT_NORMALIZATIONS)]
+MAX_TEXT_LENGTH = 4096  # tokens: past any text tower's positions (BERT's are 512); the text graph decides below
+MAX_IMAGE_SIZE = 4096   # pixels a side; the image graph's input must match it (`BundleEncoders`)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 @dataclass
 class Manifest:
-    family: str                        # dual | chinese-clip
+    family: Family
     embed_dim: int
     image_size: int                    # the image graph's input side, in pixels
-    resize_rule: str                   # competition.preprocess's rule the gallery is resized with
+    resize_rule: ResizeRule            # competition.preprocess's rule the gallery is resized with
     max_text_length: int
-    text_normalization: str            # competition.preprocess's normalisation before the tokenizer
-    logit_scale: float
-    files: dict[str, str]              # every graph and external-data file -> its sha256
+    text_normalization: TextNormalization  # competition.preprocess's normalisation before the tokenizer
+    logit_scale: float                 # exp of the model's learned log scale: the similarity's multiplier
+    files: dict[str, str]              # every graph and external-data file (a plain name) -> its sha256
     opset: int = 18
     exporter: str = "dynamo"
     graph_exports: dict = field(default_factory=dict)   # tower -> how its graph was exported
@@ -40,7 +52,7 @@ class Manifest:
     source_pretrained: dict | None = None               # `muge export --pretrained`: the published weights
     libraries: dict = field(default_factory=dict)
     external_data: dict[str, list[str]] = field(default_factory=dict)  # graph -> its data files (> 2 GiB)
-    parity: dict | None = None                          # the gate's report (`export.parity.GateReport`)
+    parity: dict | None = None                          # the gate's report (`export.parity.ParityReport`)
     image_input: str = "uint8 NHWC, resized"
     format: str = FORMAT
 
@@ -52,38 +64,51 @@ class Manifest:
         return out
 
 
-def _matches(value, hint) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin or hint)
+def is_plain_file_name(name: str) -> bool:
+    """A file directly inside the bundle: no directory part, not `.` or `..`, not absolute."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 def manifest_from_dict(values, path: str) -> Manifest:
     """The manifest of `values` (a parsed manifest.json), checked: its format version first, then
-    each field's presence and type. Every refusal names `path`."""
+    every field's presence and type (`competition.records`), then the ranges and names a type
+    cannot say. Every refusal names `path` and the field."""
     if not isinstance(values, dict):
         raise BundleError(f"{path}: not a muge bundle manifest (a JSON {type(values).__name__}); re-export the bundle")
     version = values.get("format")
     if version != FORMAT:
         raise BundleError(f"{path}: format {version!r}, but this muge reads {FORMAT!r} bundles: export the bundle "
                           "again with this version (or predict with the version that wrote it)")
-    hints = typing.get_type_hints(Manifest)
-    fields = {f.name: f for f in dataclasses.fields(Manifest)}
-    for name, f in fields.items():
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if name not in values:
-            if required:
-                raise BundleError(f"{path}: no '{name}': not a muge bundle manifest (re-export the bundle)")
-        elif not _matches(values[name], hints[name]):
-            raise BundleError(f"{path}: bad value for '{name}' ({values[name]!r}); re-export the bundle")
-    return Manifest(**{k: v for k, v in values.items() if k in fields})
+    try:
+        manifest = from_dict(Manifest, values, what="manifest")
+        _check_values(manifest)
+    except RecordError as exc:
+        raise BundleError(f"{path}: {exc}; re-export the bundle") from None
+    return manifest
+
+
+def _check_values(m: Manifest) -> None:
+    ranges = (("embed_dim", m.embed_dim, 1, None), ("image_size", m.image_size, 1, MAX_IMAGE_SIZE),
+              ("max_text_length", m.max_text_length, 1, MAX_TEXT_LENGTH), ("opset", m.opset, 1, None),
+              ("source_epoch", m.source_epoch, 0, None))
+    for key, value, low, high in ranges:
+        if value is not None and (value < low or high is not None and value > high):
+            raise RecordError(f"{key}={value}: expected {f'{low} to {high}' if high else f'at least {low}'}")
+    if not (math.isfinite(m.logit_scale) and m.logit_scale > 0):
+        raise RecordError(f"logit_scale={m.logit_scale}: expected a positive finite number")
+    for name, digest in m.files.items():
+        if not is_plain_file_name(name):
+            raise RecordError(f"files: {name!r} is not a file name inside the bundle")
+        if not _SHA256.fullmatch(digest):
+            raise RecordError(f"files.{name}={digest!r}: expected a sha256 (64 hex digits)")
+    for graph, data_files in m.external_data.items():
+        if graph not in m.files:
+            raise RecordError(f"external_data: {graph!r} is not a graph of files")
+        for name in data_files:
+            if not is_plain_file_name(name):
+                raise RecordError(f"external_data.{graph}: {name!r} is not a file name inside the bundle")
+            if name not in m.files:
+                raise RecordError(f"external_data.{graph}: {name!r} has no sha256 in files")
 
 
 def read_manifest(bundle_dir: str) -> Manifest:
@@ -95,6 +120,8 @@ def read_manifest(bundle_dir: str) -> Manifest:
             values = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc}); re-export the bundle") from None
+    except RecursionError:
+        raise BundleError(f"{path}: nested too deeply to be a muge bundle manifest; re-export the bundle") from None
     return manifest_from_dict(values, path)
 
 

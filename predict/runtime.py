@@ -27,7 +27,7 @@ from competition.io import atomic_write_text, sha256
 from competition.preprocess import TextTokenizer, directory_tokenizer
 from competition.topk import NonFiniteError, first_nonfinite_row
 
-from .manifest import MANIFEST, BundleError, Manifest, read_manifest
+from .manifest import MANIFEST, BundleError, Manifest, is_plain_file_name, read_manifest
 
 log = logging.getLogger(__name__)
 # Images per graph call. Measured with `muge bench gpu` (README): on an H100 the fp16 graphs of
@@ -116,52 +116,96 @@ def text_lengths(max_length: int, step: int = 16) -> tuple[int, ...]:
     return tuple(sorted({*range(step, max_length, step), max_length}))
 
 
-VERIFIED = ".verified.json"  # graphs whose sha256 matched the manifest, by (inode, size, mtime, ctime)
+VERIFIED = ".verified.json"  # files whose sha256 matched the manifest, by (inode, size, mtime, ctime)
 
 
-def external_data(manifest: Manifest, graph: str) -> list[str]:
-    """The external-data files of `graph` (one, `GRAPH.data`, for a graph over protobuf's 2 GiB
-    limit; none otherwise)."""
-    return list(manifest.external_data.get(graph, ()))
+def graph_data_files(path: str) -> list[str]:
+    """The external-data files the graph's own tensors name (none for a graph in one file): what
+    ONNX Runtime will open beside it, whatever the manifest says."""
+    import mmap
+
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    if os.path.getsize(path) == 0:
+        return []  # ONNX Runtime refuses it, naming it
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as raw:
+        if raw.find(b"location") < 0:  # no tensor names a file (the key every external tensor has): no parse
+            return []
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError, onnx's own
+        raise BundleError(f"{path}: not an ONNX graph ({str(exc).splitlines()[0][:200]}); re-export the bundle") \
+            from None
+    return sorted({entry.value for tensor in _get_all_tensors(model)
+                   if tensor.data_location == onnx.TensorProto.EXTERNAL
+                   for entry in tensor.external_data if entry.key == "location"})
 
 
 def verify_graph(bundle_dir: str, name: str, manifest: Manifest) -> str:
-    """The graph's sha256, which must be the manifest's, as must each of its external-data files':
-    a graph copied in from another export (or damaged) would otherwise give silently wrong
-    embeddings, and reuse a stale cache. Returns the digest caches are keyed by: the graph's
-    sha256, combined with its data files' where it has any."""
-    digests = [_verified_sha256(bundle_dir, f, manifest) for f in [name, *external_data(manifest, name)]]
-    return digests[0] if len(digests) == 1 else hashlib.sha256("|".join(digests).encode()).hexdigest()
+    """The graph's sha256, which must be the manifest's, and so must each external-data file's
+    that its tensors name: a graph copied in from another export (or damaged) would otherwise
+    give silently wrong embeddings, and reuse a stale cache. A data file must be a plain file
+    inside the bundle (not a link to storage elsewhere, which ONNX Runtime refuses) and listed
+    in the manifest; nothing outside the bundle is opened. Returns the digest caches are keyed
+    by: the graph's sha256, combined with its data files' where it has any."""
+    manifest_path = os.path.join(bundle_dir, MANIFEST)
+    stamps = _read_stamps(bundle_dir)
+    digest, data_files = _verified(bundle_dir, name, manifest, stamps, graph=True)
+    for data in data_files:
+        if not is_plain_file_name(data):
+            raise BundleError(f"{os.path.join(bundle_dir, name)}: its tensors name external data {data!r}, which is "
+                              "not a file inside the bundle; nothing outside a bundle is read (re-export the bundle)")
+    listed = manifest.external_data.get(name, [])
+    if sorted(listed) != data_files:
+        raise BundleError(f"{manifest_path}: external_data lists {listed or 'no files'} for {name}, but its tensors "
+                          f"are in {data_files or 'the graph itself'}: the manifest does not describe this graph "
+                          "(re-export the bundle)")
+    digests = [digest] + [_verified(bundle_dir, data, manifest, stamps)[0] for data in data_files]
+    return digest if len(digests) == 1 else hashlib.sha256("|".join(digests).encode()).hexdigest()
 
 
-def _verified_sha256(bundle_dir: str, name: str, manifest: Manifest) -> str:
-    """One file's sha256 checked against the manifest's. Hashing is skipped while the file's inode,
-    size, mtime and ctime are those of its last verification (`VERIFIED`)."""
+def _read_stamps(bundle_dir: str) -> dict:
+    try:
+        with open(os.path.join(bundle_dir, VERIFIED), encoding="utf-8") as f:
+            stamps = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def _verified(bundle_dir: str, name: str, manifest: Manifest, stamps: dict, graph: bool = False):
+    """(sha256, the external-data files it names if `graph`) of one file, its sha256 checked against
+    the manifest's. Hashing (and reading the graph) is skipped while the file's inode, size, mtime
+    and ctime are those of its last verification (`VERIFIED`, updated in place in `stamps`)."""
     path = os.path.join(bundle_dir, name)
     expected = manifest.files.get(name)
+    if os.path.islink(path) and not graph:
+        raise BundleError(f"{path} is a symbolic link (to {os.readlink(path)}): ONNX Runtime reads a graph's external "
+                          f"data only from a file inside the bundle's directory; copy the file in: cp "
+                          f"--remove-destination \"$(readlink -f {path})\" {path}")
     if not os.path.isfile(path):
         raise BundleError(f"{path} not found: the bundle is incomplete (re-export it)")
     if not expected:
-        raise BundleError(f"{os.path.join(bundle_dir, MANIFEST)}: no sha256 for {name} (re-export the bundle)")
+        raise BundleError(f"{os.path.join(bundle_dir, MANIFEST)}: no sha256 for {name} in files (re-export the "
+                          "bundle)")
     st = os.stat(path)
     stamp = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected]
-    stamps_path = os.path.join(bundle_dir, VERIFIED)
+    saved = stamps.get(name)
+    if isinstance(saved, list) and saved[:5] == stamp and (not graph or len(saved) == 6 and isinstance(saved[5], list)):
+        return expected, saved[5] if graph else []
+    actual = sha256(path)
+    if actual != expected:
+        what = "graph" if graph else "external data"
+        raise BundleError(f"{path}: its sha256 {actual[:16]}... is not the manifest's {expected[:16]}...: the "
+                          f"{what} was altered, truncated or copied from another export; re-export the bundle")
+    data_files = graph_data_files(path) if graph else []
+    stamps[name] = stamp + ([data_files] if graph else [])
     try:
-        with open(stamps_path, encoding="utf-8") as f:
-            stamps = json.load(f)
-    except (OSError, ValueError):
-        stamps = {}
-    if not isinstance(stamps, dict) or stamps.get(name) != stamp:
-        actual = sha256(path)
-        if actual != expected:
-            what = "external data" if name.endswith(".data") else "graph"
-            raise BundleError(f"{path}: its sha256 {actual[:16]}... is not the manifest's {expected[:16]}...: the "
-                              f"{what} was altered, truncated or copied from another export; re-export the bundle")
-        try:
-            atomic_write_text(stamps_path, json.dumps({**(stamps if isinstance(stamps, dict) else {}), name: stamp}))
-        except OSError:  # a read-only bundle is verified again next time
-            pass
-    return expected
+        atomic_write_text(os.path.join(bundle_dir, VERIFIED), json.dumps(stamps))
+    except OSError:  # a read-only bundle is verified again next time
+        pass
+    return expected, data_files
 
 
 def bundle_tokenizer(bundle_dir: str, manifest: Manifest) -> TextTokenizer:
@@ -207,6 +251,8 @@ class BundleEncoders:
         self.lengths = text_lengths(self.tokenizer.max_length)
         if self.batch_size < 1 or self.text_batch < 1:
             raise ValueError(f"batch sizes must be positive, got images {self.batch_size}, text {self.text_batch}")
+        if self.text is not None:
+            self._check_text_length()
 
     def _check_graph_inputs(self) -> None:
         """The image graph's pixels input must be the manifest's size: a manifest that says otherwise
@@ -222,6 +268,20 @@ class BundleEncoders:
                 raise BundleError(f"{os.path.join(self.bundle_dir, MANIFEST)} says image_size {self.image_size}, "
                                   f"but {self.image_graph} takes {height}x{width} images: the manifest does not "
                                   "describe this graph (re-export the bundle)")
+
+    def _check_text_length(self) -> None:
+        """The text graph must take the manifest's `max_text_length` tokens (its model's positions
+        bound it): one call at that length now, rather than an ONNX Runtime error at the first long
+        query. One row on a CPU; on CUDA the padded batch `warmup` runs anyway."""
+        length = self.tokenizer.max_length
+        rows = self.text_batch if self.choice.device == "cuda" else 1
+        ids = np.full((rows, length), self.tokenizer.pad_id, np.int64)
+        try:
+            self.text.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        except Exception as exc:  # ONNX Runtime's own exception types
+            raise BundleError(f"{os.path.join(self.bundle_dir, MANIFEST)}: max_text_length={length}, but "
+                              f"{self.text_graph} cannot take {length} tokens ({' '.join(str(exc).split())[:200]}); "
+                              "re-export the bundle") from None
 
     def _run(self, session, graph: str, feeds: dict) -> np.ndarray:
         try:

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -164,9 +165,21 @@ _PLACEHOLDER = re.compile(r"__TITLE__|__DATA__")
 
 def render(data: dict) -> str:
     template = resources.files(__package__).joinpath("template.html").read_text(encoding="utf-8")
-    values = {"__TITLE__": _escape(data["title"]),
-              "__DATA__": json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_SCRIPT_SAFE)}
+    blob = json.dumps(_finite(data), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    values = {"__TITLE__": _escape(data["title"]), "__DATA__": blob.translate(_SCRIPT_SAFE)}
     return _PLACEHOLDER.sub(lambda m: values[m.group()], template)  # one pass: no value is searched again
+
+
+def _finite(value):
+    """`value` with NaN and infinities (a diverged run's loss, say) as null: Python writes them bare,
+    which is not JSON, and the browser's JSON.parse would throw and show nothing."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _escape(text: str) -> str:

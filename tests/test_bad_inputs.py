@@ -103,16 +103,43 @@ def _edit_manifest(bundle, **values):
 @pytest.mark.parametrize("damage, message", [
     (lambda b: (b / "manifest.json").write_text("{not json"), "manifest.json: not valid JSON"),
     (lambda b: (b / "manifest.json").write_text(json.dumps({k: v for k, v in json.loads(
-        (b / "manifest.json").read_text()).items() if k != "embed_dim"})), "manifest.json: no 'embed_dim'"),
+        (b / "manifest.json").read_text()).items() if k != "embed_dim"})),
+     "manifest.json: no embed_dim: every manifest has one"),
     (lambda b: (b / "manifest.json").unlink(), "manifest.json not found"),
     (lambda b: _edit_manifest(b, format="muge-bundle/0"),
      "manifest.json: format 'muge-bundle/0', but this muge reads 'muge-bundle/1' bundles"),
     (lambda b: _edit_manifest(b, format=None), "manifest.json: format None, but this muge reads"),
-    (lambda b: _edit_manifest(b, image_size="224"), "manifest.json: bad value for 'image_size' ('224')"),
+    (lambda b: _edit_manifest(b, image_size="224"), "manifest.json: image_size='224': expected int"),
     (lambda b: shutil.rmtree(b / "tokenizer"), "tokenizer: no readable tokenizer.json"),
     (lambda b: (b / "text.onnx").unlink(), "text.onnx not found: the bundle is incomplete"),
+    (lambda b: _edit_manifest(b, files=5), "manifest.json: files=5: expected a mapping of str to str"),
+    (lambda b: _edit_manifest(b, external_data=None), "manifest.json: external_data=None: expected a mapping"),
+    (lambda b: _edit_manifest(b, external_data="text.onnx.data"), "manifest.json: external_data='text.onnx.data': "
+                                                                   "expected a mapping"),
+    (lambda b: _edit_manifest(b, external_data={"text.onnx": "text.onnx.data"}),
+     "manifest.json: external_data.text.onnx='text.onnx.data': expected a list of str"),
+    (lambda b: _edit_manifest(b, external_data={"text.onnx": ["../../etc/passwd"]}),
+     "manifest.json: external_data.text.onnx: '../../etc/passwd' is not a file name inside the bundle"),
+    (lambda b: _edit_manifest(b, external_data={"text.onnx": ["/etc/passwd"]}), "'/etc/passwd' is not a file name"),
+    (lambda b: _edit_manifest(b, files={"../text.onnx": "0" * 64}), "files: '../text.onnx' is not a file name"),
+    (lambda b: _edit_manifest(b, max_text_length=0), "manifest.json: max_text_length=0: expected 1 to 4096"),
+    (lambda b: _edit_manifest(b, max_text_length=-5), "manifest.json: max_text_length=-5: expected 1 to 4096"),
+    (lambda b: _edit_manifest(b, max_text_length=10**9), "max_text_length=1000000000: expected 1 to 4096"),
+    (lambda b: _edit_manifest(b, max_text_length=100),  # the tiny text tower has 64 positions
+     "manifest.json: max_text_length=100, but text.onnx cannot take 100 tokens"),
+    (lambda b: _edit_manifest(b, resize_rule="bogus"),
+     "manifest.json: resize_rule='bogus': expected one of squash, shorter-crop"),
+    (lambda b: _edit_manifest(b, logit_scale=float("nan")),
+     "manifest.json: logit_scale=nan: expected a positive finite number"),
+    (lambda b: _edit_manifest(b, logit_scale=-1), "manifest.json: logit_scale=-1.0: expected a positive finite"),
+    (lambda b: _edit_manifest(b, novelty=1), "manifest.json: unknown manifest key novelty"),
+    (lambda b: (b / "manifest.json").write_text('{"format": "muge-bundle/1", "parity": ' + "[" * 200_000 +
+                                                "]" * 200_000 + "}"), "manifest.json: nested too deeply"),
 ], ids=["invalid-json", "missing-key", "no-manifest", "other-version", "no-version", "mistyped", "no-tokenizer",
-        "no-graph"])
+        "no-graph", "files-int", "external-null", "external-string", "external-list-string", "external-parent",
+        "external-absolute", "files-parent", "text-length-0", "text-length-negative", "text-length-huge",
+        "text-length-over-positions", "resize-rule", "logit-scale-nan", "logit-scale-negative", "unknown-key",
+        "deep"])
 def test_a_damaged_bundle_is_named(tiny_bundle, small_sample, tmp_path, damage, message):
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)

@@ -233,3 +233,29 @@ def test_training_evaluation_decodes_in_process_when_shared_memory_is_short(smal
     check_gallery(str(small_sample / "MR_valid_imgs.tsv"), EvalSettings(32, "squash", 64, 1, torch.device("cpu")))
     assert "decoding the gallery in this process instead" in caplog.text
     assert "checked the 120 images" in caplog.text
+
+
+def test_a_read_only_cache_that_holds_the_gallery_is_read(tiny_bundle, small_sample, tmp_path, monkeypatch):
+    """A cache directory that cannot be written (a read-only mount, another user's) still serves
+    the embeddings it holds; one that lacks them is named, with what to do. Read-only is
+    simulated (tests run as root, whom permission bits do not stop)."""
+    import errno
+
+    args = ["predict", "--bundle", tiny_bundle, "--data", small_sample, "--split", "valid", "--cache-dir",
+            tmp_path / "cache", "--workers", "0"]
+    accepted(muge(*args, "--out", tmp_path / "a.jsonl"))
+    real_open, real_makedirs = os.open, os.makedirs
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(tmp_path / "cache")) and (len(a) < 1 or a[0] & (os.O_CREAT | os.O_WRONLY |
+                                                                                     os.O_RDWR)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only)
+    monkeypatch.setattr(os, "makedirs", lambda path, *a, **k: read_only(path, os.O_CREAT) if str(path).startswith(
+        str(tmp_path / "cache")) and not os.path.isdir(path) else real_makedirs(path, *a, **k))
+    accepted(muge(*args, "--out", tmp_path / "b.jsonl"))
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    refused(muge(*args[:-4], "--cache-dir", tmp_path / "cache" / "other", "--workers", "0", "--out",
+                 tmp_path / "c.jsonl"), "cannot write the embeddings cache", "give --cache-dir a writable directory")

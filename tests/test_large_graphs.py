@@ -104,3 +104,62 @@ def test_a_damaged_external_data_file_is_refused_naming_it(large_bundles, small_
                  tmp_path / "p.jsonl", "--cache-dir", tmp_path / "cache", "--workers", "0", "--device", "cpu"),
             str(data), expect)
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def _point_tensors_at(graph, location: str) -> None:
+    """Rewrite every external tensor of `graph` to name `location` (the bytes stay where they are)."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    model = onnx.load(str(graph), load_external_data=False)
+    for tensor in _get_all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    graph.write_bytes(model.SerializeToString())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["unlisted", "manifest-outside", "graph-outside", "symlink"])
+def test_a_bundle_opens_no_file_it_has_not_verified(large_bundles, small_sample, tmp_path, monkeypatch, case):
+    """The data files to verify are the ones the graph's tensors name, each listed in the manifest
+    with its sha256: one the manifest leaves out is refused, even with its bytes altered; a name
+    outside the bundle (in the manifest or in the graph) is refused before anything is opened; a
+    data file linked to storage elsewhere is refused up front with what to do."""
+    import builtins
+    import shutil
+
+    from competition.io import sha256
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(large_bundles / "dual", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    outside = tmp_path / "outside.data"
+    shutil.copy(bundle / "image.onnx.data", outside)
+    if case == "unlisted":
+        del manifest["external_data"]["image.onnx"], manifest["files"]["image.onnx.data"]
+        raw = bytearray((bundle / "image.onnx.data").read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        (bundle / "image.onnx.data").write_bytes(bytes(raw))
+        expect = ["manifest.json: external_data lists no files for image.onnx, but its tensors are in "
+                  "['image.onnx.data']"]
+    elif case == "manifest-outside":
+        manifest["external_data"]["image.onnx"] = ["../outside.data"]
+        manifest["files"]["../outside.data"] = manifest["files"].pop("image.onnx.data")
+        expect = ["manifest.json: files: '../outside.data' is not a file name inside the bundle"]
+    elif case == "graph-outside":
+        _point_tensors_at(bundle / "image.onnx", "../outside.data")
+        manifest["files"]["image.onnx"] = sha256(bundle / "image.onnx")
+        expect = ["image.onnx: its tensors name external data '../outside.data', which is not a file inside the bundle"]
+    else:
+        store = tmp_path / "store"
+        store.mkdir()
+        shutil.move(bundle / "image.onnx.data", store / "blob")
+        (bundle / "image.onnx.data").symlink_to(store / "blob")
+        expect = ["image.onnx.data is a symbolic link", "copy the file in"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    opened, real_open = [], builtins.open
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: (opened.append(str(file)), real_open(file, *a, **k))[1])
+    refused(muge("predict", "--bundle", bundle, "--data", small_sample, "--split", "valid", "--out",
+                 tmp_path / "p.jsonl", "--cache-dir", tmp_path / "cache", "--workers", "0", "--device", "cpu"), *expect)
+    assert not [p for p in opened if "outside.data" in p or p.startswith(str(tmp_path / "store"))]
+    assert not (tmp_path / "p.jsonl").exists()

@@ -213,3 +213,39 @@ def test_report_renders_and_filters_in_chromium(two_runs, runs, browser, tmp_pat
     assert "filter=all" in js("location.hash") and "page=2" in js("location.hash")
     browser.screenshot(str(tmp_path / "report-page2.png"))
     assert not browser.console_errors()
+
+
+def _strict_json(text: str):
+    """JSON as a browser's JSON.parse reads it: bare NaN / Infinity are errors."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverged_runs_history_makes_a_page_that_loads(two_runs, tmp_path):
+    """A run whose loss (or a score) is NaN or infinite: the page's data is still JSON the browser
+    parses, with those values null; a metrics.jsonl that is not UTF-8 or mistyped is named."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = ['{"epoch": 0, "step": 0, "train_loss": null, "samples_per_s": null, "r1": 1.0, "r5": 2.0, "r10": 3.0, '
+             '"mean_recall": 2.0, "mrr": 1.0}',
+             '{"epoch": 1, "step": 5, "train_loss": NaN, "samples_per_s": Infinity, "r1": 1.0, "r5": 2.0, '
+             '"r10": 3.0, "mean_recall": -Infinity, "mrr": 1.0}']
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "r.html"
+    args = ["--queries", two_runs["queries"], "--images", two_runs["images"], "--pred", two_runs["a"], "--out",
+            str(out), "--workers", "1", "--run", str(run)]
+    res = CliRunner().invoke(report, args)
+    assert res.exit_code == 0, res.output
+    blob = re.search(r'<script id="data" type="application/json">(.*?)</script>', out.read_text(encoding="utf-8"),
+                     re.S).group(1)
+    history = _strict_json(blob)["history"]
+    assert history[1]["train_loss"] is None and history[1]["mean_recall"] is None and history[1]["r1"] == 1.0
+    for bad, message in ((b'{"epoch": 0, "step": 0}\n{"epoch": 1, "step": 3, "train_loss": 1.5\xff}\n',
+                          "metrics.jsonl:2: not UTF-8 text"),
+                         (b'{"epoch": "nine", "step": 3}\n', "metrics.jsonl:1: epoch='nine': expected int"),
+                         (b'{"epoch": 1, "step": -3}\n', "metrics.jsonl:1: step=-3: expected a count"),
+                         (b'{"epoch": 1, "step": 3, "loss": 2.0}\n', "unknown epoch record key loss")):
+        (run / "metrics.jsonl").write_bytes(bad)
+        res = CliRunner().invoke(report, args)
+        assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from competition.preprocess import RESIZE_RULES, TEXT_NORMALIZATIONS
+from competition.records import RecordError, from_dict
 
 Family = Literal["dual", "chinese-clip"]
 Pooling = Literal["cls", "mean", "mean_max", "attentive"]
@@ -168,58 +168,13 @@ def _keys(cls) -> str:
     return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
-def _build(cls, values, where: str):
-    if not isinstance(values, dict):  # a section is only ever a mapping: never replaced by a scalar or null
-        raise ConfigError(f"{where or 'the config'}={values!r}: a section, so a mapping of its keys "
-                          f"({_keys(cls)}); set one with {where or 'SECTION'}.KEY=VALUE")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key {where + '.' if where else ''}{unknown[0]}; "
-                          f"valid keys{' under ' + where if where else ''}: {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in values.items():
-        hint, key = hints[name], f"{where}.{name}" if where else name
-        kwargs[name] = _build(hint, value, key) if dataclasses.is_dataclass(hint) else _coerce(value, hint, key)
-    return cls(**kwargs)
-
-
-# YAML 1.1 (PyYAML) reads 3e-4 as a string: a number without a dot is only a float in YAML 1.2
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _coerce(value, hint, key: str):
-    """`value` checked against the field's type (`int`, `float`, `str | None`, `dict`, a `Literal`
-    of choices, ...)."""
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    allowed = typing.get_args(hint) if union else (hint,)
-    if value is None and type(None) in allowed:
-        return None
-    for kind in allowed:
-        if typing.get_origin(kind) is Literal:
-            if isinstance(value, str) and value in typing.get_args(kind):
-                return value
-            continue
-        if kind is bool and isinstance(value, bool):
-            return value
-        if isinstance(value, bool):
-            continue  # a bool is an int to Python, never to a config
-        if kind is int and isinstance(value, int):
-            return value
-        if kind is float and isinstance(value, (int, float)):
-            return float(value)
-        if kind is float and isinstance(value, str) and _NUMBER.match(value.strip()):
-            return float(value)
-        if kind in (str, dict, list) and isinstance(value, kind):
-            return value
-    raise ConfigError(f"{key}={value!r}: expected {' or '.join(_type_name(k) for k in allowed)}")
-
-
-def _type_name(kind) -> str:
-    if typing.get_origin(kind) is Literal:
-        return "one of " + ", ".join(typing.get_args(kind))
-    return "null" if kind is type(None) else {dict: "a mapping", list: "a list"}.get(kind, kind.__name__)
+def _build(values) -> Config:
+    """The config of `values`, by the one rule every record of this project is read with
+    (`competition.records`); numbers may be strings, as YAML 1.1 writes some."""
+    try:
+        return from_dict(Config, values, what="config", numbers_from_strings=True)
+    except RecordError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def data_seed(train: TrainConfig) -> int:
@@ -428,7 +383,7 @@ def read_preset(path: str) -> dict:
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     values: dict[str, Any] = read_preset(path) if path else {}
     values = apply_overrides(values, list(overrides))
-    return validate_values(_build(Config, values, ""))
+    return validate_values(_build(values))
 
 
 def save_config(cfg: Config, path: str) -> None:
@@ -441,6 +396,6 @@ def config_from_dict(values: dict, where: str) -> Config:
     """A run's config as its checkpoint saved it, read back into the schema (a key the run did not
     save takes its default); a value that does not fit is a ConfigError naming `where`."""
     try:
-        return _build(Config, values, "")
+        return _build(values)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
