@@ -5,6 +5,7 @@ the number of ground-truth queries. Vectorised: one `np.isin` over (query, item)
 """
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import re
@@ -100,23 +101,25 @@ def per_query(score: Score, ground_truth: Sequence[Query]):
         "positives": [len(by_id[int(i)].item_ids) for i in score.query_ids]})
 
 
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a cell a spreadsheet would run as a formula (OWASP)
+# a cell a spreadsheet would run as a formula (OWASP's list: a leading NUL is skipped by some readers)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\0")
 
 
 def spreadsheet_csv(frame) -> str:
     """`frame` as CSV that Excel and WPS open safely and as written: UTF-8 with a BOM (else they
-    show Chinese as mojibake), CRLF rows (so a lone CR inside a text is quoted, not a row break),
-    text cells that start like a formula prefixed with `'` (OWASP's CSV-injection rule), and lone
-    surrogates (which the readers accept) written as `\\udXXX`, as the submission writer does."""
+    show Chinese as mojibake), CRLF rows, every text cell quoted (so no CR, LF or Unicode line
+    separator inside a text can break a row, whatever the reader), text cells that start like a
+    formula prefixed with `'` (OWASP's CSV-injection rule), and lone surrogates (which the readers
+    accept) written as `\\udXXX`, as the submission writer does."""
     def cell(value):
         if not isinstance(value, str):
             return value
         value = re.sub(r"[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", value)
         return "'" + value if value.startswith(FORMULA_STARTS) else value
 
-    texts = frame.select_dtypes(include="object").columns
+    texts = frame.select_dtypes(include=["object", "string"]).columns
     safe = frame.assign(**{c: frame[c].map(cell) for c in texts})
-    return "\ufeff" + safe.to_csv(index=False, lineterminator="\r\n")
+    return "\ufeff" + safe.to_csv(index=False, lineterminator="\r\n", quoting=csv.QUOTE_NONNUMERIC)
 
 
 def success_json(score: Score) -> dict:

@@ -646,7 +646,8 @@ def test_a_per_query_csv_opens_safely_in_a_spreadsheet(tmp_path):
     surrogate escaped instead of crashing the writer, and a BOM for Excel's UTF-8."""
     import pandas as pd
 
-    texts = ["=HYPERLINK(\"x\")", "+1", "-50%折扣", "@SUM(A1)", "\tq", "红\r裙", "坏\ud800字", "普通 连衣裙"]
+    texts = ["=HYPERLINK(\"x\")", "+1", "-50%折扣", "@SUM(A1)", "\tq", "红\r裙", "坏\ud800字", "普通 连衣裙", "\0=1+1",
+             "裙\r", "\r", "行\u2028分"]
     gt = tmp_path / "gt.jsonl"
     gt.write_text("".join(json.dumps({"query_id": i + 1, "query_text": t, "item_ids": [100 + i]}) + "\n"
                           for i, t in enumerate(texts)), encoding="utf-8")
@@ -659,7 +660,9 @@ def test_a_per_query_csv_opens_safely_in_a_spreadsheet(tmp_path):
     table = pd.read_csv(tmp_path / "q.csv", encoding="utf-8-sig", keep_default_na=False)
     assert table["query_id"].tolist() == list(range(1, len(texts) + 1))
     assert table["query_text"].tolist() == ["'=HYPERLINK(\"x\")", "'+1", "'-50%折扣", "'@SUM(A1)", "'\tq", "红\r裙",
-                                            "坏\\ud800字", "普通 连衣裙"]
+                                            "坏\\ud800字", "普通 连衣裙", "'\0=1+1", "裙\r", "'\r", "行\u2028分"]
+    rows = raw.decode("utf-8-sig").split("\r\n")[1:-1]  # CRLF ends a row; every text cell is quoted
+    assert len(rows) == len(texts) and all(re.match(r'^\d+,"', r) for r in rows), rows
 
 
 def test_a_batch_larger_than_the_gallery_runs_at_the_gallery_size(tiny_bundle, small_sample, tmp_path, caplog,
