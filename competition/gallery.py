@@ -57,6 +57,19 @@ def segment_prefix(pid: int | None = None) -> str:
     return f"{SHM_PREFIX}{os.getuid()}-{os.getpid() if pid is None else pid}-"
 
 
+def shared_memory_problem() -> str | None:
+    """Why this process cannot create shared memory (a read-only or missing /dev/shm), or None when
+    it can: a segment of this owner's is made and removed at once."""
+    try:
+        probe = shared_memory.SharedMemory(name=f"{segment_prefix()}probe-{secrets.token_hex(4)}", create=True,
+                                           size=4096)
+    except OSError as exc:
+        return f"{SHM_DIR}: {exc.strerror or exc}"
+    probe.close()
+    probe.unlink()
+    return None
+
+
 def sweep_orphans() -> list[str]:
     """Unlink this owner's segments whose creating process is gone; returns their names."""
     pattern = re.compile(rf"{re.escape(SHM_PREFIX)}{os.getuid()}-(\d+)-")

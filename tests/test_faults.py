@@ -235,6 +235,38 @@ def test_training_evaluation_decodes_in_process_when_shared_memory_is_short(smal
     assert "checked the 120 images" in caplog.text
 
 
+def test_training_on_a_read_only_dev_shm_loads_in_process(small_sample, tmp_path, monkeypatch, caplog):
+    """/dev/shm read-only (a locked-down container): the loader's workers could hand no batch over,
+    so training warns and loads in its own process, as evaluation decodes in its own; the run
+    completes. Read-only is simulated: creating any shared-memory segment fails with EROFS."""
+    import errno
+    import logging
+    from multiprocessing import shared_memory
+
+    from tiny import tiny_config
+
+    from competition.gallery import shared_memory_problem
+    from train.main import train_run
+
+    real = shared_memory.SharedMemory
+
+    def read_only(name=None, create=False, size=0, **kwargs):
+        if create:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(name, create, size, **kwargs)
+
+    assert shared_memory_problem() is None
+    monkeypatch.setattr(shared_memory, "SharedMemory", read_only)
+    assert shared_memory_problem() == "/dev/shm: Read-only file system"
+    caplog.set_level(logging.INFO)
+    train_run(tiny_config("dual", "train.epochs=1", "data.workers=2", "data.limit_pairs=64", "eval.untrained=false"),
+              str(small_sample), str(tmp_path / "run"))
+    assert "data.workers=2: the loader's workers hand batches over in shared memory, which cannot be created here " \
+           "(/dev/shm: Read-only file system): loading in this process instead" in caplog.text
+    assert "decoding the gallery in this process instead" in caplog.text
+    assert (tmp_path / "run" / "last.pt").exists()
+
+
 def test_a_read_only_cache_that_holds_the_gallery_is_read(tiny_bundle, small_sample, tmp_path, monkeypatch):
     """A cache directory that cannot be written (a read-only mount, another user's) still serves
     the embeddings it holds; one that lacks them is named, with what to do. Read-only is

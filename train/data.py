@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from competition import ImageTSV, MugeDataError, read_queries
+from competition.gallery import shared_memory_problem
 
 from .config import Config, data_seed
 from .transform import augment_image, augment_text
@@ -123,10 +124,17 @@ def train_loader(dataset: PairDataset, tokenizer, cfg: Config, rank: int, world:
     if len(dataset) // world < cfg.train.batch_size:
         raise ValueError(f"{len(dataset)} pairs over {world} process(es) do not fill one batch of "
                          f"{cfg.train.batch_size}; lower train.batch_size")
+    workers = cfg.data.workers
+    problem = shared_memory_problem() if workers else None
+    if problem:  # the workers hand each batch over in shared memory: torch would fail at the first one
+        log.warning("data.workers=%d: the loader's workers hand batches over in shared memory, which cannot be "
+                    "created here (%s): loading in this process instead, slower; give the machine writable shared "
+                    "memory (docker run --shm-size=2g) to use the workers", workers, problem)
+        workers = 0
     return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=cfg.data.workers, collate_fn=Collate(tokenizer, pad_to), worker_init_fn=_worker_init,
-                      pin_memory=device.type == "cuda", persistent_workers=cfg.data.workers > 0,
-                      prefetch_factor=4 if cfg.data.workers else None)
+                      num_workers=workers, collate_fn=Collate(tokenizer, pad_to), worker_init_fn=_worker_init,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers else None)
 
 
 def stop_workers(loader: DataLoader) -> None:
