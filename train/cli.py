@@ -23,6 +23,7 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
     from .distributed import DistributedSetupError
+    from .guard import TrainingDiverged
     from .main import train_run
 
     if resume_dir:
@@ -38,7 +39,7 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
         raise click.BadParameter(str(exc), param_hint="--config/--set") from None
     try:
         best = train_run(cfg, data_dir, out_dir, resume=bool(resume_dir))
-    except (MugeDataError, CheckpointError, DistributedSetupError, ValueError, OSError) as exc:
+    except (MugeDataError, CheckpointError, DistributedSetupError, TrainingDiverged, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"best valid MR {best['mean_recall']:.2f}; checkpoint {os.path.join(out_dir, 'best.pt')}")
 

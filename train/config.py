@@ -113,6 +113,7 @@ class TrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0          # cosine floor as a fraction of each group's lr
     grad_clip: float | None = 1.0
+    max_skipped_steps: int = 5         # updates skipped in a row (a non-finite loss or gradients) that stop the run
     label_smoothing: float = 0.0
     hard_negative_margin: float = 0.0  # 0 = off; else hinge on (hardest negative - positive)
     hard_negative_weight: float = 1.0
@@ -244,6 +245,7 @@ def validate_values(cfg: Config) -> Config:
     positive = [("train.epochs", train.epochs), ("train.batch_size", train.batch_size),
                 ("train.accum_steps", train.accum_steps), ("data.image_size", data.image_size),
                 ("data.max_text_length", data.max_text_length), ("train.log_every", train.log_every),
+                ("train.max_skipped_steps", train.max_skipped_steps),
                 ("eval.batch_size", cfg.eval.batch_size),
                 ("eval.every_epochs", cfg.eval.every_epochs)]
     for key, value in positive:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .config import TrainConfig
 from .distributed import unwrap
+from .guard import DivergenceGuard, divergence_advice
 from .speed import synchronize
 from .step import forward_backward
 
@@ -51,6 +55,7 @@ class EpochStats:
     steady_samples: int       # samples after the first `warmup` batches (compile, cuDNN autotuning, workers' start)
     steady_s: float
     first_batch_s: float      # the first batch's wall time: a compiled model's one-time compile shows here
+    skipped_steps: int = 0    # updates skipped for a non-finite loss or gradients (`train.guard`)
 
     @property
     def steady_samples_per_s(self) -> float:
@@ -68,26 +73,56 @@ class StepParts:
     device: torch.device
     grad_clip: float | None = None
     grad_cache_chunk: int | None = None
+    guard: DivergenceGuard | None = None  # None: one of train.max_skipped_steps' default is made
 
 
-def train_step(parts: StepParts, model, batch: dict, *, group: int = 1, boundary: bool = True) -> torch.Tensor:
+def train_step(parts: StepParts, model, batch: dict, *, group: int = 1, boundary: bool = True,
+               step: int = 0) -> torch.Tensor:
     """Forward and backward one batch (as 1/`group` of an accumulation group) and, at a group's
-    `boundary`, clip, step and clamp. `model` is the model or its DDP wrapper. Returns the
-    detached loss, on the device: no host sync."""
+    `boundary`, clip, then apply the update (optimizer step `step + 1`) unless its loss or
+    gradients are not finite (`train.guard`), and step the schedule and clamp. `model` is the
+    model or its DDP wrapper. Returns the detached loss, on the device: no host sync."""
+    guard = parts.guard = parts.guard or DivergenceGuard(TrainConfig.max_skipped_steps, parts.device)
     skip_sync = not boundary and isinstance(model, DistributedDataParallel)
     with model.no_sync() if skip_sync else contextlib.nullcontext():
         loss = forward_backward(model, parts.criterion, batch, precision=parts.precision, device=parts.device,
                                 scaler=parts.scaler, scale=1.0 / group, chunk=parts.grad_cache_chunk)
+    guard.add_loss(loss)
     if boundary:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        scaled = parts.scaler.is_enabled()  # fp16: the GradScaler judges the gradients itself
         if parts.grad_clip:
             parts.scaler.unscale_(parts.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], parts.grad_clip)
-        parts.scaler.step(parts.optimizer)
-        parts.scaler.update()
+            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                                  parts.grad_clip)
+        else:
+            norm = None if scaled else torch.nn.utils.get_total_norm(grads)
+        skip = guard.verdict(None if scaled else norm)
+        _apply_update(parts, skip)
+        guard.record(skip, step + 1)
         parts.optimizer.zero_grad(set_to_none=True)
-        parts.scheduler.step()
+        with warnings.catch_warnings():  # a skipped update steps the schedule too, as GradScaler's do; torch
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))  # for a bug
+            parts.scheduler.step()
         unwrap(model).clamp_logit_scale()
     return loss
+
+
+def _apply_update(parts: StepParts, skip: torch.Tensor) -> None:
+    """The optimizer step, unless `skip` (a device bool) says otherwise, without waiting for the
+    device where one queues work (`train.guard`)."""
+    optimizer = parts.optimizer
+    if parts.scaler.is_enabled():  # skips (and lowers its scale) when the gradients overflowed
+        parts.scaler.step(optimizer)
+        parts.scaler.update()
+    elif optimizer.defaults.get("fused"):  # CUDA: the fused kernel skips the update on the device
+        optimizer.found_inf = skip.to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not skip.item():  # a CPU: nothing queued to wait for
+        optimizer.step()
 
 
 def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int | None = None,
@@ -97,9 +132,11 @@ def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int 
     where `tracker` (`train.tracking.Tracker`) also records the step's figures."""
     train_cfg, loader, world, device = training.cfg.train, training.loader, training.world, training.device
     parts = training.step_parts()
+    guard, skipped_before = parts.guard, parts.guard.skipped_count()
+    advice = divergence_advice(vars(train_cfg.lr), train_cfg.grad_clip, training.precision)
     model.train()
     n = len(loader) if max_batches is None else min(max_batches, len(loader))
-    total, count, seen = torch.zeros((), device=device), 0, 0
+    total, count, seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device), 0
     warmup = max(0, min(warmup, n - 1))
     start = fetch = logged = time.perf_counter()
     first_batch_s, steady, epoch_clock, clock = 0.0, (start, 0), WaitClock(), WaitClock()
@@ -114,24 +151,28 @@ def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int 
         # the next epoch, and last.pt holds none), averaged over its own length
         group = min(train_cfg.accum_steps, n - (i - i % train_cfg.accum_steps))
         boundary = (i + 1) % train_cfg.accum_steps == 0 or i == n - 1
-        total += train_step(parts, model, batch, group=group, boundary=boundary)
+        loss = train_step(parts, model, batch, group=group, boundary=boundary, step=step)
+        finite = torch.isfinite(loss)  # a skipped batch's loss is left out of the epoch's mean
+        total += torch.where(finite, loss, torch.zeros_like(loss))
+        count += finite
         step += boundary
         if boundary and training.ema is not None:
             training.ema.update(unwrap(model))
-        count += 1
         seen += len(batch["pixels"]) * world.size
         if i == 0:
             synchronize(device)
             first_batch_s = time.perf_counter() - start
+        if i % train_cfg.log_every == 0 or i == n - 1:
+            guard.check(training.optimizer, epoch, advice)  # every rank: all stop, or none
         if world.main and (i % train_cfg.log_every == 0 or i == n - 1):
-            scale, loss = unwrap(model).logit_scale.exp().item(), total.item() / count
+            scale, loss = unwrap(model).logit_scale.exp().item(), total.item() / max(int(count), 1)
             rate = seen / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{training.optimizer.param_groups[0]['lr']:.2e}",
                             temp=f"{1 / scale:.4f}", samples_per_s=f"{rate:.1f}",
                             data=f"{100 * clock.data_share:.0f}%", refresh=False)
             if tracker is not None:
                 tracker.step(step, loss=loss, optimizer=training.optimizer, logit_scale=scale, samples_per_s=rate,
-                             data_wait_share=clock.data_share)
+                             data_wait_share=clock.data_share, skipped_steps=guard.skipped_count())
         now = time.perf_counter()
         for c in (clock, epoch_clock):
             c.add(got - fetch, now - fetch)
@@ -143,10 +184,13 @@ def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int 
         fetch = time.perf_counter()
     synchronize(device)
     end = time.perf_counter()
-    stats = EpochStats(loss=total.item() / max(count, 1), step=step, samples_per_s=seen / max(end - start, 1e-9),
-                       steady_samples=seen - steady[1], steady_s=end - steady[0], first_batch_s=first_batch_s)
+    skipped = guard.skipped_count() - skipped_before
+    stats = EpochStats(loss=total.item() / max(int(count), 1), step=step, samples_per_s=seen / max(end - start, 1e-9),
+                       steady_samples=seen - steady[1], steady_s=end - steady[0], first_batch_s=first_batch_s,
+                       skipped_steps=skipped)
     if world.main:
-        log.info("epoch %d: loss %.4f, %.1f samples/s (%.1f after its first %d batches; the first took %.1fs); %s",
+        log.info("epoch %d: loss %.4f, %.1f samples/s (%.1f after its first %d batches; the first took %.1fs); %s%s",
                  epoch + 1, stats.loss, stats.samples_per_s, stats.steady_samples_per_s, warmup, first_batch_s,
-                 epoch_clock.describe())
+                 epoch_clock.describe(), f"; {skipped} updates skipped (a non-finite loss or gradients)"
+                 if skipped else "")
     return stats

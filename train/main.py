@@ -36,6 +36,7 @@ from .data import PairDataset, stop_workers, train_loader
 from .distributed import World, barrier, cleanup, device_for, init_distributed
 from .ema import ModelEma
 from .evaluate import EvalSettings, check_gallery, evaluate
+from .guard import DivergenceGuard
 from .loop import StepParts, train_one_epoch
 from .loss import ClipLoss
 from .model import FAMILIES, RetrievalModel, build_from_arch, create_model
@@ -80,10 +81,11 @@ class Training:
     criterion: ClipLoss
     ema: ModelEma | None
     trainable: dict  # trainable parameter counts per group after epoch 0's freezing
+    guard: DivergenceGuard
 
     def step_parts(self) -> StepParts:
         return StepParts(self.criterion, self.optimizer, self.scheduler, self.scaler, self.precision, self.device,
-                         self.cfg.train.grad_clip, self.cfg.train.grad_cache_chunk)
+                         self.cfg.train.grad_clip, self.cfg.train.grad_cache_chunk, self.guard)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -150,7 +152,8 @@ def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str
                          cfg.model.logit_scale_max)
     ema = ModelEma(model, cfg.train.ema) if cfg.train.ema else None
     return Training(cfg, world, device, precision, compiled, tokenizer, model, arch, dataset, loader, optimizer,
-                    scheduler, grad_scaler(precision, device), criterion, ema, trainable)
+                    scheduler, grad_scaler(precision, device), criterion, ema, trainable,
+                    DivergenceGuard(cfg.train.max_skipped_steps, device))
 
 
 def _start_file_gone(name: str | None) -> bool:

@@ -1,7 +1,8 @@
 """TensorBoard logging of a run (`train.tensorboard: true`), as open_clip does: event files in
 `RUN/tensorboard/`, written by rank 0. Per logged step: the loss, each parameter group's top
-learning rate, the logit scale and samples/s; per scored epoch: valid R@1/5/10, MR and MRR (and
-the EMA's). `tensorboard` is an optional dependency (`pip install tensorboard`)."""
+learning rate, the logit scale, samples/s and the updates skipped so far for non-finite values;
+per scored epoch: valid R@1/5/10, MR and MRR (and the EMA's). `tensorboard` is an optional
+dependency (`pip install tensorboard`)."""
 from __future__ import annotations
 
 import os
@@ -21,10 +22,11 @@ class Tracker:
         self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
 
     def step(self, step: int, *, loss: float, optimizer, logit_scale: float, samples_per_s: float,
-             data_wait_share: float = 0.0) -> None:
+             data_wait_share: float = 0.0, skipped_steps: int = 0) -> None:
         if self.writer is None:
             return
         self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/skipped_steps", skipped_steps, step)  # non-finite updates, so far
         self.writer.add_scalar("train/data_wait_share", data_wait_share, step)
         self.writer.add_scalar("train/logit_scale", logit_scale, step)
         self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
