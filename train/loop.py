@@ -73,7 +73,11 @@ class StepParts:
     device: torch.device
     grad_clip: float | None = None
     grad_cache_chunk: int | None = None
-    guard: DivergenceGuard | None = None  # None: one of train.max_skipped_steps' default is made
+    guard: DivergenceGuard | None = None  # None: one of train.max_skipped_steps' default
+
+    def __post_init__(self):
+        if self.guard is None:
+            self.guard = DivergenceGuard(TrainConfig.max_skipped_steps, self.device)
 
 
 def train_step(parts: StepParts, model, batch: dict, *, group: int = 1, boundary: bool = True,
@@ -82,21 +86,21 @@ def train_step(parts: StepParts, model, batch: dict, *, group: int = 1, boundary
     `boundary`, clip, then apply the update (optimizer step `step + 1`) unless its loss or
     gradients are not finite (`train.guard`), and step the schedule and clamp. `model` is the
     model or its DDP wrapper. Returns the detached loss, on the device: no host sync."""
-    guard = parts.guard = parts.guard or DivergenceGuard(TrainConfig.max_skipped_steps, parts.device)
+    guard = parts.guard
     skip_sync = not boundary and isinstance(model, DistributedDataParallel)
     with model.no_sync() if skip_sync else contextlib.nullcontext():
         loss = forward_backward(model, parts.criterion, batch, precision=parts.precision, device=parts.device,
                                 scaler=parts.scaler, scale=1.0 / group, chunk=parts.grad_cache_chunk)
     guard.add_loss(loss)
     if boundary:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        params = [p for p in model.parameters() if p.grad is not None]
         scaled = parts.scaler.is_enabled()  # fp16: the GradScaler judges the gradients itself
+        norm = None
         if parts.grad_clip:
             parts.scaler.unscale_(parts.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                                  parts.grad_clip)
-        else:
-            norm = None if scaled else torch.nn.utils.get_total_norm(grads)
+            norm = torch.nn.utils.clip_grad_norm_(params, parts.grad_clip)
+        elif not scaled:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         skip = guard.verdict(None if scaled else norm)
         _apply_update(parts, skip)
         guard.record(skip, step + 1)
