@@ -104,7 +104,8 @@ test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --durations=15 $(PYTEST)
 
-# docs/cli.md's last section is every command's --help; `make test` fails when it is stale.
+# docs/cli.md's last section is every command's --help, and docs/config.md every config key (from the
+# schema's own comments); `make test` fails when either is stale.
 docs: $(STAMP)
 	$(PY) -c "import muge_cli; muge_cli.write_reference()"
 

@@ -103,11 +103,82 @@ def reference_head(path: str = os.path.join(ROOT, REFERENCE)) -> str:
         return f.read().split(GENERATED, 1)[0]
 
 
+CONFIG_REFERENCE = "docs/config.md"
+
+
+def config_reference() -> str:
+    """Every config key (`train.config`'s schema) with its type, default and meaning, the meaning
+    being the field's own comment in the schema's source: no key can be missing or stale, and a
+    field without a comment is an error here (so `make docs` and its test fail)."""
+    import dataclasses
+    import inspect
+    import io
+    import tokenize
+    import typing
+
+    import train.config as schema
+
+    source = inspect.getsource(schema)
+    comments = {tok.start[0]: (tok.start[1], tok.string.lstrip("#").strip())  # line -> (column, text)
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+
+    def meaning(cls, name: str) -> str:
+        body, start = inspect.getsourcelines(cls)
+        at = start + next(i for i, line in enumerate(body) if line.strip().startswith(name + ":"))
+        if at not in comments:
+            raise ValueError(f"train/config.py: {cls.__name__}.{name} has no comment: say what it does")
+        column, text = comments[at]
+        # continued on the next lines: comment-only lines whose `#` is in the same column
+        while at + 1 in comments and comments[at + 1][0] == column and not body[at + 1 - start].split("#")[0].strip():
+            at += 1
+            text += " " + comments[at][1]
+        return text
+
+    def rows(cls, prefix: str):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from rows(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            kind, shown = _type_text(hints[f.name]), _yaml_text(default)
+            yield f"| `{prefix}{f.name}` | {kind} | `{shown}` | {meaning(cls, f.name)} |"
+
+    parts = ["# Config keys\n", "Generated from the schema (`train/config.py`) by `make docs`: every key a preset in\n"
+             "`configs/` or `--set KEY=VALUE` takes, its type, its default and what it does (the schema's own\n"
+             "comment). Unknown keys and values of the wrong type are refused, naming the key.\n"
+             "[training.md](training.md) says how the pieces fit.\n"]
+    for section in dataclasses.fields(schema.Config):
+        parts += [f"## {section.name}\n", "| key | type | default | meaning |", "|---|---|---|---|",
+                  *rows(typing.get_type_hints(schema.Config)[section.name], f"{section.name}."), ""]
+    return "\n".join(parts)
+
+
+def _type_text(hint) -> str:
+    import types
+    import typing
+
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(f"`{c}`" for c in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(h) for h in typing.get_args(hint))
+    return {type(None): "null", dict: "mapping", list: "list"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _yaml_text(value) -> str:
+    import yaml
+
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
 def write_reference(path: str = os.path.join(ROOT, REFERENCE)) -> None:
-    """`make docs`: regenerate the reference's generated part in place."""
+    """`make docs`: regenerate the CLI reference's generated part in place, and the config reference."""
     from competition.io import atomic_write_text
 
     atomic_write_text(path, cli_reference(reference_head(path)))
+    atomic_write_text(os.path.join(ROOT, CONFIG_REFERENCE), config_reference())
 
 
 def main():

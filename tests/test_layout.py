@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import typing
 
 import click
 import pytest
@@ -192,6 +193,36 @@ def test_the_cli_reference_is_generated_from_the_commands():
         f"{muge_cli.REFERENCE} is stale: run `make docs` and commit it")
     for option in ("--train-queries", "--parity-gallery", "--threads", "--thumb-size", "--mask-ratio"):
         assert f"  {option}" in committed, option
+
+
+def test_the_config_reference_is_generated_from_the_schema(monkeypatch):
+    """docs/config.md lists every config key with its type, default and the schema's own comment;
+    `make docs` regenerates it, and a field without a comment cannot be generated."""
+    import dataclasses
+
+    import muge_cli
+    import train.config as schema
+
+    with open(os.path.join(ROOT, muge_cli.CONFIG_REFERENCE), encoding="utf-8") as f:
+        committed = f.read()
+    assert committed == muge_cli.config_reference(), f"{muge_cli.CONFIG_REFERENCE} is stale: run `make docs`"
+    keys = re.findall(r"^\| `([a-z_.]+)` \|", committed, re.M)
+
+    def flat(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            yield from flat(hint, f"{prefix}{f.name}.") if dataclasses.is_dataclass(hint) else [prefix + f.name]
+
+    assert keys == list(flat(schema.Config)) and "`data.augment.word_dropout`" in committed
+    assert "drops characters instead" in committed.split("`data.augment.word_dropout`")[1].split("\n")[0]
+    import inspect
+
+    source = inspect.getsource(schema)
+    bare = source.replace("    eps: float = 1e-6                  # AdamW's epsilon", "    eps: float = 1e-6")
+    assert bare != source
+    monkeypatch.setattr(inspect, "getsource", lambda module: bare)
+    with pytest.raises(ValueError, match="TrainConfig.eps has no comment"):
+        muge_cli.config_reference()
 
 
 @pytest.mark.parametrize("cpus", [1, 16])

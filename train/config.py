@@ -31,65 +31,66 @@ TextNormalization = Literal[tuple(TEXT_NORMALIZATIONS)]  # likewise: predict rea
 class TextTower:
     name: str | None = None            # hub name or local dir; None: random init from `config`
     config: dict = field(default_factory=dict)  # BertConfig fields for a random tower
-    pooling: Pooling = "cls"
+    pooling: Pooling = "cls"           # text token states -> one vector: [CLS], mean, mean+max, or learned attention
     tokenizer: str | None = None       # None: the tower's own; "char-vocab": built from train queries; or a dir
 
 
 @dataclass
 class ImageTower:
     name: str = "convnext_tiny"        # any timm model name
-    pretrained: bool = False
+    pretrained: bool = False           # timm's published weights for `name` (from the hub, or timm's cache)
     checkpoint: str | None = None      # local weights file for the timm model (no network)
-    kwargs: dict = field(default_factory=dict)
+    kwargs: dict = field(default_factory=dict)  # more timm.create_model arguments, e.g. {drop_path_rate: 0.1}
 
 
 @dataclass
 class ModelConfig:
-    family: Family = "dual"
+    family: Family = "dual"            # dual: any BERT + any timm tower; chinese-clip: ChineseCLIPModel
     name: str | None = None            # chinese-clip: hub name or local dir; None: random from `config`
     config: dict = field(default_factory=dict)  # chinese-clip: ChineseCLIPConfig fields
     attention_heads: list | None = None  # [vision, text] of a cn_clip file of a shape Chinese-CLIP does not publish
     text: TextTower = field(default_factory=TextTower)
     image: ImageTower = field(default_factory=ImageTower)
-    embed_dim: int = 512
-    head: Head = "linear"
-    head_dropout: float = 0.1
-    logit_scale_init: float = 1 / 0.07
-    logit_scale_max: float = 100.0
-    grad_checkpointing: bool = False
+    embed_dim: int = 512               # the shared embedding size (dual; Chinese-CLIP's is its projection_dim)
+    head: Head = "linear"              # dual: each tower's projection onto embed_dim, one layer or an MLP
+    head_dropout: float = 0.1          # dropout inside the mlp head
+    logit_scale_init: float = 1 / 0.07  # the similarity multiplier at a random start (1 / temperature; not its log)
+    logit_scale_max: float = 100.0     # the multiplier's clamp in training (the model learns its log)
+    grad_checkpointing: bool = False   # recompute each block's activations in backward: less memory, ~30% slower
 
 
 @dataclass
 class Augment:
     random_resized_crop: list = field(default_factory=lambda: [0.8, 1.0])  # scale range; [] = off
-    hflip: float = 0.5
+    hflip: float = 0.5                 # probability of a horizontal flip
     color_jitter: float = 0.0          # brightness/contrast/saturation strength; hue is left alone
-    grayscale: float = 0.0
-    blur: float = 0.0
-    word_dropout: float = 0.0
-    random_swap: float = 0.0
+    grayscale: float = 0.0             # probability of turning the image grey
+    blur: float = 0.0                  # probability of a Gaussian blur (radius 0.1 to 1.5 px)
+    word_dropout: float = 0.0          # drop each word with this probability; a query without spaces (most Chinese
+                                       # ones) drops characters instead; one unit is always kept
+    random_swap: float = 0.0           # probability of swapping two neighbouring words (characters, as above)
     # a timm AutoAugment policy ("original": Chinese-CLIP's --use-augment): timm's training transform
     # (random_resized_crop's scales, hflip, the policy, bicubic) replaces the crop/jitter/blur path
-    auto_augment: str | None = None
+    auto_augment: str | None = None    # e.g. original, v0, rand-m9-mstd0.5; null: our own path
 
 
 @dataclass
 class DataConfig:
-    image_size: int = 224
-    resize_rule: ResizeRule = "squash"  # see competition.preprocess
-    max_text_length: int = 52
-    text_normalization: TextNormalization = "nfkc+collapse-whitespace"  # cn-clip: Chinese-CLIP's own
-    workers: int = 4
+    image_size: int = 224              # pixels a side the model sees (a ViT's is its own: checked)
+    resize_rule: ResizeRule = "squash"  # squash to the square, or scale the shorter side and centre-crop
+    max_text_length: int = 52          # tokens a query is cut to, [CLS] and [SEP] included (Chinese-CLIP: 52)
+    text_normalization: TextNormalization = "nfkc+collapse-whitespace"  # before the tokenizer; cn-clip: Chinese-CLIP's
+    workers: int = 4                   # DataLoader worker processes (and evaluation's decode workers)
     augment: Augment = field(default_factory=Augment)
-    skip_bad_images: bool = False
+    skip_bad_images: bool = False      # train on past an undecodable image (the next pair) instead of stopping
     limit_pairs: int | None = None     # debug: train on the first N pairs only
 
 
 @dataclass
 class LrConfig:
-    head: float = 1e-3
-    text: float = 5e-5
-    image: float = 1e-4
+    head: float = 1e-3                 # the projection heads and the logit scale
+    text: float = 5e-5                 # the text tower's top layer (lower layers: x layer_decay each)
+    image: float = 1e-4                # the image tower's top layer (likewise)
 
 
 @dataclass
@@ -101,22 +102,22 @@ class FreezeConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 128              # per process
+    epochs: int = 3                    # passes over the train pairs
+    batch_size: int = 128              # pairs per batch, per process
     accum_steps: int = 1               # optimizer step every N batches
     grad_cache_chunk: int | None = None  # gradient caching: exact large-batch step in chunks of this size
     lr: LrConfig = field(default_factory=LrConfig)
     layer_decay: float = 1.0           # lr multiplier per layer, top to bottom, inside each tower
-    weight_decay: float = 0.05
-    betas: list = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    warmup_steps: int = 100
+    weight_decay: float = 0.05         # AdamW's, on weights only (not norms, biases or the logit scale)
+    betas: list = field(default_factory=lambda: [0.9, 0.98])  # AdamW's [beta1, beta2]
+    eps: float = 1e-6                  # AdamW's epsilon
+    warmup_steps: int = 100            # optimizer steps of linear warmup, then cosine decay
     min_lr_ratio: float = 0.0          # cosine floor as a fraction of each group's lr
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = 1.0      # clip the gradients' total norm to this; null: no clipping
     max_skipped_steps: int = 5         # updates skipped in a row (a non-finite loss or gradients) that stop the run
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0       # of the contrastive cross-entropy's targets
     hard_negative_margin: float = 0.0  # 0 = off; else hinge on (hardest negative - positive)
-    hard_negative_weight: float = 1.0
+    hard_negative_weight: float = 1.0  # the hinge term's weight beside the contrastive loss
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     precision: Precision = "auto"      # auto: bf16 (or fp16) on CUDA, fp32 on CPU
     compile: bool | None = None        # torch.compile the model; None: on for CUDA, off on CPU
@@ -126,13 +127,13 @@ class TrainConfig:
     tensorboard: bool = False          # event files in RUN/tensorboard/ (needs the tensorboard package)
     seed: int = 0                      # the random start (weights not loaded) and, unless data_seed, the data
     data_seed: int | None = None       # data order, augmentation, dropout (soup runs: one seed, several data_seeds)
-    log_every: int = 10
+    log_every: int = 10                # batches between progress updates (and divergence checks)
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 256
-    every_epochs: int = 1
+    batch_size: int = 256              # images (and queries) per forward when scoring valid
+    every_epochs: int = 1              # score valid every N epochs (and always after the last)
     untrained: bool = True             # also score the model before the first step (epoch 0)
 
 
