@@ -14,7 +14,7 @@ Checks, each against `ParityLimits`:
   of fp16 top-10 ids so explained. Raw top-10 overlap is reported as information only: it
   punishes near-ties that fp16 legitimately reorders.
 - Recall: MeanRecall (x100) of fp16 vs PyTorch on the queries whose positives are in the subset
-  gallery, within a tolerance of `fp16_max_recall_delta` points, or one query's worth
+  gallery, within a tolerance of `ParityLimits.fp16.max_recall_delta` points, or one query's worth
   (100 / queries scored) when that is larger.
 The figures are a `ParityReport`: one dataclass per precision (`Fp32Parity`, `ReducedParity`),
 rendered for the log and serialised into the manifest in one place.

@@ -1,9 +1,9 @@
-"""The training run: `run(cfg, data_dir, out_dir)` fine-tunes, evaluates on valid every epoch,
+"""The training run: `train_run(cfg, data_dir, out_dir)` fine-tunes, evaluates on valid every epoch,
 and keeps `best.pt` (by MeanRecall), `last.pt` (resumable), `metrics.jsonl`, `curves.png` and
 `config.yaml` in the run directory. Launch under torchrun for DDP.
 
 `build_training` makes everything one process trains with (the run and `muge bench train` both
-use it); `run` adds the run directory: set-up, resume, then the epoch loop.
+use it); `train_run` adds the run directory: set-up, resume, then the epoch loop.
 """
 from __future__ import annotations
 
@@ -97,9 +97,9 @@ def steps_per_epoch(batches: int, accum_steps: int) -> int:
     return -(-batches // accum_steps)
 
 
-def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str, world: World | None = None, *,
+def build_training(cfg: Config, train_files: tuple[str, str], run_dir: str, world: World | None = None, *,
                    total_steps: int | None = None, defer_compile: bool = False, arch: dict | None = None) -> Training:
-    """Model (seeded by `train.seed`), tokenizer (written to `tokenizer_dir/tokenizer/` by rank 0
+    """Model (seeded by `train.seed`), tokenizer (written to `run_dir/tokenizer/` by rank 0
     first), pairs and loader, optimizer, schedule over `total_steps` (default: the config's
     epochs), gradient scaler, loss and EMA, on this process's device. `defer_compile`: build
     for a compiled model (static text shapes) but leave compiling it to the caller. `arch`: a
@@ -115,14 +115,14 @@ def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str
     source = FAMILIES[cfg.model.family].tokenizer_source(cfg.model)
 
     def tokenizer_now():
-        return prepare_tokenizer(cfg.model.text.tokenizer, source, train_queries, tokenizer_dir,
+        return prepare_tokenizer(cfg.model.text.tokenizer, source, train_queries, run_dir,
                                  cfg.data.max_text_length, cfg.data.text_normalization)
 
     tokenizer = tokenizer_now() if world.main else None
     barrier()  # rank 0 wrote it; the others read it
     tokenizer = tokenizer or tokenizer_now()
     if arch is not None and _start_file_gone(cfg.model.name):
-        model = build_from_arch(arch, os.path.join(tokenizer_dir, "last.pt"))
+        model = build_from_arch(arch, os.path.join(run_dir, "last.pt"))
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing()
     else:
@@ -140,7 +140,7 @@ def build_training(cfg: Config, train_files: tuple[str, str], tokenizer_dir: str
     optimize_model(model.to(device), device, compiled and not defer_compile)
     dataset = PairDataset(train_queries, train_tsv, cfg)
     from_cn_clip = (getattr(model, "source", None) or {}).get("format") == "cn_clip checkpoint"
-    check_tokenizer(tokenizer, model.text_vocab_rows, dataset.texts(2000), os.path.join(tokenizer_dir, "tokenizer"),
+    check_tokenizer(tokenizer, model.text_vocab_rows, dataset.texts(2000), os.path.join(run_dir, "tokenizer"),
                     exact=from_cn_clip)
     loader = train_loader(dataset, tokenizer, cfg, world.rank, world.size, device,
                           pad_to=cfg.data.max_text_length if compiled else None)
