@@ -22,9 +22,13 @@ def test_writes_tianchi_schema_in_query_order(tmp_path):
 
 def test_chinese_clip_schema(tmp_path):
     out = tmp_path / "pred.jsonl"
-    write_submission(out, QUERIES, {1: TEN, 2: TEN, 3: TEN}, schema="chinese-clip")
-    first = json.loads(out.read_text().splitlines()[0])
-    assert set(first) == {"text_id", "text", "image_ids"}
+    other = list(range(300, 310))
+    write_submission(out, QUERIES, {1: TEN, 2: other, 3: TEN[::-1]}, schema="chinese-clip")
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert lines == [{"text_id": 1, "text": "红色连衣裙", "image_ids": TEN},
+                     {"text_id": 2, "text": "黑色双肩包", "image_ids": other},
+                     {"text_id": 3, "text": "", "image_ids": TEN[::-1]}]
+    assert list(lines[0]) == ["text_id", "text", "image_ids"]
 
 
 @pytest.mark.parametrize("preds, message", [
