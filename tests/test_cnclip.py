@@ -672,27 +672,40 @@ def test_cn_clips_vocab_directory_may_hold_a_readme(checkpoint, small_sample, tm
 
 @needs_cn_clip
 def test_a_fine_tune_resumes_after_its_start_file_moved_and_dual_presets_refuse_one(checkpoint, vocab_dir,
-                                                                                    small_sample, tmp_path):
+                                                                                    small_sample, tmp_path,
+                                                                                    monkeypatch):
+    """A 2-epoch fine-tune stopped after epoch 1 (Ctrl-C), its start file then gone: the resume
+    rebuilds the model from last.pt alone, and ends exactly where the uninterrupted run ends."""
+    import train.main
+
     _, path = checkpoint
     start = tmp_path / "start.pt"
     shutil.copy(path, start)
-    run = tmp_path / "run"
-    common = ["--set", "train.compile=false", "--set", "data.workers=0", "--set", "train.batch_size=16",
-              "--set", "data.limit_pairs=32", "--set", "eval.batch_size=64"]
-    accepted(muge("train", "--config", "configs/cnclip-vit-b16.yaml", "--data", small_sample, "--out", run,
-                  "--set", f"model.name={start}", "--set", f"model.text.tokenizer={vocab_dir}", "--set",
-                  "train.epochs=2", *common))
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    # back to the end of epoch 1, then the start file goes away: every weight resumed is in last.pt
-    history = (run / "metrics.jsonl").read_text().splitlines()
-    assert last["epoch"] == 2 and len(history) == 3
-    start.unlink()
-    import torch as _torch
+    common = ["--config", "configs/cnclip-vit-b16.yaml", "--data", small_sample, "--set", f"model.name={start}",
+              "--set", f"model.text.tokenizer={vocab_dir}", "--set", "train.epochs=2", "--set", "train.compile=false",
+              "--set", "data.workers=0", "--set", "train.batch_size=16", "--set", "data.limit_pairs=32",
+              "--set", "eval.batch_size=64"]
+    accepted(muge("train", *common, "--out", tmp_path / "whole"))
+    real = train.main.train_one_epoch
 
-    ckpt = _torch.load(run / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 2
+    def interrupted(training, model, epoch, step, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(training, model, epoch, step, **kwargs)
+
+    monkeypatch.setattr(train.main, "train_one_epoch", interrupted)
+    run = tmp_path / "run"
+    assert muge("train", *common, "--out", run).exit_code != 0
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+    start.unlink()  # every weight the resume needs is in last.pt
     result = accepted(muge("train", "--resume", run, "--data", small_sample))
     assert "best valid MR" in result.output
+    def figures(d):  # all but the speed, which no two runs share
+        return [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"}
+                for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["epoch"] for r in figures(run)] == [0, 1, 2] and figures(run) == figures(tmp_path / "whole")
     refused(muge("train", "--config", "configs/sample.yaml", "--data", small_sample, "--out", tmp_path / "dual",
                  "--set", f"model.name={path}"), "model.family=dual does not use")
 
