@@ -99,3 +99,30 @@ def test_each_epoch_line_splits_the_time_into_data_wait_and_compute(small_sample
               str(small_sample), str(tmp_path / "run"))
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1: loss"))
     assert re.search(r"; data wait [\d.]+s/batch \(\d+%\), compute [\d.]+s/batch", line), line
+
+
+def test_training_runs_past_undecodable_images_only_with_skip_bad_images(small_sample, tmp_path, caplog):
+    """Images of the train gallery that do not decode stop a run, naming the TSV line; with
+    `data.skip_bad_images` each is replaced by the next pair and logged, and the run completes."""
+    import logging
+    import shutil
+
+    from conftest import not_an_image
+
+    from competition import MugeDataError
+
+    data = tmp_path / "data"
+    shutil.copytree(small_sample, data)
+    tsv = data / "MR_train_imgs.tsv"
+    lines = tsv.read_bytes().splitlines(keepends=True)
+    bad = {3, 10, 40}  # 0-based lines: images that train pairs use
+    tsv.write_bytes(b"".join(not_an_image(x) if i in bad else x for i, x in enumerate(lines)))
+    cfg = ("dual", "train.epochs=1", "eval.untrained=false")
+    with pytest.raises(MugeDataError, match=r"MR_train_imgs.tsv:(4|11|41): image"):
+        train_run(tiny_config(*cfg), str(data), str(tmp_path / "strict"))
+    caplog.set_level(logging.WARNING, logger="train.data")
+    train_run(tiny_config(*cfg, "data.skip_bad_images=true"), str(data), str(tmp_path / "skipping"))
+    skipped = {r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")}
+    assert skipped and all(re.search(r"MR_train_imgs.tsv:(4|11|41): image", m) for m in skipped), skipped
+    history = [json.loads(x) for x in (tmp_path / "skipping" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1] and history[0]["train_loss"] < 10
