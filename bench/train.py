@@ -158,9 +158,10 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_
     from competition.layout import split_files
     from train.config import ConfigError, load_config
     from train.data import Collate, stop_workers
-    from train.loop import train_one_epoch, train_step
+    from train.loop import train_one_epoch
     from train.main import build_training
     from train.speed import compile_model
+    from train.step import train_step
 
     try:
         cfg = load_config(config_path, list(overrides))

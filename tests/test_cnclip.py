@@ -332,12 +332,12 @@ def _our_step(path, pixels, ids, mask, image_ids, query_ids, mask_ratio: float =
     betas, eps and lr; our no-decay rule), our schedule, our clamp."""
     from tiny import tiny_config
 
-    from train.loop import StepParts, train_step
     from train.loss import ClipLoss
     from train.model import create_model
     from train.optim import create_optimizer
     from train.precision import grad_scaler
     from train.scheduler import create_scheduler
+    from train.step import StepParts, train_step
 
     cfg = tiny_config("chinese-clip", f"model.name={path}", f"train.lr={{head: {LR}, text: {LR}, image: {LR}}}",
                       f"train.weight_decay={WD}", "train.betas=[0.9, 0.98]", "train.eps=1.0e-6",

@@ -12,7 +12,8 @@ from tiny import tiny_config
 
 from train.loss import ClipLoss
 from train.model import create_model
-from train.step import forward_backward
+from train.scheduler import create_scheduler
+from train.step import StepParts, train_step
 
 CPU = torch.device("cpu")
 NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
@@ -50,10 +51,18 @@ def _batch(n: int = 12, seed: int = 0) -> dict:
 
 
 def _step(model, batch, chunk=None):
+    """(loss, gradients) of one `train_step`: the gradients as the optimizer is handed them (after
+    DDP's all-reduce), read by a step pre-hook; its learning rate is 0, so the weights stay."""
     model.zero_grad(set_to_none=True)
+    names = {p: n for n, p in model.named_parameters()}
+    optimizer, grads = torch.optim.SGD(model.parameters(), lr=0.0), {}
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: grads.update(
+        {names[p]: p.grad.clone() for p in names if p.grad is not None}))
+    parts = StepParts(ClipLoss(), optimizer, create_scheduler(optimizer, 0, 10), NO_SCALER, "fp32", CPU,
+                      grad_cache_chunk=chunk)
     torch.manual_seed(1)  # dropout masks
-    loss = forward_backward(model, ClipLoss(), batch, precision="fp32", device=CPU, scaler=NO_SCALER, chunk=chunk)
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss = train_step(parts, model, batch)
+    return float(loss), grads
 
 
 def _assert_same(a, b, atol=1e-5):

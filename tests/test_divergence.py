@@ -13,11 +13,11 @@ from tiny import tiny_config
 from train.checkpoint import load_checkpoint
 from train.config import save_config
 from train.guard import DivergenceGuard
-from train.loop import StepParts, train_step
 from train.loss import ClipLoss
 from train.main import train_run
 from train.model import create_model
 from train.scheduler import create_scheduler
+from train.step import StepParts, train_step
 
 
 def _poisoned(monkeypatch, bad_calls):

@@ -1,23 +1,19 @@
-"""One optimizer step and one epoch over the loader: what `train.main` runs each epoch and what
-`muge bench train` times (the bare step, and the loop over real data)."""
+"""One epoch over the loader, around `train.step.train_step`: what `train.main` runs each epoch and
+what `muge bench train` times (the loop over real data): data wait vs compute, the progress bar,
+the log lines, TensorBoard, the EMA and the divergence guard's checks."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import re
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .config import TrainConfig
 from .distributed import unwrap
-from .guard import DivergenceGuard, divergence_advice
+from .guard import divergence_advice
 from .speed import synchronize
-from .step import forward_backward
+from .step import train_step
 
 log = logging.getLogger(__name__)
 LOG_INTERVAL_S = 60.0  # at most one "where the time goes" line a minute (the bar shows it at every log step)
@@ -60,73 +56,6 @@ class EpochStats:
     @property
     def steady_samples_per_s(self) -> float:
         return self.steady_samples / max(self.steady_s, 1e-9)
-
-
-@dataclass
-class StepParts:
-    """What one optimizer step uses (`Training.step_parts`)."""
-    criterion: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    precision: str
-    device: torch.device
-    grad_clip: float | None = None
-    grad_cache_chunk: int | None = None
-    guard: DivergenceGuard | None = None  # None: one of train.max_skipped_steps' default
-
-    def __post_init__(self):
-        if self.guard is None:
-            self.guard = DivergenceGuard(TrainConfig.max_skipped_steps, self.device)
-
-
-def train_step(parts: StepParts, model, batch: dict, *, group: int = 1, boundary: bool = True,
-               step: int = 0) -> torch.Tensor:
-    """Forward and backward one batch (as 1/`group` of an accumulation group) and, at a group's
-    `boundary`, clip, then apply the update (optimizer step `step + 1`) unless its loss or
-    gradients are not finite (`train.guard`), and step the schedule and clamp. `model` is the
-    model or its DDP wrapper. Returns the detached loss, on the device: no host sync."""
-    guard = parts.guard
-    skip_sync = not boundary and isinstance(model, DistributedDataParallel)
-    with model.no_sync() if skip_sync else contextlib.nullcontext():
-        loss = forward_backward(model, parts.criterion, batch, precision=parts.precision, device=parts.device,
-                                scaler=parts.scaler, scale=1.0 / group, chunk=parts.grad_cache_chunk)
-    guard.add_loss(loss)
-    if boundary:
-        params = [p for p in model.parameters() if p.grad is not None]
-        scaled = parts.scaler.is_enabled()  # fp16: the GradScaler judges the gradients itself
-        norm = None
-        if parts.grad_clip:
-            parts.scaler.unscale_(parts.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(params, parts.grad_clip)
-        elif not scaled:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        skip = guard.verdict(None if scaled else norm)
-        _apply_update(parts, skip)
-        guard.record(skip, step + 1)
-        parts.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # a skipped update steps the schedule too, as GradScaler's do; torch
-            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))  # for a bug
-            parts.scheduler.step()
-        unwrap(model).clamp_logit_scale()
-    return loss
-
-
-def _apply_update(parts: StepParts, skip: torch.Tensor) -> None:
-    """The optimizer step, unless `skip` (a device bool) says otherwise, without waiting for the
-    device where one queues work (`train.guard`)."""
-    optimizer = parts.optimizer
-    if parts.scaler.is_enabled():  # skips (and lowers its scale) when the gradients overflowed
-        parts.scaler.step(optimizer)
-        parts.scaler.update()
-    elif optimizer.defaults.get("fused"):  # CUDA: the fused kernel skips the update on the device
-        optimizer.found_inf = skip.to(torch.float32)
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
-    elif not skip.item():  # a CPU: nothing queued to wait for
-        optimizer.step()
 
 
 def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int | None = None,

@@ -37,13 +37,14 @@ from .distributed import World, barrier, cleanup, device_for, init_distributed
 from .ema import ModelEma
 from .evaluate import EvalSettings, check_gallery, evaluate
 from .guard import DivergenceGuard
-from .loop import StepParts, train_one_epoch
+from .loop import train_one_epoch
 from .loss import ClipLoss
 from .model import FAMILIES, RetrievalModel, build_from_arch, create_model
 from .optim import apply_freeze, create_optimizer
 from .precision import grad_scaler, resolve_precision
 from .scheduler import create_scheduler
 from .speed import compile_enabled, configure_backends, optimize_model
+from .step import StepParts
 from .tokenizer import check_tokenizer, prepare_tokenizer
 from .tracking import Tracker
 

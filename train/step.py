@@ -1,4 +1,8 @@
-"""One batch's forward and backward: plain, or gradient-cached for a large batch on small memory.
+"""One training step, top to bottom in `train_step`: forward under autocast, the loss, backward
+(or its gradient-cached variant, `grad_cache_backward`, beside it), and at an accumulation
+group's last batch: clip, judge the update (`train.guard`), apply it, step the schedule, clamp
+the logit scale. `train.loop` iterates, logs and evaluates around it; a new loss term or a change
+to the step is made here.
 
 Gradient caching (Gao et al. 2021, "GradCache"; open_clip's `accum_freq` does the same job)
 trains a batch of B exactly while holding activations for only `chunk` pairs at a time:
@@ -15,44 +19,90 @@ are updated once per chunk.
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
+from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from .config import TrainConfig
 from .distributed import unwrap
+from .guard import DivergenceGuard
 from .precision import autocast
 
 
-def forward_backward(model, criterion, batch: dict, *, precision, device, scaler, scale: float = 1.0,
-                     chunk: int | None = None) -> torch.Tensor:
-    """Accumulate the gradients of `scale` x the batch's loss; return the detached global-batch loss."""
-    if chunk and chunk < len(batch["pixels"]):
-        return grad_cache_step(model, criterion, batch, precision=precision, device=device, scaler=scaler,
-                               scale=scale, chunk=chunk)
-    with autocast(precision, device):
-        img, txt, log_scale = model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
-    loss, value = criterion(img, txt, log_scale, batch["image_ids"], batch["query_ids"])
-    scaler.scale(loss * scale).backward()
+@dataclass
+class StepParts:
+    """What one optimizer step uses (`Training.step_parts`)."""
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: str
+    device: torch.device
+    grad_clip: float | None = None
+    grad_cache_chunk: int | None = None
+    guard: DivergenceGuard | None = None  # None: one of train.max_skipped_steps' default
+
+    def __post_init__(self):
+        if self.guard is None:
+            self.guard = DivergenceGuard(TrainConfig.max_skipped_steps, self.device)
+
+
+def train_step(parts: StepParts, model, batch: dict, *, group: int = 1, boundary: bool = True,
+               step: int = 0) -> torch.Tensor:
+    """Forward and backward one batch, as 1/`group` of an accumulation group; at the group's
+    `boundary`, the update (optimizer step `step + 1`). `model` is the model or its DDP wrapper.
+    Returns the batch's detached global loss, on the device: no host sync (but on a CPU)."""
+    skip_sync = not boundary and isinstance(model, DistributedDataParallel)  # all-reduce once, at the boundary
+    with model.no_sync() if skip_sync else contextlib.nullcontext():
+        if parts.grad_cache_chunk and parts.grad_cache_chunk < len(batch["pixels"]):
+            value = grad_cache_backward(parts, model, batch, 1.0 / group)
+        else:
+            with autocast(parts.precision, parts.device):
+                img, txt, log_scale = model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
+            loss, value = parts.criterion(img, txt, log_scale, batch["image_ids"], batch["query_ids"])
+            parts.scaler.scale(loss * (1.0 / group)).backward()
+    parts.guard.add_loss(value)
+    if not boundary:
+        return value
+    params, scaled = [p for p in model.parameters() if p.grad is not None], parts.scaler.is_enabled()
+    norm = None
+    if parts.grad_clip:
+        parts.scaler.unscale_(parts.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, parts.grad_clip)
+    elif not scaled:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    skip = parts.guard.verdict(None if scaled else norm)  # a non-finite loss or gradients: no update
+    if scaled:  # fp16: the GradScaler skips an update whose gradients overflowed, and lowers its scale
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+    elif parts.optimizer.defaults.get("fused"):  # CUDA: the fused kernel skips it on the device, no sync
+        parts.optimizer.found_inf = skip.to(torch.float32)
+        try:
+            parts.optimizer.step()
+        finally:
+            del parts.optimizer.found_inf
+    elif not skip.item():  # a CPU: no device queue to stall
+        parts.optimizer.step()
+    parts.guard.record(skip, step + 1)
+    parts.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # a skipped update steps the schedule too, as GradScaler's do; torch
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))  # for a bug
+        parts.scheduler.step()
+    unwrap(model).clamp_logit_scale()
     return value
 
 
-def _rng_state(device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple, device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def grad_cache_step(model, criterion, batch: dict, *, precision, device, scaler, scale: float = 1.0,
-                    chunk: int) -> torch.Tensor:
-    module = unwrap(model)
+def grad_cache_backward(parts: StepParts, model, batch: dict, scale: float = 1.0) -> torch.Tensor:
+    """`train_step`'s backward for a batch larger than `parts.grad_cache_chunk`, in chunks (above):
+    the same gradients, and the same returned loss."""
+    module, chunk, device = unwrap(model), parts.grad_cache_chunk, parts.device
     slices = [slice(i, i + chunk) for i in range(0, len(batch["pixels"]), chunk)]
 
     def run(sl, net):
-        with autocast(precision, device):
+        with autocast(parts.precision, device):
             return net(batch["pixels"][sl], batch["input_ids"][sl], batch["attention_mask"][sl])
 
     buffers = {name: b.clone() for name, b in module.named_buffers()}
@@ -70,8 +120,8 @@ def grad_cache_step(model, criterion, batch: dict, *, precision, device, scaler,
     img = torch.cat(images).detach().requires_grad_()
     txt = torch.cat(texts).detach().requires_grad_()
     log_scale = module.logit_scale.detach().requires_grad_()
-    loss, value = criterion(img, txt, log_scale, batch["image_ids"], batch["query_ids"])
-    scaler.scale(loss * scale).backward()
+    loss, value = parts.criterion(img, txt, log_scale, batch["image_ids"], batch["query_ids"])
+    parts.scaler.scale(loss * scale).backward()
 
     for k, sl in enumerate(slices):
         last = k == len(slices) - 1
@@ -86,3 +136,14 @@ def grad_cache_step(model, criterion, batch: dict, *, precision, device, scaler,
             torch.autograd.backward(outputs, grads)
     _set_rng_state(after, device)
     return value
+
+
+def _rng_state(device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
