@@ -7,7 +7,6 @@ beside the destination and renamed into place only after every graph passes `onn
 loads in ONNX Runtime and passes the parity gate."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -63,30 +62,65 @@ class ExportOptions:
 
 def export_bundle(run_dir: str, out_dir: str, data_dir: str, opts: ExportOptions | None = None,
                   tokenizer_label: str | None = None) -> Manifest:
-    """Write the bundle to `out_dir` (replacing an old one only on success); return its manifest.
-    `tokenizer_label`: what errors call the tokenizer (default its directory in the run).
-
-    Memory: one copy of the weights (memory-mapped from the checkpoint); each tower's PyTorch
-    reference for the gate is computed, its graph written, and its weights freed before the next
-    tower; the gate then opens one graph at a time."""
-    t0, opts = time.time(), opts or ExportOptions()
+    """Write the bundle of a run's checkpoint to `out_dir` (replacing an old one only on success);
+    return its manifest. `tokenizer_label`: what errors call the tokenizer (default its directory
+    in the run). The checkpoint is memory-mapped: one copy of the weights."""
+    opts = opts or ExportOptions()
     model, ckpt, ckpt_path = load_run_model(run_dir, opts.checkpoint)
     data = config_from_dict(ckpt["config"], ckpt_path).data
-    queries_path, tsv_path = split_files(data_dir, "valid")
     tokenizer = directory_tokenizer(run_dir, data.max_text_length, data.text_normalization)
+    source = {"source_checkpoint": os.path.abspath(ckpt_path), "source_sha256": sha256(ckpt_path),
+              "source_epoch": ckpt.get("epoch"), "source_valid_metrics": ckpt.get("metrics")}
+
+    def copy_tokenizer(build_dir: str):
+        shutil.copytree(os.path.dirname(tokenizer.path), os.path.join(build_dir, TOKENIZER_DIR))
+        return directory_tokenizer(build_dir, data.max_text_length, data.text_normalization)
+
     from_cn_clip = (ckpt.get("source") or {}).get("format") == "cn_clip checkpoint"  # its vocabulary is known
-    check_tokenizer(tokenizer, model.text_vocab_rows, [q.text for q in read_queries(queries_path)[:2000]],
-                    tokenizer_label or os.path.dirname(tokenizer.path), exact=from_cn_clip)
-    inputs = gate_inputs(queries_path, tsv_path, opts.settings, data.image_size, data.resize_rule)
+    return _build_bundle(model, ckpt["arch"], data, source, out_dir, data_dir, opts, copy_tokenizer,
+                         tokenizer_label or os.path.dirname(tokenizer.path), exact_vocab=from_cn_clip)
+
+
+def export_pretrained(name: str, out_dir: str, data_dir: str, tokenizer: str | None = None,
+                      heads: tuple[int, int] | None = None, opts: ExportOptions | None = None) -> Manifest:
+    """`muge export --pretrained`: published Chinese-CLIP weights `name`, built in memory, exported
+    as `export_bundle` exports a run (the same graphs and gate); nothing is written but the
+    bundle (the tokenizer goes straight into its build directory)."""
+    from train.pretrained import pretrained_model, write_pretrained_tokenizer
+
+    loaded = pretrained_model(name, heads=heads)
+    source = {"source_pretrained": loaded.source, "source_checkpoint": None, "source_sha256": None,
+              "source_epoch": 0, "source_valid_metrics": None}
+    label = f"--tokenizer {tokenizer}" if tokenizer else f"the tokenizer of {name}"
+    from_cn_clip = loaded.source.get("format") == "cn_clip checkpoint"
+    return _build_bundle(loaded.model, loaded.arch, loaded.data, source, out_dir, data_dir, opts or ExportOptions(),
+                         lambda build_dir: write_pretrained_tokenizer(name, tokenizer, build_dir, loaded.data), label,
+                         exact_vocab=from_cn_clip)
+
+
+def _build_bundle(model, arch: dict, data, source: dict, out_dir: str, data_dir: str, opts: ExportOptions,
+                  write_tokenizer, tokenizer_label: str, exact_vocab: bool) -> Manifest:
+    """The bundle of `model` (its weights are released tower by tower as their graphs are written):
+    built in a directory beside `out_dir`, where `write_tokenizer(build_dir)` puts the tokenizer,
+    and renamed into place once every graph passes its checks and the parity gate.
+
+    Memory: one copy of the weights; each tower's PyTorch reference for the gate is computed, its
+    graph written, and its weights freed before the next tower; the gate then opens one graph at
+    a time."""
+    t0 = time.time()
+    queries_path, tsv_path = split_files(data_dir, "valid")
     tmp = _build_dir(out_dir)
     try:
-        shutil.copytree(os.path.dirname(tokenizer.path), os.path.join(tmp, TOKENIZER_DIR))
-        manifest = Manifest(family=ckpt["arch"]["family"], embed_dim=0, image_size=data.image_size,
+        tokenizer = write_tokenizer(tmp)
+        check_tokenizer(tokenizer, model.text_vocab_rows, [q.text for q in read_queries(queries_path)[:2000]],
+                        tokenizer_label, exact=exact_vocab)
+        inputs = gate_inputs(queries_path, tsv_path, opts.settings, data.image_size, data.resize_rule)
+        manifest = Manifest(family=arch["family"], embed_dim=0, image_size=data.image_size,
                             resize_rule=data.resize_rule, max_text_length=data.max_text_length,
                             text_normalization=data.text_normalization,
                             logit_scale=float(model.logit_scale.detach().exp()), files={}, opset=opts.opset,
-                            exporter=opts.exporter, **_source(ckpt, ckpt_path), libraries=_versions())
-        reference = _export_towers(model, ckpt["arch"], tmp, inputs, tokenizer, opts, manifest)
+                            exporter=opts.exporter, **source, libraries=_versions())
+        reference = _export_towers(model, arch, tmp, inputs, tokenizer, opts, manifest)
         del model
         free_memory()
         _record_files(tmp, manifest, GRAPHS + (INT8_GRAPHS if opts.int8 else ()))
@@ -153,36 +187,6 @@ def _record_files(tmp: str, manifest: Manifest, graphs: tuple[str, ...]) -> None
             manifest.external_data[name] = data
         for file in (name, *data):
             manifest.files[file] = sha256(os.path.join(tmp, file))
-
-
-def export_pretrained(name: str, out_dir: str, data_dir: str, tokenizer: str | None = None,
-                      heads: tuple[int, int] | None = None, opts: ExportOptions | None = None) -> Manifest:
-    """`muge export --pretrained`: stage `name` as a run directory beside `out_dir`
-    (`train.pretrained`), export it with `export_bundle` (same gate), and remove the stand-in run
-    whatever happens."""
-    from train.pretrained import pretrained_run
-
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".pretrained-", dir=parent)
-    try:
-        pretrained_run(name, staging, tokenizer, heads=heads)
-        free_memory()  # the loaded file and the model it filled, before the export loads best.pt
-        label = f"--tokenizer {tokenizer}" if tokenizer else f"the tokenizer of {name}"
-        opts = dataclasses.replace(opts or ExportOptions(), checkpoint="best")
-        return export_bundle(staging, out_dir, data_dir, opts, tokenizer_label=label)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _source(ckpt: dict, ckpt_path: str) -> dict:
-    """Where the weights came from: the run's checkpoint, or published weights (`--pretrained`,
-    whose stand-in run directory is temporary)."""
-    if ckpt.get("source"):
-        return {"source_pretrained": ckpt["source"], "source_checkpoint": None, "source_sha256": None,
-                "source_epoch": 0, "source_valid_metrics": None}
-    return {"source_checkpoint": os.path.abspath(ckpt_path), "source_sha256": sha256(ckpt_path),
-            "source_epoch": ckpt.get("epoch"), "source_valid_metrics": ckpt.get("metrics")}
 
 
 def remove_stale_builds(parent: str, prefix: str, max_age_s: float = 24 * 3600) -> None:

@@ -149,17 +149,31 @@ def test_tokens_are_chinese_clips_own(vocab_dir, small_sample, tmp_path):
 
 
 @needs_cn_clip
-def test_embeddings_of_the_exported_bundle_are_chinese_clips(checkpoint, vocab_dir, small_sample, tmp_path):
+def test_embeddings_of_the_exported_bundle_are_chinese_clips(checkpoint, vocab_dir, small_sample, tmp_path,
+                                                              monkeypatch):
     """The bundle's fp32 graphs against cn_clip's `encode_image` / `encode_text` with its own
-    `image_transform` and `tokenize`, on the sample's valid images and queries and on hard texts."""
+    `image_transform` and `tokenize`, on the sample's valid images and queries and on hard texts.
+    The export builds the model in memory: it makes no directory but the bundle's build (and
+    folders inside it) and saves no checkpoint."""
+    import tempfile
+
     from cn_clip.clip import image_transform, tokenize
 
     from predict.runtime import BundleEncoders, RuntimeChoice
 
     model, path = checkpoint
     bundle = tmp_path / "bundle"
+    made, real_mkdtemp = [], tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(real_mkdtemp(*a, **k)) or made[-1])
+    monkeypatch.setattr(torch, "save", lambda *a, **k: pytest.fail(f"export --pretrained saved {a[1]!r}"))
     accepted(muge("export", "--pretrained", path, "--tokenizer", vocab_dir, "--out", bundle, "--data", small_sample,
                   "--parity-queries", "40", "--parity-gallery", "60"))
+    monkeypatch.undo()
+    ours = [d for d in made if d.startswith(str(tmp_path) + os.sep)]
+    build = [d for d in ours if os.path.basename(d).startswith(".bundle.")]
+    assert len(build) == 1 and all(d == build[0] or d.startswith(build[0] + os.sep) for d in ours), ours
+    assert not [d for d in made if os.path.exists(d)], made  # ONNX Runtime's own scratch (its optimizer's) is gone
+    assert sorted(os.listdir(tmp_path)) == ["bundle"]
     manifest = json.loads((bundle / "manifest.json").read_text())
     source = manifest["source_pretrained"]
     assert source["format"] == "cn_clip checkpoint" and len(source["sha256"]) == 64
