@@ -47,7 +47,7 @@ class LazyGroup(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose: bool):
     """Fine-tune, export, predict and score Tianchi MUGE text-to-image retrieval."""
-    from competition.logs import setup_logging
+    from infra.logs import setup_logging
 
     setup_logging(verbose)
 
@@ -175,14 +175,14 @@ def _yaml_text(value) -> str:
 
 def write_reference(path: str = os.path.join(ROOT, REFERENCE)) -> None:
     """`make docs`: regenerate the CLI reference's generated part in place, and the config reference."""
-    from competition.io import atomic_write_text
+    from infra.io import atomic_write_text
 
     atomic_write_text(path, cli_reference(reference_head(path)))
     atomic_write_text(os.path.join(ROOT, CONFIG_REFERENCE), config_reference())
 
 
 def main():
-    from competition.logs import quiet_progress
+    from infra.logs import quiet_progress
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_progress()  # before any subcommand imports tqdm

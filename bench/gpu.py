@@ -47,9 +47,9 @@ def write_repeated_split(sample_dir: str, out_dir: str, n_images: int, n_queries
     """A MUGE directory whose test split is `split`'s images and queries of the sample repeated
     under new ids (`n_images` lines, `n_queries` queries); train and valid are linked to the
     sample's."""
-    from competition.io import atomic_path
     from competition.layout import split_paths
     from competition.queries import Query, read_queries, write_queries
+    from infra.io import atomic_path
 
     os.makedirs(out_dir, exist_ok=True)
     for linked in ("train", "valid"):
@@ -85,9 +85,9 @@ def graph_images_per_s(bundle: str, batch: int, seconds: float = 2.0) -> float:
 def check_shape(name: str, small: bool, sample_dir: str, bench_dir: str, work: str, steps: int, workers: int) -> dict:
     import torch
 
-    from competition.history import run_history
     from export.bundle import export_bundle
     from export.parity import ParityError
+    from infra.history import run_history
     from predict.submit import PredictOptions, predict_split
     from train.config import load_config
     from train.main import train_run
@@ -164,7 +164,7 @@ def bench_gpu(small, models, steps, gallery, queries, workers, work_dir, json_ou
     if not small and not torch.cuda.is_available():
         raise click.ClickException("no CUDA GPU visible: the realistic shapes need one (use --small on a CPU)")
     if workers is None:
-        from competition.gallery import available_cores
+        from infra.gallery import available_cores
 
         workers = max(1, min(12, available_cores() - 2))
     steps = steps or (4 if small else 30)

@@ -59,7 +59,7 @@ def measure(run, n: int) -> dict:
 def bench_pipeline(data_dir: str, split: str, gallery: int, workers: int, batch_size: int, size: int,
                    json_out, csv_out) -> None:
     from competition import ImageTSV
-    from competition.gallery import DecodeRing
+    from infra.gallery import DecodeRing
     from predict.embed import embed_gallery
 
     from .gpu import write_repeated_split
@@ -112,8 +112,8 @@ def bench_predict(bundle_dir, data_dir, split, workers, pipeline, gallery, batch
     """Gallery embedding: pipelined decode pool vs decode-then-embed in one loop; with --pipeline,
     the pipeline (stand-in graph) vs decode alone: images/s and CPU per image."""
     from competition import ImageTSV
-    from competition.gallery import default_workers
     from competition.layout import split_files
+    from infra.gallery import default_workers
     from predict.embed import embed_gallery
     from predict.runtime import BundleEncoders
 

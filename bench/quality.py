@@ -20,7 +20,7 @@ import time
 
 import click
 
-from competition.history import run_history
+from infra.history import run_history
 
 from .table import FiniteFloatRange, emit, in_checkout, table_options
 
@@ -101,9 +101,9 @@ def _predict(bundles: list[str], data: str, work: str, name: str, workers: int, 
 @table_options
 def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, workers, reuse, json_out, csv_out):
     """Train on the hard sample and score the plain chain and every quality feature on valid."""
-    from competition.gallery import default_workers
     from competition.layout import split_paths
     from competition.sample import HARD, make_sample
+    from infra.gallery import default_workers
     from train.average import average_runs
 
     workers = default_workers() if workers is None else workers

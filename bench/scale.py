@@ -27,7 +27,7 @@ import time
 
 import click
 
-from competition.history import run_history
+from infra.history import run_history
 from predict.manifest import read_manifest
 
 from .shapes import CNCLIP_SHAPES

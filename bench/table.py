@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def writable_output(ctx, param, value):
     """A click callback: an output file must be creatable where it is to go, checked before any work
     (a bench that runs for minutes must not fail at its last line), as the writer will
-    (`competition.io.check_writable`)."""
-    from competition.io import WriteError, check_writable
+    (`infra.io.check_writable`)."""
+    from infra.io import WriteError, check_writable
 
     if value is not None:
         try:
@@ -108,7 +108,7 @@ def emit(rows: list[dict], *, title: str, json_out: str | None = None, csv_out: 
     return the DataFrame."""
     import pandas as pd
 
-    from competition.io import atomic_write_text
+    from infra.io import atomic_write_text
 
     frame = pd.DataFrame(rows)
     click.echo(title)

@@ -41,7 +41,8 @@ def sample(out_dir, seed, train_queries, eval_queries, gallery_size, hard):
               help="Write one CSV row per query (id, text, first-hit rank, hits at 1/5/10, positives) here.")
 def score(ground_truth, pred, out, ranks, per_query_csv):
     """Score PRED against GROUND_TRUTH exactly as the official evaluator (R@1/5/10, MeanRecall)."""
-    from .io import atomic_write_text
+    from infra.io import atomic_write_text
+
     from .metric import failure_json, per_query, score_predictions, spreadsheet_csv, success_json, write_result
     from .queries import read_queries
     from .submission import check_submission

@@ -2,7 +2,7 @@
 
 One streaming pass builds a byte-offset index (ids, offsets, lengths) that is cached beside the
 TSV (or in a cache dir when that is read-only) and rebuilt when the TSV's size, mtime or a
-sample of its content changes (`competition.io.content_fingerprint`).
+sample of its content changes (`infra.io.content_fingerprint`).
 Any image is then read by id with one `pread`. `iter_tsv` streams a file in order.
 """
 from __future__ import annotations
@@ -25,8 +25,9 @@ try:
 except ImportError:  # every image then goes through PIL alone
     simplejpeg = None
 
+from infra.io import atomic_path, content_fingerprint
+
 from .errors import MugeDataError, first_of, fits_int64
-from .io import atomic_path, content_fingerprint
 from .preprocess import resize_image
 
 log = logging.getLogger(__name__)

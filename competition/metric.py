@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from infra.io import atomic_write_text
+
 from .errors import fits_int64
-from .io import atomic_write_text
 from .queries import Query
 
 

@@ -149,7 +149,7 @@ def ground_truth_not_in_gallery(queries: Sequence[Query], contains) -> list[tupl
 
 def write_queries(path, queries: Sequence[Query], schema: str = "tianchi", with_ids: bool = True) -> None:
     """Write queries as jsonl (used by the sample generator and tests)."""
-    from .io import atomic_write_text, json_line
+    from infra.io import atomic_write_text, json_line
 
     id_field, text_field, ids_field = SCHEMAS[schema]
     lines = []

@@ -26,7 +26,8 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .io import atomic_path, atomic_write_text
+from infra.io import atomic_path, atomic_write_text
+
 from .layout import SPLITS, split_paths
 from .queries import Query, write_queries
 

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from infra.io import atomic_write_text, json_line
+
 from .errors import first_of, is_int_id
-from .io import atomic_write_text, json_line
 from .queries import SCHEMAS, Query, detect_schema, read_queries, starts_with_bom, utf8_lines
 
 TOP_K = 10

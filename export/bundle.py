@@ -1,7 +1,7 @@
 """Checkpoint -> bundle: `text.onnx`, `image.onnx` (transformer towers fused, `export.optimize`),
 their fp16 twins, with `--int8` their int8 twins, `tokenizer/` and `manifest.json`; everything
 `predict` needs and nothing more. A graph over protobuf's 2 GiB limit has its tensors in
-`NAME.onnx.data` beside it (`export.graphs.save_graph`); the manifest's `files` hashes every
+`NAME.onnx.data` beside it (`export.files.save_graph`); the manifest's `files` hashes every
 file, and `external_data` names each graph's data file. Built in a temporary directory
 beside the destination and renamed into place only after every graph passes `onnx.checker`,
 loads in ONNX Runtime and passes the parity gate."""
@@ -20,14 +20,16 @@ from importlib import metadata
 import torch
 
 from competition import read_queries
-from competition.io import pid_alive, replace_dir, sha256
 from competition.layout import split_files
 from competition.preprocess import TOKENIZER_DIR, directory_tokenizer
+from infra.io import pid_alive, replace_dir, sha256
 from predict.manifest import Manifest, write_manifest
 from train.config import config_from_dict
 from train.tokenizer import check_tokenizer
 
-from .graphs import check_graph, free_memory, graph_files, load_run_model, to_fp16
+from .files import check_graph, graph_files
+from .fp16 import to_fp16
+from .memory import free_memory
 from .optimize import export_tower, prepare_fusion, to_int8
 from .parity import ParityError, ParityLimits, ParitySettings, check_bundle, gate_inputs, torch_embeddings
 
@@ -58,6 +60,20 @@ class ExportOptions:
     device: str = "auto"               # where the fp16 graphs are checked
     fused: bool = True                 # transformer towers exported for and through ORT's fusion
     int8: bool = False                 # also int8 graphs, gated
+
+
+def load_run_model(run_dir: str, checkpoint: str = "best"):
+    """(model in eval mode, checkpoint dict less its weights, checkpoint path) rebuilt offline
+    from the run."""
+    from train.checkpoint import checkpoint_path, load_checkpoint, load_weights
+    from train.model import build_from_arch
+
+    path = checkpoint_path(run_dir, checkpoint)
+    ckpt = load_checkpoint(path, mmap=True)
+    model = build_from_arch(ckpt["arch"], path)
+    # the model takes the file's (memory-mapped) tensors as they are: no second copy of the weights
+    load_weights(model, ckpt.pop("model"), path, assign=True)
+    return model.eval(), ckpt, path
 
 
 def export_bundle(run_dir: str, out_dir: str, data_dir: str, opts: ExportOptions | None = None,

@@ -35,7 +35,7 @@ def export(run_dir, pretrained, tokenizer, attention_heads, out_dir, data_dir, c
            parity_queries, parity_gallery, parity_batch, device, fuse, int8):
     """Export RUN_DIR's checkpoint (or --pretrained weights) to an ONNX bundle (fp32 + fp16) behind a parity gate."""
     from competition import MugeDataError
-    from competition.io import exit_on_hangup_or_term
+    from infra.io import exit_on_hangup_or_term
     from train.checkpoint import CheckpointError, WeightsError
     from train.config import ConfigError
     from train.tokenizer import TokenizerError

@@ -23,7 +23,10 @@ import os
 import shutil
 import tempfile
 
-from .graphs import captured_logs, export_graph, free_memory, graph_bytes, over_limit, relocate, save_graph
+from .files import graph_bytes, over_limit, relocate, save_graph
+from .fp16 import captured_logs
+from .graphs import export_graph
+from .memory import free_memory
 
 log = logging.getLogger(__name__)
 TRANSFORMER_EXPORT = {"exporter": "torchscript", "opset": 17}

@@ -39,7 +39,7 @@ from competition.topk import exact_topk, first_nonfinite_row
 from predict.manifest import read_manifest
 from predict.runtime import BundleEncoders, RuntimeChoice, bundle_tokenizer, choose_runtime, has_graphs
 
-from .graphs import free_memory
+from .memory import free_memory
 
 log = logging.getLogger(__name__)
 REDUCED = ("fp16", "int8")  # the precisions checked by cosine, ranking and recall

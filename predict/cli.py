@@ -54,10 +54,10 @@ def predict(bundle_dirs, data_dir, split, out_path, device, precision, threads, 
             skip_bad_images, schema, weights, tta, rerank, rerank_beta, bank):
     """Embed a split's gallery and queries with ONNX Runtime and write the exact top-10 submission."""
     from competition import MugeDataError, SubmissionError
-    from competition.gallery import PipelineError, default_workers
-    from competition.io import exit_on_hangup_or_term
     from competition.metric import score_line
     from competition.topk import NonFiniteError
+    from infra.gallery import PipelineError, default_workers
+    from infra.io import exit_on_hangup_or_term
 
     from .manifest import BundleError
     from .submit import PredictOptions, predict_split

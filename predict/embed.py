@@ -1,7 +1,7 @@
 """Gallery and query embeddings with ONNX Runtime, cached on disk.
 
 Gallery images are decoded and resized by worker processes straight into a ring of
-shared-memory batch slots (`competition.gallery`) while the main process runs the image graph on
+shared-memory batch slots (`infra.gallery`) while the main process runs the image graph on
 each slot as it is: no pixel crosses a pipe, and at most `2 x workers` batches are in flight, so
 memory stays bounded whatever the gallery size. Embeddings are saved per chunk of TSV lines
 under a key made of the bundle's hash and the input file's fingerprint; a rerun reuses them and a
@@ -24,8 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from competition import ImageTSV, SkippedImages, read_queries
-from competition.gallery import DecodeRing
-from competition.io import WriteError, atomic_path, content_fingerprint
+from infra.gallery import DecodeRing
+from infra.io import WriteError, atomic_path, content_fingerprint
 
 from .runtime import BundleEncoders
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from competition.preprocess import RESIZE_RULES, TEXT_NORMALIZATIONS
-from competition.records import RecordError, from_dict
+from infra.records import RecordError, from_dict
 
 FORMAT = "muge-bundle/1"
 MANIFEST = "manifest.json"
@@ -71,7 +71,7 @@ def is_plain_file_name(name: str) -> bool:
 
 def manifest_from_dict(values, path: str) -> Manifest:
     """The manifest of `values` (a parsed manifest.json), checked: its format version first, then
-    every field's presence and type (`competition.records`), then the ranges and names a type
+    every field's presence and type (`infra.records`), then the ranges and names a type
     cannot say. Every refusal names `path` and the field."""
     if not isinstance(values, dict):
         raise BundleError(f"{path}: not a muge bundle manifest (a JSON {type(values).__name__}); re-export the bundle")

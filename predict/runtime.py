@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from competition import MugeDataError
-from competition.io import atomic_write_text, sha256
 from competition.preprocess import TextTokenizer, directory_tokenizer
 from competition.topk import NonFiniteError, first_nonfinite_row
+from infra.io import atomic_write_text, sha256
 
 from .manifest import MANIFEST, BundleError, Manifest, is_plain_file_name, read_manifest
 

@@ -16,11 +16,11 @@ import numpy as np
 
 from competition import ImageTSV, SkippedImages, ground_truth_not_in_gallery, score_predictions, write_submission
 from competition.errors import first_of
-from competition.gallery import default_workers
-from competition.io import atomic_write_text, check_writable
 from competition.layout import split_files, split_paths
 from competition.metric import success_json, write_result
 from competition.topk import exact_topk, predictions_from_positions
+from infra.gallery import default_workers
+from infra.io import atomic_write_text, check_writable
 
 from .embed import embed_gallery, embed_queries
 from .ensemble import align, fuse, parse_weights, pick_weights

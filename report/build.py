@@ -22,8 +22,8 @@ from importlib import resources
 import numpy as np
 
 from competition import ImageTSV, MugeDataError, Query, Score, check_submission, read_queries, score_predictions
-from competition.history import HISTORY, read_history
-from competition.io import atomic_write_text
+from infra.history import HISTORY, read_history
+from infra.io import atomic_write_text
 from predict.manifest import MANIFEST, BundleError, read_manifest
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def thumbnails(tsv_path: str, ids, size: int = 64, quality: int = 70, workers: i
 
 
 def report_history(run_dir: str | None) -> list[dict]:
-    """The run's per-epoch records (`competition.history`), JSON-ready; a bundle directory leads to
+    """The run's per-epoch records (`infra.history`), JSON-ready; a bundle directory leads to
     its run."""
     if not run_dir:
         return []

@@ -87,7 +87,7 @@ def test_a_graph_from_elsewhere_is_refused_and_never_reuses_a_cache(tiny_bundle,
             "image.onnx: its sha256", "is not the manifest's")
     (bundle / "image.onnx").write_bytes(b"\0" * 100)  # and damaged, with the manifest "fixed" to match
     manifest = json.loads((bundle / "manifest.json").read_text())
-    from competition.io import sha256
+    from infra.io import sha256
 
     manifest["files"]["image.onnx"] = sha256(bundle / "image.onnx")
     (bundle / "manifest.json").write_text(json.dumps(manifest))
@@ -609,7 +609,7 @@ def test_a_tsv_edited_in_place_keeping_size_and_mtime_is_embedded_again(tiny_bun
 
 
 def test_the_fingerprint_sees_in_place_edits_in_its_sampled_spans_only(tmp_path):
-    from competition.io import content_fingerprint
+    from infra.io import content_fingerprint
 
     path = tmp_path / "g.tsv"
     size = 4 << 20  # 4 MiB: 64 KiB at each end, 16 blocks of 4 KiB between

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from competition import ImageTSV, read_queries
-from export.bundle import GRAPHS, INT8_GRAPHS, ExportOptions, export_bundle
-from export.graphs import load_run_model
+from export.bundle import GRAPHS, INT8_GRAPHS, ExportOptions, export_bundle, load_run_model
 from export.parity import ParityError, ParitySettings, run_parity
 from predict.runtime import BundleEncoders
 
@@ -149,7 +148,7 @@ def test_gate_passes_a_near_tied_model_and_reports_every_figure(runs, small_samp
 
 def test_gate_fails_non_finite_fp16_outputs_and_leaves_no_bundle(runs, small_sample, tmp_path, monkeypatch):
     import export.bundle as bundle_mod
-    from export.graphs import to_fp16 as real_to_fp16
+    from export.fp16 import to_fp16 as real_to_fp16
 
     def poisoned(src, dst):  # one NaN weight in the fp16 image graph: every image embedding is NaN
         real_to_fp16(src, dst)

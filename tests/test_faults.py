@@ -71,8 +71,8 @@ def test_a_full_disk_gets_a_clear_error_and_a_rerun_with_room_is_right(tiny_bund
 
 
 def _ours(pid: int) -> set[str]:
-    """This predict's segments in /dev/shm (named after their process: `competition.gallery`)."""
-    from competition.gallery import SHM_DIR, segment_prefix
+    """This predict's segments in /dev/shm (named after their process: `infra.gallery`)."""
+    from infra.gallery import SHM_DIR, segment_prefix
 
     return {n for n in os.listdir(SHM_DIR) if n.startswith(segment_prefix(pid))}
 
@@ -102,7 +102,7 @@ def _predict_until_decoding(tiny_bundle, big_split, tmp_path, ignored: dict | No
     import signal
     import time
 
-    from competition.gallery import segment_prefix
+    from infra.gallery import segment_prefix
 
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     # the signals' dispositions of a terminal's foreground job, whatever this test runs under: a
@@ -195,7 +195,7 @@ def test_segments_of_a_killed_predict_are_swept_and_others_kept():
     owner removes those whose process is gone, and no one else's."""
     from multiprocessing import shared_memory
 
-    from competition.gallery import segment_prefix, sweep_orphans
+    from infra.gallery import segment_prefix, sweep_orphans
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
@@ -222,7 +222,7 @@ def test_training_evaluation_decodes_in_process_when_shared_memory_is_short(smal
 
     import torch
 
-    from competition.gallery import DecodeRing
+    from infra.gallery import DecodeRing
     from train.evaluate import EvalSettings, check_gallery
 
     def short(self):
@@ -245,7 +245,7 @@ def test_training_on_a_read_only_dev_shm_loads_in_process(small_sample, tmp_path
 
     from tiny import tiny_config
 
-    from competition.gallery import shared_memory_problem
+    from infra.gallery import shared_memory_problem
     from train.main import train_run
 
     real = shared_memory.SharedMemory

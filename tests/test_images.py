@@ -9,8 +9,8 @@ from conftest import jpeg_bytes, rgb_at, write_tsv
 from PIL import Image
 
 from competition import ImageTSV, MugeDataError, SkippedImages, decode_image, iter_tsv, resize_image
-from competition.gallery import decode_into
 from competition.images import decode_image_pil
+from infra.gallery import decode_into
 
 
 def test_index_reads_by_id_and_matches_iteration(tmp_path):

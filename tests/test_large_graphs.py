@@ -1,4 +1,4 @@
-"""Graphs over protobuf's 2 GiB limit, with the limit lowered (`export.graphs.MAX_SINGLE_FILE_BYTES`)
+"""Graphs over protobuf's 2 GiB limit, with the limit lowered (`export.files.MAX_SINGLE_FILE_BYTES`)
 so tiny models take the external-data path: export, fusion, fp16, int8, the gate, predict, an
 ensemble and the gallery cache; a missing, truncated or altered data file is refused at load."""
 import json
@@ -21,7 +21,7 @@ LIMIT = 20_000  # bytes of tensors: every tiny graph is over it
 def large_bundles(runs, small_sample, tmp_path_factory):
     """Both families exported with the lowered limit (fused, with int8), and the dual one as it
     ships today (one file a graph), from the same run."""
-    import export.graphs as graphs
+    import export.files as graphs
 
     out = tmp_path_factory.mktemp("large")
     saved = graphs.MAX_SINGLE_FILE_BYTES
@@ -128,7 +128,7 @@ def test_a_bundle_opens_no_file_it_has_not_verified(large_bundles, small_sample,
     import builtins
     import shutil
 
-    from competition.io import sha256
+    from infra.io import sha256
 
     bundle = tmp_path / "bundle"
     shutil.copytree(large_bundles / "dual", bundle)

@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from competition.io import replace_dir, sha256
+from infra.io import replace_dir, sha256
 
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
 from .config import read_preset

@@ -13,7 +13,7 @@ import pickle
 import torch
 
 from competition.errors import first_of
-from competition.io import atomic_path
+from infra.io import atomic_path
 
 
 class CheckpointError(ValueError):

@@ -66,7 +66,7 @@ def average(run_dirs, out_dir, checkpoint, data_dir):
 
 
 if __name__ == "__main__":  # torchrun -m train.cli ...
-    from competition.logs import quiet_progress, setup_logging
+    from infra.logs import quiet_progress, setup_logging
 
     quiet_progress()
     setup_logging()

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from competition.preprocess import RESIZE_RULES, TEXT_NORMALIZATIONS
-from competition.records import RecordError, from_dict
+from infra.records import RecordError, from_dict
 
 Family = Literal["dual", "chinese-clip"]
 Pooling = Literal["cls", "mean", "mean_max", "attentive"]
@@ -172,7 +172,7 @@ def _keys(cls) -> str:
 
 def _build(values) -> Config:
     """The config of `values`, by the one rule every record of this project is read with
-    (`competition.records`); numbers may be strings, as YAML 1.1 writes some."""
+    (`infra.records`); numbers may be strings, as YAML 1.1 writes some."""
     try:
         return from_dict(Config, values, what="config", numbers_from_strings=True)
     except RecordError as exc:
@@ -390,7 +390,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    from competition.io import atomic_write_text
+    from infra.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
 

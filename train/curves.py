@@ -1,4 +1,4 @@
-"""A run's curves, `curves.png`, from its history (`competition.history` writes `metrics.jsonl`)."""
+"""A run's curves, `curves.png`, from its history (`infra.history` writes `metrics.jsonl`)."""
 from __future__ import annotations
 
 import os

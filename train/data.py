@@ -1,5 +1,5 @@
 """Training pairs, read through the `competition` readers (the valid gallery is decoded by
-`competition.gallery`, as predict decodes it).
+`infra.gallery`, as predict decodes it).
 
 The dataset holds ids, texts and the TSV's offset index only; DataLoader workers decode images
 by id with `pread`. Batches are full (drop_last): the contrastive loss wants a constant batch
@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from competition import ImageTSV, MugeDataError, read_queries
-from competition.gallery import shared_memory_problem
+from infra.gallery import shared_memory_problem
 
 from .config import Config, data_seed
 from .transform import augment_image, augment_text

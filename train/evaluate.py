@@ -1,5 +1,5 @@
 """Training-time evaluation: embed the whole valid gallery and every valid query, exact top-10,
-and the competition's own scorer. The gallery is decoded by `competition.gallery`, the decoder
+and the competition's own scorer. The gallery is decoded by `infra.gallery`, the decoder
 predict uses, with the same preprocessing (`competition.preprocess`)."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from tqdm import tqdm
 
 from competition import ImageTSV, SkippedImages, read_queries, score_predictions
-from competition.gallery import DecodeRing
 from competition.topk import exact_topk, predictions_from_positions
+from infra.gallery import DecodeRing
 
 from .precision import autocast
 
@@ -41,7 +41,7 @@ class EvalSettings:
 
 
 def _decoded_batches(tsv: ImageTSV, settings: EvalSettings, skip_bad: bool, desc: str):
-    """The gallery's batches in file order (`competition.gallery.Batch`), behind a progress bar."""
+    """The gallery's batches in file order (`infra.gallery.Batch`), behind a progress bar."""
     tsv_path, n, bs = tsv.path, len(tsv), settings.batch_size
     ranges = [(start, min(n, start + bs)) for start in range(0, n, bs)]
     ring = DecodeRing(tsv_path, settings.size, settings.rule, bs, settings.workers, skip_bad)

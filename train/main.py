@@ -17,9 +17,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from competition.history import HISTORY, write_history
 from competition.layout import split_files
 from competition.preprocess import TextTokenizer
+from infra.history import HISTORY, write_history
 
 from .checkpoint import (
     CheckpointError,

@@ -322,7 +322,7 @@ class ChineseCLIPEncoder(RetrievalModel):
         file of a directory): exactly which weights were loaded, for the manifest. Hashed only when
         asked (`train.pretrained`), not at every model creation: each training start on each rank
         would read gigabytes for nothing."""
-        from competition.io import sha256
+        from infra.io import sha256
 
         if self.source is None or "revision" in self.source:  # a random start, or a hub revision
             return self.source

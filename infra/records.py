@@ -1,6 +1,6 @@
 """One rule for reading a typed record (a dataclass) from parsed JSON or YAML, used by every file
 format the stages hand each other: the run config (`train.config`), a bundle's manifest
-(`predict.manifest`) and `metrics.jsonl`'s epoch records (`competition.history`).
+(`predict.manifest`) and `metrics.jsonl`'s epoch records (`infra.history`).
 
 - the values are a mapping; every key is a field (an unknown key is refused, naming the valid
   ones), and every field without a default is there;

@@ -40,8 +40,9 @@ from multiprocessing import connection, resource_tracker, shared_memory
 
 import numpy as np
 
-from .errors import MugeDataError
-from .images import ImageTSV
+from competition.errors import MugeDataError
+from competition.images import ImageTSV
+
 from .io import pid_alive
 
 log = logging.getLogger(__name__)

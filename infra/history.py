@@ -8,7 +8,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from .errors import MugeDataError
+from competition.errors import MugeDataError
+
 from .io import atomic_write_text
 from .records import RecordError, from_dict
 
@@ -38,7 +39,7 @@ class EpochRecord:
 
 
 def record_from_dict(values: dict, where: str) -> EpochRecord:
-    """An epoch record by the rule every record is read with (`competition.records`), its counts
+    """An epoch record by the rule every record is read with (`infra.records`), its counts
     not negative; a refusal is a `MugeDataError` naming `where`."""
     try:
         record = from_dict(EpochRecord, values, what="epoch record")
