@@ -69,7 +69,7 @@ def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int 
     advice = divergence_advice(vars(train_cfg.lr), train_cfg.grad_clip, training.precision)
     model.train()
     n = len(loader) if max_batches is None else min(max_batches, len(loader))
-    total, count, seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device), 0
+    running, seen = RunningLoss(device), 0
     warmup = max(0, min(warmup, n - 1))
     start = fetch = logged = time.perf_counter()
     first_batch_s, steady, epoch_clock, clock = 0.0, (start, 0), WaitClock(), WaitClock()
@@ -84,10 +84,7 @@ def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int 
         # the next epoch, and last.pt holds none), averaged over its own length
         group = min(train_cfg.accum_steps, n - (i - i % train_cfg.accum_steps))
         boundary = (i + 1) % train_cfg.accum_steps == 0 or i == n - 1
-        loss = train_step(parts, model, batch, group=group, boundary=boundary, step=step)
-        finite = torch.isfinite(loss)  # a skipped batch's loss is left out of the epoch's mean
-        total += torch.where(finite, loss, torch.zeros_like(loss))
-        count += finite
+        running.add(train_step(parts, model, batch, group=group, boundary=boundary, step=step))
         step += boundary
         if boundary and training.ema is not None:
             training.ema.update(unwrap(model))
@@ -97,15 +94,9 @@ def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int 
             first_batch_s = time.perf_counter() - start
         if i % train_cfg.log_every == 0 or i == n - 1:
             guard.check(training.optimizer, epoch, advice)  # every rank: all stop, or none
-        if world.main and (i % train_cfg.log_every == 0 or i == n - 1):
-            scale, loss = unwrap(model).logit_scale.exp().item(), total.item() / max(int(count), 1)
-            rate = seen / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{training.optimizer.param_groups[0]['lr']:.2e}",
-                            temp=f"{1 / scale:.4f}", samples_per_s=f"{rate:.1f}",
-                            data=f"{100 * clock.data_share:.0f}%", refresh=False)
-            if tracker is not None:
-                tracker.step(step, loss=loss, optimizer=training.optimizer, logit_scale=scale, samples_per_s=rate,
-                             data_wait_share=clock.data_share, skipped_steps=guard.skipped_count())
+            if world.main:
+                _show_progress(training, model, bar, tracker, step, running.mean(),
+                               seen / (time.perf_counter() - start), clock.data_share)
         now = time.perf_counter()
         for c in (clock, epoch_clock):
             c.add(got - fetch, now - fetch)
@@ -118,7 +109,7 @@ def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int 
     synchronize(device)
     end = time.perf_counter()
     skipped = guard.skipped_count() - skipped_before
-    stats = EpochStats(loss=total.item() / max(int(count), 1), step=step, samples_per_s=seen / max(end - start, 1e-9),
+    stats = EpochStats(loss=running.mean(), step=step, samples_per_s=seen / max(end - start, 1e-9),
                        steady_samples=seen - steady[1], steady_s=end - steady[0], first_batch_s=first_batch_s,
                        skipped_steps=skipped)
     if world.main:
@@ -127,3 +118,30 @@ def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int 
                  epoch_clock.describe(), f"; {skipped} updates skipped (a non-finite loss or gradients)"
                  if skipped else "")
     return stats
+
+
+class RunningLoss:
+    """The epoch's mean loss so far, summed on the device (no host sync until `mean`); a batch
+    whose loss is not finite (its update was skipped, `train.guard`) is left out."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss)
+        self.total += torch.where(finite, loss, torch.zeros_like(loss))
+        self.count += finite
+
+    def mean(self) -> float:
+        return self.total.item() / max(int(self.count), 1)
+
+
+def _show_progress(training, model, bar, tracker, step: int, loss: float, rate: float, data_share: float) -> None:
+    """A log step's figures on the progress bar and, with `train.tensorboard`, in TensorBoard."""
+    scale = unwrap(model).logit_scale.exp().item()
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{training.optimizer.param_groups[0]['lr']:.2e}", temp=f"{1 / scale:.4f}",
+                    samples_per_s=f"{rate:.1f}", data=f"{100 * data_share:.0f}%", refresh=False)
+    if tracker is not None:
+        tracker.step(step, loss=loss, optimizer=training.optimizer, logit_scale=scale, samples_per_s=rate,
+                     data_wait_share=data_share, skipped_steps=training.guard.skipped_count())
