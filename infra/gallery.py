@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,14 +61,15 @@ def segment_prefix(pid: int | None = None) -> str:
 
 def shared_memory_problem() -> str | None:
     """Why this process cannot create shared memory (a read-only or missing /dev/shm), or None when
-    it can: a segment of this owner's is made and removed at once."""
+    it can: a file of this owner's is made in /dev/shm and removed at once, as `shm_open` makes
+    a segment there on Linux (and without `SharedMemory`, whose resource tracker would be one
+    more process beside the run)."""
     try:
-        probe = shared_memory.SharedMemory(name=f"{segment_prefix()}probe-{secrets.token_hex(4)}", create=True,
-                                           size=4096)
+        fd, probe = tempfile.mkstemp(prefix=f"{segment_prefix()}probe-", dir=SHM_DIR)
     except OSError as exc:
         return f"{SHM_DIR}: {exc.strerror or exc}"
-    probe.close()
-    probe.unlink()
+    os.close(fd)
+    os.unlink(probe)
     return None
 
 

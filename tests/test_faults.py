@@ -241,22 +241,29 @@ def test_training_on_a_read_only_dev_shm_loads_in_process(small_sample, tmp_path
     completes. Read-only is simulated: creating any shared-memory segment fails with EROFS."""
     import errno
     import logging
+    import tempfile
     from multiprocessing import shared_memory
 
     from tiny import tiny_config
 
-    from infra.gallery import shared_memory_problem
+    from infra.gallery import SHM_DIR, shared_memory_problem
     from train.main import train_run
 
-    real = shared_memory.SharedMemory
+    real, real_mkstemp = shared_memory.SharedMemory, tempfile.mkstemp
 
     def read_only(name=None, create=False, size=0, **kwargs):
         if create:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         return real(name, create, size, **kwargs)
 
+    def read_only_mkstemp(*args, dir=None, **kwargs):
+        if dir == SHM_DIR:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
     assert shared_memory_problem() is None
     monkeypatch.setattr(shared_memory, "SharedMemory", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_mkstemp)
     assert shared_memory_problem() == "/dev/shm: Read-only file system"
     caplog.set_level(logging.INFO)
     train_run(tiny_config("dual", "train.epochs=1", "data.workers=2", "data.limit_pairs=64", "eval.untrained=false"),
