@@ -117,6 +117,7 @@ def config_reference() -> str:
     import typing
 
     import train.config as schema
+    from infra.records import type_name
 
     source = inspect.getsource(schema)
     comments = {tok.start[0]: (tok.start[1], tok.string.lstrip("#").strip())  # line -> (column, text)
@@ -141,7 +142,7 @@ def config_reference() -> str:
                 yield from rows(hints[f.name], f"{prefix}{f.name}.")
                 continue
             default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-            kind, shown = _type_text(hints[f.name]), _yaml_text(default)
+            kind, shown = type_name(hints[f.name]), _yaml_text(default)
             yield f"| `{prefix}{f.name}` | {kind} | `{shown}` | {meaning(cls, f.name)} |"
 
     parts = ["# Config keys\n", "Generated from the schema (`train/config.py`) by `make docs`: every key a preset in\n"
@@ -152,17 +153,6 @@ def config_reference() -> str:
         parts += [f"## {section.name}\n", "| key | type | default | meaning |", "|---|---|---|---|",
                   *rows(typing.get_type_hints(schema.Config)[section.name], f"{section.name}."), ""]
     return "\n".join(parts)
-
-
-def _type_text(hint) -> str:
-    import types
-    import typing
-
-    if typing.get_origin(hint) is typing.Literal:
-        return "one of " + ", ".join(f"`{c}`" for c in typing.get_args(hint))
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_text(h) for h in typing.get_args(hint))
-    return {type(None): "null", dict: "mapping", list: "list"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _yaml_text(value) -> str:

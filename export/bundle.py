@@ -92,9 +92,8 @@ def export_bundle(run_dir: str, out_dir: str, data_dir: str, opts: ExportOptions
         shutil.copytree(os.path.dirname(tokenizer.path), os.path.join(build_dir, TOKENIZER_DIR))
         return directory_tokenizer(build_dir, data.max_text_length, data.text_normalization)
 
-    from_cn_clip = (ckpt.get("source") or {}).get("format") == "cn_clip checkpoint"  # its vocabulary is known
     return _build_bundle(model, ckpt["arch"], data, source, out_dir, data_dir, opts, copy_tokenizer,
-                         tokenizer_label or os.path.dirname(tokenizer.path), exact_vocab=from_cn_clip)
+                         tokenizer_label or os.path.dirname(tokenizer.path), exact_vocab=False)
 
 
 def export_pretrained(name: str, out_dir: str, data_dir: str, tokenizer: str | None = None,
@@ -118,7 +117,8 @@ def _build_bundle(model, arch: dict, data, source: dict, out_dir: str, data_dir:
                   write_tokenizer, tokenizer_label: str, exact_vocab: bool) -> Manifest:
     """The bundle of `model` (its weights are released tower by tower as their graphs are written):
     built in a directory beside `out_dir`, where `write_tokenizer(build_dir)` puts the tokenizer,
-    and renamed into place once every graph passes its checks and the parity gate.
+    and renamed into place once every graph passes its checks and the parity gate. `exact_vocab`:
+    the tokenizer is the weights' own (a cn_clip file's), so its size must be the embedding's.
 
     Memory: one copy of the weights; each tower's PyTorch reference for the gate is computed, its
     graph written, and its weights freed before the next tower; the gate then opens one graph at

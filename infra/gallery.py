@@ -33,7 +33,6 @@ import os
 import re
 import secrets
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ import numpy as np
 from competition.errors import MugeDataError
 from competition.images import ImageTSV
 
-from .io import pid_alive
+from .io import pid_alive, probe_directory
 
 log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
@@ -65,11 +64,9 @@ def shared_memory_problem() -> str | None:
     a segment there on Linux (and without `SharedMemory`, whose resource tracker would be one
     more process beside the run)."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=f"{segment_prefix()}probe-", dir=SHM_DIR)
+        probe_directory(SHM_DIR, f"{segment_prefix()}probe-")
     except OSError as exc:
         return f"{SHM_DIR}: {exc.strerror or exc}"
-    os.close(fd)
-    os.unlink(probe)
     return None
 
 

@@ -55,11 +55,17 @@ def check_writable(path, make_dirs: bool = True) -> None:
             raise IsADirectoryError(21, "it is a directory; give a file name")
         if make_dirs:
             os.makedirs(parent, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".muge-write-check-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
+        probe_directory(parent, ".muge-write-check-")
     except OSError as exc:
         raise WriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def probe_directory(directory: str, prefix: str) -> None:
+    """Create a file named `prefix...` in `directory` and remove it at once: raises the OSError of
+    a directory that takes no new file (read-only, missing, full), whoever is asking."""
+    fd, probe = tempfile.mkstemp(prefix=prefix, dir=directory)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def replace_dir(src: str, dst: str) -> None:

@@ -89,21 +89,25 @@ def _value(value, hint, key: str, what: str, numbers_from_strings: bool):
             key_type, item_type = typing.get_args(kind)
             for k in value:
                 if not isinstance(k, key_type):
-                    raise RecordError(f"{key}: key {_shown(k)} is not a {_type_name(key_type)}")
+                    raise RecordError(f"{key}: key {_shown(k)} is not a {type_name(key_type)}")
             return {k: _value(v, item_type, _key(key, k), what, numbers_from_strings) for k, v in value.items()}
         elif origin is list and isinstance(value, list):
             (item_type,) = typing.get_args(kind)
             return [_value(v, item_type, f"{key}[{i}]", what, numbers_from_strings) for i, v in enumerate(value)]
-    raise RecordError(f"{key}={_shown(value)}: expected {' or '.join(_type_name(k) for k in allowed)}")
+    raise RecordError(f"{key}={_shown(value)}: expected {type_name(hint)}")
 
 
-def _type_name(kind) -> str:
+def type_name(kind) -> str:
+    """A field's type in words, as messages and the config reference (`make docs`) say it."""
     origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(k) for k in typing.get_args(kind))
     if origin is Literal:
         return "one of " + ", ".join(typing.get_args(kind))
     if origin is dict:
-        return "a mapping of " + " to ".join(_type_name(k) for k in typing.get_args(kind))
+        return "a mapping of " + " to ".join(type_name(k) for k in typing.get_args(kind))
     if origin is list:
-        return "a list of " + _type_name(typing.get_args(kind)[0])
-    return "null" if kind is type(None) else {dict: "a mapping", list: "a list"}.get(kind,
-                                                                                                     kind.__name__)
+        return "a list of " + type_name(typing.get_args(kind)[0])
+    if kind is type(None):
+        return "null"
+    return {dict: "a mapping", list: "a list"}.get(kind, kind.__name__)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .distributed import distributed
+from .optim import top_learning_rates
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,11 +63,7 @@ class DivergenceGuard:
         at = int(tripped)
         if at < 0:
             return
-        rates = {}
-        for group in optimizer.param_groups:  # each group's top layer trains at its base rate
-            name = group.get("group", "all")
-            rates[name] = max(rates.get(name, 0.0), group["lr"])
-        shown = ", ".join(f"{name} {lr:.2g}" for name, lr in rates.items())
+        shown = ", ".join(f"{name} {lr:.2g}" for name, lr in top_learning_rates(optimizer).items())
         raise TrainingDiverged(
             f"training diverged in epoch {epoch + 1}: updates {at - self.limit + 1} to {at} all had a non-finite "
             f"loss or gradients and were skipped (train.max_skipped_steps={self.limit}); learning rates then: "

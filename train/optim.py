@@ -19,6 +19,16 @@ def lr_scale(layer_id: int, top: int, decay: float) -> float:
     return decay ** (top + 1 - layer_id)
 
 
+def top_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Each parameter group's rate now (head, text, image): its top layer trains at the group's
+    base rate, and layer decay lowers the layers below it."""
+    top: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        name = group.get("group", "all")
+        top[name] = max(top.get(name, 0.0), group["lr"])
+    return top
+
+
 def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     base = {"head": cfg.lr.head, "text": cfg.lr.text, "image": cfg.lr.image}
     layout = model.param_layout()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from .optim import top_learning_rates
+
 
 class Tracker:
     """Writes scalars when enabled; does nothing otherwise, so callers need not ask."""
@@ -30,11 +32,7 @@ class Tracker:
         self.writer.add_scalar("train/data_wait_share", data_wait_share, step)
         self.writer.add_scalar("train/logit_scale", logit_scale, step)
         self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
-        top: dict[str, float] = {}  # each group's top layer trains at its base rate; lower layers decay from it
-        for group in optimizer.param_groups:
-            name = group.get("group", "all")
-            top[name] = max(top.get(name, 0.0), group["lr"])
-        for name, lr in top.items():
+        for name, lr in top_learning_rates(optimizer).items():
             self.writer.add_scalar(f"lr/{name}", lr, step)
 
     def epoch(self, record: dict) -> None:
