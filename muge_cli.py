@@ -107,9 +107,10 @@ CONFIG_REFERENCE = "docs/config.md"
 
 
 def config_reference() -> str:
-    """Every config key (`train.config`'s schema) with its type, default and meaning, the meaning
-    being the field's own comment in the schema's source: no key can be missing or stale, and a
-    field without a comment is an error here (so `make docs` and its test fail)."""
+    """Every config key (`train.config`'s schema, whose model sections are `model.config`'s) with
+    its type, default and meaning, the meaning being the field's own comment in the source of the
+    class that declares it: no key can be missing or stale, and a field without a comment is an
+    error here (so `make docs` and its test fail)."""
     import dataclasses
     import inspect
     import io
@@ -119,20 +120,24 @@ def config_reference() -> str:
     import train.config as schema
     from infra.records import type_name
 
-    source = inspect.getsource(schema)
-    comments = {tok.start[0]: (tok.start[1], tok.string.lstrip("#").strip())  # line -> (column, text)
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    def comments(module) -> dict[int, tuple[int, str]]:
+        """line -> (column, text) of every comment in `module`'s source."""
+        return {tok.start[0]: (tok.start[1], tok.string.lstrip("#").strip())
+                for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(module)).readline)
+                if tok.type == tokenize.COMMENT}
 
     def meaning(cls, name: str) -> str:
+        cls = next(c for c in cls.__mro__ if name in vars(c).get("__annotations__", {}))  # the declaring class
+        found = comments(inspect.getmodule(cls))
         body, start = inspect.getsourcelines(cls)
         at = start + next(i for i, line in enumerate(body) if line.strip().startswith(name + ":"))
-        if at not in comments:
-            raise ValueError(f"train/config.py: {cls.__name__}.{name} has no comment: say what it does")
-        column, text = comments[at]
+        if at not in found:
+            raise ValueError(f"{inspect.getsourcefile(cls)}: {cls.__name__}.{name} has no comment: say what it does")
+        column, text = found[at]
         # continued on the next lines: comment-only lines whose `#` is in the same column
-        while at + 1 in comments and comments[at + 1][0] == column and not body[at + 1 - start].split("#")[0].strip():
+        while at + 1 in found and found[at + 1][0] == column and not body[at + 1 - start].split("#")[0].strip():
             at += 1
-            text += " " + comments[at][1]
+            text += " " + found[at][1]
         return text
 
     def rows(cls, prefix: str):
@@ -145,9 +150,10 @@ def config_reference() -> str:
             kind, shown = type_name(hints[f.name]), _yaml_text(default)
             yield f"| `{prefix}{f.name}` | {kind} | `{shown}` | {meaning(cls, f.name)} |"
 
-    parts = ["# Config keys\n", "Generated from the schema (`train/config.py`) by `make docs`: every key a preset in\n"
-             "`configs/` or `--set KEY=VALUE` takes, its type, its default and what it does (the schema's own\n"
-             "comment). Unknown keys and values of the wrong type are refused, naming the key.\n"
+    parts = ["# Config keys\n",
+             "Generated from the schema (`train/config.py`, with `model/config.py`) by `make docs`: every key a\n"
+             "preset in `configs/` or `--set KEY=VALUE` takes, its type, its default and what it does (the\n"
+             "schema's own comment). Unknown keys and values of the wrong type are refused, naming the key.\n"
              "[training.md](training.md) says how the pieces fit.\n"]
     for section in dataclasses.fields(schema.Config):
         parts += [f"## {section.name}\n", "| key | type | default | meaning |", "|---|---|---|---|",

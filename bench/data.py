@@ -81,9 +81,9 @@ def bench_data(images, pairs, batches, batch_size, workers, config_path, directo
     import torch
     from tqdm import tqdm
 
+    from model.tokenizer import prepare_tokenizer
     from train.config import load_config
     from train.data import PairDataset, train_loader
-    from train.tokenizer import prepare_tokenizer
 
     if pairs < batch_size:  # before minutes of writing a split
         raise click.BadParameter(f"{pairs} pairs do not fill one batch of --batch-size {batch_size}",

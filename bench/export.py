@@ -14,12 +14,13 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from functools import partial
 
 import click
 import numpy as np
 
-from .shapes import BERT_CHINESE_VOCAB, VIT_B16_CLIP, setting
+from .shapes import BERT_CHINESE_VOCAB, VIT_B16_CLIP
 from .table import FiniteFloatRange, emit, in_checkout, table_options
 
 PRESETS = in_checkout(*(f"configs/{name}.yaml" for name in ("sample", "bert-convnext", "cnclip-vit-b16")))
@@ -27,15 +28,19 @@ PRESETS = in_checkout(*(f"configs/{name}.yaml" for name in ("sample", "bert-conv
 
 def _random_model(preset: str):
     """(model in eval mode, image size, max text length, vocab size) for a preset, random weights."""
-    from train.config import load_config
-    from train.model import create_model
+    import yaml
 
-    cfg = load_config(preset, ["model.image.pretrained=false", "model.text.name=null", "model.name=null"])
-    if cfg.model.family == "chinese-clip" and not cfg.model.config:
-        cfg = load_config(preset, ["model.name=null", setting("model.config", VIT_B16_CLIP)])
-    vocab = BERT_CHINESE_VOCAB if not cfg.model.text.config else 1000
-    model, _ = create_model(cfg.model, vocab_size=None if cfg.model.family == "chinese-clip" else vocab)
-    return model.eval(), cfg.data.image_size, cfg.data.max_text_length, vocab
+    from model.config import read_sections
+    from model.factory import create_model
+
+    with open(preset, encoding="utf-8") as f:
+        cfg, data = read_sections(yaml.safe_load(f), preset)
+    cfg = replace(cfg, name=None, text=replace(cfg.text, name=None), image=replace(cfg.image, pretrained=False))
+    if cfg.family == "chinese-clip" and not cfg.config:
+        cfg = replace(cfg, config=VIT_B16_CLIP)
+    vocab = BERT_CHINESE_VOCAB if not cfg.text.config else 1000
+    model, _ = create_model(cfg, vocab_size=None if cfg.family == "chinese-clip" else vocab)
+    return model.eval(), data.image_size, data.max_text_length, vocab
 
 
 def _time(fn, min_runs: int, budget_s: float) -> float:
@@ -69,7 +74,7 @@ def bench_preset(preset: str, batches: tuple[int, ...], min_runs: int, budget_s:
     from predict.runtime import RuntimeChoice, session
 
     model, size, seq, vocab = _random_model(preset)
-    plans = prepare_fusion(model, model.to_arch())  # the graphs as `muge export` builds them
+    plans = prepare_fusion(model)  # the graphs as `muge export` builds them
     name = os.path.splitext(os.path.basename(preset))[0]
     rng = np.random.default_rng(0)
     cpu = RuntimeChoice(("CPUExecutionProvider",), False)

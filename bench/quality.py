@@ -56,12 +56,9 @@ def _train(cfg_path: str, data: str, run_dir: str, overrides: list[str]) -> None
 
 
 def _export(run_dir: str | None, bundle: str, data: str, pretrained: str | None = None) -> None:
-    from export.bundle import export_bundle, export_pretrained
+    from export.bundle import export_bundle
 
-    if pretrained:
-        export_pretrained(pretrained, bundle, data)
-    else:
-        export_bundle(run_dir, bundle, data)
+    export_bundle(pretrained or run_dir, bundle, data)
 
 
 def _ema_note(run_dir: str) -> str:
@@ -109,7 +106,7 @@ def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, worker
     workers = default_workers() if workers is None else workers
 
     if pretrained:  # before minutes of training: a local path must be there
-        from train.tokenizer import TokenizerError, check_local_path
+        from model.tokenizer import TokenizerError, check_local_path
 
         try:
             check_local_path(pretrained, "the --pretrained weights")

@@ -185,8 +185,8 @@ def memory_figures(preset: str, mask_ratio: float = 0.0) -> dict:
     does), cuDNN and cuBLAS workspaces."""
     import torch
 
+    from model.factory import create_model
     from train.config import load_config
-    from train.model import create_model
     from train.optim import create_optimizer
 
     from .shapes import setting

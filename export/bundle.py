@@ -21,11 +21,10 @@ import torch
 
 from competition import read_queries
 from competition.layout import split_files
-from competition.preprocess import TOKENIZER_DIR, directory_tokenizer
 from infra.io import pid_alive, replace_dir, sha256
+from model.factory import LoadedModel, load_model
+from model.tokenizer import check_tokenizer
 from predict.manifest import Manifest, write_manifest
-from train.config import config_from_dict
-from train.tokenizer import check_tokenizer
 
 from .files import check_graph, graph_files
 from .fp16 import to_fp16
@@ -62,81 +61,43 @@ class ExportOptions:
     int8: bool = False                 # also int8 graphs, gated
 
 
-def load_run_model(run_dir: str, checkpoint: str = "best"):
-    """(model in eval mode, checkpoint dict less its weights, checkpoint path) rebuilt offline
-    from the run."""
-    from train.checkpoint import checkpoint_path, load_checkpoint, load_weights
-    from train.model import build_from_arch
-
-    path = checkpoint_path(run_dir, checkpoint)
-    ckpt = load_checkpoint(path, mmap=True)
-    model = build_from_arch(ckpt["arch"], path)
-    # the model takes the file's (memory-mapped) tensors as they are: no second copy of the weights
-    load_weights(model, ckpt.pop("model"), path, assign=True)
-    return model.eval(), ckpt, path
-
-
-def export_bundle(run_dir: str, out_dir: str, data_dir: str, opts: ExportOptions | None = None,
-                  tokenizer_label: str | None = None) -> Manifest:
-    """Write the bundle of a run's checkpoint to `out_dir` (replacing an old one only on success);
-    return its manifest. `tokenizer_label`: what errors call the tokenizer (default its directory
-    in the run). The checkpoint is memory-mapped: one copy of the weights."""
+def export_bundle(source: str, out_dir: str, data_dir: str, opts: ExportOptions | None = None,
+                  tokenizer: str | None = None, heads: tuple[int, int] | None = None) -> Manifest:
+    """Write the bundle of `source` to `out_dir` (replacing an old one only on success); return its
+    manifest. `source`: a run directory (its `opts.checkpoint`), or published Chinese-CLIP weights
+    (`muge export --pretrained`: a hub name, a `transformers` directory or a cn_clip `.pt`, with
+    `tokenizer` and `heads`), as `model.factory.load_model` reads them. A checkpoint is
+    memory-mapped (one copy of the weights); published weights are built in memory, and nothing
+    but the bundle is written (the tokenizer goes straight into its build directory)."""
     opts = opts or ExportOptions()
-    model, ckpt, ckpt_path = load_run_model(run_dir, opts.checkpoint)
-    data = config_from_dict(ckpt["config"], ckpt_path).data
-    tokenizer = directory_tokenizer(run_dir, data.max_text_length, data.text_normalization)
-    source = {"source_checkpoint": os.path.abspath(ckpt_path), "source_sha256": sha256(ckpt_path),
-              "source_epoch": ckpt.get("epoch"), "source_valid_metrics": ckpt.get("metrics")}
-
-    def copy_tokenizer(build_dir: str):
-        shutil.copytree(os.path.dirname(tokenizer.path), os.path.join(build_dir, TOKENIZER_DIR))
-        return directory_tokenizer(build_dir, data.max_text_length, data.text_normalization)
-
-    return _build_bundle(model, ckpt["arch"], data, source, out_dir, data_dir, opts, copy_tokenizer,
-                         tokenizer_label or os.path.dirname(tokenizer.path), exact_vocab=False)
+    loaded = load_model(source, opts.checkpoint, tokenizer, heads)
+    origin = {"checkpoint": None, "sha256": None, "epoch": 0, "valid_metrics": None, **loaded.origin}
+    return _build_bundle(loaded, {f"source_{key}": value for key, value in origin.items()}, out_dir, data_dir, opts)
 
 
-def export_pretrained(name: str, out_dir: str, data_dir: str, tokenizer: str | None = None,
-                      heads: tuple[int, int] | None = None, opts: ExportOptions | None = None) -> Manifest:
-    """`muge export --pretrained`: published Chinese-CLIP weights `name`, built in memory, exported
-    as `export_bundle` exports a run (the same graphs and gate); nothing is written but the
-    bundle (the tokenizer goes straight into its build directory)."""
-    from train.pretrained import pretrained_model, write_pretrained_tokenizer
-
-    loaded = pretrained_model(name, heads=heads)
-    source = {"source_pretrained": loaded.source, "source_checkpoint": None, "source_sha256": None,
-              "source_epoch": 0, "source_valid_metrics": None}
-    label = f"--tokenizer {tokenizer}" if tokenizer else f"the tokenizer of {name}"
-    from_cn_clip = loaded.source.get("format") == "cn_clip checkpoint"
-    return _build_bundle(loaded.model, loaded.arch, loaded.data, source, out_dir, data_dir, opts or ExportOptions(),
-                         lambda build_dir: write_pretrained_tokenizer(name, tokenizer, build_dir, loaded.data), label,
-                         exact_vocab=from_cn_clip)
-
-
-def _build_bundle(model, arch: dict, data, source: dict, out_dir: str, data_dir: str, opts: ExportOptions,
-                  write_tokenizer, tokenizer_label: str, exact_vocab: bool) -> Manifest:
-    """The bundle of `model` (its weights are released tower by tower as their graphs are written):
-    built in a directory beside `out_dir`, where `write_tokenizer(build_dir)` puts the tokenizer,
-    and renamed into place once every graph passes its checks and the parity gate. `exact_vocab`:
-    the tokenizer is the weights' own (a cn_clip file's), so its size must be the embedding's.
+def _build_bundle(loaded: LoadedModel, source: dict, out_dir: str, data_dir: str, opts: ExportOptions) -> Manifest:
+    """The bundle of `loaded.model` (its weights are released tower by tower as their graphs are
+    written): built in a directory beside `out_dir`, where the tokenizer is saved, and renamed
+    into place once every graph passes its checks and the parity gate.
 
     Memory: one copy of the weights; each tower's PyTorch reference for the gate is computed, its
     graph written, and its weights freed before the next tower; the gate then opens one graph at
     a time."""
     t0 = time.time()
+    model, data = loaded.model, loaded.preprocessing
     queries_path, tsv_path = split_files(data_dir, "valid")
     tmp = _build_dir(out_dir)
     try:
-        tokenizer = write_tokenizer(tmp)
+        tokenizer = loaded.save_tokenizer(tmp)
         check_tokenizer(tokenizer, model.text_vocab_rows, [q.text for q in read_queries(queries_path)[:2000]],
-                        tokenizer_label, exact=exact_vocab)
+                        loaded.tokenizer_label, exact=model.exact_vocabulary)
         inputs = gate_inputs(queries_path, tsv_path, opts.settings, data.image_size, data.resize_rule)
-        manifest = Manifest(family=arch["family"], embed_dim=0, image_size=data.image_size,
+        manifest = Manifest(family=model.family, embed_dim=0, image_size=data.image_size,
                             resize_rule=data.resize_rule, max_text_length=data.max_text_length,
                             text_normalization=data.text_normalization,
                             logit_scale=float(model.logit_scale.detach().exp()), files={}, opset=opts.opset,
                             exporter=opts.exporter, **source, libraries=_versions())
-        reference = _export_towers(model, arch, tmp, inputs, tokenizer, opts, manifest)
+        reference = _export_towers(model, tmp, inputs, tokenizer, opts, manifest)
         del model
         free_memory()
         _record_files(tmp, manifest, GRAPHS + (INT8_GRAPHS if opts.int8 else ()))
@@ -171,14 +132,14 @@ def _build_dir(out_dir: str) -> str:
     return tmp
 
 
-def _export_towers(model, arch: dict, tmp: str, inputs, tokenizer, opts: ExportOptions, manifest: Manifest) -> dict:
+def _export_towers(model, tmp: str, inputs, tokenizer, opts: ExportOptions, manifest: Manifest) -> dict:
     """Each tower in turn: its PyTorch reference embeddings for the gate, its fp32 graph (then its
     torch weights are released), its fp16 and, with `--int8`, its int8 twin. Records how each was
     exported in `manifest`; returns the references."""
     size = manifest.image_size
     examples = {"text": (torch.randint(5, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)),
                 "image": (torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8),)}
-    plans = prepare_fusion(model, arch, opts.fused)
+    plans = prepare_fusion(model, opts.fused)
     reference = {}
     for kind in ("text", "image"):
         log.info("parity gate: PyTorch %s reference on %d %s ...", kind,

@@ -36,11 +36,11 @@ def export(run_dir, pretrained, tokenizer, attention_heads, out_dir, data_dir, c
     """Export RUN_DIR's checkpoint (or --pretrained weights) to an ONNX bundle (fp32 + fp16) behind a parity gate."""
     from competition import MugeDataError
     from infra.io import exit_on_hangup_or_term
-    from train.checkpoint import CheckpointError, WeightsError
-    from train.config import ConfigError
-    from train.tokenizer import TokenizerError
+    from model.config import ConfigError
+    from model.tokenizer import TokenizerError
+    from model.weights import CheckpointError, WeightsError
 
-    from .bundle import ExportOptions, export_bundle, export_pretrained
+    from .bundle import ExportOptions, export_bundle
     from .parity import ParityError, ParitySettings
 
     exit_on_hangup_or_term()  # the build directory is removed on the way out (SIGKILL: by the next export)
@@ -63,10 +63,7 @@ def export(run_dir, pretrained, tokenizer, attention_heads, out_dir, data_dir, c
     opts = ExportOptions(checkpoint=checkpoint, opset=opset, exporter=exporter, device=device, fused=fuse, int8=int8,
                          settings=ParitySettings(parity_queries, parity_gallery, parity_batch))
     try:
-        if pretrained:
-            export_pretrained(pretrained, out_dir, data_dir, tokenizer=tokenizer, heads=heads, opts=opts)
-        else:
-            export_bundle(run_dir, out_dir, data_dir, opts)
+        export_bundle(run_dir or pretrained, out_dir, data_dir, opts, tokenizer=tokenizer, heads=heads)
     except ParityError as exc:
         click.echo(f"export refused, no bundle written: {exc}", err=True)
         sys.exit(2)

@@ -35,24 +35,12 @@ FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "Embed
              "FastGelu", "QuickGelu", "Gelu", "LayerNormalization")
 
 
-def fusion_plan(arch: dict, kind: str) -> dict | None:
-    """{model_type, num_heads, hidden_size, layers} for a transformer tower; None for one that has
-    no pattern to fuse (a timm CNN)."""
-    if arch["family"] == "chinese-clip":
-        key, model_type = ("text_config", "bert") if kind == "text" else ("vision_config", "clip")
-        conf = arch["clip_config"][key]
-    elif kind == "text" and arch.get("text_model_type") in ("bert", "roberta"):
-        conf, model_type = arch["text_config"], "bert"
-    else:
-        return None
-    return {"model_type": model_type, "num_heads": int(conf["num_attention_heads"]),
-            "hidden_size": int(conf["hidden_size"]), "layers": int(conf["num_hidden_layers"])}
-
-
-def prepare_fusion(model, arch: dict, fused: bool = True) -> dict:
-    """{kind: fusion plan or None} for both towers; where any tower will be fused, `model` is
-    switched to eager attention first (the pattern the optimizer recognises)."""
-    plans = {kind: fusion_plan(arch, kind) if fused else None for kind in ("text", "image")}
+def prepare_fusion(model, fused: bool = True) -> dict:
+    """{kind: fusion plan or None} for both towers: the tower's shape ({model_type, num_heads,
+    hidden_size, layers}; the family's `tower_shape`) where it is a transformer ONNX Runtime
+    fuses. Where any tower will be fused, `model` is switched to eager attention first (the
+    pattern the optimizer recognises)."""
+    plans = {kind: model.tower_shape(kind) if fused else None for kind in ("text", "image")}
     if any(plans.values()):
         eager_attention(model)
     return plans

@@ -24,6 +24,6 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=FORMAT, datefmt="%H:%M:%S")
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.WARNING)
-    # transformers' load report (a table of every key it did not load): `train.model.load_pretrained`
+    # transformers' load report (a table of every key it did not load): `model.weights.load_pretrained`
     # refuses weights that do not fit and names the keys itself
     logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -155,7 +155,7 @@ def tiny_chinese_clip_dir(path, small_sample, vocab=None, vocab_rows=None):
 
     from bench.shapes import TINY_CLIP
     from competition.queries import iter_queries
-    from train.tokenizer import build_char_vocab
+    from model.tokenizer import build_char_vocab
 
     if vocab is None:
         vocab = build_char_vocab(q.text for q in iter_queries(str(small_sample / "MR_train_queries.jsonl")))

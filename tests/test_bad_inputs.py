@@ -384,13 +384,13 @@ def test_damaged_pretrained_weights_get_one_clear_error(small_sample, tmp_path, 
 def test_a_tokenizer_that_does_not_fit_the_text_tower_is_refused(small_sample, tmp_path):
     from conftest import tiny_chinese_clip_dir
 
-    from train.tokenizer import SPECIALS
+    from model.tokenizer import SPECIALS
 
     few = tiny_chinese_clip_dir(tmp_path / "few", small_sample, vocab=SPECIALS, vocab_rows=500)
     refused(_pretrained_export(few, small_sample, tmp_path / "b"), "of the tokens of 40 queries are [UNK]",
             "no bundle written")
     from competition.queries import iter_queries
-    from train.tokenizer import build_char_vocab
+    from model.tokenizer import build_char_vocab
 
     vocab = build_char_vocab(q.text for q in iter_queries(small_sample / "MR_train_queries.jsonl"))
     big = tiny_chinese_clip_dir(tmp_path / "big", small_sample,  # a vocabulary beyond the embedding's rows

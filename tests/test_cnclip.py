@@ -13,7 +13,7 @@ from conftest import accepted, muge, refused
 from PIL import Image
 
 from competition import ImageTSV, read_queries, resize_image
-from train.cnclip import infer_architecture, read_checkpoint, to_hf_state_dict
+from model.cnclip import infer_architecture, read_checkpoint, to_hf_state_dict
 
 try:
     import cn_clip.clip as cn_clip
@@ -102,7 +102,7 @@ def test_a_training_checkpoint_maps_onto_chinese_clip_model_exactly(checkpoint):
          "text_hidden_size": 64, "text_num_hidden_layers": 2, "embed_dim": 32}
     from transformers import ChineseCLIPModel
 
-    from train.cnclip import hf_config
+    from model.cnclip import hf_config
 
     hf = ChineseCLIPModel(hf_config(arch))
     mapped = to_hf_state_dict(state, path)
@@ -137,7 +137,7 @@ def test_published_shapes_are_recognised():
 def test_tokens_are_chinese_clips_own(vocab_dir, small_sample, tmp_path):
     from cn_clip.clip import tokenize
 
-    from train.tokenizer import prepare_tokenizer
+    from model.tokenizer import prepare_tokenizer
 
     ours = prepare_tokenizer(str(vocab_dir), None, "", str(tmp_path), 52, "cn-clip")
     texts = HARD_TEXTS + [q.text for q in read_queries(small_sample / "MR_valid_queries.jsonl")]
@@ -346,8 +346,8 @@ def _our_step(path, pixels, ids, mask, image_ids, query_ids, mask_ratio: float =
     betas, eps and lr; our no-decay rule), our schedule, our clamp."""
     from tiny import tiny_config
 
+    from model.factory import create_model
     from train.loss import ClipLoss
-    from train.model import create_model
     from train.optim import create_optimizer
     from train.precision import grad_scaler
     from train.scheduler import create_scheduler
@@ -397,7 +397,7 @@ def test_one_training_step_is_chinese_clips_own(small_sample, vocab_dir, tmp_pat
                                                 mask_ratio):
     """With FLIP masking (`--mask-ratio 0.5` there, `train.mask_ratio` here) too: the same patches
     dropped from the same seed, the same loss, gradients and weights."""
-    from train.tokenizer import prepare_tokenizer
+    from model.tokenizer import prepare_tokenizer
 
     model = tiny_cn_clip(seed=1)
     path = save_like_training(model, tmp_path / "start.pt")
@@ -431,8 +431,8 @@ def test_a_repeated_image_is_no_negative_for_us(small_sample, vocab_dir, tmp_pat
     """Where our loss differs on purpose: a batch holding one image twice (a query with two
     positives, an image two queries share). cn_clip scores the copy as a negative of its twin;
     our multi-positive loss leaves it out, so the loss is lower."""
+    from model.tokenizer import prepare_tokenizer
     from train.loss import clip_loss
-    from train.tokenizer import prepare_tokenizer
 
     model = tiny_cn_clip(seed=2)
     path = save_like_training(model, tmp_path / "start.pt")
@@ -447,7 +447,7 @@ def test_a_repeated_image_is_no_negative_for_us(small_sample, vocab_dir, tmp_pat
     # and with the duplicate's mask removed (every other pair a negative), ours is theirs again
     from tiny import tiny_config
 
-    from train.model import create_model
+    from model.factory import create_model
 
     ours, _ = create_model(tiny_config("chinese-clip", f"model.name={path}", "data.image_size=224").model)
     ours.eval()  # no dropout: cn_clip's tiny model has none
@@ -465,8 +465,8 @@ def test_our_auto_augment_gives_timms_pixels_for_a_seed(small_sample):
     model's first layer does, are its tensors."""
     from timm.data import create_transform
 
+    from model.layers import CLIP_MEAN, CLIP_STD
     from train.config import Augment
-    from train.model import CLIP_MEAN, CLIP_STD
     from train.transform import augment_image
 
     theirs = create_transform(input_size=224, scale=(0.9, 1.0), is_training=True, color_jitter=None,
@@ -552,7 +552,7 @@ def test_a_fine_tune_that_ends_worse_keeps_its_pretrained_start(checkpoint, voca
     import logging
 
     import train.main as main
-    from train.checkpoint import load_checkpoint
+    from model.weights import load_checkpoint
 
     _, path = checkpoint
     scripted = iter([50.0, 40.0])  # the start, then epoch 1, worse
@@ -623,7 +623,7 @@ def test_heads_the_tensors_cannot_tell_are_refused_warned_or_given(small_sample,
     ours = BundleEncoders(str(tmp_path / "b2"), device="cpu").encode_text(texts)
     np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="train.cnclip"):
+    with caplog.at_level(logging.WARNING, logger="model.cnclip"):
         accepted(muge("export", "--pretrained", save_like_training(tiny_cn_clip(), tmp_path / "tiny.pt"), "--out",
                       tmp_path / "b3", *common))
     assert "not a shape Chinese-CLIP publishes" in caplog.text and "taken as 1 (vision) and 1 (text)" in caplog.text
@@ -730,8 +730,8 @@ def test_a_fine_tune_resumes_after_its_start_file_moved_and_dual_presets_refuse_
 def test_a_masked_image_embedding_is_chinese_clips_own(checkpoint, small_sample, ratio):
     """Our masked embedding (training mode, `train.mask_ratio`) against cn_clip's
     `encode_image(image, mask_ratio)`, same weights, images and seed; evaluation never masks."""
-    from train.config import ModelConfig
-    from train.model import create_model
+    from model.config import ModelConfig
+    from model.factory import create_model
 
     model, path = checkpoint
     _, pixels, (images, _) = _batch(small_sample, 6)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny import tiny_config
 
-from train.checkpoint import load_checkpoint
+from model.weights import load_checkpoint
 from train.config import load_config
 from train.main import train_run
 
@@ -83,7 +83,7 @@ def test_compiled_resume_is_exact(small_sample, tmp_path, monkeypatch, compiled_
 def test_flip_masking_compiles_once(one_thread):
     """A masked Chinese-CLIP tower under torch.compile: the kept length is fixed, so steps after the
     first reuse its graph (a recompile per step would raise here)."""
-    from train.model import create_model
+    from model.factory import create_model
     from train.speed import compile_model
 
     cfg = tiny_config("chinese-clip", "data.image_size=32")

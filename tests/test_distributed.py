@@ -10,8 +10,8 @@ import pytest
 import torch
 from tiny import tiny_config
 
+from model.factory import create_model
 from train.loss import ClipLoss
-from train.model import create_model
 from train.scheduler import create_scheduler
 from train.step import StepParts, train_step
 
@@ -205,7 +205,7 @@ def test_ddp_after_unfreezing_equals_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_trains_resumes_and_only_rank0_writes(small_sample, tmp_path):
-    from train.checkpoint import load_checkpoint
+    from model.weights import load_checkpoint
     from train.config import save_config
 
     preset = tmp_path / "tiny.yaml"
@@ -221,8 +221,8 @@ def test_torchrun_trains_resumes_and_only_rank0_writes(small_sample, tmp_path):
     assert first.stdout.count("best valid MR") == 2  # each rank returns; rank 0 alone evaluated
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1]
+    from model.factory import build_from_arch
     from train.evaluate import EvalSettings, evaluate
-    from train.model import build_from_arch
 
     best = load_checkpoint(str(out / "best.pt"))  # rank 0 scored the weights all ranks trained
     model = build_from_arch(best["arch"])

@@ -10,12 +10,12 @@ import torch
 from conftest import muge, refused
 from tiny import tiny_config
 
-from train.checkpoint import load_checkpoint
+from model.factory import create_model
+from model.weights import load_checkpoint
 from train.config import save_config
 from train.guard import DivergenceGuard
 from train.loss import ClipLoss
 from train.main import train_run
-from train.model import create_model
 from train.scheduler import create_scheduler
 from train.step import StepParts, train_step
 

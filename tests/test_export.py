@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from competition import ImageTSV, read_queries
-from export.bundle import GRAPHS, INT8_GRAPHS, ExportOptions, export_bundle, load_run_model
+from export.bundle import GRAPHS, INT8_GRAPHS, ExportOptions, export_bundle
 from export.parity import ParityError, ParitySettings, run_parity
+from model.factory import run_model
 from predict.runtime import BundleEncoders
 
 FAST = ParitySettings(queries=40, gallery=60, batch_size=16)
@@ -36,7 +37,7 @@ def test_export_loads_and_passes_gate(runs, small_sample, tmp_path, monkeypatch,
         assert {i.name: i.type.tensor_type.elem_type for i in graph.input if i.name in inputs} == inputs
         assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     # dynamic batch and sequence: the gate at batch 1 and 7 (different padded lengths per batch)
-    model, _, _ = load_run_model(runs[family])
+    model = run_model(runs[family]).model
     for bs in (1, 7):
         report = run_parity(model, str(out), str(small_sample / "MR_valid_queries.jsonl"),
                             str(small_sample / "MR_valid_imgs.tsv"), settings=ParitySettings(21, 21, bs))
@@ -120,9 +121,10 @@ def _near_tied_run(run_dir, out, alpha=0.01):
     their order but sit about `alpha` apart, close enough for fp16 to reorder near-ties."""
     import shutil
 
+    from model.weights import load_checkpoint
     from train.checkpoint import save_checkpoint
 
-    model, ckpt, _ = load_run_model(run_dir)
+    model, ckpt = run_model(run_dir).model, load_checkpoint(os.path.join(run_dir, "best.pt"))
     last = model.image_proj[-1]
     with torch.no_grad():
         last.weight.mul_(alpha)
@@ -211,7 +213,8 @@ def test_flip_settings_change_no_graph(runs, small_sample, tmp_path):
     score the same in the gate, with or without it in the run's config."""
     import shutil
 
-    from train.checkpoint import load_checkpoint, save_checkpoint
+    from model.weights import load_checkpoint
+    from train.checkpoint import save_checkpoint
 
     masked = tmp_path / "masked-run"
     shutil.copytree(runs["chinese-clip"], masked)

@@ -11,7 +11,7 @@ import click
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("competition", "infra", "train", "export", "predict", "report", "bench")
+PACKAGES = ("competition", "infra", "model", "train", "export", "predict", "report", "bench")
 
 
 def _modules() -> dict[str, str]:
@@ -88,7 +88,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert "train.model" in graph["train.config"] or "train.config" in graph["train.model"]  # the graph is read
+    assert "model.config" in graph["train.config"] and "model.dual" in graph["model.factory"]  # the graph is read
     assert _cycles(graph) == []
 
 
@@ -106,11 +106,19 @@ def test_stages_import_only_what_they_need():
             assert all(e.split(".")[0] in ("competition", "infra") for e in edges), f"{module} imports {edges}"
         if stage in ("predict", "report"):  # ONNX Runtime and numpy: never torch's stages
             assert all(e.split(".")[0] in ("competition", "infra", "predict", "report") for e in edges), (module, edges)
+        if stage in ("model", "export"):  # the model package, and export built on it: never the training harness
+            assert not {e for e in edges if e.split(".")[0] == "train"}, f"{module} imports {sorted(edges)}"
+        if stage == "model":
+            assert all(e.split(".")[0] in ("competition", "infra", "model") for e in edges), (module, edges)
         if stage == "export":
-            allowed = {"train.checkpoint", "train.model", "train.config", "train.tokenizer", "train.pretrained",
-                       "predict.runtime", "predict.manifest"}
-            across = {e for e in edges if e.split(".")[0] in ("train", "predict", "report")}
-            assert across <= allowed, f"{module} imports {sorted(across - allowed)}"
+            across = {e for e in edges if e.split(".")[0] in ("predict", "report")}
+            assert across <= {"predict.runtime", "predict.manifest"}, f"{module} imports {sorted(across)}"
+    for bench in NON_TRAINING_BENCHES:  # what measures export and predict builds models as export does
+        assert not {e for e in graph[bench] if e.split(".")[0] == "train"}, f"{bench} imports {sorted(graph[bench])}"
+
+
+NON_TRAINING_BENCHES = ("bench.export", "bench.predict", "bench.topk", "bench.tsv", "bench.memory", "bench.shapes",
+                        "bench.table")
 
 
 # -- the docs name only what exists -------------------------------------------------------------------
@@ -217,12 +225,19 @@ def test_the_config_reference_is_generated_from_the_schema(monkeypatch):
     assert "drops characters instead" in committed.split("`data.augment.word_dropout`")[1].split("\n")[0]
     import inspect
 
-    source = inspect.getsource(schema)
-    bare = source.replace("    eps: float = 1e-6                  # AdamW's epsilon", "    eps: float = 1e-6")
-    assert bare != source
-    monkeypatch.setattr(inspect, "getsource", lambda module: bare)
-    with pytest.raises(ValueError, match="TrainConfig.eps has no comment"):
-        muge_cli.config_reference()
+    import model.config
+
+    real = inspect.getsource
+    for module, line, bare_line, field in (
+            (schema, "    eps: float = 1e-6                  # AdamW's epsilon", "    eps: float = 1e-6",
+             "TrainConfig.eps"),
+            (model.config, "    head_dropout: float = 0.1          # dropout inside the mlp head",
+             "    head_dropout: float = 0.1", "ModelConfig.head_dropout")):
+        bare = real(module).replace(line, bare_line)
+        assert bare != real(module)
+        monkeypatch.setattr(inspect, "getsource", lambda m, module=module, bare=bare: bare if m is module else real(m))
+        with pytest.raises(ValueError, match=f"{field} has no comment"):
+            muge_cli.config_reference()
 
 
 @pytest.mark.parametrize("cpus", [1, 16])

@@ -147,8 +147,8 @@ def test_hflip_tta_is_the_normalised_mean_of_image_and_mirror(tiny_bundle, small
 def test_averaging_two_copies_of_a_run_reproduces_it(runs, small_sample, tmp_path):
     import shutil
 
+    from model.weights import CheckpointError, load_checkpoint
     from train.average import average_runs
-    from train.checkpoint import CheckpointError, load_checkpoint
 
     copy = tmp_path / "copy"
     shutil.copytree(runs["dual"], copy)
@@ -195,7 +195,7 @@ def test_ema_update_and_warmup():
 
 
 def test_ema_is_scored_each_epoch_and_its_state_resumes(small_sample, tmp_path, monkeypatch):
-    from train.checkpoint import load_checkpoint
+    from model.weights import load_checkpoint
     from train.config import load_config
     from train.main import train_run
 
@@ -234,7 +234,7 @@ def test_best_pt_holds_the_ema_exactly_when_it_scores_higher(small_sample, tmp_p
     """Valid scores scripted per call (epoch 1 trained, its EMA, epoch 2 trained, its EMA): best.pt
     then holds the EMA's weights and says so, or the trained weights, and never anything else."""
     import train.main as main
-    from train.checkpoint import load_checkpoint
+    from model.weights import load_checkpoint
 
     scripted = iter([10.0, 5.0, 20.0, 30.0 if ema_wins else 15.0])
     real = main.valid_scores
@@ -277,8 +277,8 @@ def test_zero_shot_export_of_a_local_chinese_clip_passes_the_gate_and_predicts(s
 
     from competition import ImageTSV, read_queries
     from competition.preprocess import TextTokenizer
-    from train.config import ModelConfig
-    from train.model import create_model
+    from model.config import ModelConfig
+    from model.factory import create_model
 
     model, _ = create_model(ModelConfig(family="chinese-clip", name=str(weights)))
     encoders = torch_encoders(model, TextTokenizer(bundle / "tokenizer", manifest["max_text_length"]))

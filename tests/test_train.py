@@ -7,13 +7,13 @@ import pytest
 import torch
 from tiny import tiny_config
 
+from model.factory import create_model
+from model.tokenizer import prepare_tokenizer
 from train.config import ConfigError, load_config
 from train.data import PairDataset, train_loader
 from train.loss import ClipLoss, clip_loss, duplicate_mask
-from train.model import create_model
 from train.optim import apply_freeze, create_optimizer, lr_scale
 from train.scheduler import create_scheduler, lr_factor
-from train.tokenizer import prepare_tokenizer
 
 
 def _setup(small_sample, tmp_path, family, *overrides):
@@ -194,8 +194,9 @@ def test_the_schema_names_the_choices_the_model_implements():
     from typing import get_args
 
     from competition.preprocess import RESIZE_RULES
-    from train.config import Family, Head, Pooling, ResizeRule
-    from train.model import FAMILIES, HEADS, POOLINGS, TextPool, projection_head
+    from model.config import Family, Head, Pooling, ResizeRule
+    from model.factory import FAMILIES
+    from model.layers import HEADS, POOLINGS, TextPool, projection_head
 
     assert set(FAMILIES) == set(get_args(Family)) and get_args(ResizeRule) == RESIZE_RULES
     assert HEADS == get_args(Head) and POOLINGS == get_args(Pooling)

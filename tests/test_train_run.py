@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 from tiny import tiny_config
 
-from train.checkpoint import load_checkpoint
+from model.weights import load_checkpoint
 from train.config import load_config
 from train.main import train_run
 

@@ -18,8 +18,9 @@ import tempfile
 import torch
 
 from infra.io import replace_dir, sha256
+from model.weights import CheckpointError, checkpoint_path, load_checkpoint
 
-from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .config import read_preset
 
 log = logging.getLogger(__name__)
@@ -121,11 +122,11 @@ def score_soup(soup: dict, run_dir: str, data_dir: str):
     """The soup's valid Score, evaluated like the training loop does."""
     from competition.layout import split_files
     from competition.preprocess import directory_tokenizer
+    from model.factory import build_from_arch
 
     from .config import config_from_dict
     from .distributed import World, device_for
     from .evaluate import EvalSettings, evaluate
-    from .model import build_from_arch
     from .precision import resolve_precision
 
     cfg = config_from_dict(soup["config"], soup["soup"][0]["checkpoint"])  # the first run's config

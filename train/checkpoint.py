@@ -1,92 +1,18 @@
 """Checkpoints, written atomically: `last.pt` holds everything needed to resume; `best.pt` the
-model, its architecture and the config (what `muge export` needs).
-
-Everything in a checkpoint is tensors and plain data (dicts, lists, tuples, numbers, strings),
-so it loads with `torch.load(weights_only=True)`: a file from elsewhere cannot run code when
-it is opened, and one holding anything else is refused with a clear message.
+model, its architecture and the config (what `muge export` needs). Only tensors and plain data
+go in, so `model.weights.load_checkpoint` reads them back with `weights_only=True`; the RNG and
+optimizer state that resuming restores are here too.
 """
 from __future__ import annotations
 
-import os
-import pickle
-
 import torch
 
-from competition.errors import first_of
 from infra.io import atomic_path
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or not one of ours. The message names the file."""
-
-
-class WeightsError(ValueError):
-    """Pretrained weights that cannot be loaded, or do not fill the architecture. Names the source."""
-
-
-def checkpoint_path(run_dir: str, checkpoint: str = "best") -> str:
-    """`checkpoint` as a file: a path as it is, or `best` | `last` inside `run_dir`."""
-    return checkpoint if os.path.isfile(checkpoint) else os.path.join(run_dir, f"{checkpoint}.pt")
 
 
 def save_checkpoint(path: str, state: dict) -> None:
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(state, tmp)
-
-
-def safe_load(path: str, map_location="cpu", mmap: bool = False, what: str = "checkpoint"):
-    """`torch.load(weights_only=True)`: tensors and plain data only, so opening a file from
-    elsewhere cannot run code. Refusals are `CheckpointError`s naming `path`."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[-1][:200]
-        raise CheckpointError(f"{path}: refused: it holds pickled objects other than tensors and plain data, which "
-                              f"could run code when loaded ({reason})") from None
-    except Exception as exc:  # truncated, not a zip, not a torch file
-        raise CheckpointError(f"{path}: not a readable {what}, truncated or corrupt "
-                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-
-
-def load_checkpoint(path: str, map_location="cpu", mmap: bool = False) -> dict:
-    """The checkpoint's dict; with `mmap` its tensors are pages of the file, read when used (an
-    export holds one copy of the weights, not two)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint not found")
-    ckpt = safe_load(path, map_location, mmap)
-    if not isinstance(ckpt, dict) or not {"model", "arch", "config"} <= ckpt.keys():
-        raise CheckpointError(f"{path}: not a muge checkpoint (expected a dict with model, arch and config)")
-    for key in ("model", "arch", "config"):
-        if not isinstance(ckpt[key], dict):
-            raise CheckpointError(f"{path}: not a muge checkpoint: its {key!r} is a {type(ckpt[key]).__name__}, "
-                                  "not a mapping")
-    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt["model"].items()):
-        raise CheckpointError(f"{path}: not a muge checkpoint: its 'model' is not a state dict of named tensors")
-    return ckpt
-
-
-def load_weights(model, state: dict, path: str, hint: str = "", assign: bool = False) -> None:
-    """`model.load_state_dict(state)`, or a CheckpointError naming what does not fit (rather than
-    torch's page of size mismatches). `assign`: the model takes `state`'s tensors themselves (one
-    copy of the weights in memory, not two), cast where their dtype is not the model's."""
-    if assign:
-        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
-        state = {k: v.to(dtypes[k]) if k in dtypes and v.dtype != dtypes[k] else v for k, v in state.items()}
-    try:
-        model.load_state_dict(state, assign=assign)
-    except RuntimeError:
-        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        theirs = {k: tuple(v.shape) for k, v in state.items()}
-        missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
-        shapes = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
-        raise CheckpointError(f"{path}: its weights do not fit the model: {mismatch(missing, extra, shapes)}"
-                              f"{hint}") from None
-
-
-def mismatch(missing, unexpected, mis_shaped) -> str:
-    """How every "these weights do not fit" message counts and names the tensors at fault."""
-    kinds = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
-    return "; ".join(f"{len(keys)} {kind} ({first_of(keys, 3)})" for kind, keys in kinds if keys) + " tensors"
 
 
 def rng_state() -> dict:

@@ -19,8 +19,8 @@ import click
 def train(config_path, data_dir, out_dir, overrides, resume_dir):
     """Fine-tune a dual encoder or Chinese-CLIP on MUGE train; score valid every epoch."""
     from competition import MugeDataError
+    from model.weights import CheckpointError
 
-    from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
     from .distributed import DistributedSetupError
     from .guard import TrainingDiverged
@@ -53,9 +53,9 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
 def average(run_dirs, out_dir, checkpoint, data_dir):
     """Average the weights of runs fine-tuned from the same start (a uniform model soup)."""
     from competition import MugeDataError
+    from model.weights import CheckpointError
 
     from .average import average_runs
-    from .checkpoint import CheckpointError
 
     try:
         soup = average_runs(list(run_dirs), out_dir, checkpoint=checkpoint, data_dir=data_dir)

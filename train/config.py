@@ -1,4 +1,6 @@
 """Run configuration: dataclasses loaded from a YAML preset plus dotted `--set key=value` overrides.
+The model's sections (`model`, and the preprocessing keys that open `data`) are the model
+package's (`model.config`); this module composes them with training's.
 
 The schema names its own choices (`Literal` types, checked like every other field's type), so
 the model, the optimizer and the data pipeline read validated values and the config imports
@@ -8,7 +10,6 @@ the default.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -16,47 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
-from competition.preprocess import RESIZE_RULES, TEXT_NORMALIZATIONS
 from infra.records import RecordError, from_dict
+from model.config import ConfigError, ImageTower, ModelConfig, Preprocessing, check_model_config, flip_refusal
 
-Family = Literal["dual", "chinese-clip"]
-Pooling = Literal["cls", "mean", "mean_max", "attentive"]
-Head = Literal["linear", "mlp"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-ResizeRule = Literal[RESIZE_RULES]  # competition.preprocess owns the rules: predict resizes with them too
-TextNormalization = Literal[tuple(TEXT_NORMALIZATIONS)]  # likewise: predict reads it from the manifest
-
-
-@dataclass
-class TextTower:
-    name: str | None = None            # hub name or local dir; None: random init from `config`
-    config: dict = field(default_factory=dict)  # BertConfig fields for a random tower
-    pooling: Pooling = "cls"           # text token states -> one vector: [CLS], mean, mean+max, or learned attention
-    tokenizer: str | None = None       # None: the tower's own; "char-vocab": built from train queries; or a dir
-
-
-@dataclass
-class ImageTower:
-    name: str = "convnext_tiny"        # any timm model name
-    pretrained: bool = False           # timm's published weights for `name` (from the hub, or timm's cache)
-    checkpoint: str | None = None      # local weights file for the timm model (no network)
-    kwargs: dict = field(default_factory=dict)  # more timm.create_model arguments, e.g. {drop_path_rate: 0.1}
-
-
-@dataclass
-class ModelConfig:
-    family: Family = "dual"            # dual: any BERT + any timm tower; chinese-clip: ChineseCLIPModel
-    name: str | None = None            # chinese-clip: hub name or local dir; None: random from `config`
-    config: dict = field(default_factory=dict)  # chinese-clip: ChineseCLIPConfig fields
-    attention_heads: list | None = None  # [vision, text] of a cn_clip file of a shape Chinese-CLIP does not publish
-    text: TextTower = field(default_factory=TextTower)
-    image: ImageTower = field(default_factory=ImageTower)
-    embed_dim: int = 512               # the shared embedding size (dual; Chinese-CLIP's is its projection_dim)
-    head: Head = "linear"              # dual: each tower's projection onto embed_dim, one layer or an MLP
-    head_dropout: float = 0.1          # dropout inside the mlp head
-    logit_scale_init: float = 1 / 0.07  # the similarity multiplier at a random start (1 / temperature; not its log)
-    logit_scale_max: float = 100.0     # the multiplier's clamp in training (the model learns its log)
-    grad_checkpointing: bool = False   # recompute each block's activations in backward: less memory, ~30% slower
 
 
 @dataclass
@@ -75,11 +39,8 @@ class Augment:
 
 
 @dataclass
-class DataConfig:
-    image_size: int = 224              # pixels a side the model sees (a ViT's is its own: checked)
-    resize_rule: ResizeRule = "squash"  # squash to the square, or scale the shorter side and centre-crop
-    max_text_length: int = 52          # tokens a query is cut to, [CLS] and [SEP] included (Chinese-CLIP: 52)
-    text_normalization: TextNormalization = "nfkc+collapse-whitespace"  # before the tokenizer; cn-clip: Chinese-CLIP's
+class DataConfig(Preprocessing):
+    """The model's preprocessing (`model.config.Preprocessing`: its keys come first), then training's."""
     workers: int = 4                   # DataLoader worker processes (and evaluation's decode workers)
     augment: Augment = field(default_factory=Augment)
     skip_bad_images: bool = False      # train on past an undecodable image (the next pair) instead of stopping
@@ -143,13 +104,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-class ConfigError(ValueError):
-    pass
-
-
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin")  # model.name: a weights file rather than a hub name or directory
 
 
 def _section_hint(cls, parts: list[str]):
@@ -266,11 +220,7 @@ def validate_values(cfg: Config) -> Config:
                 raise ConfigError(f"data.augment.{key}={getattr(aug, key)} with data.augment.auto_augment: timm's "
                                   "transform takes no other colour augmentation; set it to 0")
         _check_auto_augment(aug.auto_augment)
-    _check_attention_heads(cfg.model)
-    if cfg.model.family == "dual" and cfg.model.name:
-        raise ConfigError(f"model.name={cfg.model.name!r} names Chinese-CLIP weights, which model.family=dual does not "
-                          "use (its towers are model.text.name and model.image.name / model.image.checkpoint): set "
-                          "model.family=chinese-clip, or use a cnclip-* preset")
+    check_model_config(cfg.model)
     if train.tensorboard:
         _check_tensorboard()
     _check_masking(cfg)
@@ -280,21 +230,6 @@ def validate_values(cfg: Config) -> Config:
         raise ConfigError(f"train.grad_cache_chunk={train.grad_cache_chunk} must divide "
                           f"train.batch_size={train.batch_size}")
     return cfg
-
-
-def _check_attention_heads(model: ModelConfig) -> None:
-    heads = model.attention_heads
-    if heads is None:
-        return
-    if len(heads) != 2 or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in heads):
-        raise ConfigError(f"model.attention_heads={heads!r}; expected [vision, text], two positive counts")
-    if model.family != "chinese-clip" or not model.name or not (
-            os.path.isfile(model.name) or model.name.endswith(CHECKPOINT_SUFFIXES)):
-        raise ConfigError(f"model.attention_heads={heads!r} is read only from a Chinese-CLIP checkpoint file "
-                          "(model.family=chinese-clip, model.name: X.pt), whose tensors cannot tell the heads; a "
-                          "random Chinese-CLIP takes them from model.config (vision_config / text_config "
-                          "num_attention_heads), a hub name or transformers directory from its config.json, and a "
-                          "dual model from its towers: remove model.attention_heads")
 
 
 def _check_tensorboard() -> None:
@@ -332,11 +267,6 @@ def _check_masking(cfg: Config) -> None:
         seen[int(epoch)] = epoch
     if cfg.model.family == "dual" and any(mask_ratio_at(train, e) for e in range(train.epochs)):
         _check_patch_tower(cfg.model.image)
-
-
-def flip_refusal(tower: str) -> str:
-    return (f"FLIP masking (train.mask_ratio, train.mask_schedule): the image tower {tower} has no patch tokens to "
-            "drop (FLIP masking needs a ViT image tower); set train.mask_ratio=0")
 
 
 def _check_patch_tower(image: ImageTower) -> None:

@@ -20,17 +20,14 @@ from torch.utils.data import DataLoader
 from competition.layout import split_files
 from competition.preprocess import TextTokenizer
 from infra.history import HISTORY, write_history
+from model.config import CHECKPOINT_SUFFIXES
+from model.factory import FAMILIES, build_from_arch, create_model
+from model.family import RetrievalModel
+from model.tokenizer import check_tokenizer, prepare_tokenizer
+from model.weights import CheckpointError, load_checkpoint, load_weights
 
-from .checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_weights,
-    match_param_layout,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from .config import CHECKPOINT_SUFFIXES, Config, ConfigError, data_seed, mask_ratio_at, save_config, to_dict
+from .checkpoint import match_param_layout, rng_state, save_checkpoint, set_rng_state
+from .config import Config, ConfigError, data_seed, mask_ratio_at, save_config, to_dict
 from .curves import plot_curves
 from .data import PairDataset, stop_workers, train_loader
 from .distributed import World, barrier, cleanup, device_for, init_distributed
@@ -39,13 +36,11 @@ from .evaluate import EvalSettings, check_gallery, evaluate
 from .guard import DivergenceGuard
 from .loop import train_one_epoch
 from .loss import ClipLoss
-from .model import FAMILIES, RetrievalModel, build_from_arch, create_model
 from .optim import apply_freeze, create_optimizer
 from .precision import grad_scaler, resolve_precision
 from .scheduler import create_scheduler
 from .speed import compile_enabled, configure_backends, optimize_model
 from .step import StepParts
-from .tokenizer import check_tokenizer, prepare_tokenizer
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -133,16 +128,15 @@ def build_training(cfg: Config, train_files: tuple[str, str], run_dir: str, worl
         model.set_mask_ratio(mask_ratio_at(cfg.train, 0))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    own_size = getattr(model, "image_size", None)  # a ViT's is fixed by its position embedding
+    own_size = model.image_size  # a ViT's is fixed by its position embedding
     if own_size is not None and own_size != cfg.data.image_size:
         raise ConfigError(f"data.image_size={cfg.data.image_size}, but the model's vision tower takes {own_size} px "
                           f"images ({cfg.model.name or 'model.config'}): set data.image_size={own_size}")
     # before the optimizer: its state takes the parameters' memory layout
     optimize_model(model.to(device), device, compiled and not defer_compile)
     dataset = PairDataset(train_queries, train_tsv, cfg)
-    from_cn_clip = (getattr(model, "source", None) or {}).get("format") == "cn_clip checkpoint"
     check_tokenizer(tokenizer, model.text_vocab_rows, dataset.texts(2000), os.path.join(run_dir, "tokenizer"),
-                    exact=from_cn_clip)
+                    exact=model.exact_vocabulary)
     loader = train_loader(dataset, tokenizer, cfg, world.rank, world.size, device,
                           pad_to=cfg.data.max_text_length if compiled else None)
     trainable = apply_freeze(model, cfg.train.freeze, 0)

@@ -31,7 +31,7 @@ def timm_train_transform(size: int, scale: tuple[float, float], hflip: float, po
     from timm.data import create_transform
     from torchvision.transforms import Compose
 
-    from .model import CLIP_MEAN, CLIP_STD  # AutoAugment fills rotated and shifted corners with the mean
+    from model.layers import CLIP_MEAN, CLIP_STD  # AutoAugment fills rotated and shifted corners with the mean
 
     full = create_transform(input_size=size, scale=scale, hflip=hflip, is_training=True, color_jitter=None,
                             auto_augment=policy, interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD)

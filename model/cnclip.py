@@ -27,7 +27,8 @@ import torch
 
 from competition.errors import first_of
 
-from .checkpoint import CheckpointError, WeightsError, load_weights, safe_load
+from .family import CNCLIP_FORMAT
+from .weights import CheckpointError, WeightsError, load_weights, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def load_cnclip(path: str, heads: dict | None = None):
         load_weights(model, to_hf_state_dict(state, path), path, assign=True)
     except CheckpointError as exc:
         raise WeightsError(str(exc)) from None
-    source = {"pretrained": os.path.abspath(path), "format": "cn_clip checkpoint", "architecture": arch}
+    source = {"pretrained": os.path.abspath(path), "format": CNCLIP_FORMAT, "architecture": arch}
     return model, source
 
 

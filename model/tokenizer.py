@@ -130,7 +130,7 @@ def prepare_tokenizer(spec: str | None, source: str | None, train_queries: str, 
     """Write `out_dir/tokenizer/` and return it loaded. `spec`: None (the tower's own, from
     `source`), "char-vocab", a directory holding only a BERT `vocab.txt` (Chinese-CLIP's), or a
     tokenizer name/dir. A Chinese-CLIP checkpoint file as `source` takes the vocabulary of the
-    installed `cn_clip` package (`train.cnclip.cn_clip_vocab`)."""
+    installed `cn_clip` package (`model.cnclip.cn_clip_vocab`)."""
     tok_dir = os.path.join(out_dir, "tokenizer")
     if not os.path.exists(os.path.join(tok_dir, TextTokenizer.FILE)):
         os.makedirs(tok_dir, exist_ok=True)

@@ -1,0 +1,125 @@
+"""The chinese-clip family: `transformers.ChineseCLIPModel`, fine-tuned end to end with its own
+projections, from a hub name, a `transformers` directory, a cn_clip checkpoint file
+(`model.cnclip`) or random from a config."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .family import Layout, RetrievalModel, checkpoint_activations, transformer_layout, with_head_group
+from .layers import CLIP_MEAN, CLIP_STD, PixelNormalize, random_masking
+from .weights import WEIGHT_SUFFIXES, hub_source, load_pretrained
+
+
+class ChineseCLIPEncoder(RetrievalModel):
+    family = "chinese-clip"
+
+    def __init__(self, clip: nn.Module, logit_scale_max: float, source: dict | None = None):
+        super().__init__()
+        self.clip = clip
+        self.pixels = PixelNormalize(CLIP_MEAN, CLIP_STD)
+        self.logit_scale_max = logit_scale_max
+        self.arch = {"clip_config": clip.config.to_dict(), "logit_scale_max": logit_scale_max}
+        self.source = source  # what pretrained weights were loaded (None: a random start); see weights_source
+        # FLIP, where Chinese-CLIP masks: after the position embedding, before the pre-norm
+        clip.vision_model.embeddings.register_forward_hook(self._mask_patches)
+
+    def _mask_patches(self, module, args, tokens):
+        if self.training and self.mask_ratio:
+            return random_masking(tokens, self.mask_ratio)
+        return None
+
+    def weights_source(self) -> dict | None:
+        """`source` with the sha256 of the local weights it names (a cn_clip file, or each weight
+        file of a directory): exactly which weights were loaded, for the manifest. Hashed only when
+        asked (`model.factory.load_model`), not at every model creation: each training start on each rank
+        would read gigabytes for nothing."""
+        from infra.io import sha256
+
+        if self.source is None or "revision" in self.source:  # a random start, or a hub revision
+            return self.source
+        path = self.source["pretrained"]
+        if os.path.isfile(path):
+            return {**self.source, "sha256": sha256(path)}
+        files = sorted(f for f in os.listdir(path) if f.endswith(WEIGHT_SUFFIXES))
+        return {**self.source, "files": {f: sha256(os.path.join(path, f)) for f in files}}
+
+    @property
+    def image_size(self) -> int:
+        """The vision tower's own input size (its position embedding's grid)."""
+        return int(self.clip.config.vision_config.image_size)
+
+    @property
+    def logit_scale(self):
+        return self.clip.logit_scale
+
+    @property
+    def text_tower(self):
+        return self.clip.text_model
+
+    def tower_modules(self, kind: str) -> tuple[nn.Module, ...]:
+        clip = self.clip
+        return (clip.text_model, clip.text_projection) if kind == "text" else (clip.vision_model,
+                                                                               clip.visual_projection)
+
+    def tower_shape(self, kind: str) -> dict | None:
+        key, model_type = ("text_config", "bert") if kind == "text" else ("vision_config", "clip")
+        conf = self.arch["clip_config"][key]
+        return {"model_type": model_type, "num_heads": int(conf["num_attention_heads"]),
+                "hidden_size": int(conf["hidden_size"]), "layers": int(conf["num_hidden_layers"])}
+
+    @staticmethod
+    def tokenizer_source(cfg: ModelConfig) -> str | None:
+        return cfg.name
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, vocab_size: int | None = None) -> ChineseCLIPEncoder:
+        """From `cfg.name`: a Chinese-CLIP checkpoint file of `cn_clip`'s (`model.cnclip`), a
+        `transformers` directory or hub name; or random from `cfg.config`."""
+        from transformers import ChineseCLIPConfig, ChineseCLIPModel
+
+        if cfg.name and os.path.isfile(cfg.name):
+            from .cnclip import load_cnclip
+
+            heads = dict(zip(("vision", "text"), cfg.attention_heads or ()))  # what its tensors cannot tell
+            clip, source = load_cnclip(cfg.name, heads)
+        elif cfg.name:
+            clip = load_pretrained(ChineseCLIPModel, cfg.name, "Chinese-CLIP")
+            source = hub_source(cfg.name, clip)
+        else:
+            conf = dict(cfg.config)
+            if vocab_size:
+                conf.setdefault("text_config", {})["vocab_size"] = vocab_size
+            clip, source = ChineseCLIPModel(ChineseCLIPConfig(**conf)), None
+        return cls(clip, cfg.logit_scale_max, source)
+
+    @classmethod
+    def from_arch(cls, arch: dict) -> ChineseCLIPEncoder:
+        from transformers import ChineseCLIPConfig, ChineseCLIPModel
+
+        return cls(ChineseCLIPModel(ChineseCLIPConfig(**arch["clip_config"])), arch["logit_scale_max"])
+
+    @staticmethod
+    def _features(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers >= 5 returns an output
+
+    def encode_text(self, input_ids, attention_mask):
+        out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return F.normalize(self._features(out), dim=-1)
+
+    def encode_image(self, pixels):
+        return F.normalize(self._features(self.clip.get_image_features(pixel_values=self.pixels(pixels))), dim=-1)
+
+    def set_grad_checkpointing(self) -> None:
+        checkpoint_activations(self.clip)
+
+    def param_layout(self, coarse: bool = False) -> Layout:
+        """Both towers are transformers (`coarse` changes nothing)."""
+        names = [n for n, _ in self.named_parameters()]
+        layout = {**transformer_layout(names, "clip.text_model.", "text"),
+                  **transformer_layout(names, "clip.vision_model.", "image")}
+        return with_head_group(self, layout)

@@ -1,0 +1,117 @@
+"""The model's config sections (`model:` of a run config) and its preprocessing (the `data:` keys
+a bundle's manifest records), apart from the training harness's: `train.config` composes them
+into a run's config; export reads them back from a checkpoint without the rest.
+
+The schema names its own choices (`Literal` types, checked like every other field's type); field
+comments are the config reference (`make docs` writes docs/config.md from them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from competition.preprocess import RESIZE_RULES, TEXT_NORMALIZATIONS
+from infra.records import RecordError, from_dict
+
+Family = Literal["dual", "chinese-clip"]  # each a class in `model.factory.FAMILIES`
+Pooling = Literal["cls", "mean", "mean_max", "attentive"]
+Head = Literal["linear", "mlp"]
+ResizeRule = Literal[RESIZE_RULES]  # competition.preprocess owns the rules: predict resizes with them too
+TextNormalization = Literal[tuple(TEXT_NORMALIZATIONS)]  # likewise: predict reads it from the manifest
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin")  # model.name: a weights file rather than a hub name or directory
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TextTower:
+    name: str | None = None            # hub name or local dir; None: random init from `config`
+    config: dict = field(default_factory=dict)  # BertConfig fields for a random tower
+    pooling: Pooling = "cls"           # text token states -> one vector: [CLS], mean, mean+max, or learned attention
+    tokenizer: str | None = None       # None: the tower's own; "char-vocab": built from train queries; or a dir
+
+
+@dataclass
+class ImageTower:
+    name: str = "convnext_tiny"        # any timm model name
+    pretrained: bool = False           # timm's published weights for `name` (from the hub, or timm's cache)
+    checkpoint: str | None = None      # local weights file for the timm model (no network)
+    kwargs: dict = field(default_factory=dict)  # more timm.create_model arguments, e.g. {drop_path_rate: 0.1}
+
+
+@dataclass
+class ModelConfig:
+    family: Family = "dual"            # dual: any BERT + any timm tower; chinese-clip: ChineseCLIPModel
+    name: str | None = None            # chinese-clip: hub name or local dir; None: random from `config`
+    config: dict = field(default_factory=dict)  # chinese-clip: ChineseCLIPConfig fields
+    attention_heads: list | None = None  # [vision, text] of a cn_clip file of a shape Chinese-CLIP does not publish
+    text: TextTower = field(default_factory=TextTower)
+    image: ImageTower = field(default_factory=ImageTower)
+    embed_dim: int = 512               # the shared embedding size (dual; Chinese-CLIP's is its projection_dim)
+    head: Head = "linear"              # dual: each tower's projection onto embed_dim, one layer or an MLP
+    head_dropout: float = 0.1          # dropout inside the mlp head
+    logit_scale_init: float = 1 / 0.07  # the similarity multiplier at a random start (1 / temperature; not its log)
+    logit_scale_max: float = 100.0     # the multiplier's clamp in training (the model learns its log)
+    grad_checkpointing: bool = False   # recompute each block's activations in backward: less memory, ~30% slower
+
+
+@dataclass
+class Preprocessing:
+    """What the model's inputs are made with, in training's evaluation and in predict alike (the
+    bundle's manifest copies it); the `data:` section of a run config begins with these keys."""
+    image_size: int = 224              # pixels a side the model sees (a ViT's is its own: checked)
+    resize_rule: ResizeRule = "squash"  # squash to the square, or scale the shorter side and centre-crop
+    max_text_length: int = 52          # tokens a query is cut to, [CLS] and [SEP] included (Chinese-CLIP: 52)
+    text_normalization: TextNormalization = "nfkc+collapse-whitespace"  # before the tokenizer; cn-clip: Chinese-CLIP's
+
+
+def read_sections(config: dict, where: str) -> tuple[ModelConfig, Preprocessing]:
+    """The model section and the preprocessing keys of the data section of a whole run config (a
+    preset's mapping, or the config a checkpoint saved), read by the project's record rule; the
+    other sections and keys are the training harness's to read. A value that does not fit is a
+    ConfigError naming `where`."""
+    sections = []
+    for key, cls in (("model", ModelConfig), ("data", Preprocessing)):
+        values = config.get(key) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: config: {key}: expected a mapping, got a {type(values).__name__}")
+        if cls is Preprocessing:
+            values = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        try:
+            sections.append(from_dict(cls, values, what=f"config: {key}", numbers_from_strings=True))
+        except RecordError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return sections[0], sections[1]
+
+
+def check_model_config(model: ModelConfig) -> None:
+    """What the field types cannot say of the model section: the weights a family reads, and the
+    attention heads only a cn_clip file needs."""
+    heads = model.attention_heads
+    if heads is not None:
+        _check_attention_heads(model, heads)
+    if model.family == "dual" and model.name:
+        raise ConfigError(f"model.name={model.name!r} names Chinese-CLIP weights, which model.family=dual does not "
+                          "use (its towers are model.text.name and model.image.name / model.image.checkpoint): set "
+                          "model.family=chinese-clip, or use a cnclip-* preset")
+
+
+def _check_attention_heads(model: ModelConfig, heads: list) -> None:
+    if len(heads) != 2 or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in heads):
+        raise ConfigError(f"model.attention_heads={heads!r}; expected [vision, text], two positive counts")
+    if model.family != "chinese-clip" or not model.name or not (
+            os.path.isfile(model.name) or model.name.endswith(CHECKPOINT_SUFFIXES)):
+        raise ConfigError(f"model.attention_heads={heads!r} is read only from a Chinese-CLIP checkpoint file "
+                          "(model.family=chinese-clip, model.name: X.pt), whose tensors cannot tell the heads; a "
+                          "random Chinese-CLIP takes them from model.config (vision_config / text_config "
+                          "num_attention_heads), a hub name or transformers directory from its config.json, and a "
+                          "dual model from its towers: remove model.attention_heads")
+
+
+def flip_refusal(tower: str) -> str:
+    return (f"FLIP masking (train.mask_ratio, train.mask_schedule): the image tower {tower} has no patch tokens to "
+            "drop (FLIP masking needs a ViT image tower); set train.mask_ratio=0")

@@ -1,0 +1,154 @@
+"""The interface every model family implements: `RetrievalModel`, an abstract base listing each
+method and attribute that training, evaluation, export and the benches call. A new family is one
+file with one subclass (`dual.py` and `chinese_clip.py` are the two), named in `model.config.Family`
+and registered in `model.factory.FAMILIES`; instantiating one that leaves a method out fails.
+
+What a family owns: how it is created from a config (`create`) and rebuilt offline without
+weights from its plain `arch` record (`to_arch` / `from_arch`); its two encoders and its learned
+logit scale; its towers (for export's fusion and release); its parameter layout for layer-wise
+lr decay and freezing (`param_layout`); gradient checkpointing; FLIP masking; and where its
+tokenizer comes from.
+"""
+from __future__ import annotations
+
+import math
+import re
+from abc import ABCMeta, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+Layout = dict[str, tuple[str, int, int]]  # parameter name -> (group, layer id, top block id)
+CNCLIP_FORMAT = "cn_clip checkpoint"     # `source["format"]` of weights read from a cn_clip file (`model.cnclip`)
+
+
+class RetrievalModel(nn.Module, metaclass=ABCMeta):
+    """A text-image retrieval model: L2-normalised embeddings of both kinds and the log of the
+    multiplier their cosine similarities are scaled by in the contrastive loss."""
+
+    family: ClassVar[str]              # its `model.family` name
+    arch: dict                         # what `from_arch` rebuilds it from (less `family`, which `to_arch` adds)
+    logit_scale_max: float             # the multiplier's clamp (`clamp_logit_scale`)
+    logit_scale: torch.Tensor          # the learned log of the multiplier (a parameter: CLIP's name for it)
+    image_size: int | None = None      # a vision tower's fixed input size (a ViT's position grid); None: any size
+    source: dict | None = None         # the pretrained weights it was created from (None: a random start)
+    mask_ratio = 0.0                   # FLIP patch masking in training (`set_mask_ratio`); evaluation never masks
+
+    # -- building -------------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def create(cls, cfg: ModelConfig, vocab_size: int | None = None) -> RetrievalModel:
+        """From the config's model section, loading the weights it names; `vocab_size`: the rows
+        of a random text tower's embedding (the run's tokenizer's)."""
+
+    @classmethod
+    @abstractmethod
+    def from_arch(cls, arch: dict) -> RetrievalModel:
+        """The architecture of `arch` (`to_arch`'s record) with random weights, offline."""
+
+    @staticmethod
+    @abstractmethod
+    def tokenizer_source(cfg: ModelConfig) -> str | None:
+        """Where the model's own tokenizer comes from (a hub name, a directory, a cn_clip file), or None."""
+
+    def to_arch(self) -> dict:
+        return {"family": self.family, **self.arch}
+
+    def weights_source(self) -> dict | None:
+        """`source`, as the bundle's manifest records it (a family may add hashes of local files)."""
+        return self.source
+
+    @property
+    def exact_vocabulary(self) -> bool:
+        """The weights are a cn_clip file's, whose vocabulary is known: a tokenizer of another size
+        is refused rather than warned about."""
+        return (self.source or {}).get("format") == CNCLIP_FORMAT
+
+    # -- encoding -------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """int64 [batch, length] ids and mask -> L2-normalised [batch, embed dim]."""
+
+    @abstractmethod
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [batch, height, width, 3] (resized by `competition.preprocess`) -> L2-normalised
+        [batch, embed dim]; the normalisation to the tower's mean and std happens inside."""
+
+    def forward(self, pixels, input_ids, attention_mask):
+        """(image features, text features, log logit scale): the call DDP wraps."""
+        return self.encode_image(pixels), self.encode_text(input_ids, attention_mask), self.logit_scale
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        self.logit_scale.clamp_(0, math.log(self.logit_scale_max))
+
+    # -- towers ---------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def text_tower(self) -> nn.Module:
+        """The text transformer (a `transformers` model: `get_input_embeddings()`)."""
+
+    @abstractmethod
+    def tower_modules(self, kind: str) -> tuple[nn.Module, ...]:
+        """Every module one tower (`text` | `image`) runs, its projection included."""
+
+    @abstractmethod
+    def tower_shape(self, kind: str) -> dict | None:
+        """{model_type (bert | clip), num_heads, hidden_size, layers} of a transformer tower, for
+        ONNX Runtime's fusion at export; None for one it has no pattern for (a CNN)."""
+
+    def release_tower(self, kind: str) -> None:
+        """Free the weights of one tower (`text` | `image`), moved to the meta device: an export
+        that has written a tower's graph needs them no more, and at ViT-H/14 they are gigabytes."""
+        for module in self.tower_modules(kind):
+            module.to("meta")
+
+    @property
+    def text_vocab_rows(self) -> int:
+        """Rows of the text tower's token embedding: the ids a tokenizer may emit."""
+        return self.text_tower.get_input_embeddings().num_embeddings
+
+    # -- training -------------------------------------------------------------------------------------
+    @abstractmethod
+    def param_layout(self, coarse: bool = False) -> Layout:
+        """Every parameter's (group: text | image | head, layer id, top layer id): layer-wise lr
+        decay and freezing read it; `coarse` groups an image tower by stage rather than block."""
+
+    @abstractmethod
+    def set_grad_checkpointing(self) -> None:
+        """Recompute each block's activations in backward."""
+
+    def set_mask_ratio(self, ratio: float) -> None:
+        """FLIP: drop this share of image patches in training (a ValueError where the tower has none)."""
+        self.mask_ratio = float(ratio)
+
+
+_LAYER = re.compile(r"\.layers?\.(\d+)\.")
+
+
+def transformer_layout(names: list[str], prefix: str, group: str) -> Layout:
+    """A Hugging Face transformer tower: embeddings 0, layer i -> i + 1, anything above the last
+    layer (final norms) top + 1."""
+    members = [n for n in names if n.startswith(prefix)]
+    ids = {n: int(m.group(1)) + 1 for n in members if (m := _LAYER.search(n[len(prefix) - 1:]))}
+    top = max(ids.values(), default=0)
+    layout = {}
+    for n in members:
+        is_stem = "embeddings" in n or "pre_layrnorm" in n
+        layout[n] = (group, ids.get(n, 0 if is_stem else top + 1), top)
+    return layout
+
+
+def checkpoint_activations(model) -> None:
+    """Gradient checkpointing of a transformers model (renamed in transformers 5)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
+def with_head_group(model: nn.Module, layout: Layout) -> Layout:
+    for n, _ in model.named_parameters():  # projections, pooling, logit scale
+        layout.setdefault(n, ("head", 0, 0))
+    return layout
