@@ -95,7 +95,7 @@ def _build_bundle(loaded: LoadedModel, source: dict, out_dir: str, data_dir: str
         manifest = Manifest(family=model.family, embed_dim=0, image_size=data.image_size,
                             resize_rule=data.resize_rule, max_text_length=data.max_text_length,
                             text_normalization=data.text_normalization,
-                            logit_scale=float(model.logit_scale.detach().exp()), files={}, opset=opts.opset,
+                            inverse_temperature=float(model.logit_scale.detach().exp()), files={}, opset=opts.opset,
                             exporter=opts.exporter, **source, libraries=_versions())
         reference = _export_towers(model, tmp, inputs, tokenizer, opts, manifest)
         del model

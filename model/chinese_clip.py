@@ -18,12 +18,12 @@ from .weights import WEIGHT_SUFFIXES, hub_source, load_pretrained
 class ChineseCLIPEncoder(RetrievalModel):
     family = "chinese-clip"
 
-    def __init__(self, clip: nn.Module, logit_scale_max: float, source: dict | None = None):
+    def __init__(self, clip: nn.Module, inverse_temperature_max: float, source: dict | None = None):
         super().__init__()
         self.clip = clip
         self.pixels = PixelNormalize(CLIP_MEAN, CLIP_STD)
-        self.logit_scale_max = logit_scale_max
-        self.arch = {"clip_config": clip.config.to_dict(), "logit_scale_max": logit_scale_max}
+        self.inverse_temperature_max = inverse_temperature_max
+        self.arch = {"clip_config": clip.config.to_dict(), "inverse_temperature_max": inverse_temperature_max}
         self.source = source  # what pretrained weights were loaded (None: a random start); see weights_source
         # FLIP, where Chinese-CLIP masks: after the position embedding, before the pre-norm
         clip.vision_model.embeddings.register_forward_hook(self._mask_patches)
@@ -95,13 +95,13 @@ class ChineseCLIPEncoder(RetrievalModel):
             if vocab_size:
                 conf.setdefault("text_config", {})["vocab_size"] = vocab_size
             clip, source = ChineseCLIPModel(ChineseCLIPConfig(**conf)), None
-        return cls(clip, cfg.logit_scale_max, source)
+        return cls(clip, cfg.inverse_temperature_max, source)
 
     @classmethod
     def from_arch(cls, arch: dict) -> ChineseCLIPEncoder:
         from transformers import ChineseCLIPConfig, ChineseCLIPModel
 
-        return cls(ChineseCLIPModel(ChineseCLIPConfig(**arch["clip_config"])), arch["logit_scale_max"])
+        return cls(ChineseCLIPModel(ChineseCLIPConfig(**arch["clip_config"])), arch["inverse_temperature_max"])
 
     @staticmethod
     def _features(out):

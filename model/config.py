@@ -8,6 +8,7 @@ comments are the config reference (`make docs` writes docs/config.md from them).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -21,6 +22,7 @@ Head = Literal["linear", "mlp"]
 ResizeRule = Literal[RESIZE_RULES]  # competition.preprocess owns the rules: predict resizes with them too
 TextNormalization = Literal[tuple(TEXT_NORMALIZATIONS)]  # likewise: predict reads it from the manifest
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin")  # model.name: a weights file rather than a hub name or directory
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -54,8 +56,9 @@ class ModelConfig:
     embed_dim: int = 512               # the shared embedding size (dual; Chinese-CLIP's is its projection_dim)
     head: Head = "linear"              # dual: each tower's projection onto embed_dim, one layer or an MLP
     head_dropout: float = 0.1          # dropout inside the mlp head
-    logit_scale_init: float = 1 / 0.07  # the similarity multiplier at a random start (1 / temperature; not its log)
-    logit_scale_max: float = 100.0     # the multiplier's clamp in training (the model learns its log)
+    inverse_temperature_init: float = 1 / 0.07  # the similarity multiplier at a random start (the model learns its
+                                                # log, `logit_scale`, as CLIP does)
+    inverse_temperature_max: float = 100.0  # the multiplier's clamp in training
     grad_checkpointing: bool = False   # recompute each block's activations in backward: less memory, ~30% slower
 
 
@@ -67,6 +70,24 @@ class Preprocessing:
     resize_rule: ResizeRule = "squash"  # squash to the square, or scale the shorter side and centre-crop
     max_text_length: int = 52          # tokens a query is cut to, [CLS] and [SEP] included (Chinese-CLIP: 52)
     text_normalization: TextNormalization = "nfkc+collapse-whitespace"  # before the tokenizer; cn-clip: Chinese-CLIP's
+
+
+# keys of the model section under their former names: a config (a preset, a saved run's config.yaml)
+# that uses one is read as if it used the new one, with a warning
+RENAMED = {"logit_scale_init": "inverse_temperature_init", "logit_scale_max": "inverse_temperature_max"}
+
+
+def renamed_keys(section: dict, where: str) -> dict:
+    """The model section `section` with any key under its former name (`RENAMED`) renamed."""
+    old = [key for key in RENAMED if key in section]
+    for key in old:
+        new = RENAMED[key]
+        if new in section:
+            raise ConfigError(f"{where}: model.{key} and model.{new} are one setting (its former name and its "
+                              f"name): keep model.{new}")
+        log.warning("%s: model.%s is now model.%s (the multiplier, 1 / temperature; the model's logit_scale is its "
+                    "log): read as such", where, key, new)
+    return {RENAMED.get(key, key): value for key, value in section.items()}
 
 
 def read_sections(config: dict, where: str) -> tuple[ModelConfig, Preprocessing]:
@@ -81,6 +102,8 @@ def read_sections(config: dict, where: str) -> tuple[ModelConfig, Preprocessing]
             raise ConfigError(f"{where}: config: {key}: expected a mapping, got a {type(values).__name__}")
         if cls is Preprocessing:
             values = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        else:
+            values = renamed_keys(values, where)
         try:
             sections.append(from_dict(cls, values, what=f"config: {key}", numbers_from_strings=True))
         except RecordError as exc:

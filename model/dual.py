@@ -17,16 +17,16 @@ from .weights import load_pretrained
 class DualEncoder(RetrievalModel):
     family = "dual"
 
-    def __init__(self, text: nn.Module, image: nn.Module, arch: dict, logit_scale_init: float = 1.0):
+    def __init__(self, text: nn.Module, image: nn.Module, arch: dict, inverse_temperature_init: float = 1.0):
         super().__init__()
-        self.arch, self.logit_scale_max = arch, arch["logit_scale_max"]
+        self.arch, self.inverse_temperature_max = arch, arch["inverse_temperature_max"]
         self.text = text
         self.image = image
         self.pool = TextPool(arch["pooling"], text.config.hidden_size)
         self.text_proj = projection_head(arch["head"], self.pool.out_dim, arch["embed_dim"], arch["head_dropout"])
         self.image_proj = projection_head(arch["head"], image.num_features, arch["embed_dim"], arch["head_dropout"])
         self.pixels = PixelNormalize(arch["mean"], arch["std"])
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(inverse_temperature_init)))
 
     @staticmethod
     def tokenizer_source(cfg: ModelConfig) -> str | None:
@@ -54,8 +54,9 @@ class DualEncoder(RetrievalModel):
                 "image_name": image_cfg.name, "image_kwargs": dict(image_cfg.kwargs), "pooling": text_cfg.pooling,
                 "embed_dim": cfg.embed_dim, "head": cfg.head, "head_dropout": cfg.head_dropout,
                 "mean": tuple(image.pretrained_cfg.get("mean", CLIP_MEAN)),
-                "std": tuple(image.pretrained_cfg.get("std", CLIP_STD)), "logit_scale_max": cfg.logit_scale_max}
-        return cls(text, image, arch, cfg.logit_scale_init)
+                "std": tuple(image.pretrained_cfg.get("std", CLIP_STD)),
+                "inverse_temperature_max": cfg.inverse_temperature_max}
+        return cls(text, image, arch, cfg.inverse_temperature_init)
 
     @classmethod
     def from_arch(cls, arch: dict) -> DualEncoder:

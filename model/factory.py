@@ -34,6 +34,7 @@ from .weights import CheckpointError, WeightsError, checkpoint_path, load_checkp
 log = logging.getLogger(__name__)
 FAMILIES = {cls.family: cls for cls in (DualEncoder, ChineseCLIPEncoder)}  # `model.config.Family` names each
 CONTEXT_LENGTH = 52  # Chinese-CLIP's text length
+RENAMED_ARCH = {"logit_scale_max": "inverse_temperature_max"}  # in the checkpoints of earlier versions
 TRANSFORMERS_CONFIG = "config.json"  # what tells a `transformers` directory from a run directory
 
 
@@ -49,6 +50,7 @@ def create_model(cfg: ModelConfig, vocab_size: int | None = None) -> tuple[Retri
 def build_from_arch(arch: dict, path: str = "the checkpoint") -> RetrievalModel:
     """The model's architecture with random weights (a state_dict is loaded next). Offline. A
     CheckpointError, naming `path`, when the record is not one this version can build."""
+    arch = {RENAMED_ARCH.get(key, key): value for key, value in arch.items()}
     try:
         return FAMILIES[arch["family"]].from_arch(arch)
     except (KeyError, TypeError, ValueError) as exc:

@@ -31,8 +31,8 @@ class RetrievalModel(nn.Module, metaclass=ABCMeta):
 
     family: ClassVar[str]              # its `model.family` name
     arch: dict                         # what `from_arch` rebuilds it from (less `family`, which `to_arch` adds)
-    logit_scale_max: float             # the multiplier's clamp (`clamp_logit_scale`)
-    logit_scale: torch.Tensor          # the learned log of the multiplier (a parameter: CLIP's name for it)
+    logit_scale: torch.Tensor          # the learned log of the similarity's multiplier (CLIP's name for it)
+    inverse_temperature_max: float     # the multiplier's clamp (`clamp_logit_scale`): exp(logit_scale) at most
     image_size: int | None = None      # a vision tower's fixed input size (a ViT's position grid); None: any size
     source: dict | None = None         # the pretrained weights it was created from (None: a random start)
     mask_ratio = 0.0                   # FLIP patch masking in training (`set_mask_ratio`); evaluation never masks
@@ -83,7 +83,7 @@ class RetrievalModel(nn.Module, metaclass=ABCMeta):
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
-        self.logit_scale.clamp_(0, math.log(self.logit_scale_max))
+        self.logit_scale.clamp_(0, math.log(self.inverse_temperature_max))
 
     # -- towers ---------------------------------------------------------------------------------------
     @property

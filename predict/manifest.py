@@ -15,7 +15,9 @@ from typing import Literal
 from competition.preprocess import RESIZE_RULES, TEXT_NORMALIZATIONS
 from infra.records import RecordError, from_dict
 
-FORMAT = "muge-bundle/1"
+FORMAT = "muge-bundle/2"
+# what an earlier format differs in, read as this one: muge-bundle/1 named the multiplier `logit_scale`
+UPGRADES = {"muge-bundle/1": {"logit_scale": "inverse_temperature"}}
 MANIFEST = "manifest.json"
 
 
@@ -39,7 +41,7 @@ class Manifest:
     resize_rule: ResizeRule            # competition.preprocess's rule the gallery is resized with
     max_text_length: int
     text_normalization: TextNormalization  # competition.preprocess's normalisation before the tokenizer
-    logit_scale: float                 # exp of the model's learned log scale: the similarity's multiplier
+    inverse_temperature: float         # the similarity's multiplier: exp of the model's learned `logit_scale`
     files: dict[str, str]              # every graph and external-data file (a plain name) -> its sha256
     opset: int = 18
     exporter: str = "dynamo"
@@ -76,6 +78,10 @@ def manifest_from_dict(values, path: str) -> Manifest:
     if not isinstance(values, dict):
         raise BundleError(f"{path}: not a muge bundle manifest (a JSON {type(values).__name__}); re-export the bundle")
     version = values.get("format")
+    if version in UPGRADES:
+        renamed = UPGRADES[version]
+        values = {"format": FORMAT, **{renamed.get(k, k): v for k, v in values.items() if k != "format"}}
+        version = FORMAT
     if version != FORMAT:
         raise BundleError(f"{path}: format {version!r}, but this muge reads {FORMAT!r} bundles: export the bundle "
                           "again with this version (or predict with the version that wrote it)")
@@ -94,8 +100,8 @@ def _check_values(m: Manifest) -> None:
     for key, value, low, high in ranges:
         if value is not None and (value < low or high is not None and value > high):
             raise RecordError(f"{key}={value}: expected {f'{low} to {high}' if high else f'at least {low}'}")
-    if not (math.isfinite(m.logit_scale) and m.logit_scale > 0):
-        raise RecordError(f"logit_scale={m.logit_scale}: expected a positive finite number")
+    if not (math.isfinite(m.inverse_temperature) and m.inverse_temperature > 0):
+        raise RecordError(f"inverse_temperature={m.inverse_temperature}: expected a positive finite number")
     for name, digest in m.files.items():
         if not is_plain_file_name(name):
             raise RecordError(f"files: {name!r} is not a file name inside the bundle")

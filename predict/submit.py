@@ -169,7 +169,7 @@ def _rescore(encoders, data_dir: str, weights, queries, qfeat: np.ndarray, galle
         log.warning("--bank %s: left %d queries out of the bank: they are among the queries being answered", path,
                     int((~keep).sum()))
     bank = fuse([f[keep] for f in features], weights)
-    beta = opts.rerank_beta or float(np.dot(weights, [enc.manifest.logit_scale for enc in encoders]))
+    beta = opts.rerank_beta or float(np.dot(weights, [enc.manifest.inverse_temperature for enc in encoders]))
     stats = cached_bank_stats(bank, gallery, beta, opts.cache_dir)
     record = {"method": opts.rerank, "beta": round(beta, 4), "bank": path, "bank_queries": len(bank),
               "bank_left_out": int((~keep).sum())}

@@ -107,7 +107,7 @@ def _edit_manifest(bundle, **values):
      "manifest.json: no embed_dim: every manifest has one"),
     (lambda b: (b / "manifest.json").unlink(), "manifest.json not found"),
     (lambda b: _edit_manifest(b, format="muge-bundle/0"),
-     "manifest.json: format 'muge-bundle/0', but this muge reads 'muge-bundle/1' bundles"),
+     "manifest.json: format 'muge-bundle/0', but this muge reads 'muge-bundle/2' bundles"),
     (lambda b: _edit_manifest(b, format=None), "manifest.json: format None, but this muge reads"),
     (lambda b: _edit_manifest(b, image_size="224"), "manifest.json: image_size='224': expected int"),
     (lambda b: shutil.rmtree(b / "tokenizer"), "tokenizer: no readable tokenizer.json"),
@@ -129,16 +129,17 @@ def _edit_manifest(bundle, **values):
      "manifest.json: max_text_length=100, but text.onnx cannot take 100 tokens"),
     (lambda b: _edit_manifest(b, resize_rule="bogus"),
      "manifest.json: resize_rule='bogus': expected one of squash, shorter-crop"),
-    (lambda b: _edit_manifest(b, logit_scale=float("nan")),
-     "manifest.json: logit_scale=nan: expected a positive finite number"),
-    (lambda b: _edit_manifest(b, logit_scale=-1), "manifest.json: logit_scale=-1.0: expected a positive finite"),
+    (lambda b: _edit_manifest(b, inverse_temperature=float("nan")),
+     "manifest.json: inverse_temperature=nan: expected a positive finite number"),
+    (lambda b: _edit_manifest(b, inverse_temperature=-1),
+     "manifest.json: inverse_temperature=-1.0: expected a positive finite"),
     (lambda b: _edit_manifest(b, novelty=1), "manifest.json: unknown manifest key novelty"),
-    (lambda b: (b / "manifest.json").write_text('{"format": "muge-bundle/1", "parity": ' + "[" * 200_000 +
+    (lambda b: (b / "manifest.json").write_text('{"format": "muge-bundle/2", "parity": ' + "[" * 200_000 +
                                                 "]" * 200_000 + "}"), "manifest.json: nested too deeply"),
 ], ids=["invalid-json", "missing-key", "no-manifest", "other-version", "no-version", "mistyped", "no-tokenizer",
         "no-graph", "files-int", "external-null", "external-string", "external-list-string", "external-parent",
         "external-absolute", "files-parent", "text-length-0", "text-length-negative", "text-length-huge",
-        "text-length-over-positions", "resize-rule", "logit-scale-nan", "logit-scale-negative", "unknown-key",
+        "text-length-over-positions", "resize-rule", "multiplier-nan", "multiplier-negative", "unknown-key",
         "deep"])
 def test_a_damaged_bundle_is_named(tiny_bundle, small_sample, tmp_path, damage, message):
     bundle = tmp_path / "bundle"

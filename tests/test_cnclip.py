@@ -582,7 +582,7 @@ def test_tensorboard_gets_the_runs_scalars(small_sample, tmp_path):
     events = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/logit_scale", "train/samples_per_s", "lr/head", "lr/text", "lr/image",
+    assert {"train/loss", "train/inverse_temperature", "train/samples_per_s", "lr/head", "lr/text", "lr/image",
             "valid/mean_recall", "valid/r1", "valid_ema/mean_recall", "train/epoch_loss"} <= tags
     assert [e.step for e in events.Scalars("valid/mean_recall")] == [0, 1, 2]
     history = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]

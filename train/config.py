@@ -18,7 +18,15 @@ from typing import Any, Literal
 import yaml
 
 from infra.records import RecordError, from_dict
-from model.config import ConfigError, ImageTower, ModelConfig, Preprocessing, check_model_config, flip_refusal
+from model.config import (
+    ConfigError,
+    ImageTower,
+    ModelConfig,
+    Preprocessing,
+    check_model_config,
+    flip_refusal,
+    renamed_keys,
+)
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -127,6 +135,8 @@ def _keys(cls) -> str:
 def _build(values) -> Config:
     """The config of `values`, by the one rule every record of this project is read with
     (`infra.records`); numbers may be strings, as YAML 1.1 writes some."""
+    if isinstance(values.get("model"), dict):
+        values = {**values, "model": renamed_keys(values["model"], "config")}
     try:
         return from_dict(Config, values, what="config", numbers_from_strings=True)
     except RecordError as exc:

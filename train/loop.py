@@ -139,9 +139,11 @@ class RunningLoss:
 
 def _show_progress(training, model, bar, tracker, step: int, loss: float, rate: float, data_share: float) -> None:
     """A log step's figures on the progress bar and, with `train.tensorboard`, in TensorBoard."""
-    scale = unwrap(model).logit_scale.exp().item()
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{training.optimizer.param_groups[0]['lr']:.2e}", temp=f"{1 / scale:.4f}",
+    inverse_temperature = unwrap(model).logit_scale.exp().item()
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{training.optimizer.param_groups[0]['lr']:.2e}",
+                    temp=f"{1 / inverse_temperature:.4f}",
                     samples_per_s=f"{rate:.1f}", data=f"{100 * data_share:.0f}%", refresh=False)
     if tracker is not None:
-        tracker.step(step, loss=loss, optimizer=training.optimizer, logit_scale=scale, samples_per_s=rate,
+        tracker.step(step, loss=loss, optimizer=training.optimizer, inverse_temperature=inverse_temperature,
+                     samples_per_s=rate,
                      data_wait_share=data_share, skipped_steps=training.guard.skipped_count())

@@ -56,14 +56,14 @@ def _hinge(sims: torch.Tensor, ignore: torch.Tensor, margin: float) -> torch.Ten
     return F.relu(margin - sims.diagonal() + neg.amax(dim=-1)).mean()
 
 
-def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, image_ids: torch.Tensor,
+def clip_loss(image: torch.Tensor, text: torch.Tensor, inverse_temperature: torch.Tensor, image_ids: torch.Tensor,
               query_ids: torch.Tensor, label_smoothing: float = 0.0, hard_negative_margin: float = 0.0,
               hard_negative_weight: float = 1.0) -> torch.Tensor:
     """Loss of one (global) batch of L2-normalised features; pair i is (text[i], image[i])."""
     image, text = image.float(), text.float()
     ignore = duplicate_mask(image_ids, query_ids)
     sims = text @ image.T                      # [texts, images]
-    logits = logit_scale * sims
+    logits = inverse_temperature * sims
     loss = 0.5 * (_cross_entropy(logits, ignore, label_smoothing) + _cross_entropy(logits.T, ignore, label_smoothing))
     if hard_negative_margin > 0:
         loss = loss + hard_negative_weight * 0.5 * (_hinge(sims, ignore, hard_negative_margin)
@@ -73,11 +73,11 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 
 class ClipLoss(nn.Module):
     def __init__(self, label_smoothing: float = 0.0, hard_negative_margin: float = 0.0,
-                 hard_negative_weight: float = 1.0, logit_scale_max: float = 100.0):
+                 hard_negative_weight: float = 1.0, inverse_temperature_max: float = 100.0):
         super().__init__()
         self.kw = dict(label_smoothing=label_smoothing, hard_negative_margin=hard_negative_margin,
                        hard_negative_weight=hard_negative_weight)
-        self.logit_scale_max = logit_scale_max
+        self.inverse_temperature_max = inverse_temperature_max
 
     def forward(self, image, text, log_scale, image_ids, query_ids):
         """Returns (loss to backward, global-batch loss for logging)."""
@@ -86,7 +86,7 @@ class ClipLoss(nn.Module):
             # The logit scale enters every rank's loss whole, not through local features only:
             # its gradient is divided by the world size so the `* world` below leaves it exact.
             log_scale = log_scale.detach() + (log_scale - log_scale.detach()) / world
-        scale = log_scale.exp().clamp(max=self.logit_scale_max)
+        scale = log_scale.exp().clamp(max=self.inverse_temperature_max)
         image, text, image_ids, query_ids = gather_features(image, text, image_ids, query_ids)
         loss = clip_loss(image, text, scale, image_ids, query_ids, **self.kw)
         return loss * world, loss.detach()

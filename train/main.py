@@ -144,7 +144,7 @@ def build_training(cfg: Config, train_files: tuple[str, str], run_dir: str, worl
     total_steps = total_steps or steps_per_epoch(len(loader), cfg.train.accum_steps) * cfg.train.epochs
     scheduler = create_scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     criterion = ClipLoss(cfg.train.label_smoothing, cfg.train.hard_negative_margin, cfg.train.hard_negative_weight,
-                         cfg.model.logit_scale_max)
+                         cfg.model.inverse_temperature_max)
     ema = ModelEma(model, cfg.train.ema) if cfg.train.ema else None
     return Training(cfg, world, device, precision, compiled, tokenizer, model, arch, dataset, loader, optimizer,
                     scheduler, grad_scaler(precision, device), criterion, ema, trainable,

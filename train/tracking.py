@@ -23,14 +23,14 @@ class Tracker:
             raise ImportError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
         self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
 
-    def step(self, step: int, *, loss: float, optimizer, logit_scale: float, samples_per_s: float,
+    def step(self, step: int, *, loss: float, optimizer, inverse_temperature: float, samples_per_s: float,
              data_wait_share: float = 0.0, skipped_steps: int = 0) -> None:
         if self.writer is None:
             return
         self.writer.add_scalar("train/loss", loss, step)
         self.writer.add_scalar("train/skipped_steps", skipped_steps, step)  # non-finite updates, so far
         self.writer.add_scalar("train/data_wait_share", data_wait_share, step)
-        self.writer.add_scalar("train/logit_scale", logit_scale, step)
+        self.writer.add_scalar("train/inverse_temperature", inverse_temperature, step)
         self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
         for name, lr in top_learning_rates(optimizer).items():
             self.writer.add_scalar(f"lr/{name}", lr, step)
