@@ -5,6 +5,8 @@ import sys
 
 import click
 
+WRITES = {"onnx": "bundle", "hf": "transformers directory", "cnclip": "Chinese-CLIP checkpoint"}  # by --format
+
 
 @click.command()
 @click.argument("run_dir", required=False, type=click.Path(exists=True, file_okay=False))
@@ -31,8 +33,12 @@ import click
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="Export transformer towers for ORT's fusion (TorchScript exporter, eager attention) and fuse them.")
 @click.option("--int8", is_flag=True, help="Also write gated int8 graphs for CPU predict (--precision int8).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "hf", "cnclip"]), default="onnx", show_default=True,
+              help="onnx: the bundle predict runs. hf: a transformers directory (ChineseCLIPModel, its tokenizer and "
+              "processor, a model card). cnclip: Chinese-CLIP's checkpoint file (--out X.pt), which cn_clip loads. "
+              "hf and cnclip: a chinese-clip run's model.")
 def export(run_dir, pretrained, tokenizer, attention_heads, out_dir, data_dir, checkpoint, opset, exporter,
-           parity_queries, parity_gallery, parity_batch, device, fuse, int8):
+           parity_queries, parity_gallery, parity_batch, device, fuse, int8, fmt):
     """Export RUN_DIR's checkpoint (or --pretrained weights) to an ONNX bundle (fp32 + fp16) behind a parity gate."""
     from competition import MugeDataError
     from infra.io import exit_on_hangup_or_term
@@ -41,6 +47,7 @@ def export(run_dir, pretrained, tokenizer, attention_heads, out_dir, data_dir, c
     from model.weights import CheckpointError, WeightsError
 
     from .bundle import ExportOptions, export_bundle
+    from .formats import export_cnclip, export_hf
     from .parity import ParityError, ParitySettings
 
     exit_on_hangup_or_term()  # the build directory is removed on the way out (SIGKILL: by the next export)
@@ -49,6 +56,9 @@ def export(run_dir, pretrained, tokenizer, attention_heads, out_dir, data_dir, c
     for flag, value in (("--tokenizer", tokenizer), ("--attention-heads", attention_heads)):
         if value and not pretrained:
             raise click.UsageError(f"{flag} goes with --pretrained (a run brings its own)")
+    if fmt != "onnx" and (pretrained or int8):
+        raise click.UsageError(f"--format {fmt} writes a run's model (RUN_DIR); --pretrained and --int8 go with the "
+                               "ONNX bundle")
     if pretrained and checkpoint != "best":
         raise click.UsageError("--checkpoint picks a run's checkpoint; with --pretrained the weights are its file")
     heads = None
@@ -63,10 +73,15 @@ def export(run_dir, pretrained, tokenizer, attention_heads, out_dir, data_dir, c
     opts = ExportOptions(checkpoint=checkpoint, opset=opset, exporter=exporter, device=device, fused=fuse, int8=int8,
                          settings=ParitySettings(parity_queries, parity_gallery, parity_batch))
     try:
-        export_bundle(run_dir or pretrained, out_dir, data_dir, opts, tokenizer=tokenizer, heads=heads)
+        if fmt == "hf":
+            export_hf(run_dir, out_dir, checkpoint)
+        elif fmt == "cnclip":
+            export_cnclip(run_dir, out_dir, checkpoint)
+        else:
+            export_bundle(run_dir or pretrained, out_dir, data_dir, opts, tokenizer=tokenizer, heads=heads)
     except ParityError as exc:
         click.echo(f"export refused, no bundle written: {exc}", err=True)
         sys.exit(2)
     except (CheckpointError, MugeDataError, WeightsError, TokenizerError, ConfigError, OSError) as exc:
-        raise click.ClickException(f"{exc}; no bundle written") from None
-    click.echo(f"bundle written to {out_dir}")
+        raise click.ClickException(f"{exc}; no {WRITES[fmt]} written") from None
+    click.echo(f"{WRITES[fmt]} written to {out_dir}")

@@ -176,6 +176,45 @@ def to_hf_state_dict(state: dict, path: str = "the checkpoint") -> dict[str, tor
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def from_hf_state_dict(state: dict) -> dict[str, torch.Tensor]:
+    """`to_hf_state_dict` undone: `ChineseCLIPModel`'s tensors under cn_clip's names (q, k, v packed
+    into one projection again, `Linear` projections transposed back into `x @ proj` matrices,
+    `text_model.*` -> `bert.*`): what cn_clip's `CLIP.load_state_dict` takes."""
+    vision = {v: k for k, v in _VISION.items()}
+    block = {v: k for k, v in _VISION_BLOCK.items()}
+    out, packed = {}, {}
+    for key, value in state.items():
+        layer = re.match(r"vision_model\.encoder\.layers\.(\d+)\.(.+)$", key)
+        qkv = layer and re.fullmatch(r"self_attn\.(q|k|v)_proj\.(weight|bias)", layer.group(2))
+        if key in vision:
+            out[vision[key]] = value
+        elif key in ("visual_projection.weight", "text_projection.weight"):
+            out["visual.proj" if key.startswith("visual") else "text_projection"] = value.t()
+        elif key.startswith("text_model."):
+            out["bert." + key[len("text_model."):]] = value
+        elif qkv:
+            packed.setdefault((layer.group(1), qkv.group(2)), {})[qkv.group(1)] = value
+        elif layer and layer.group(2) in block:
+            out[f"visual.transformer.resblocks.{layer.group(1)}.{block[layer.group(2)]}"] = value
+        else:
+            raise WeightsError(f"{key}: a ChineseCLIPModel tensor with no place in Chinese-CLIP's checkpoint format")
+    for (index, kind), parts in packed.items():
+        out[f"visual.transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat([parts[n] for n in "qkv"])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+TEXT_MODELS = {(768, 12): "RoBERTa-wwm-ext-base-chinese", (1024, 24): "RoBERTa-wwm-ext-large-chinese",
+               (768, 3): "RBT3-chinese"}  # cn_clip/clip/model_configs, by (width, layers)
+
+
+def published_names(config) -> tuple[str | None, str | None]:
+    """cn_clip's (vision, text) model names for a `ChineseCLIPConfig`, or None where the shape is
+    not one it publishes (its `load_from_name` takes them to rebuild the model)."""
+    vision, text = config.vision_config, config.text_config
+    return (PUBLISHED.get((vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.image_size)),
+            TEXT_MODELS.get((text.hidden_size, text.num_hidden_layers)))
+
+
 def load_cnclip(path: str, heads: dict | None = None):
     """(ChineseCLIPModel with the file's weights, the source record for the manifest, less the
     file's sha256: `ChineseCLIPEncoder.weights_source` adds it when asked). `heads`: see
