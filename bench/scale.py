@@ -170,7 +170,7 @@ def param_count(preset: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def memory_figures(preset: str, mask_ratio: float = 0.0) -> dict:
+def memory_figures(preset: str, mask_ratio: float = 0.0, lora_rank: int = 0) -> dict:
     """Training memory of the preset at its published shape (random weights), measured on the CPU:
     - state: bytes of weights, gradients and AdamW state after one optimizer step;
     - per pair: bytes of the tensors autograd saves for backward (counted once per storage) in a
@@ -179,7 +179,9 @@ def memory_figures(preset: str, mask_ratio: float = 0.0) -> dict:
       so the autocast copies of the weights (once per step) are not counted per pair; with
       checkpointing, plus one vision layer's saved tensors (what backward recomputes and holds
       at once).
-    `mask_ratio`: with FLIP masking (`train.mask_ratio`), as training would run.
+    `mask_ratio`: with FLIP masking (`train.mask_ratio`), as training would run. `lora_rank`: with
+    LoRA adapters of that rank (`train.lora.rank`, its default targets and alpha): the towers'
+    weights frozen, so only the adapters, heads and logit scale have gradients and AdamW state.
     Not measured (a GPU run is the check): allocator overhead and fragmentation, the attention
     kernel's own saved state (SDPA's flash kernel keeps no attention map; the CPU's math path
     does), cuDNN and cuBLAS workspaces."""
@@ -195,6 +197,12 @@ def memory_figures(preset: str, mask_ratio: float = 0.0) -> dict:
                       ["model.name=null", setting("model.config", CNCLIP_SHAPES[preset])])
     torch.manual_seed(0)
     model, _ = create_model(cfg.model)
+    if lora_rank:
+        from model.lora import add_lora
+        from train.optim import apply_freeze
+
+        add_lora(model, lora_rank, cfg.train.lora.alpha, 0.0, {"text": None, "image": None})
+        apply_freeze(model, cfg.train.freeze)
     model.train()
     model.set_mask_ratio(mask_ratio)
     size, seq = cfg.data.image_size, 52
@@ -225,7 +233,8 @@ def memory_figures(preset: str, mask_ratio: float = 0.0) -> dict:
                  if isinstance(v, torch.Tensor) and v.dim() > 0)
     chunk = cfg.train.grad_cache_chunk or cfg.train.batch_size
     return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), "state_gib": round(state / GIB, 2),
-            "checkpointing": bool(cfg.model.grad_checkpointing), "mask_ratio": mask_ratio,
+            "checkpointing": bool(cfg.model.grad_checkpointing), "mask_ratio": mask_ratio, "lora_rank": lora_rank,
+            "trainable_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2),
             "saved_per_pair_mib": round(per_pair / 2**20, 1), "recompute_per_pair_mib": round(recompute / 2**20, 1),
             "chunk": chunk, "chunk_activations_gib": round(chunk * (per_pair + recompute) / GIB, 2),
             "total_gib": round((state + chunk * (per_pair + recompute)) / GIB, 2)}
@@ -263,6 +272,7 @@ def summary(stage: str, f: dict) -> str:
     if stage == "train":
         return f"{f['steps']} steps of {f['batch']}, untrained MR {f['untrained_mr']}, wrote {f['checkpoints']}"
     masked = f", FLIP mask {f['mask_ratio']:g}" if f.get("mask_ratio") else ""
+    masked += f", LoRA rank {f['lora_rank']} ({f['trainable_m']}M trained)" if f.get("lora_rank") else ""
     return (f"{f['params_m']}M params{masked}: state {f['state_gib']} GiB + {f['chunk']} x "
             f"({f['saved_per_pair_mib']} + {f['recompute_per_pair_mib']}) MiB = {f['total_gib']} GiB")
 
@@ -345,8 +355,9 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
             shutil.rmtree(run_dir, ignore_errors=True)  # last.pt is 16 bytes a parameter
     if "memory" in opts["stages"]:  # in a process of its own too: at H/14 it holds 15 GiB of training state
         log_path = os.path.join(d, "memory.log")
-        memory = run_measured([preset, opts["mask_ratio"]], log_path, code="import json, sys; from bench.scale import "
-                              "memory_figures; print(json.dumps(memory_figures(sys.argv[1], float(sys.argv[2]))))")
+        memory = run_measured([preset, opts["mask_ratio"], opts["lora"]], log_path,
+                              code="import json, sys; from bench.scale import memory_figures; print(json.dumps("
+                              "memory_figures(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]))))")
         if memory["status"] == "ok":
             memory.update(json.loads(_last_line(log_path, limit=None)))
         row("memory", **memory)
@@ -369,9 +380,11 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
               help="Stages to run (predict needs export).")
 @click.option("--mask-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="The memory stage with FLIP masking (train.mask_ratio).")
+@click.option("--lora", type=click.IntRange(min=0), default=0, show_default=True, metavar="RANK",
+              help="The memory stage with LoRA adapters of this rank (train.lora.rank); 0: full fine-tuning.")
 @table_options
 def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gallery, train_batch, stages, mask_ratio,
-                json_out, csv_out):
+                lora, json_out, csv_out):
     """Published shapes, random weights: export, predict vs cn_clip, two training steps, memory."""
     try:
         import cn_clip.clip  # noqa: F401
@@ -382,6 +395,9 @@ def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gal
     if "predict" in stages and "export" not in stages:
         raise click.BadParameter("the predict stage predicts with the bundle the export stage writes: add --stage "
                                  "export", param_hint="--stage")
+    if lora and "memory" not in stages:
+        raise click.BadParameter(f"{lora} is a setting of the memory stage, which is not run: add --stage memory",
+                                 param_hint="--lora")
     if mask_ratio and "memory" not in stages:
         raise click.BadParameter(f"{mask_ratio} is a setting of the memory stage, which is not run: add --stage "
                                  "memory", param_hint="--mask-ratio")
@@ -391,7 +407,7 @@ def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gal
         raise click.BadParameter(f"cannot make {work}: {exc.strerror or exc}", param_hint="--work") from None
     data = small_split(work, valid_queries, images)
     opts = {"parity_queries": parity_queries, "parity_gallery": parity_gallery, "train_batch": train_batch,
-            "stages": set(stages), "mask_ratio": mask_ratio}
+            "stages": set(stages), "mask_ratio": mask_ratio, "lora": lora}
     click.echo(f"published shapes with random weights, each stage a muge process (wall time, peak RSS); "
                f"split {data}; work {work}")
     rows = []

@@ -207,6 +207,8 @@ def test_predict_bench_measures_the_pipeline_against_decode_only(small_sample, t
     (["scale", "--mask-ratio", "nan"], "'nan' is not a number"),
     (["scale", "--mask-ratio", "0.5", "--stage", "export"], "a setting of the memory stage"),
     (["scale", "--stage", "predict"], "add --stage export"),
+    (["scale", "--lora", "8", "--stage", "export"], "a setting of the memory stage"),
+    (["scale", "--lora", "-1"], "-1 is not in the range x>=0"),
     (["scale", "--work", "README.md/scale"], "--work"),
     (["train", "--config", "configs/sample.yaml", "--mask-ratio", "nan"], "'nan' is not a number"),
     (["train", "--config", "configs/sample.yaml", "--data", "configs", "--mask-ratio", "0.5"], "has no patch tokens"),

@@ -70,6 +70,17 @@ class FreezeConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0                      # LoRA adapters of this rank on the transformer towers (peft); 0: off, full
+                                       # fine-tuning
+    alpha: float = 16.0                # the adapters' scale is alpha / rank
+    dropout: float = 0.0               # dropout on the adapters' input, in training
+    text_targets: list | None = None   # text tower Linear layers to adapt, by name suffix; null: query, value
+    image_targets: list | None = None  # image tower likewise; null: q_proj, v_proj (Chinese-CLIP), qkv (a timm ViT);
+                                       # [] or a CNN tower: no adapters, it trains as configured
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 3                    # passes over the train pairs
     batch_size: int = 128              # pairs per batch, per process
@@ -88,6 +99,7 @@ class TrainConfig:
     hard_negative_margin: float = 0.0  # 0 = off; else hinge on (hardest negative - positive)
     hard_negative_weight: float = 1.0  # the hinge term's weight beside the contrastive loss
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     precision: Precision = "auto"      # auto: bf16 (or fp16) on CUDA, fp32 on CPU
     compile: bool | None = None        # torch.compile the model; None: on for CUDA, off on CPU
     ema: float | None = None           # decay of an EMA of the weights (e.g. 0.999): scored each epoch, may be best.pt
@@ -231,6 +243,7 @@ def validate_values(cfg: Config) -> Config:
                                   "transform takes no other colour augmentation; set it to 0")
         _check_auto_augment(aug.auto_augment)
     check_model_config(cfg.model)
+    _check_lora(train)
     if train.tensorboard:
         _check_tensorboard()
     _check_masking(cfg)
@@ -240,6 +253,26 @@ def validate_values(cfg: Config) -> Config:
         raise ConfigError(f"train.grad_cache_chunk={train.grad_cache_chunk} must divide "
                           f"train.batch_size={train.batch_size}")
     return cfg
+
+
+def _check_lora(train: TrainConfig) -> None:
+    lora = train.lora
+    if lora.rank < 0:
+        raise ConfigError(f"train.lora.rank={lora.rank}; expected 0 (off) or a positive rank, e.g. 8")
+    if not lora.rank:
+        return
+    if not lora.alpha > 0:
+        raise ConfigError(f"train.lora.alpha={lora.alpha}; expected a positive scale (the adapters' is alpha / rank)")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"train.lora.dropout={lora.dropout}; expected a probability in [0, 1)")
+    for key in ("text_targets", "image_targets"):
+        targets = getattr(lora, key)
+        if targets is not None and not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(f"train.lora.{key}={targets!r}; expected a list of layer names (e.g. [query, value])")
+    frozen = [f"train.freeze.{k}" for k in ("text_layers", "image_stages", "schedule") if getattr(train.freeze, k)]
+    if frozen:
+        raise ConfigError(f"train.lora.rank={lora.rank} with {', '.join(frozen)}: LoRA already freezes the adapted "
+                          "towers' weights (only the adapters train); set one of them off")
 
 
 def _check_tensorboard() -> None:

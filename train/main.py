@@ -23,6 +23,7 @@ from infra.history import HISTORY, write_history
 from model.config import CHECKPOINT_SUFFIXES
 from model.factory import FAMILIES, build_from_arch, create_model
 from model.family import RetrievalModel
+from model.lora import add_lora, merged_state_dict
 from model.tokenizer import check_tokenizer, prepare_tokenizer
 from model.weights import CheckpointError, load_checkpoint, load_weights
 
@@ -128,6 +129,8 @@ def build_training(cfg: Config, train_files: tuple[str, str], run_dir: str, worl
         model.set_mask_ratio(mask_ratio_at(cfg.train, 0))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.train.lora.rank:
+        _add_adapters(model, cfg)
     own_size = model.image_size  # a ViT's is fixed by its position embedding
     if own_size is not None and own_size != cfg.data.image_size:
         raise ConfigError(f"data.image_size={cfg.data.image_size}, but the model's vision tower takes {own_size} px "
@@ -149,6 +152,19 @@ def build_training(cfg: Config, train_files: tuple[str, str], run_dir: str, worl
     return Training(cfg, world, device, precision, compiled, tokenizer, model, arch, dataset, loader, optimizer,
                     scheduler, grad_scaler(precision, device), criterion, ema, trainable,
                     DivergenceGuard(cfg.train.max_skipped_steps, device))
+
+
+def _add_adapters(model: RetrievalModel, cfg: Config) -> None:
+    """`train.lora`'s adapters on the model's towers (their own weights frozen from here on)."""
+    lora = cfg.train.lora
+    try:
+        counts = add_lora(model, lora.rank, lora.alpha, lora.dropout,
+                          {"text": lora.text_targets, "image": lora.image_targets})
+    except ValueError as exc:
+        kind = "text" if "no text tower" in str(exc) else "image"
+        raise ConfigError(f"train.lora.{kind}_targets: {exc}") from None
+    log.info("LoRA rank %d on %s", lora.rank, ", ".join(f"{n} {kind} layers" if n else f"no {kind} layer (it trains "
+                                                        "as configured)" for kind, n in counts.items()))
 
 
 def _start_file_gone(name: str | None) -> bool:
@@ -344,8 +360,8 @@ def save_best(training: Training, state: RunState, candidate: dict, out_dir: str
         state.best = candidate
         ema = candidate.get("weights") == "ema"
         with training.ema.applied(training.model) if ema else contextlib.nullcontext():
-            save_checkpoint(os.path.join(out_dir, "best.pt"), {
-                "model": training.model.state_dict(), "arch": training.arch, "config": to_dict(training.cfg),
+            save_checkpoint(os.path.join(out_dir, "best.pt"), {  # with LoRA, the adapters merged: a plain model
+                "model": merged_state_dict(training.model), "arch": training.arch, "config": to_dict(training.cfg),
                 "epoch": state.epoch, "metrics": candidate})
 
 

@@ -1,12 +1,14 @@
 """`create_optimizer`: AdamW (fused on CUDA) with head / text / image parameter groups, layer-wise
 lr decay inside each tower, and no weight decay on norms, biases and the logit scale. `apply_freeze`
-trains only the top N blocks of each tower."""
+trains only the top N blocks of each tower, and only the adapters of a tower with LoRA adapters."""
 from __future__ import annotations
 
 import logging
 
 import torch
 from torch import nn
+
+from model.lora import ADAPTER
 
 from .config import FreezeConfig, TrainConfig
 
@@ -59,11 +61,12 @@ def apply_freeze(model: nn.Module, freeze: FreezeConfig, epoch: int = 0) -> dict
             spec["text"] = step.get("text_layers", spec["text"])
             spec["image"] = step.get("image_stages", spec["image"])
     layout = model.param_layout(coarse=True)
+    adapted = {layout[name][0] for name, _ in model.named_parameters() if ADAPTER in name}  # LoRA towers
     counts = {"head": 0, "text": 0, "image": 0}
     for name, p in model.named_parameters():
         group, layer, top = layout[name]
         n = spec.get(group)
-        trainable = n is None or layer > top - n
+        trainable = ADAPTER in name if group in adapted else n is None or layer > top - n
         p.requires_grad_(trainable)
         if trainable:
             counts[group] += p.numel()

@@ -1,0 +1,191 @@
+"""LoRA (`train.lora`): a step equals peft's own reference step, the frozen weights stay as they
+were, a run resumes exactly, and its best.pt is the plain model with the adapters merged."""
+import copy
+import os
+
+import pytest
+import torch
+from conftest import muge, refused
+from tiny import tiny_config
+
+from model.factory import build_from_arch, create_model
+from model.lora import add_lora, merged_state_dict
+from model.weights import load_checkpoint
+from train.loss import ClipLoss
+from train.optim import apply_freeze, create_optimizer
+from train.precision import grad_scaler
+from train.scheduler import create_scheduler
+from train.step import StepParts, train_step
+
+LR, CPU = 1e-2, torch.device("cpu")
+
+
+def _batch(n: int = 6, size: int = 32, vocab: int = 60):
+    g = torch.Generator().manual_seed(3)
+    return {"pixels": torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g),
+            "input_ids": torch.randint(5, vocab, (n, 10), generator=g), "attention_mask": torch.ones(n, 10).long(),
+            "image_ids": torch.arange(n), "query_ids": torch.arange(n)}
+
+
+def test_a_lora_step_is_pefts_own(small_sample):
+    """Ours: `train.lora` through `add_lora`, `apply_freeze`, `create_optimizer` and `train_step`.
+    Peft's: `get_peft_model` on the same ChineseCLIPModel (peft's own wrapping and freezing), the
+    heads and logit scale trainable, one plain AdamW step on the same loss."""
+    import peft
+
+    cfg = tiny_config("chinese-clip", f"train.lr={{head: {LR}, text: {LR}, image: {LR}}}", "train.weight_decay=0",
+                      "train.grad_clip=null", "train.warmup_steps=0", "train.lora.rank=4", "train.lora.alpha=8")
+    torch.manual_seed(0)
+    start, _ = create_model(cfg.model, 60)
+    ours, theirs = copy.deepcopy(start), copy.deepcopy(start)
+    torch.manual_seed(1)  # the adapters' random start (lora_A), drawn in the same order by both
+    add_lora(ours, 4, 8.0, 0.0, {"text": None, "image": None})
+    apply_freeze(ours, cfg.train.freeze)
+    optimizer = create_optimizer(ours, cfg.train)
+    parts = StepParts(ClipLoss(), optimizer, create_scheduler(optimizer, 0, 10), grad_scaler("fp32", CPU), "fp32", CPU)
+    torch.manual_seed(1)
+    wrapped = peft.get_peft_model(theirs.clip, peft.LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "query", "value", "q_proj", "v_proj"]))
+    theirs.clip = wrapped
+    heads = [p for n, p in wrapped.named_parameters() if n.endswith(("projection.weight", "logit_scale"))]
+    for p in heads:
+        p.requires_grad_(True)
+    trained = [p for p in wrapped.parameters() if p.requires_grad]
+    their_optimizer = torch.optim.AdamW(trained, lr=LR, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+
+    for model in (ours, theirs):
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if hasattr(module, "attention_dropout"):  # transformers' attention takes it as a float
+                module.attention_dropout = 0.0
+    batch = _batch()
+    loss = train_step(parts, ours, batch)
+    image, text, log_scale = theirs(batch["pixels"], batch["input_ids"], batch["attention_mask"])
+    their_loss, _ = ClipLoss()(image, text, log_scale, batch["image_ids"], batch["query_ids"])
+    their_loss.backward()
+    their_optimizer.step()
+    theirs.clamp_logit_scale()
+    assert torch.allclose(loss, their_loss.detach(), atol=1e-6)
+    our_state = {k.removeprefix("clip."): v for k, v in ours.state_dict().items()}
+    their_state = {k.removeprefix("clip.base_model.model."): v for k, v in theirs.state_dict().items()}
+    assert our_state.keys() == their_state.keys()
+    changed = [k for k in our_state if not torch.equal(our_state[k], start.state_dict().get("clip." + k, our_state[k]))]
+    assert changed and all(".lora_" in k or k.endswith(("projection.weight", "logit_scale")) for k in changed)
+    for key in our_state:
+        assert torch.allclose(our_state[key], their_state[key], atol=1e-6), key
+    assert sum(1 for s in optimizer.state.values() if s) == len(trained)  # no optimizer state for frozen weights
+
+
+@pytest.fixture(scope="module")
+def lora_run(small_sample, tmp_path_factory):
+    from train.main import train_run
+
+    out = tmp_path_factory.mktemp("lora") / "run"
+    train_run(tiny_config("chinese-clip", "train.epochs=2", "data.limit_pairs=96", "train.lora.rank=4"),
+              str(small_sample), str(out))
+    return out
+
+
+def test_best_pt_is_the_plain_model_with_the_adapters_merged(lora_run, small_sample, tmp_path):
+    last, best = load_checkpoint(str(lora_run / "last.pt")), load_checkpoint(str(lora_run / "best.pt"))
+    assert any(".lora_" in k for k in last["model"]) and not any(".lora_" in k or "base_layer" in k
+                                                                   for k in best["model"])
+    plain = build_from_arch(best["arch"])
+    assert list(best["model"]) == list(plain.state_dict())  # the plain architecture's keys, in its order
+    model = build_from_arch(last["arch"])
+    lora = last["config"]["train"]["lora"]
+    add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], {"text": None, "image": None})
+    model.load_state_dict(last["model"])
+    plain.load_state_dict(merged_state_dict(model))
+    g = _batch(3, vocab=model.text_vocab_rows)
+    with torch.no_grad():
+        model.eval(), plain.eval()
+        assert torch.allclose(model.encode_text(g["input_ids"], g["attention_mask"]),
+                              plain.encode_text(g["input_ids"], g["attention_mask"]), atol=1e-5)
+        assert torch.allclose(model.encode_image(g["pixels"]), plain.encode_image(g["pixels"]), atol=1e-5)
+    bundle = tmp_path / "bundle"  # the merged model, through the gate, into predict
+    assert muge("export", str(lora_run), "--out", str(bundle), "--data", str(small_sample), "--parity-queries", "30",
+                "--parity-gallery", "40").exit_code == 0
+    result = muge("predict", "--bundle", str(bundle), "--data", str(small_sample), "--split", "valid", "--out",
+                  str(tmp_path / "valid.jsonl"), "--cache-dir", str(tmp_path / "cache"), "--workers", "0")
+    assert result.exit_code == 0, result.output
+
+
+def test_the_frozen_weights_stay_and_a_killed_lora_run_resumes_exactly(lora_run, small_sample, tmp_path,
+                                                                      monkeypatch):
+    import train.main
+    from train.config import load_config
+    from train.main import train_run
+
+    cfg = tiny_config("chinese-clip", "train.epochs=2", "data.limit_pairs=96", "train.lora.rank=4")
+
+    def killed(history, path):
+        if len(history) >= 2:  # after epoch 1's last.pt
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.main, "plot_curves", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, str(small_sample), str(tmp_path / "b"))
+    after_one = load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    monkeypatch.undo()
+    train_run(load_config(str(tmp_path / "b" / "config.yaml")), str(small_sample), str(tmp_path / "b"), resume=True)
+    whole, resumed = load_checkpoint(str(lora_run / "last.pt")), load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    def scores(history):  # everything but the speed
+        return [{k: v for k, v in h.items() if k != "samples_per_s"} for h in history]
+
+    assert scores(whole["history"]) == scores(resumed["history"]) and len(whole["history"]) == 3
+    for key, value in whole["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+        if ".lora_" not in key and key.startswith(("clip.text_model.encoder", "clip.vision_model.encoder")):
+            assert torch.equal(value, after_one["model"][key]), f"{key}: a frozen weight changed"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.lora.rank=-1", "train.lora.rank=-1; expected 0 (off) or a positive rank"),
+    ("train.lora.alpha=0", "train.lora.alpha=0"),
+    ("train.lora.dropout=1", "train.lora.dropout=1"),
+    ("train.lora.text_targets=[7]", "train.lora.text_targets=[7]; expected a list of layer names"),
+    ("train.freeze.text_layers=1", "train.lora.rank=4 with train.freeze.text_layers"),
+    ("train.lora.image_targets=[nothing_here]", "train.lora.image_targets: no image tower Linear layer is named "
+                                                "nothing_here"),
+])
+def test_bad_lora_settings_are_refused_naming_the_key(small_sample, tmp_path, setting, message):
+    from tiny import COMMON, TINY_CLIP
+
+    from bench.shapes import setting as as_setting
+
+    args = ["train", "--config", "configs/sample.yaml", "--data", str(small_sample), "--out", str(tmp_path / "r"),
+            "--set", "model.family=chinese-clip",
+            "--set", "model.text.tokenizer=char-vocab", "--set", as_setting("model.config", TINY_CLIP),
+            "--set", "train.epochs=1", "--set", "data.limit_pairs=32"]
+    for item in COMMON + ["train.lora.rank=4", setting]:
+        args += ["--set", item]
+    refused(muge(*args), message)
+    assert not os.path.exists(tmp_path / "r" / "best.pt")
+
+
+@pytest.mark.parametrize("family", ["chinese-clip", "dual"])
+def test_adapters_get_gradients_through_checkpointed_layers(family):
+    """Gradient checkpointing recomputes a block whose own weights are frozen: its adapters must
+    still get their gradients (and a CNN image tower, which gets no adapters, trains whole)."""
+    cfg = tiny_config(family, "model.grad_checkpointing=true", "train.lora.rank=4")
+    torch.manual_seed(0)
+    model, _ = create_model(cfg.model, 60)
+    counts = add_lora(model, 4, 8.0, 0.0, {"text": None, "image": None})
+    assert counts == {"text": 4, "image": 4 if family == "chinese-clip" else 0}
+    apply_freeze(model, cfg.train.freeze)
+    model.train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # away from zero, so that every adapter's A gets a gradient too
+                p.normal_()
+    g = _batch(2)
+    image, text, scale = model(g["pixels"], g["input_ids"], g["attention_mask"])
+    ((image @ text.T).sum() * scale.exp()).backward()
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trained.items() if ".lora_" in n)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    if family == "dual":
+        assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("image."))
