@@ -353,9 +353,9 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
                                                   if os.path.isfile(os.path.join(run_dir, n))))
             row("train", **train)
             shutil.rmtree(run_dir, ignore_errors=True)  # last.pt is 16 bytes a parameter
-    if "memory" in opts["stages"]:  # in a process of its own too: at H/14 it holds 15 GiB of training state
-        log_path = os.path.join(d, "memory.log")
-        memory = run_measured([preset, opts["mask_ratio"], opts["lora"]], log_path,
+    for rank in opts["lora"] if "memory" in opts["stages"] else ():  # a process each: H/14 holds 15 GiB of state
+        log_path = os.path.join(d, f"memory-lora{rank}.log")
+        memory = run_measured([preset, opts["mask_ratio"], rank], log_path,
                               code="import json, sys; from bench.scale import memory_figures; print(json.dumps("
                               "memory_figures(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]))))")
         if memory["status"] == "ok":
@@ -380,8 +380,9 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
               help="Stages to run (predict needs export).")
 @click.option("--mask-ratio", type=FiniteFloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="The memory stage with FLIP masking (train.mask_ratio).")
-@click.option("--lora", type=click.IntRange(min=0), default=0, show_default=True, metavar="RANK",
-              help="The memory stage with LoRA adapters of this rank (train.lora.rank); 0: full fine-tuning.")
+@click.option("--lora", multiple=True, type=click.IntRange(min=0), default=(0,), show_default=True, metavar="RANK",
+              help="The memory stage with LoRA adapters of this rank (train.lora.rank); 0: full fine-tuning. "
+              "Repeat it for rows side by side (--lora 0 --lora 8).")
 @table_options
 def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gallery, train_batch, stages, mask_ratio,
                 lora, json_out, csv_out):
@@ -395,8 +396,8 @@ def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gal
     if "predict" in stages and "export" not in stages:
         raise click.BadParameter("the predict stage predicts with the bundle the export stage writes: add --stage "
                                  "export", param_hint="--stage")
-    if lora and "memory" not in stages:
-        raise click.BadParameter(f"{lora} is a setting of the memory stage, which is not run: add --stage memory",
+    if any(lora) and "memory" not in stages:
+        raise click.BadParameter(f"{max(lora)} is a setting of the memory stage, which is not run: add --stage memory",
                                  param_hint="--lora")
     if mask_ratio and "memory" not in stages:
         raise click.BadParameter(f"{mask_ratio} is a setting of the memory stage, which is not run: add --stage "

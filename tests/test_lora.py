@@ -189,3 +189,19 @@ def test_adapters_get_gradients_through_checkpointed_layers(family):
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
     if family == "dual":
         assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("image."))
+
+
+def test_lora_runs_of_one_start_make_a_soup(lora_run, small_sample, tmp_path):
+    """Two LoRA runs from one start (another data seed): their best.pt files are plain models of
+    one architecture, so `muge average` soups them as it soups full fine-tunes."""
+    from train.average import average_runs
+    from train.main import train_run
+
+    other = tmp_path / "other"
+    train_run(tiny_config("chinese-clip", "train.epochs=2", "data.limit_pairs=96", "train.lora.rank=4",
+                          "train.data_seed=1"), str(small_sample), str(other))
+    average_runs([str(lora_run), str(other)], str(tmp_path / "soup"), data_dir=str(small_sample))
+    soup = load_checkpoint(str(tmp_path / "soup" / "best.pt"))
+    a, b = (load_checkpoint(str(d / "best.pt"))["model"] for d in (lora_run, other))
+    for key, value in soup["model"].items():
+        assert ".lora_" not in key and torch.allclose(value, (a[key] + b[key]) / 2, atol=1e-6), key
