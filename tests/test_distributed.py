@@ -260,3 +260,48 @@ def test_more_processes_than_gpus_is_refused_before_any_work(monkeypatch):
                        match=r"2 processes on this node but 1 GPU\(s\) visible: launch torchrun with "
                              r"--nproc_per_node=1"):
         distributed.init_distributed()
+
+
+def _lora_model(family: str):
+    """`_model` with LoRA adapters (their B away from zero, so every adapter has a gradient) and
+    the towers' own weights frozen, as `train.lora` trains it."""
+    from model.lora import add_lora
+    from train.config import FreezeConfig
+    from train.optim import apply_freeze
+
+    model = _model(family, dropout=False)
+    torch.manual_seed(2)
+    add_lora(model, 4, 8.0, 0.0, {"text": None, "image": None})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    apply_freeze(model, FreezeConfig())
+    return model.train()
+
+
+def _lora_ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
+    from train.distributed import World
+    from train.main import wrap_ddp
+
+    with _gloo_rank(rank, world, init_file) as local:
+        for family, chunk in (("dual", None), ("chinese-clip", 3)):
+            ddp = wrap_ddp(_lora_model(family), World(rank, rank, world), CPU)
+            _save_step(_step(ddp, local, chunk), os.path.join(out_dir, f"lora-{family}-rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_lora_under_ddp_and_gradient_caching_equals_one_process(tmp_path):
+    """Two gloo ranks with LoRA adapters (and the gradient cache for chinese-clip): the adapters',
+    heads' and logit scale's gradients equal one process on the union; the frozen weights get none."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_lora_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    for family in ("dual", "chinese-clip"):
+        single = _step(_lora_model(family), _batch())
+        assert any(".lora_" in n for n in single[1]) and not any("base_layer" in n for n in single[1])
+        for rank in (0, 1):
+            loss, grads = torch.load(tmp_path / f"lora-{family}-rank{rank}.pt")
+            assert loss == pytest.approx(single[0], abs=1e-5) and grads.keys() == single[1].keys()
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, single[1][name], atol=1e-5, rtol=1e-4, msg=name)
