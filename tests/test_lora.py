@@ -80,10 +80,12 @@ def test_a_lora_step_is_pefts_own(small_sample):
 
 @pytest.fixture(scope="module")
 def lora_run(small_sample, tmp_path_factory):
+    """Two epochs of LoRA, with an EMA of the weights (adapters included) scored each epoch."""
     from train.main import train_run
 
     out = tmp_path_factory.mktemp("lora") / "run"
-    train_run(tiny_config("chinese-clip", "train.epochs=2", "data.limit_pairs=96", "train.lora.rank=4"),
+    train_run(tiny_config("chinese-clip", "train.epochs=2", "data.limit_pairs=96", "train.lora.rank=4",
+                    "train.ema=0.9"),
               str(small_sample), str(out))
     return out
 
@@ -119,7 +121,8 @@ def test_the_frozen_weights_stay_and_a_killed_lora_run_resumes_exactly(lora_run,
     from train.config import load_config
     from train.main import train_run
 
-    cfg = tiny_config("chinese-clip", "train.epochs=2", "data.limit_pairs=96", "train.lora.rank=4")
+    cfg = tiny_config("chinese-clip", "train.epochs=2", "data.limit_pairs=96", "train.lora.rank=4",
+                    "train.ema=0.9")
 
     def killed(history, path):
         if len(history) >= 2:  # after epoch 1's last.pt
@@ -199,7 +202,7 @@ def test_lora_runs_of_one_start_make_a_soup(lora_run, small_sample, tmp_path):
 
     other = tmp_path / "other"
     train_run(tiny_config("chinese-clip", "train.epochs=2", "data.limit_pairs=96", "train.lora.rank=4",
-                          "train.data_seed=1"), str(small_sample), str(other))
+                          "train.ema=0.9", "train.data_seed=1"), str(small_sample), str(other))
     average_runs([str(lora_run), str(other)], str(tmp_path / "soup"), data_dir=str(small_sample))
     soup = load_checkpoint(str(tmp_path / "soup" / "best.pt"))
     a, b = (load_checkpoint(str(d / "best.pt"))["model"] for d in (lora_run, other))
