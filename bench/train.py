@@ -136,6 +136,27 @@ def mask_ratio_rows(training, step, ratios, steps: int, warmup: int, device, bs:
     return rows
 
 
+def lora_row(config_path: str, overrides, data_dir: str, rank: int, synth: dict, steps: int, warmup: int,
+             eager_s: float) -> dict:
+    """The eager bare step of the same config with LoRA adapters of `rank` (`train.lora.rank`) on
+    the same batch, against the full fine-tune's step."""
+    from competition.layout import split_files
+    from train.config import load_config
+    from train.data import stop_workers
+    from train.main import build_training
+    from train.step import train_step
+
+    cfg = load_config(config_path, [*overrides, f"train.lora.rank={rank}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        training = build_training(cfg, split_files(data_dir, "train"), tmp, total_steps=10**9, defer_compile=True)
+        parts = training.step_parts()
+        seconds, _ = time_steps(lambda: train_step(parts, training.model, synth), steps, warmup, training.device)
+        trained = sum(p.numel() for p in training.model.parameters() if p.requires_grad)
+        stop_workers(training.loader)
+    return {"what": f"bare step, eager, LoRA rank {rank} ({trained / 1e6:.2f}M trained)",
+            "samples_per_s": round(cfg.train.batch_size / seconds, 1), "of_full": round(eager_s / seconds, 2)}
+
+
 @click.command("train")
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--data", "data_dir", **in_checkout("data/sample"),
@@ -150,8 +171,11 @@ def mask_ratio_rows(training, step, ratios, steps: int, warmup: int, device, bs:
 @click.option("--mask-ratio", "mask_ratios", multiple=True, type=FiniteFloatRange(0, 1, max_open=True),
               help="Also time the eager bare step at these FLIP mask ratios (train.mask_ratio), each with the peak "
                    "RSS so far: run from the highest ratio (least memory) down.")
+@click.option("--lora", type=click.IntRange(min=1), metavar="RANK",
+              help="Also time the eager bare step with LoRA adapters of this rank (train.lora.rank), beside the full "
+                   "fine-tune's.")
 @table_options
-def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_ratios, json_out, csv_out):
+def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_ratios, lora, json_out, csv_out):
     """Training samples/s: the bare step (eager, compiled) against the real loop on the data."""
     import torch
 
@@ -167,6 +191,9 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_
         cfg = load_config(config_path, list(overrides))
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--config/--set") from None
+    if lora and cfg.train.lora.rank:
+        raise click.BadParameter(f"the config already trains LoRA (train.lora.rank={cfg.train.lora.rank}): --lora "
+                                 "times it beside a full fine-tune; leave train.lora.rank at 0", param_hint="--lora")
     try:  # each ratio is a train.mask_ratio: checked as the config checks it (a CNN tower has no patches)
         for ratio in mask_ratios:
             load_config(config_path, [*overrides, f"train.mask_ratio={ratio}"])
@@ -197,6 +224,8 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_
         eager_s, _ = time_steps(step, steps, warmup, device)
         rows.append({"what": "bare step, eager", "mask_ratio": cfg.train.mask_ratio,
                      "samples_per_s": round(bs / eager_s, 1)})
+        if lora:
+            rows.append(lora_row(config_path, overrides, data_dir, lora, synth, steps, warmup, eager_s))
         compiled_s = compile_s = None
 
         def time_compiled():

@@ -98,7 +98,7 @@ def test_train_bench_reports_step_loop_and_pipeline(small_sample, tmp_path):
     save_config(tiny_config("dual", "data.limit_pairs=96", "train.batch_size=32"), str(tmp_path / "tiny.yaml"))
     out = tmp_path / "bench.json"
     res = _bench("train", "--config", tmp_path / "tiny.yaml", "--data", small_sample, "--steps", 4, "--warmup", 1,
-                 "--no-compiled", "--json", out)
+                 "--no-compiled", "--lora", 4, "--json", out)
     r = _stamped(out)
     for key in ("step_samples_per_s", "loop_samples_per_s", "loop_step_ratio", "flops_per_sample", "decode_ms",
                 "sample_ms"):
@@ -106,8 +106,9 @@ def test_train_bench_reports_step_loop_and_pipeline(small_sample, tmp_path):
     assert {"step_compiled_samples_per_s", "batch_size", "device", "peak_mem_gib", "mfu"} <= r.keys()
     assert r["batch_size"] == 32 and r["workers_needed"] >= 1
     assert "2 epoch(s) of 3 batches" in res.output  # 5 timed+warm-up batches over 3-batch epochs
-    assert [row["what"].split(" (")[0] for row in r["rows"]] == ["bare step, eager", "real loop, eager",
-                                                                  "data, one core"]
+    assert [row["what"].split(" (")[0] for row in r["rows"]] == ["bare step, eager", "bare step, eager, LoRA rank 4",
+                                                                  "real loop, eager", "data, one core"]
+    assert r["rows"][1]["of_full"] > 0 and "M trained)" in r["rows"][1]["what"]
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0 and peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == 156
     assert peak_tflops("cpu", "fp32") is None
@@ -209,6 +210,8 @@ def test_predict_bench_measures_the_pipeline_against_decode_only(small_sample, t
     (["scale", "--stage", "predict"], "add --stage export"),
     (["scale", "--lora", "8", "--stage", "export"], "a setting of the memory stage"),
     (["scale", "--lora", "-1"], "-1 is not in the range x>=0"),
+    (["train", "--config", "configs/sample.yaml", "--data", "configs", "--lora", "4", "--set", "train.lora.rank=8"],
+     "the config already trains LoRA"),
     (["scale", "--work", "README.md/scale"], "--work"),
     (["train", "--config", "configs/sample.yaml", "--mask-ratio", "nan"], "'nan' is not a number"),
     (["train", "--config", "configs/sample.yaml", "--data", "configs", "--mask-ratio", "0.5"], "has no patch tokens"),
