@@ -208,3 +208,33 @@ def test_lora_runs_of_one_start_make_a_soup(lora_run, small_sample, tmp_path):
     a, b = (load_checkpoint(str(d / "best.pt"))["model"] for d in (lora_run, other))
     for key, value in soup["model"].items():
         assert ".lora_" not in key and torch.allclose(value, (a[key] + b[key]) / 2, atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_compiled_lora_model_computes_what_the_eager_one_does():
+    cfg = tiny_config("chinese-clip", "train.lora.rank=4")
+    torch.manual_seed(0)
+    model, _ = create_model(cfg.model, 60)
+    add_lora(model, 4, 8.0, 0.0, {"text": None, "image": None})
+    apply_freeze(model, cfg.train.freeze)
+    model.eval()  # no dropout: the two runs draw no random masks
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    g = _batch(2)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        image, text, scale = model(g["pixels"], g["input_ids"], g["attention_mask"])
+        loss = (image @ text.T).sum() * scale.exp()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager = loss_and_grads()
+    model.compile()
+    compiled = loss_and_grads()
+    assert torch.allclose(eager[0], compiled[0], atol=1e-5) and eager[1].keys() == compiled[1].keys()
+    assert any(".lora_" in n for n in eager[1])
+    for name, grad in eager[1].items():
+        torch.testing.assert_close(compiled[1][name], grad, atol=1e-4, rtol=1e-4, msg=name)
