@@ -108,14 +108,14 @@ def test_predict_reranks_with_the_train_queries_as_bank(tiny_bundle, small_sampl
     n_train = len(read_queries(str(small_sample / "MR_train_queries.jsonl")))
     assert summary["rerank"]["bank_queries"] == n_train and summary["rerank"]["method"] == method
     assert summary["rerank"]["beta"] == pytest.approx(json.load(open(os.path.join(tiny_bundle, "manifest.json")))
-                                                      ["logit_scale"], rel=1e-3)
+                                                      ["inverse_temperature"], rel=1e-3)
     assert check_submission(str(small_sample / "MR_valid_queries.jsonl"), str(out)).ok
     # the submission is the re-ranked top 10, computed here from the same embeddings
     enc = BundleEncoders(tiny_bundle, device="cpu")
     gallery = embed_gallery(enc, str(small_sample / "MR_valid_imgs.tsv"), opts.cache_dir, workers=0)
     queries, qfeat = embed_queries(enc, str(small_sample / "MR_valid_queries.jsonl"), opts.cache_dir)
     _, bank = embed_queries(enc, str(small_sample / "MR_train_queries.jsonl"), opts.cache_dir)
-    beta = enc.manifest.logit_scale  # what predict uses (the summary shows it rounded)
+    beta = enc.manifest.inverse_temperature  # what predict uses (the summary shows it rounded)
     _, pos = rerank_topk(method, qfeat, gallery.features, bank_stats(bank, gallery.features, beta), beta)
     _, plain = exact_topk(qfeat, gallery.features, k=10)
     assert (pos != plain).any()  # the re-ranking changes some lists: the check below can tell
