@@ -33,7 +33,7 @@ WRITES = {"onnx": "bundle", "hf": "transformers directory", "cnclip": "Chinese-C
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="Export transformer towers for ORT's fusion (TorchScript exporter, eager attention) and fuse them.")
 @click.option("--int8", is_flag=True, help="Also write gated int8 graphs for CPU predict (--precision int8).")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "hf", "cnclip"]), default="onnx", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(list(WRITES)), default="onnx", show_default=True,
               help="onnx: the bundle predict runs. hf: a transformers directory (ChineseCLIPModel, its tokenizer and "
               "processor, a model card). cnclip: Chinese-CLIP's checkpoint file (--out X.pt), which cn_clip loads. "
               "hf and cnclip: a chinese-clip run's model.")

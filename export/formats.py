@@ -29,7 +29,6 @@ from model.layers import CLIP_MEAN, CLIP_STD
 from model.weights import CheckpointError
 
 log = logging.getLogger(__name__)
-FORMATS = ("onnx", "hf", "cnclip")
 
 
 def _chinese_clip(source: str, checkpoint: str, fmt: str) -> LoadedModel:
@@ -73,8 +72,9 @@ def export_hf(run_dir: str, out_dir: str, checkpoint: str = "best") -> str:
                 for key in f.keys():
                     if key not in ours or not torch.equal(f.get_tensor(key), ours.pop(key)):
                         raise CheckpointError(f"{out_dir}: {key} was not written as the model holds it")
-        if [k for k in ours if k in dict(clip.named_parameters())]:
-            raise CheckpointError(f"{out_dir}: parameters missing from the written weights: {sorted(ours)[:3]}")
+        missing = sorted(ours.keys() & dict(clip.named_parameters()).keys())  # buffers may stay unsaved
+        if missing:
+            raise CheckpointError(f"{out_dir}: parameters missing from the written weights: {missing[:3]}")
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(run_dir, loaded))
         replace_dir(tmp, out_dir)
@@ -137,9 +137,8 @@ def model_card(run_dir: str, loaded: LoadedModel) -> str:
     """The `README.md` of a `transformers` directory: where the weights started, the recipe, the
     valid scores of each scored epoch (the run's `metrics.jsonl`), its preprocessing, how to load it."""
     from infra.history import HISTORY, read_history
-    from model.weights import load_checkpoint
 
-    config = load_checkpoint(loaded.origin["checkpoint"], mmap=True)["config"]
+    config = loaded.config or {}
     model, train, data = config.get("model", {}), config.get("train", {}), loaded.preprocessing
     base = model.get("name") or "a random start (model.config)"
     history_path = os.path.join(run_dir, HISTORY)

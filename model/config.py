@@ -101,7 +101,8 @@ def read_sections(config: dict, where: str) -> tuple[ModelConfig, Preprocessing]
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: config: {key}: expected a mapping, got a {type(values).__name__}")
         if cls is Preprocessing:
-            values = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}}
+            keys = {f.name for f in dataclasses.fields(cls)}
+            values = {k: v for k, v in values.items() if k in keys}
         else:
             values = renamed_keys(values, where)
         try:

@@ -67,6 +67,7 @@ class LoadedModel:
                                        # metrics, or the pretrained weights' source record (`pretrained`)
     save_tokenizer: Callable[[str], TextTokenizer]  # writes DIR/tokenizer/ and returns it loaded
     tokenizer_label: str               # what an error about the tokenizer calls it
+    config: dict | None = None         # a run's whole config, as its checkpoint saved it (None: published weights)
 
 
 def load_model(source: str, checkpoint: str = "best", tokenizer: str | None = None,
@@ -117,7 +118,8 @@ def run_model(run_dir: str, checkpoint: str = "best") -> LoadedModel:
 
     origin = {"checkpoint": os.path.abspath(path), "sha256": sha256(path), "epoch": ckpt.get("epoch"),
               "valid_metrics": ckpt.get("metrics")}
-    return LoadedModel(model.eval(), ckpt["arch"], data, origin, save_tokenizer, os.path.dirname(run_tokenizer.path))
+    return LoadedModel(model.eval(), ckpt["arch"], data, origin, save_tokenizer, os.path.dirname(run_tokenizer.path),
+                       ckpt["config"])
 
 
 def pretrained_model(name: str, tokenizer: str | None = None, heads: tuple[int, int] | None = None,

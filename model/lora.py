@@ -23,6 +23,14 @@ DEFAULT_TARGETS = {("chinese-clip", "text"): ["query", "value"], ("chinese-clip"
 ADAPTER = ".lora_"  # in the name of every adapter parameter
 
 
+class LoraTargetError(ValueError):
+    """Target names that match no `Linear` layer of a tower; `tower` says which (text | image)."""
+
+    def __init__(self, tower: str, message: str):
+        super().__init__(message)
+        self.tower = tower
+
+
 def lora_targets(model, kind: str, suffixes: list[str]) -> list[str]:
     """Full names of the `Linear` layers of tower `kind` whose names end with one of `suffixes`."""
     members = {id(m) for tower in model.tower_modules(kind) for m in tower.modules()}
@@ -36,7 +44,7 @@ def add_lora(model, rank: int, alpha: float, dropout: float,
     """Adapters of `rank` on each tower's layers named by `targets` ({"text": suffixes, "image":
     suffixes}; None: the family's default, `DEFAULT_TARGETS`, which a tower without such layers,
     a CNN, simply does not get); returns the number of layers wrapped per tower. Suffixes given
-    that name no `Linear` layer of their tower are a ValueError naming them."""
+    that name no `Linear` layer of their tower are a LoraTargetError naming them."""
     import peft
 
     wrapped, counts = [], {}
@@ -44,17 +52,13 @@ def add_lora(model, rank: int, alpha: float, dropout: float,
         suffixes = DEFAULT_TARGETS[(model.family, kind)] if given is None else given
         names = lora_targets(model, kind, suffixes) if suffixes else []
         if given and not names:
-            raise ValueError(f"no {kind} tower Linear layer is named {', '.join(given)} (by its name's end)")
+            raise LoraTargetError(kind, f"no {kind} tower Linear layer is named {', '.join(given)} (by its name's end)")
         wrapped += names
         counts[kind] = len(names)
     if wrapped:
         peft.inject_adapter_in_model(peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                                                      target_modules=wrapped), model)
     return counts
-
-
-def has_adapters(model) -> bool:
-    return any(ADAPTER in name for name, _ in model.named_parameters())
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from infra.history import HISTORY, write_history
 from model.config import CHECKPOINT_SUFFIXES
 from model.factory import FAMILIES, build_from_arch, create_model
 from model.family import RetrievalModel
-from model.lora import add_lora, merged_state_dict
+from model.lora import LoraTargetError, add_lora, merged_state_dict
 from model.tokenizer import check_tokenizer, prepare_tokenizer
 from model.weights import CheckpointError, load_checkpoint, load_weights
 
@@ -160,9 +160,8 @@ def _add_adapters(model: RetrievalModel, cfg: Config) -> None:
     try:
         counts = add_lora(model, lora.rank, lora.alpha, lora.dropout,
                           {"text": lora.text_targets, "image": lora.image_targets})
-    except ValueError as exc:
-        kind = "text" if "no text tower" in str(exc) else "image"
-        raise ConfigError(f"train.lora.{kind}_targets: {exc}") from None
+    except LoraTargetError as exc:
+        raise ConfigError(f"train.lora.{exc.tower}_targets: {exc}") from None
     log.info("LoRA rank %d on %s", lora.rank, ", ".join(f"{n} {kind} layers" if n else f"no {kind} layer (it trains "
                                                         "as configured)" for kind, n in counts.items()))
 
