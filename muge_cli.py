@@ -19,7 +19,7 @@ COMMANDS = {  # name -> "module:attribute"
     "report": "report.cli:report",
 }
 BENCHES = {name: f"bench.{name}:bench_{name}"  # `muge bench NAME` is bench/NAME.py
-           for name in ("tsv", "topk", "predict", "export", "data", "train", "gpu", "quality", "scale")}
+           for name in ("tsv", "topk", "predict", "export", "data", "train", "gpu", "quality", "lora", "scale")}
 
 
 class LazyGroup(click.Group):

@@ -12,53 +12,18 @@ what the row's bundles cost to make. Runs and bundles are kept under `--work`, a
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import time
 
 import click
 
 from infra.history import run_history
 
+from .runs import export_run, predict_valid, timed_step, train_preset
 from .table import FiniteFloatRange, emit, in_checkout, table_options
 
 log = logging.getLogger(__name__)
-
-
-def _timed(work: str, key: str, done: str, reuse: bool, fn) -> float:
-    """Run `fn` and record its seconds in `work/seconds.json`; with `reuse`, skip it when `done`
-    exists and its seconds are on record."""
-    path = os.path.join(work, "seconds.json")
-    times = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            times = json.load(f)
-    if reuse and os.path.exists(done) and key in times:
-        return times[key]
-    t0 = time.time()
-    fn()
-    times[key] = time.time() - t0
-    os.makedirs(work, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(times, f, indent=1)
-    return times[key]
-
-
-def _train(cfg_path: str, data: str, run_dir: str, overrides: list[str]) -> None:
-    from train.config import load_config
-    from train.main import train_run
-
-    shutil.rmtree(run_dir, ignore_errors=True)
-    log.info("training %s (%s)", run_dir, " ".join(overrides) or "the preset as it is")
-    train_run(load_config(cfg_path, overrides), data, run_dir)
-
-
-def _export(run_dir: str | None, bundle: str, data: str, pretrained: str | None = None) -> None:
-    from export.bundle import export_bundle
-
-    export_bundle(pretrained or run_dir, bundle, data)
 
 
 def _ema_note(run_dir: str) -> str:
@@ -68,18 +33,6 @@ def _ema_note(run_dir: str) -> str:
     holds = "EMA" if ema.ema["mean_recall"] > trained.mean_recall else "trained"
     return (f"best EMA MR {ema.ema['mean_recall']:.2f} (epoch {ema.epoch}), best trained "
             f"{trained.mean_recall:.2f} (epoch {trained.epoch}): best.pt holds the {holds} weights")
-
-
-def _predict(bundles: list[str], data: str, work: str, name: str, workers: int, **options) -> dict:
-    from predict.submit import PredictOptions, predict_split
-
-    cache = os.path.join(work, "cache", name)
-    shutil.rmtree(cache, ignore_errors=True)
-    opts = PredictOptions(workers=workers, cache_dir=cache, **options)
-    start = time.time()
-    summary = predict_split(bundles, data, "valid", os.path.join(work, "submissions", f"{name}-valid.jsonl"), opts)
-    summary["predict_s"] = time.time() - start
-    return summary
 
 
 @click.command("quality")
@@ -120,13 +73,14 @@ def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, worker
     bundle = {k: os.path.join(bundles, k) for k in ("a", "b", "c", "soup", "zero-shot")}
     start = time.time()
     overrides = {"a": [], "b": ["train.data_seed=1"], "c": [f"train.ema={ema_decay}"]}
-    build = {k: _timed(work_dir, f"train-{k}", os.path.join(run[k], "best.pt"), reuse,
-                       lambda k=k: _train(config_path, data_dir, run[k], overrides[k])) for k in overrides}
-    build["soup"] = build["a"] + build["b"] + _timed(work_dir, "average", os.path.join(run["soup"], "best.pt"), reuse,
-                                                     lambda: average_runs([run["a"], run["b"]], run["soup"]))
+    build = {k: timed_step(work_dir, f"train-{k}", os.path.join(run[k], "best.pt"), reuse,
+                           lambda k=k: train_preset(config_path, data_dir, run[k], overrides[k])) for k in overrides}
+    build["soup"] = build["a"] + build["b"] + timed_step(
+        work_dir, "average", os.path.join(run["soup"], "best.pt"), reuse,
+        lambda: average_runs([run["a"], run["b"]], run["soup"]))
     for k in ("a", "b", "c", "soup"):
-        build[k] += _timed(work_dir, f"export-{k}", os.path.join(bundle[k], "manifest.json"), reuse,
-                           lambda k=k: _export(run[k], bundle[k], data_dir))
+        build[k] += timed_step(work_dir, f"export-{k}", os.path.join(bundle[k], "manifest.json"), reuse,
+                               lambda k=k: export_run(run[k], bundle[k], data_dir))
     a, ab = [bundle["a"]], [bundle["a"], bundle["b"]]
     mr = {k: max(h.mean_recall for h in run_history(run[k]) if h.scored) for k in ("a", "b")}
     plan = [("plain chain (run A)", a, {}, build["a"], ""),
@@ -141,13 +95,13 @@ def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, worker
              f"A {mr['a']:.2f} and B {mr['b']:.2f}, trained from one random init")]
     rows = []
     for i, (feature, bundles_used, options, seconds, note) in enumerate(plan):
-        summary = _predict(bundles_used, data_dir, work_dir, f"row{i}", workers, **options)
+        summary = predict_valid(bundles_used, data_dir, work_dir, f"row{i}", workers, **options)
         rows.append({"feature": feature, "build_s": seconds, "note": note(summary) if callable(note) else note,
                      **{k: summary.get(k) for k in ("r1", "r5", "r10", "mean_recall", "predict_s", "weights")}})
     if pretrained:
-        seconds = _timed(work_dir, "export-zero-shot", os.path.join(bundle["zero-shot"], "manifest.json"), reuse,
-                         lambda: _export(None, bundle["zero-shot"], data_dir, pretrained=pretrained))
-        summary = _predict([bundle["zero-shot"]], data_dir, work_dir, "zero-shot", workers)
+        seconds = timed_step(work_dir, "export-zero-shot", os.path.join(bundle["zero-shot"], "manifest.json"), reuse,
+                             lambda: export_run(pretrained, bundle["zero-shot"], data_dir))
+        summary = predict_valid([bundle["zero-shot"]], data_dir, work_dir, "zero-shot", workers)
         rows.append({"feature": f"zero-shot {pretrained}", "build_s": seconds,
                      **{k: summary.get(k) for k in ("r1", "r5", "r10", "mean_recall", "predict_s")}})
     else:

@@ -170,6 +170,35 @@ def test_quality_bench_scores_every_feature_and_reuses_its_runs(small_sample, tm
         [r["mean_recall"] for r in rows]
 
 
+@pytest.mark.slow
+def test_lora_bench_fine_tunes_one_start_both_ways(small_sample, tmp_path):
+    """A start trained on one sample and written as a transformers directory; a full and a LoRA
+    fine-tune of it on another, each scored through the chain. What each trained is counted from
+    its last.pt: every parameter for the full fine-tune, adapters, heads and multiplier for LoRA."""
+    from infra.history import run_history
+    from model.weights import load_checkpoint
+
+    config = tmp_path / "tiny.yaml"
+    save_config(tiny_config("chinese-clip", "train.epochs=1"), str(config))
+    args = ["lora", "--data", small_sample, "--start-data", tmp_path / "easy", "--config", config, "--lora", 2,
+            "--work", tmp_path / "w", "--workers", 0, "--json", tmp_path / "l.json"]
+    result = _bench(*args)
+    assert os.path.isfile(tmp_path / "easy" / "MR_valid_queries.jsonl")  # the start's sample, drawn
+    start, full, lora = rows = _stamped(tmp_path / "l.json")["rows"]
+    assert all(0 <= r["mean_recall"] <= 100 for r in rows) and full["delta_mr"] == 0 and "LoRA rank 2" in result.output
+    runs = tmp_path / "w" / "runs"
+    weights = {name: load_checkpoint(str(runs / name / "last.pt"))["model"] for name in ("full", "lora-2")}
+    assert full["trained"] == sum(t.numel() for t in weights["full"].values())
+    assert lora["trained"] == sum(t.numel() for k, t in weights["lora-2"].items()
+                                  if ".lora_" in k or "projection" in k or "logit_scale" in k) < full["trained"]
+    assert full["last_pt_mib"] == os.path.getsize(runs / "full" / "last.pt") / 2**20
+    untrained = [next(h for h in run_history(str(runs / n)) if h.epoch == 0).mean_recall for n in ("full", "lora-2")]
+    assert untrained[0] == untrained[1]  # one start: both fine-tunes scored it alike before their first step
+    seconds = (tmp_path / "w" / "seconds.json").read_text()
+    _bench(*args, "--reuse")
+    assert (tmp_path / "w" / "seconds.json").read_text() == seconds  # nothing retrained or re-exported
+
+
 def test_predict_bench_compares_the_pipeline_with_one_loop(tiny_bundle, small_sample, tmp_path):
     _bench("predict", "--bundle", tiny_bundle, "--data", small_sample, "--workers", 1, "--json", tmp_path / "p.json")
     rows = _stamped(tmp_path / "p.json")["rows"]
@@ -216,6 +245,9 @@ def test_predict_bench_measures_the_pipeline_against_decode_only(small_sample, t
     (["train", "--config", "configs/sample.yaml", "--mask-ratio", "nan"], "'nan' is not a number"),
     (["train", "--config", "configs/sample.yaml", "--data", "configs", "--mask-ratio", "0.5"], "has no patch tokens"),
     (["quality", "--ema", "nan"], "'nan' is not a number"),
+    (["lora", "--set", "train.lora.rank=4"], "leave train.lora.rank out of --set"),
+    (["lora", "--set", "train.nope=1"], "train.nope"), (["lora", "--lora", "0"], "0 is not in the range x>=1"),
+    (["lora", "--start", "/nonexistent-muge"], "not found"),
     (["data", "--pairs", "100"], "100 pairs do not fill one batch of --batch-size 128"),
     (["topk", "--csv", "/tmp"], "is a directory")])
 def test_every_bench_checks_its_arguments_before_any_work(args, message):
@@ -227,11 +259,13 @@ def test_bench_default_paths_are_the_checkouts_wherever_it_runs(tmp_path, monkey
     data and bundle paths)."""
     from bench.data import bench_data
     from bench.export import bench_export
+    from bench.lora import bench_lora
     from bench.predict import bench_predict
     from bench.quality import bench_quality
 
     monkeypatch.chdir(tmp_path)
-    defaults = {(cmd.name, p.name): p.default for cmd in (bench_data, bench_export, bench_predict, bench_quality)
+    defaults = {(cmd.name, p.name): p.default for cmd in (bench_data, bench_export, bench_predict, bench_quality,
+                                                           bench_lora)
                 for p in cmd.params if p.name in ("config_path", "presets", "bundle_dir", "data_dir")}
     for (name, param), value in defaults.items():
         for path in (value if isinstance(value, tuple) else [value]):

@@ -1,0 +1,151 @@
+"""`muge bench lora`: a LoRA fine-tune against a full fine-tune from one trained start, the same
+epochs, scored on the hard sample's valid split through the ONNX chain.
+
+The start stands in for published weights: the preset (`configs/sample-clip.yaml`, a tiny
+Chinese-CLIP) trained from random on the easy sample (`muge sample`, drawn into `--start-data`
+when missing) with Chinese-CLIP's own vocabulary (the installed `cn_clip`'s `vocab.txt`, so the
+hard sample's words have tokens of their own), and written out as a `transformers` directory
+(`muge export --format hf`). `--start` names real Chinese-CLIP weights (hub name or directory)
+instead. From the start the preset trains on the hard sample (`muge sample --hard`, drawn into
+`--data` when missing) once with every weight trained and once per `--lora` rank with adapters
+(the heads and the multiplier train in both); `--set` lines apply to every fine-tune. Rows: the
+start as it is, the full fine-tune, each LoRA rank; what each trained is counted from the AdamW
+state in its `last.pt`, whose size is measured. Runs and bundles are kept under `--work`, and
+reused when `--reuse` is given.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import click
+
+from infra.history import run_history
+
+from .runs import export_run, predict_valid, timed_step, train_preset
+from .table import emit, in_checkout, table_options
+
+log = logging.getLogger(__name__)
+METRICS = ("r1", "r5", "r10", "mean_recall")
+
+
+def fine_tune_overrides(start: str, overrides: tuple[str, ...], rank: int) -> list[str]:
+    """The `--set` lines of a fine-tune from `start` (its tokenizer comes with it), at LoRA `rank`
+    (0: every weight trains)."""
+    return [f"model.name={start}", "model.text.tokenizer=null", *overrides, f"train.lora.rank={rank}"]
+
+
+def check_fine_tunes(config_path: str, overrides: tuple[str, ...], ranks: tuple[int, ...]) -> None:
+    """Every fine-tune's config loads, before minutes of training."""
+    from train.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config_path, list(overrides))
+        for rank in ranks:
+            load_config(config_path, fine_tune_overrides("start", overrides, rank))
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--config/--set") from None
+    if cfg.train.lora.rank:
+        raise click.BadParameter(f"train.lora.rank={cfg.train.lora.rank}: the bench sets each fine-tune's rank "
+                                 "(--lora RANK); leave train.lora.rank out of --set", param_hint="--set")
+
+
+def trained_parameters(run_dir: str) -> int:
+    """The parameters a run trained: those with AdamW state in its `last.pt`."""
+    from model.weights import load_checkpoint
+
+    state = load_checkpoint(os.path.join(run_dir, "last.pt"))["optimizer"]["state"]
+    return sum(s["exp_avg"].numel() for s in state.values())
+
+
+def train_start(config_path: str, start_data: str, run_dir: str, out_dir: str) -> None:
+    """Train the preset from random on `start_data` with cn_clip's vocabulary and write the run as
+    a `transformers` directory at `out_dir`."""
+    from export.formats import export_hf
+    from model.cnclip import cn_clip_vocab
+
+    vocab_dir = os.path.dirname(cn_clip_vocab(config_path))
+    train_preset(config_path, start_data, run_dir, ["model.name=null", f"model.text.tokenizer={vocab_dir}"])
+    export_hf(run_dir, out_dir)
+
+
+def best_epoch(run_dir: str) -> int:
+    return max((h for h in run_history(run_dir) if h.scored), key=lambda h: h.mean_recall).epoch
+
+
+@click.command("lora")
+@click.option("--data", "data_dir", **in_checkout("data/hard"),
+              help="The fine-tunes' MUGE directory, scored on its valid split; the hard sample is drawn here when "
+                   "missing.")
+@click.option("--start-data", "start_data", **in_checkout("data/sample"),
+              help="Where the start trains (without --start); the easy sample is drawn here when missing.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              **in_checkout("configs/sample-clip.yaml"),
+              help="A chinese-clip preset: the start's model (without --start) and every fine-tune's recipe.")
+@click.option("--start", help="Chinese-CLIP weights (hub name or directory) to fine-tune from, instead of training "
+                              "a start.")
+@click.option("--lora", "ranks", multiple=True, type=click.IntRange(min=1), default=(8,), show_default=True,
+              metavar="RANK", help="A LoRA fine-tune of this rank (train.lora.rank); repeat for more.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key of every "
+                                                                              "fine-tune.")
+@click.option("--work", "work_dir", **in_checkout("runs/bench-lora"),
+              help="Runs, bundles, submissions and caches of the bench.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, show_default="CPUs - 1, at least 1",
+              help="Decode processes of each predict.")
+@click.option("--reuse", is_flag=True, help="Keep runs and bundles already in --work.")
+@table_options
+def bench_lora(data_dir, start_data, config_path, start, ranks, overrides, work_dir, workers, reuse, json_out,
+               csv_out):
+    """LoRA against a full fine-tune from one start, the same epochs: valid MR of each."""
+    from competition.layout import split_paths
+    from competition.sample import EASY, HARD, make_sample
+    from infra.gallery import default_workers
+    from train.config import load_config
+
+    workers = default_workers() if workers is None else workers
+    check_fine_tunes(config_path, overrides, ranks)
+    if start:  # before minutes of training: a local path must be there
+        from model.tokenizer import TokenizerError, check_local_path
+
+        try:
+            check_local_path(start, "the --start weights")
+        except TokenizerError as exc:
+            raise click.BadParameter(str(exc), param_hint="--start") from None
+    for path, kind, difficulty in [(data_dir, "hard", HARD)] + ([] if start else [(start_data, "easy", EASY)]):
+        if not os.path.isfile(split_paths(path, "valid")[0]):
+            log.info("drawing the %s sample into %s", kind, path)
+            make_sample(path, difficulty=difficulty)
+    t0 = time.time()
+    runs, bundles = os.path.join(work_dir, "runs"), os.path.join(work_dir, "bundles")
+    build = {"start": 0.0}
+    if not start:
+        start = os.path.join(work_dir, "start-hf")
+        build["start"] = timed_step(work_dir, "train-start", os.path.join(start, "config.json"), reuse,
+                                    lambda: train_start(config_path, start_data, os.path.join(runs, "start"), start))
+    names = {0: "full"} | {r: f"lora-{r}" for r in ranks}
+    for rank, name in names.items():
+        build[name] = timed_step(work_dir, f"train-{name}", os.path.join(runs, name, "best.pt"), reuse,
+                                 lambda r=rank, n=name: train_preset(config_path, data_dir, os.path.join(runs, n),
+                                                                     fine_tune_overrides(start, overrides, r)))
+    for name, source in [("start", start)] + [(n, os.path.join(runs, n)) for n in names.values()]:
+        timed_step(work_dir, f"export-{name}", os.path.join(bundles, name, "manifest.json"), reuse,
+                   lambda s=source, n=name: export_run(s, os.path.join(bundles, n), data_dir))
+    epochs = load_config(config_path, list(overrides)).train.epochs
+    rows = [{"run": "the start, not fine-tuned", "train_s": build["start"] or None,
+             "note": start if build["start"] else f"{start} (--start)"}]
+    for rank, name in names.items():
+        run_dir = os.path.join(runs, name)
+        rows.append({"run": "full fine-tune" if rank == 0 else f"LoRA rank {rank}",
+                     "trained": trained_parameters(run_dir), "best_epoch": best_epoch(run_dir), "train_s": build[name],
+                     "last_pt_mib": os.path.getsize(os.path.join(run_dir, "last.pt")) / 2**20})
+    for row, name in zip(rows, ["start", *names.values()]):
+        summary = predict_valid([os.path.join(bundles, name)], data_dir, work_dir, name, workers)
+        row.update({k: summary[k] for k in METRICS})
+    full = rows[1]["mean_recall"]
+    columns = ("run", *METRICS, "delta_mr", "trained", "last_pt_mib", "best_epoch", "train_s", "note")
+    emit([{k: {**r, "delta_mr": r["mean_recall"] - full}.get(k) for k in columns} for r in rows],
+         title=f"muge bench lora: {config_path}, {epochs} epochs on {data_dir} from one start; valid MR through the "
+               "ONNX chain; delta_mr against the full fine-tune", json_out=json_out, csv_out=csv_out,
+         extra={"data": data_dir, "start": start, "epochs": epochs, "overrides": list(overrides)},
+         notes=[f"(bench lora in {time.time() - t0:.0f}s; runs and bundles in {work_dir})"])
