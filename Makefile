@@ -14,11 +14,11 @@ BUNDLE ?= bundles/$(notdir $(RUN))
 NPROC  ?= 1
 SET    ?=
 
-.PHONY: setup sample train export submit validate report browser test docs bench bench-quality bench-scale gpu-check clean help
+.PHONY: setup sample train export submit validate report browser test docs bench bench-quality bench-lora bench-scale gpu-check clean help
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make submit | validate | report | train | export | sample | test | docs | bench | bench-quality | bench-scale | gpu-check | setup   (see README.md)"
+	@echo "make submit | validate | report | train | export | sample | test | docs | bench | bench-quality | bench-lora | bench-scale | gpu-check | setup   (see README.md)"
 
 # -- install -----------------------------------------------------------------------------------
 # Re-runs only when setup.cfg / pyproject.toml change. torch and torchvision are pinned as a
@@ -123,6 +123,12 @@ bench: $(BUNDLE)/manifest.json
 # ARGS="--pretrained DIR" adds a zero-shot row; ARGS="--reuse" keeps the runs already trained.
 bench-quality: $(STAMP)
 	$(MUGE) bench quality $(ARGS)
+
+# LoRA against a full fine-tune from one start, the same epochs: a tiny Chinese-CLIP trained on the
+# easy sample (data/sample) is the start, both fine-tune on the hard sample (data/hard), each drawn
+# when missing; valid MR of each through the ONNX chain. ARGS="--start DIR" fine-tunes real weights.
+bench-lora: $(STAMP)
+	$(MUGE) bench lora $(ARGS)
 
 # The Chinese-CLIP presets at their published shapes (random weights in cn_clip's released format):
 # export, predict against cn_clip's own rankings, two training steps, training memory; each stage's

@@ -15,6 +15,8 @@ reused when `--reuse` is given.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -30,25 +32,42 @@ log = logging.getLogger(__name__)
 METRICS = ("r1", "r5", "r10", "mean_recall")
 
 
-def fine_tune_overrides(start: str, overrides: tuple[str, ...], rank: int) -> list[str]:
+def fine_tune_overrides(start: str, overrides: tuple[str, ...], rank: int, lora_overrides: tuple[str, ...] = ()
+                        ) -> list[str]:
     """The `--set` lines of a fine-tune from `start` (its tokenizer comes with it), at LoRA `rank`
-    (0: every weight trains)."""
-    return [f"model.name={start}", "model.text.tokenizer=null", *overrides, f"train.lora.rank={rank}"]
+    (0: every weight trains; `lora_overrides` apply to LoRA alone)."""
+    return [f"model.name={start}", "model.text.tokenizer=null", *overrides,
+            *(lora_overrides if rank else ()), f"train.lora.rank={rank}"]
 
 
-def check_fine_tunes(config_path: str, overrides: tuple[str, ...], ranks: tuple[int, ...]) -> None:
+def run_name(rank: int, lines: list[str], default_start: str) -> str:
+    """`full` or `lora-RANK`, with a digest of the run's settings where any differ from the
+    bench's defaults (`--set`, `--lora-set`, `--start`), so `--reuse` never takes a run trained
+    another way for this one."""
+    name = f"lora-{rank}" if rank else "full"
+    extra = [line for line in lines if line not in (f"model.name={default_start}", "model.text.tokenizer=null",
+                                                     f"train.lora.rank={rank}")]
+    return f"{name}-{hashlib.sha256(json.dumps(extra).encode()).hexdigest()[:8]}" if extra else name
+
+
+def check_fine_tunes(config_path: str, overrides: tuple[str, ...], ranks: tuple[int, ...],
+                     lora_overrides: tuple[str, ...]) -> None:
     """Every fine-tune's config loads, before minutes of training."""
     from train.config import ConfigError, load_config
 
+    for lines, hint in ((overrides, "--set"), ((*overrides, *lora_overrides), "--lora-set")):
+        try:
+            cfg = load_config(config_path, list(lines))
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint=f"--config/{hint}") from None
+        if cfg.train.lora.rank:
+            raise click.BadParameter(f"train.lora.rank={cfg.train.lora.rank}: the bench sets each fine-tune's rank "
+                                     f"(--lora RANK); leave train.lora.rank out of {hint}", param_hint=hint)
     try:
-        cfg = load_config(config_path, list(overrides))
         for rank in ranks:
-            load_config(config_path, fine_tune_overrides("start", overrides, rank))
+            load_config(config_path, fine_tune_overrides("start", overrides, rank, lora_overrides))
     except ConfigError as exc:
-        raise click.BadParameter(str(exc), param_hint="--config/--set") from None
-    if cfg.train.lora.rank:
-        raise click.BadParameter(f"train.lora.rank={cfg.train.lora.rank}: the bench sets each fine-tune's rank "
-                                 "(--lora RANK); leave train.lora.rank out of --set", param_hint="--set")
+        raise click.BadParameter(str(exc), param_hint="--lora-set") from None
 
 
 def trained_parameters(run_dir: str) -> int:
@@ -89,14 +108,16 @@ def best_epoch(run_dir: str) -> int:
               metavar="RANK", help="A LoRA fine-tune of this rank (train.lora.rank); repeat for more.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key of every "
                                                                               "fine-tune.")
+@click.option("--lora-set", "lora_overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key of the LoRA fine-tunes alone (after --set), e.g. train.lr.text=1e-2.")
 @click.option("--work", "work_dir", **in_checkout("runs/bench-lora"),
               help="Runs, bundles, submissions and caches of the bench.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, show_default="CPUs - 1, at least 1",
               help="Decode processes of each predict.")
 @click.option("--reuse", is_flag=True, help="Keep runs and bundles already in --work.")
 @table_options
-def bench_lora(data_dir, start_data, config_path, start, ranks, overrides, work_dir, workers, reuse, json_out,
-               csv_out):
+def bench_lora(data_dir, start_data, config_path, start, ranks, overrides, lora_overrides, work_dir, workers, reuse,
+               json_out, csv_out):
     """LoRA against a full fine-tune from one start, the same epochs: valid MR of each."""
     from competition.layout import split_paths
     from competition.sample import EASY, HARD, make_sample
@@ -104,7 +125,7 @@ def bench_lora(data_dir, start_data, config_path, start, ranks, overrides, work_
     from train.config import load_config
 
     workers = default_workers() if workers is None else workers
-    check_fine_tunes(config_path, overrides, ranks)
+    check_fine_tunes(config_path, overrides, ranks, lora_overrides)
     if start:  # before minutes of training: a local path must be there
         from model.tokenizer import TokenizerError, check_local_path
 
@@ -118,16 +139,17 @@ def bench_lora(data_dir, start_data, config_path, start, ranks, overrides, work_
             make_sample(path, difficulty=difficulty)
     t0 = time.time()
     runs, bundles = os.path.join(work_dir, "runs"), os.path.join(work_dir, "bundles")
-    build = {"start": 0.0}
+    build, trained_start = {"start": 0.0}, os.path.join(work_dir, "start-hf")
     if not start:
-        start = os.path.join(work_dir, "start-hf")
+        start = trained_start
         build["start"] = timed_step(work_dir, "train-start", os.path.join(start, "config.json"), reuse,
                                     lambda: train_start(config_path, start_data, os.path.join(runs, "start"), start))
-    names = {0: "full"} | {r: f"lora-{r}" for r in ranks}
+    lines = {rank: fine_tune_overrides(start, overrides, rank, lora_overrides) for rank in (0, *ranks)}
+    names = {rank: run_name(rank, lines[rank], trained_start) for rank in lines}
     for rank, name in names.items():
         build[name] = timed_step(work_dir, f"train-{name}", os.path.join(runs, name, "best.pt"), reuse,
                                  lambda r=rank, n=name: train_preset(config_path, data_dir, os.path.join(runs, n),
-                                                                     fine_tune_overrides(start, overrides, r)))
+                                                                     lines[r]))
     for name, source in [("start", start)] + [(n, os.path.join(runs, n)) for n in names.values()]:
         timed_step(work_dir, f"export-{name}", os.path.join(bundles, name, "manifest.json"), reuse,
                    lambda s=source, n=name: export_run(s, os.path.join(bundles, n), data_dir))
@@ -136,16 +158,18 @@ def bench_lora(data_dir, start_data, config_path, start, ranks, overrides, work_
              "note": start if build["start"] else f"{start} (--start)"}]
     for rank, name in names.items():
         run_dir = os.path.join(runs, name)
-        rows.append({"run": "full fine-tune" if rank == 0 else f"LoRA rank {rank}",
+        label = "full fine-tune" if rank == 0 else " ".join([f"LoRA rank {rank}", *lora_overrides])
+        rows.append({"run": label, "run_dir": name,
                      "trained": trained_parameters(run_dir), "best_epoch": best_epoch(run_dir), "train_s": build[name],
                      "last_pt_mib": os.path.getsize(os.path.join(run_dir, "last.pt")) / 2**20})
     for row, name in zip(rows, ["start", *names.values()]):
         summary = predict_valid([os.path.join(bundles, name)], data_dir, work_dir, name, workers)
         row.update({k: summary[k] for k in METRICS})
     full = rows[1]["mean_recall"]
-    columns = ("run", *METRICS, "delta_mr", "trained", "last_pt_mib", "best_epoch", "train_s", "note")
+    columns = ("run", *METRICS, "delta_mr", "trained", "last_pt_mib", "best_epoch", "train_s", "run_dir", "note")
     emit([{k: {**r, "delta_mr": r["mean_recall"] - full}.get(k) for k in columns} for r in rows],
          title=f"muge bench lora: {config_path}, {epochs} epochs on {data_dir} from one start; valid MR through the "
                "ONNX chain; delta_mr against the full fine-tune", json_out=json_out, csv_out=csv_out,
-         extra={"data": data_dir, "start": start, "epochs": epochs, "overrides": list(overrides)},
+         extra={"data": data_dir, "start": start, "epochs": epochs, "overrides": list(overrides),
+                "lora_overrides": list(lora_overrides)},
          notes=[f"(bench lora in {time.time() - t0:.0f}s; runs and bundles in {work_dir})"])

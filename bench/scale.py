@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import click
@@ -170,7 +171,7 @@ def param_count(preset: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def memory_figures(preset: str, mask_ratio: float = 0.0, lora_rank: int = 0) -> dict:
+def memory_figures(preset: str, mask_ratio: float = 0.0, lora_rank: int = 0, work: str | None = None) -> dict:
     """Training memory of the preset at its published shape (random weights), measured on the CPU:
     - state: bytes of weights, gradients and AdamW state after one optimizer step;
     - per pair: bytes of the tensors autograd saves for backward (counted once per storage) in a
@@ -182,6 +183,9 @@ def memory_figures(preset: str, mask_ratio: float = 0.0, lora_rank: int = 0) -> 
     `mask_ratio`: with FLIP masking (`train.mask_ratio`), as training would run. `lora_rank`: with
     LoRA adapters of that rank (`train.lora.rank`, its default targets and alpha): the towers'
     weights frozen, so only the adapters, heads and logit scale have gradients and AdamW state.
+    `work`: also write, as training does (`save_checkpoint`), the model and AdamW state `last.pt`
+    holds after that step and the plain (merged) model `best.pt` holds, and give the files' sizes
+    (a run's files add kilobytes: its config, schedule, RNG and history); both are removed again.
     Not measured (a GPU run is the check): allocator overhead and fragmentation, the attention
     kernel's own saved state (SDPA's flash kernel keeps no attention map; the CPU's math path
     does), cuDNN and cuBLAS workspaces."""
@@ -232,12 +236,26 @@ def memory_figures(preset: str, mask_ratio: float = 0.0, lora_rank: int = 0) -> 
     state += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                  if isinstance(v, torch.Tensor) and v.dim() > 0)
     chunk = cfg.train.grad_cache_chunk or cfg.train.batch_size
+    files = checkpoint_sizes(model, optimizer, work) if work else {}
     return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), "state_gib": round(state / GIB, 2),
             "checkpointing": bool(cfg.model.grad_checkpointing), "mask_ratio": mask_ratio, "lora_rank": lora_rank,
             "trainable_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2),
             "saved_per_pair_mib": round(per_pair / 2**20, 1), "recompute_per_pair_mib": round(recompute / 2**20, 1),
             "chunk": chunk, "chunk_activations_gib": round(chunk * (per_pair + recompute) / GIB, 2),
-            "total_gib": round((state + chunk * (per_pair + recompute)) / GIB, 2)}
+            "total_gib": round((state + chunk * (per_pair + recompute)) / GIB, 2), **files}
+
+
+def checkpoint_sizes(model, optimizer, work: str) -> dict:
+    """Bytes of `last.pt`'s model and optimizer entries and of `best.pt`'s model, written by
+    `save_checkpoint` into a temporary directory under `work` (removed again)."""
+    from model.lora import merged_state_dict
+    from train.checkpoint import save_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix=".checkpoints-", dir=work) as tmp:
+        last, best = os.path.join(tmp, "last.pt"), os.path.join(tmp, "best.pt")
+        save_checkpoint(last, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        save_checkpoint(best, {"model": merged_state_dict(model)})
+        return {"last_pt_bytes": os.path.getsize(last), "best_pt_bytes": os.path.getsize(best)}
 
 
 def _saved_bytes(fn):
@@ -274,7 +292,8 @@ def summary(stage: str, f: dict) -> str:
     masked = f", FLIP mask {f['mask_ratio']:g}" if f.get("mask_ratio") else ""
     masked += f", LoRA rank {f['lora_rank']} ({f['trainable_m']}M trained)" if f.get("lora_rank") else ""
     return (f"{f['params_m']}M params{masked}: state {f['state_gib']} GiB + {f['chunk']} x "
-            f"({f['saved_per_pair_mib']} + {f['recompute_per_pair_mib']}) MiB = {f['total_gib']} GiB")
+            f"({f['saved_per_pair_mib']} + {f['recompute_per_pair_mib']}) MiB = {f['total_gib']} GiB; "
+            f"last.pt {f['last_pt_bytes'] / GIB:.2f} GiB, best.pt {f['best_pt_bytes'] / GIB:.2f} GiB")
 
 
 def _machine_memory() -> int:
@@ -355,9 +374,9 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
             shutil.rmtree(run_dir, ignore_errors=True)  # last.pt is 16 bytes a parameter
     for rank in opts["lora"] if "memory" in opts["stages"] else ():  # a process each: H/14 holds 15 GiB of state
         log_path = os.path.join(d, f"memory-lora{rank}.log")
-        memory = run_measured([preset, opts["mask_ratio"], rank], log_path,
+        memory = run_measured([preset, opts["mask_ratio"], rank, d], log_path,
                               code="import json, sys; from bench.scale import memory_figures; print(json.dumps("
-                              "memory_figures(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]))))")
+                              "memory_figures(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4])))")
         if memory["status"] == "ok":
             memory.update(json.loads(_last_line(log_path, limit=None)))
         row("memory", **memory)

@@ -8,7 +8,7 @@ import torch
 from conftest import muge, refused
 from tiny import tiny_config
 
-from model.factory import build_from_arch, create_model
+from model.factory import build_from_arch, create_model, run_model
 from model.lora import add_lora, merged_state_dict
 from model.weights import load_checkpoint
 from train.loss import ClipLoss
@@ -115,6 +115,28 @@ def test_best_pt_is_the_plain_model_with_the_adapters_merged(lora_run, small_sam
     assert result.exit_code == 0, result.output
 
 
+def test_a_lora_run_goes_out_as_a_transformers_directory(lora_run, small_sample, tmp_path):
+    """`--format hf` writes the merged model: plain weights, no adapter, and transformers' features
+    equal the run's torch model."""
+    from safetensors import safe_open
+    from transformers import ChineseCLIPModel
+
+    out = tmp_path / "hf"
+    result = muge("export", str(lora_run), "--format", "hf", "--out", str(out), "--data", str(small_sample))
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.keys() and not any(".lora_" in k or "base_layer" in k for k in f.keys())
+    ours, theirs = run_model(str(lora_run)).model, ChineseCLIPModel.from_pretrained(str(out)).eval()
+    g = _batch(3, vocab=ours.text_vocab_rows)
+    with torch.no_grad():
+        text = theirs.get_text_features(input_ids=g["input_ids"], attention_mask=g["attention_mask"])
+        image = theirs.get_image_features(pixel_values=ours.pixels(g["pixels"]))
+        for out_, mine in ((text, ours.encode_text(g["input_ids"], g["attention_mask"])),
+                           (image, ours.encode_image(g["pixels"]))):
+            features = out_ if isinstance(out_, torch.Tensor) else out_.pooler_output
+            assert torch.allclose(torch.nn.functional.normalize(features, dim=-1), mine, atol=1e-5)
+
+
 def test_the_frozen_weights_stay_and_a_killed_lora_run_resumes_exactly(lora_run, small_sample, tmp_path,
                                                                       monkeypatch):
     import train.main
@@ -167,6 +189,33 @@ def test_bad_lora_settings_are_refused_naming_the_key(small_sample, tmp_path, se
         args += ["--set", item]
     refused(muge(*args), message)
     assert not os.path.exists(tmp_path / "r" / "best.pt")
+
+
+def test_a_lora_last_pt_holds_the_weights_once_and_adamw_state_for_the_trained_alone(tmp_path):
+    """What `muge bench scale --lora` measures at the published shapes, here at a tiny one: the
+    file `last.pt`'s model and optimizer entries make holds 4 bytes a parameter (the frozen
+    weights once, the adapters beside them) and 8 a trained one, and best.pt the merged model."""
+    from bench.scale import checkpoint_sizes
+
+    cfg = tiny_config("chinese-clip", "train.lora.rank=4")
+    model, _ = create_model(cfg.model, 60)
+    add_lora(model, 4, 8.0, 0.0, {"text": None, "image": None})
+    apply_freeze(model, cfg.train.freeze)
+    optimizer = create_optimizer(model, cfg.train)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) if p.requires_grad else None
+    optimizer.step()
+    sizes = checkpoint_sizes(model, optimizer, str(tmp_path))
+    assert os.listdir(tmp_path) == []  # written in a temporary directory, removed again
+    params = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    plain = sum(t.numel() * t.element_size() for t in merged_state_dict(model).values())
+    assert 0 < trained < params / 10
+    entries = len(model.state_dict()) + 2 * sum(1 for p in model.parameters() if p.requires_grad)
+    payload = 4 * params + 8 * trained + buffers
+    assert payload <= sizes["last_pt_bytes"] <= payload + 1024 * entries + 2**16  # zip headers, step counts
+    assert 4 * (params - trained) < plain <= sizes["best_pt_bytes"] <= plain + 1024 * len(model.state_dict()) + 2**16
 
 
 @pytest.mark.parametrize("family", ["chinese-clip", "dual"])

@@ -248,12 +248,12 @@ def test_config_numbers_are_coerced_to_their_fields():
 def test_the_presets_say_what_their_comments_and_the_docs_say():
     """Each preset loads (every key known, every value typed) and holds the recipe it is named for:
     the published shapes' Chinese-CLIP recipe (lr 5e-5, wd 0.001, warmup 100, 52 tokens, its
-    normalisation and vocabulary), the dual plan's towers, the sample's tiny CPU model."""
+    normalisation and vocabulary), the dual plan's towers, the samples' tiny CPU models."""
     import glob
 
     presets = sorted(os.path.basename(p)[:-5] for p in glob.glob("configs/*.yaml"))
     assert presets == ["bert-convnext", "cnclip-vit-b16", "cnclip-vit-h14", "cnclip-vit-l14", "cnclip-vit-l14-336",
-                       "sample"]
+                       "sample", "sample-clip"]
     cfgs = {name: load_config(f"configs/{name}.yaml") for name in presets}
     for name in presets[1:5]:
         cfg = cfgs[name]
@@ -265,6 +265,9 @@ def test_the_presets_say_what_their_comments_and_the_docs_say():
     assert cfgs["cnclip-vit-l14-336"].data.image_size == 336 and cfgs["cnclip-vit-b16"].data.image_size == 224
     assert cfgs["bert-convnext"].model.image.name == "convnext_tiny" and cfgs["bert-convnext"].model.family == "dual"
     assert cfgs["sample"].model.text.name is None and cfgs["sample"].model.image.name == "resnet10t"
+    clip = cfgs["sample-clip"].model
+    assert clip.family == "chinese-clip" and clip.name is None and clip.config["vision_config"]["image_size"] == \
+        cfgs["sample-clip"].data.image_size == 64
 
 
 def test_persistent_workers_see_each_epoch(small_sample, tmp_path):
