@@ -40,13 +40,11 @@ def fine_tune_overrides(start: str, overrides: tuple[str, ...], rank: int, lora_
             *(lora_overrides if rank else ()), f"train.lora.rank={rank}"]
 
 
-def run_name(rank: int, lines: list[str], default_start: str) -> str:
-    """`full` or `lora-RANK`, with a digest of the run's settings where any differ from the
-    bench's defaults (`--set`, `--lora-set`, `--start`), so `--reuse` never takes a run trained
-    another way for this one."""
-    name = f"lora-{rank}" if rank else "full"
-    extra = [line for line in lines if line not in (f"model.name={default_start}", "model.text.tokenizer=null",
-                                                     f"train.lora.rank={rank}")]
+def run_name(name: str, lines: list[str], defaults: tuple[str, ...]) -> str:
+    """`name` (start, full, lora-RANK), with a digest of the settings in `lines` beyond the
+    bench's `defaults` where there are any (`--set`, `--lora-set`, `--start`), so `--reuse` never
+    takes a run or bundle made another way for this one."""
+    extra = [line for line in lines if line not in defaults]
     return f"{name}-{hashlib.sha256(json.dumps(extra).encode()).hexdigest()[:8]}" if extra else name
 
 
@@ -145,12 +143,15 @@ def bench_lora(data_dir, start_data, config_path, start, ranks, overrides, lora_
         build["start"] = timed_step(work_dir, "train-start", os.path.join(start, "config.json"), reuse,
                                     lambda: train_start(config_path, start_data, os.path.join(runs, "start"), start))
     lines = {rank: fine_tune_overrides(start, overrides, rank, lora_overrides) for rank in (0, *ranks)}
-    names = {rank: run_name(rank, lines[rank], trained_start) for rank in lines}
+    defaults = (f"model.name={trained_start}", "model.text.tokenizer=null")
+    names = {rank: run_name(f"lora-{rank}" if rank else "full", lines[rank], (*defaults, f"train.lora.rank={rank}"))
+             for rank in lines}
+    start_name = run_name("start", [f"model.name={start}"], defaults)
     for rank, name in names.items():
         build[name] = timed_step(work_dir, f"train-{name}", os.path.join(runs, name, "best.pt"), reuse,
                                  lambda r=rank, n=name: train_preset(config_path, data_dir, os.path.join(runs, n),
                                                                      lines[r]))
-    for name, source in [("start", start)] + [(n, os.path.join(runs, n)) for n in names.values()]:
+    for name, source in [(start_name, start)] + [(n, os.path.join(runs, n)) for n in names.values()]:
         timed_step(work_dir, f"export-{name}", os.path.join(bundles, name, "manifest.json"), reuse,
                    lambda s=source, n=name: export_run(s, os.path.join(bundles, n), data_dir))
     epochs = load_config(config_path, list(overrides)).train.epochs
@@ -162,7 +163,7 @@ def bench_lora(data_dir, start_data, config_path, start, ranks, overrides, lora_
         rows.append({"run": label, "run_dir": name,
                      "trained": trained_parameters(run_dir), "best_epoch": best_epoch(run_dir), "train_s": build[name],
                      "last_pt_mib": os.path.getsize(os.path.join(run_dir, "last.pt")) / 2**20})
-    for row, name in zip(rows, ["start", *names.values()]):
+    for row, name in zip(rows, [start_name, *names.values()]):
         summary = predict_valid([os.path.join(bundles, name)], data_dir, work_dir, name, workers)
         row.update({k: summary[k] for k in METRICS})
     full = rows[1]["mean_recall"]
