@@ -38,7 +38,8 @@ data/sample/MR_train_queries.jsonl: competition/sample.py | $(STAMP)
 	$(MUGE) sample data/sample
 
 # -- train -------------------------------------------------------------------------------------
-# NPROC>1 launches torchrun (DDP); SET="train.epochs=3 data.workers=8" overrides config keys.
+# NPROC>1 launches torchrun (DDP); SET="train.epochs=3 data.workers=8" overrides config keys. A config
+# newer than the run's best.pt trains the run again (--overwrite: the earlier run there is replaced).
 train: $(RUN)/best.pt
 ifeq ($(origin RUN),command line)
 $(RUN)/best.pt:            # RUN=... reuses a trained run as it is
@@ -46,10 +47,10 @@ $(RUN)/best.pt:            # RUN=... reuses a trained run as it is
 else
 $(RUN)/best.pt: $(CONFIG) | $(STAMP) $(DATA)/MR_train_queries.jsonl   # a reinstall never retrains
 ifeq ($(NPROC),1)
-	$(MUGE) train --config $(CONFIG) --data $(DATA) --out $(RUN) $(foreach s,$(SET),--set $(s))
+	$(MUGE) train --config $(CONFIG) --data $(DATA) --out $(RUN) --overwrite $(foreach s,$(SET),--set $(s))
 else
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m train.cli --config $(CONFIG) --data $(DATA) \
-		--out $(RUN) $(foreach s,$(SET),--set $(s))
+		--out $(RUN) --overwrite $(foreach s,$(SET),--set $(s))
 endif
 endif
 

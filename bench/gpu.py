@@ -25,7 +25,7 @@ import click
 import numpy as np
 
 from .shapes import BERT_BASE, TINY_BERT, TINY_CLIP, VIT_B16_CLIP, setting
-from .table import emit, table_options
+from .table import emit, prepare_work, table_options
 
 log = logging.getLogger(__name__)
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -169,7 +169,7 @@ def bench_gpu(small, models, steps, gallery, queries, workers, work_dir, json_ou
         workers = max(1, min(12, available_cores() - 2))
     steps = steps or (4 if small else 30)
     gallery, queries = gallery or (300 if small else 30_000), queries or (50 if small else 5_000)
-    work = work_dir or tempfile.mkdtemp(prefix="muge-gpu-check-")
+    work = prepare_work(work_dir) if work_dir else tempfile.mkdtemp(prefix="muge-gpu-check-")
     try:
         sample_dir = os.path.join(work, "sample")
         if not os.path.isfile(split_paths(sample_dir, "test")[0]):

@@ -26,7 +26,7 @@ import click
 from infra.history import run_history
 
 from .runs import export_run, predict_valid, timed_step, train_preset
-from .table import emit, in_checkout, table_options
+from .table import emit, in_checkout, prepare_work, table_options
 
 log = logging.getLogger(__name__)
 METRICS = ("r1", "r5", "r10", "mean_recall")
@@ -49,9 +49,12 @@ def run_name(name: str, lines: list[str], defaults: tuple[str, ...]) -> str:
 
 
 def check_fine_tunes(config_path: str, overrides: tuple[str, ...], ranks: tuple[int, ...],
-                     lora_overrides: tuple[str, ...]) -> None:
-    """Every fine-tune's config loads, before minutes of training."""
+                     lora_overrides: tuple[str, ...], start: str | None) -> None:
+    """Every fine-tune's config loads and its LoRA targets match layers of the model it trains (the
+    `start` weights, or the preset's architecture that the start is trained with), before minutes
+    of training."""
     from train.config import ConfigError, load_config
+    from train.main import check_lora
 
     for lines, hint in ((overrides, "--set"), ((*overrides, *lora_overrides), "--lora-set")):
         try:
@@ -63,7 +66,8 @@ def check_fine_tunes(config_path: str, overrides: tuple[str, ...], ranks: tuple[
                                      f"(--lora RANK); leave train.lora.rank out of {hint}", param_hint=hint)
     try:
         for rank in ranks:
-            load_config(config_path, fine_tune_overrides("start", overrides, rank, lora_overrides))
+            cfg = load_config(config_path, fine_tune_overrides(start or "null", overrides, rank, lora_overrides))
+            check_lora(cfg)
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--lora-set") from None
 
@@ -124,7 +128,7 @@ def bench_lora(data_dir, start_data, config_path, start, ranks, overrides, lora_
     from train.config import load_config
 
     workers = default_workers() if workers is None else workers
-    check_fine_tunes(config_path, overrides, ranks, lora_overrides)
+    ranks = tuple(dict.fromkeys(ranks))  # each once, in the order given
     if start:  # before minutes of training: a local path must be there
         from model.tokenizer import TokenizerError, check_local_path
 
@@ -132,6 +136,8 @@ def bench_lora(data_dir, start_data, config_path, start, ranks, overrides, lora_
             check_local_path(start, "the --start weights")
         except TokenizerError as exc:
             raise click.BadParameter(str(exc), param_hint="--start") from None
+    check_fine_tunes(config_path, overrides, ranks, lora_overrides, start)
+    prepare_work(work_dir, [data_dir, start_data, config_path, start])
     for path, kind, difficulty in [(data_dir, "hard", HARD)] + ([] if start else [(start_data, "easy", EASY)]):
         if not os.path.isfile(split_paths(path, "valid")[0]):
             log.info("drawing the %s sample into %s", kind, path)

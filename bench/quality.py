@@ -21,7 +21,7 @@ import click
 from infra.history import run_history
 
 from .runs import export_run, predict_valid, timed_step, train_preset
-from .table import FiniteFloatRange, emit, in_checkout, table_options
+from .table import FiniteFloatRange, emit, in_checkout, prepare_work, table_options
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def bench_quality(data_dir, config_path, work_dir, ema_decay, pretrained, worker
             check_local_path(pretrained, "the --pretrained weights")
         except TokenizerError as exc:
             raise click.BadParameter(str(exc), param_hint="--pretrained") from None
+    prepare_work(work_dir, [data_dir, config_path, pretrained])
     if not os.path.isfile(split_paths(data_dir, "valid")[0]):
         log.info("drawing the hard sample into %s", data_dir)
         make_sample(data_dir, difficulty=HARD)

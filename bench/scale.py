@@ -18,6 +18,7 @@ Each stage runs as its own `muge` process: its wall time and peak resident set (
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from infra.history import run_history
 from predict.manifest import read_manifest
 
 from .shapes import CNCLIP_SHAPES
-from .table import ROOT, FiniteFloatRange, emit, in_checkout, table_options
+from .table import ROOT, FiniteFloatRange, emit, in_checkout, prepare_work, table_options
 
 # preset -> cn_clip's own model name (cn_clip/clip/model_configs/VISION.json + TEXT.json)
 CNCLIP_MODELS = {"cnclip-vit-b16": "ViT-B-16@RoBERTa-wwm-ext-base-chinese",
@@ -205,7 +206,7 @@ def memory_figures(preset: str, mask_ratio: float = 0.0, lora_rank: int = 0, wor
         from model.lora import add_lora
         from train.optim import apply_freeze
 
-        add_lora(model, lora_rank, cfg.train.lora.alpha, 0.0, {"text": None, "image": None})
+        add_lora(model, dataclasses.replace(cfg.train.lora, rank=lora_rank, dropout=0.0))
         apply_freeze(model, cfg.train.freeze)
     model.train()
     model.set_mask_ratio(mask_ratio)
@@ -411,7 +412,7 @@ def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gal
     except ImportError:
         raise click.ClickException("cn_clip is needed for its model class and configs: `make setup` installs it "
                                    "(pip install --no-deps cn-clip==1.6.0)") from None
-    presets, stages = tuple(dict.fromkeys(presets)), tuple(dict.fromkeys(stages))  # each once, in the order given
+    presets, stages, lora = (tuple(dict.fromkeys(x)) for x in (presets, stages, lora))  # each once, in the order given
     if "predict" in stages and "export" not in stages:
         raise click.BadParameter("the predict stage predicts with the bundle the export stage writes: add --stage "
                                  "export", param_hint="--stage")
@@ -421,10 +422,7 @@ def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gal
     if mask_ratio and "memory" not in stages:
         raise click.BadParameter(f"{mask_ratio} is a setting of the memory stage, which is not run: add --stage "
                                  "memory", param_hint="--mask-ratio")
-    try:
-        os.makedirs(work, exist_ok=True)
-    except OSError as exc:
-        raise click.BadParameter(f"cannot make {work}: {exc.strerror or exc}", param_hint="--work") from None
+    prepare_work(work)
     data = small_split(work, valid_queries, images)
     opts = {"parity_queries": parity_queries, "parity_gallery": parity_gallery, "train_batch": train_batch,
             "stages": set(stages), "mask_ratio": mask_ratio, "lora": lora}

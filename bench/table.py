@@ -16,18 +16,57 @@ import click
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _bench_csv(path: str) -> bool:
+    from infra.outputs import read_head
+
+    return read_head(path, 1 << 16).split("\n", 1)[0].rstrip("\r").endswith(",date,commit,machine")
+
+
+def _bench_json(path: str) -> bool:
+    from infra.outputs import json_with_keys
+
+    return json_with_keys(path, "bench", "date", "rows")
+
+
+TABLE_KINDS = {"--json": ("bench table (JSON)", _bench_json), "--csv": ("bench table (CSV)", _bench_csv)}
+# what a bench keeps under --work, in a work directory written before the output marker
+WORK_ENTRIES = ("runs", "bundles", "submissions", "cache", "seconds.json", "start-hf", "sample", "bench")
+
+
 def writable_output(ctx, param, value):
-    """A click callback: an output file must be creatable where it is to go, checked before any work
-    (a bench that runs for minutes must not fail at its last line), as the writer will
-    (`infra.io.check_writable`)."""
-    from infra.io import WriteError, check_writable
+    """A click callback: an output file is a new one, or an earlier table of this option's kind
+    (`infra.outputs`), and can be created where it is to go; checked before any work (a bench that
+    runs for minutes must not fail at its last line)."""
+    from infra.outputs import OutputKind, check_output
 
     if value is not None:
+        flag = param.opts[0]
+        name, recognise = TABLE_KINDS[flag]
         try:
-            check_writable(value, make_dirs=False)
-        except WriteError as exc:
+            check_output(value, OutputKind(name, directory=False, recognise=recognise), flag=flag)
+        except (ValueError, OSError) as exc:
             raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
     return value
+
+
+def _bench_work(path: str) -> bool:
+    """A bench's work directory written before the output marker: only what a bench keeps there."""
+    return all(name in WORK_ENTRIES or name.startswith(("data-", "cnclip-vit-", ".")) for name in os.listdir(path))
+
+
+def prepare_work(work: str, sources=()) -> str:
+    """`--work`: a new or empty directory, or a bench's own (`infra.outputs`), never one holding or
+    inside what the bench reads (`sources`); made and marked as the bench's."""
+    from infra.outputs import OutputKind, check_output, write_marker
+
+    kind = OutputKind("bench work directory", recognise=_bench_work)
+    try:
+        check_output(work, kind, sources, flag="--work")
+        os.makedirs(work, exist_ok=True)
+    except (ValueError, OSError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--work") from None
+    write_marker(work, kind)
+    return work
 
 
 class FiniteFloatRange(click.FloatRange):

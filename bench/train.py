@@ -136,17 +136,15 @@ def mask_ratio_rows(training, step, ratios, steps: int, warmup: int, device, bs:
     return rows
 
 
-def lora_row(config_path: str, overrides, data_dir: str, rank: int, synth: dict, steps: int, warmup: int,
-             eager_s: float) -> dict:
-    """The eager bare step of the same config with LoRA adapters of `rank` (`train.lora.rank`) on
-    the same batch, against the full fine-tune's step."""
+def lora_row(cfg, data_dir: str, synth: dict, steps: int, warmup: int, eager_s: float) -> dict:
+    """The eager bare step of `cfg` (the bench's config with LoRA adapters of `train.lora.rank`)
+    on the same batch, against the full fine-tune's step."""
     from competition.layout import split_files
-    from train.config import load_config
     from train.data import stop_workers
     from train.main import build_training
     from train.step import train_step
 
-    cfg = load_config(config_path, [*overrides, f"train.lora.rank={rank}"])
+    rank = cfg.train.lora.rank
     with tempfile.TemporaryDirectory() as tmp:
         training = build_training(cfg, split_files(data_dir, "train"), tmp, total_steps=10**9, defer_compile=True)
         parts = training.step_parts()
@@ -171,11 +169,12 @@ def lora_row(config_path: str, overrides, data_dir: str, rank: int, synth: dict,
 @click.option("--mask-ratio", "mask_ratios", multiple=True, type=FiniteFloatRange(0, 1, max_open=True),
               help="Also time the eager bare step at these FLIP mask ratios (train.mask_ratio), each with the peak "
                    "RSS so far: run from the highest ratio (least memory) down.")
-@click.option("--lora", type=click.IntRange(min=1), metavar="RANK",
+@click.option("--lora", "lora_ranks", multiple=True, type=click.IntRange(min=1), metavar="RANK",
               help="Also time the eager bare step with LoRA adapters of this rank (train.lora.rank), beside the full "
-                   "fine-tune's.")
+                   "fine-tune's; repeat it for more ranks (each timed once).")
 @table_options
-def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_ratios, lora, json_out, csv_out):
+def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_ratios, lora_ranks, json_out,
+                csv_out):
     """Training samples/s: the bare step (eager, compiled) against the real loop on the data."""
     import torch
 
@@ -183,7 +182,7 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_
     from train.config import ConfigError, load_config
     from train.data import Collate, stop_workers
     from train.loop import train_one_epoch
-    from train.main import build_training
+    from train.main import build_training, check_lora
     from train.speed import compile_model
     from train.step import train_step
 
@@ -191,9 +190,14 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_
         cfg = load_config(config_path, list(overrides))
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--config/--set") from None
-    if lora and cfg.train.lora.rank:
+    lora_ranks = tuple(dict.fromkeys(lora_ranks))  # each once, in the order given
+    if lora_ranks and cfg.train.lora.rank:
         raise click.BadParameter(f"the config already trains LoRA (train.lora.rank={cfg.train.lora.rank}): --lora "
                                  "times it beside a full fine-tune; leave train.lora.rank at 0", param_hint="--lora")
+    try:
+        lora_cfgs = {rank: load_config(config_path, [*overrides, f"train.lora.rank={rank}"]) for rank in lora_ranks}
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--lora/--set") from None
     try:  # each ratio is a train.mask_ratio: checked as the config checks it (a CNN tower has no patches)
         for ratio in mask_ratios:
             load_config(config_path, [*overrides, f"train.mask_ratio={ratio}"])
@@ -201,6 +205,12 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_
         raise click.BadParameter(str(exc), param_hint="--mask-ratio") from None
     with tempfile.TemporaryDirectory() as tmp:
         training = build_training(cfg, split_files(data_dir, "train"), tmp, total_steps=10**9, defer_compile=True)
+        try:  # every LoRA row's targets against this model, before anything is timed
+            for lora_cfg in lora_cfgs.values():
+                check_lora(lora_cfg, training.model)
+        except ConfigError as exc:
+            stop_workers(training.loader)
+            raise click.BadParameter(str(exc), param_hint="--lora/--set") from None
         device, bs = training.device, cfg.train.batch_size
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
         pad_to = cfg.data.max_text_length if training.compiled else None
@@ -224,8 +234,8 @@ def bench_train(config_path, data_dir, overrides, steps, warmup, compiled, mask_
         eager_s, _ = time_steps(step, steps, warmup, device)
         rows.append({"what": "bare step, eager", "mask_ratio": cfg.train.mask_ratio,
                      "samples_per_s": round(bs / eager_s, 1)})
-        if lora:
-            rows.append(lora_row(config_path, overrides, data_dir, lora, synth, steps, warmup, eager_s))
+        for lora_cfg in lora_cfgs.values():
+            rows.append(lora_row(lora_cfg, data_dir, synth, steps, warmup, eager_s))
         compiled_s = compile_s = None
 
         def time_compiled():

@@ -10,7 +10,7 @@ from .errors import MugeDataError
 
 
 @click.command()
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path())
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--train-queries", type=click.IntRange(min=1), default=3000, show_default=True)
 @click.option("--eval-queries", type=click.IntRange(min=1), default=500, show_default=True,
@@ -19,14 +19,16 @@ from .errors import MugeDataError
               help="Images per split (a submission needs 10 per query).")
 @click.option("--hard", is_flag=True, help="Finer attributes, weaker cues, more near-duplicates: a sample with "
               "headroom for measuring what helps (`make bench-quality`).")
-def sample(out_dir, seed, train_queries, eval_queries, gallery_size, hard):
-    """Write the embedded sample dataset (MUGE layout) into OUT_DIR."""
+@click.option("--overwrite", is_flag=True, help="Write into OUT_DIR even if it holds files that are not a sample "
+              "(the MUGE file names among them are replaced).")
+def sample(out_dir, seed, train_queries, eval_queries, gallery_size, hard, overwrite):
+    """Write the embedded sample dataset (MUGE layout) into OUT_DIR: a new or empty directory, or an earlier sample."""
     from .sample import EASY, HARD, make_sample
 
     click.echo(f"drawing the {'hard ' if hard else ''}sample dataset into {out_dir} (seed {seed}) ...")
     try:
         info = make_sample(out_dir, seed=seed, n_train_queries=train_queries, n_eval_queries=eval_queries,
-                           gallery_size=gallery_size, difficulty=HARD if hard else EASY)
+                           gallery_size=gallery_size, difficulty=HARD if hard else EASY, overwrite=overwrite)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(info, ensure_ascii=False))
@@ -35,17 +37,38 @@ def sample(out_dir, seed, train_queries, eval_queries, gallery_size, hard):
 @click.command()
 @click.argument("ground_truth", type=click.Path(dir_okay=False))
 @click.argument("pred", type=click.Path(dir_okay=False))
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the evaluator's result JSON here.")
-@click.option("--ranks", type=click.Path(dir_okay=False), help="Write each query's first-hit rank (jsonl) here.")
-@click.option("--per-query", "per_query_csv", type=click.Path(dir_okay=False),
+@click.option("--out", type=click.Path(), help="Write the evaluator's result JSON here.")
+@click.option("--ranks", type=click.Path(), help="Write each query's first-hit rank (jsonl) here.")
+@click.option("--per-query", "per_query_csv", type=click.Path(),
               help="Write one CSV row per query (id, text, first-hit rank, hits at 1/5/10, positives) here.")
-def score(ground_truth, pred, out, ranks, per_query_csv):
+@click.option("--overwrite", is_flag=True, help="Replace files at --out / --ranks / --per-query that muge did not "
+              "write (never GROUND_TRUTH or PRED).")
+def score(ground_truth, pred, out, ranks, per_query_csv, overwrite):
     """Score PRED against GROUND_TRUTH exactly as the official evaluator (R@1/5/10, MeanRecall)."""
     from infra.io import atomic_write_text
+    from infra.outputs import check_output
 
-    from .metric import failure_json, per_query, score_predictions, spreadsheet_csv, success_json, write_result
+    from .metric import (
+        PER_QUERY,
+        RANKS,
+        RESULT,
+        failure_json,
+        per_query,
+        score_predictions,
+        spreadsheet_csv,
+        success_json,
+        write_result,
+    )
     from .queries import read_queries
     from .submission import check_submission
+
+    try:  # every output path before any work
+        for flag, path, kind in (("--out", out, RESULT), ("--ranks", ranks, RANKS),
+                                 ("--per-query", per_query_csv, PER_QUERY)):
+            if path:
+                check_output(path, kind, [ground_truth, pred], overwrite, flag=flag)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
 
     try:  # whatever is wrong, a result JSON is written, as the reference evaluator does
         gt = read_queries(ground_truth, require_ids=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from infra.io import atomic_write_text
+from infra.outputs import OutputKind, json_with_keys, read_head
 
 from .errors import fits_int64
 from .queries import Query
@@ -133,6 +134,14 @@ def success_json(score: Score) -> dict:
 def failure_json(message: str, detail: str = "") -> dict:
     """The reference evaluator's result on a rejected file."""
     return {"success": False, "score": 0, "scoreJson": {}, "errorMsg": message, "errorDetail": detail or message}
+
+
+RESULT = OutputKind("result file", directory=False,
+                    recognise=lambda path: json_with_keys(path, "success", "score", "scoreJson"))
+RANKS = OutputKind("ranks file", directory=False,
+                   recognise=lambda path: json_with_keys(path, "query_id", "first_hit_rank", first_line=True))
+PER_QUERY = OutputKind("per-query CSV", directory=False, recognise=lambda path: read_head(path, 4096).lstrip(
+    "\ufeff").startswith('"query_id","query_text"'))
 
 
 def write_result(path, result: dict) -> None:

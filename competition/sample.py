@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from infra.io import atomic_path, atomic_write_text
+from infra.outputs import OutputKind, check_output, write_marker
 
 from .layout import SPLITS, split_paths
 from .queries import Query, write_queries
@@ -339,10 +340,15 @@ def _render_jobs(rng, galleries: dict, seed: int, odd_fraction: float, d: Diffic
     return jobs
 
 
+ATTRIBUTES = "sample_attributes.json"  # the drawn attributes: only a sample has them
+SAMPLE = OutputKind("sample dataset", recognise=lambda path: os.path.isfile(os.path.join(path, ATTRIBUTES)))
+
+
 def make_sample(out_dir, seed: int = 0, n_train_queries: int = 3000, n_eval_queries: int = 500,
                 gallery_size: int = 1000, odd_fraction: float = 0.01, workers: int | None = None,
-                difficulty: Difficulty = EASY) -> dict:
-    """Write the six MUGE files plus `example_pred.jsonl` into `out_dir`. Returns a summary."""
+                difficulty: Difficulty = EASY, overwrite: bool | None = None) -> dict:
+    """Write the six MUGE files plus `example_pred.jsonl` into `out_dir`: a new or empty directory,
+    or an earlier sample (`infra.outputs`; anything else only with `overwrite`). Returns a summary."""
     t0 = time.time()
     # ids are drawn without replacement from fixed ranges; queries need enough distinct phrases
     if min(n_train_queries, n_eval_queries) < 1 or not 10 <= gallery_size <= 3_000_000 \
@@ -352,7 +358,9 @@ def make_sample(out_dir, seed: int = 0, n_train_queries: int = 3000, n_eval_quer
                          f"queries, {gallery_size} images per split (gallery 10..3,000,000; queries >= 1, at most "
                          "100 train and 10 valid/test per gallery image, 900,000 in all)")
     out_dir = os.fspath(out_dir)
+    check_output(out_dir, SAMPLE, overwrite=overwrite, flag="OUT_DIR")
     os.makedirs(out_dir, exist_ok=True)
+    write_marker(out_dir, SAMPLE)
     rng = np.random.default_rng(seed)
     img_ids = _id_stream(rng, 100_000, 9_999_999, 3 * gallery_size)
     qids = _id_stream(rng, 1_000, 999_999, n_train_queries + 2 * n_eval_queries)
@@ -383,7 +391,7 @@ def make_sample(out_dir, seed: int = 0, n_train_queries: int = 3000, n_eval_quer
     atomic_write_text(os.path.join(out_dir, "example_pred.jsonl"), "\n".join(example) + "\n")
     # the hidden attributes, for analysis only (never read by the pipeline)
     attrs = {p.img_id: [p.category, p.colour, p.pattern] for s in SPLITS for p in galleries[s]}
-    atomic_write_text(os.path.join(out_dir, "sample_attributes.json"), json.dumps(attrs, ensure_ascii=False))
+    atomic_write_text(os.path.join(out_dir, ATTRIBUTES), json.dumps(attrs, ensure_ascii=False))
     positives = [len(q.item_ids) for q in queries["valid"]]
     return {"dir": out_dir, "difficulty": "hard" if d == HARD else "easy" if d == EASY else "custom",
             "seconds": round(time.time() - t0, 1),

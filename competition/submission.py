@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from infra.io import atomic_write_text, json_line
+from infra.outputs import OutputKind, json_with_keys
 
 from .errors import first_of, is_int_id
 from .queries import SCHEMAS, Query, detect_schema, read_queries, starts_with_bom, utf8_lines
@@ -83,6 +84,15 @@ def write_submission(path, queries: Sequence[Query], preds: Mapping[int, Sequenc
     lines = [json_line({id_field: q.query_id, text_field: q.text, ids_field: clean[q.query_id]}) for q in queries]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return os.fspath(path)
+
+
+def _is_submission(path: str) -> bool:
+    """A submission by its first line: a query id and its predicted ids, in either schema."""
+    return any(json_with_keys(path, id_field, ids_field, first_line=True)
+               for id_field, _, ids_field in SCHEMAS.values())
+
+
+SUBMISSION = OutputKind("submission", directory=False, recognise=_is_submission)
 
 
 @dataclass

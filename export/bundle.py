@@ -7,12 +7,8 @@ beside the destination and renamed into place only after every graph passes `onn
 loads in ONNX Runtime and passes the parity gate."""
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -21,10 +17,11 @@ import torch
 
 from competition import read_queries
 from competition.layout import split_files
-from infra.io import pid_alive, replace_dir, sha256
-from model.factory import LoadedModel, load_model
+from infra.io import sha256
+from infra.outputs import OutputKind, json_with_keys, staged_dir
+from model.factory import LoadedModel, load_model, source_paths
 from model.tokenizer import check_tokenizer
-from predict.manifest import Manifest, write_manifest
+from predict.manifest import MANIFEST, Manifest, write_manifest
 
 from .files import check_graph, graph_files
 from .fp16 import to_fp16
@@ -33,7 +30,6 @@ from .optimize import export_tower, prepare_fusion, to_int8
 from .parity import ParityError, ParityLimits, ParitySettings, check_bundle, gate_inputs, torch_embeddings
 
 log = logging.getLogger(__name__)
-BUILDER = ".builder.json"  # in a build directory only: which process is building it
 GRAPHS = ("text.onnx", "image.onnx", "text.fp16.onnx", "image.fp16.onnx")
 INT8_GRAPHS = ("text.int8.onnx", "image.int8.onnx")
 
@@ -61,75 +57,68 @@ class ExportOptions:
     int8: bool = False                 # also int8 graphs, gated
 
 
+def _is_bundle(path: str) -> bool:
+    """A bundle written before the output marker: its manifest.json names the bundle's files."""
+    return json_with_keys(os.path.join(path, MANIFEST), "format", "files")
+
+
+BUNDLE = OutputKind("bundle", recognise=_is_bundle)
+
+
 def export_bundle(source: str, out_dir: str, data_dir: str, opts: ExportOptions | None = None,
-                  tokenizer: str | None = None, heads: tuple[int, int] | None = None) -> Manifest:
-    """Write the bundle of `source` to `out_dir` (replacing an old one only on success); return its
-    manifest. `source`: a run directory (its `opts.checkpoint`), or published Chinese-CLIP weights
-    (`muge export --pretrained`: a hub name, a `transformers` directory or a cn_clip `.pt`, with
-    `tokenizer` and `heads`), as `model.factory.load_model` reads them. A checkpoint is
-    memory-mapped (one copy of the weights); published weights are built in memory, and nothing
-    but the bundle is written (the tokenizer goes straight into its build directory)."""
-    opts = opts or ExportOptions()
-    loaded = load_model(source, opts.checkpoint, tokenizer, heads)
-    origin = {"checkpoint": None, "sha256": None, "epoch": 0, "valid_metrics": None, **loaded.origin}
-    return _build_bundle(loaded, {f"source_{key}": value for key, value in origin.items()}, out_dir, data_dir, opts)
-
-
-def _build_bundle(loaded: LoadedModel, source: dict, out_dir: str, data_dir: str, opts: ExportOptions) -> Manifest:
-    """The bundle of `loaded.model` (its weights are released tower by tower as their graphs are
-    written): built in a directory beside `out_dir`, where the tokenizer is saved, and renamed
-    into place once every graph passes its checks and the parity gate.
-
-    Memory: one copy of the weights; each tower's PyTorch reference for the gate is computed, its
-    graph written, and its weights freed before the next tower; the gate then opens one graph at
-    a time."""
+                  tokenizer: str | None = None, heads: tuple[int, int] | None = None,
+                  overwrite: bool | None = None) -> Manifest:
+    """Write the bundle of `source` to `out_dir` (replacing an earlier bundle only on success, and
+    nothing else unless `overwrite`: `infra.outputs`); return its manifest. `source`: a run
+    directory (its `opts.checkpoint`), or published Chinese-CLIP weights (`muge export
+    --pretrained`: a hub name, a `transformers` directory or a cn_clip `.pt`, with `tokenizer` and
+    `heads`), as `model.factory.load_model` reads them. A checkpoint is memory-mapped (one copy of
+    the weights); published weights are built in memory, and nothing but the bundle is written
+    (the tokenizer goes straight into its build directory)."""
     t0 = time.time()
-    model, data = loaded.model, loaded.preprocessing
-    queries_path, tsv_path = split_files(data_dir, "valid")
-    tmp = _build_dir(out_dir)
-    try:
-        tokenizer = loaded.save_tokenizer(tmp)
-        check_tokenizer(tokenizer, model.text_vocab_rows, [q.text for q in read_queries(queries_path)[:2000]],
-                        loaded.tokenizer_label, exact=model.exact_vocabulary)
-        inputs = gate_inputs(queries_path, tsv_path, opts.settings, data.image_size, data.resize_rule)
-        manifest = Manifest(family=model.family, embed_dim=0, image_size=data.image_size,
-                            resize_rule=data.resize_rule, max_text_length=data.max_text_length,
-                            text_normalization=data.text_normalization,
-                            inverse_temperature=float(model.logit_scale.detach().exp()), files={}, opset=opts.opset,
-                            exporter=opts.exporter, **source, libraries=_versions())
-        reference = _export_towers(model, tmp, inputs, tokenizer, opts, manifest)
-        del model
-        free_memory()
-        _record_files(tmp, manifest, GRAPHS + (INT8_GRAPHS if opts.int8 else ()))
-        write_manifest(tmp, manifest)  # the gate runs the bundle as predict will
-        log.info("parity gate on %s ...", data_dir)
-        report = check_bundle(reference, tmp, inputs, settings=opts.settings, limits=opts.limits, device=opts.device)
-        log.log(logging.INFO if report.passed else logging.ERROR, "%s", report.render())
-        if not report.passed:
-            raise ParityError(report)
-        manifest.parity = report.to_dict()
-        write_manifest(tmp, manifest)
-        os.remove(os.path.join(tmp, BUILDER))
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    opts = opts or ExportOptions()
+    sources = (*source_paths(source, opts.checkpoint), tokenizer, data_dir)
+    with staged_dir(out_dir, BUNDLE, sources, overwrite) as tmp:
+        loaded = load_model(source, opts.checkpoint, tokenizer, heads)
+        origin = {"checkpoint": None, "sha256": None, "epoch": 0, "valid_metrics": None, **loaded.origin}
+        manifest = _build_bundle(loaded, {f"source_{key}": value for key, value in origin.items()}, tmp, data_dir,
+                                 opts)
     log.info("bundle %s written in %.1fs", out_dir, time.time() - t0)
     return manifest
 
 
-def _build_dir(out_dir: str) -> str:
-    """A new build directory beside `out_dir`, marked with the process building it; earlier
-    builds of this bundle that were killed are removed first."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    prefix = "." + os.path.basename(out_dir) + "."
-    remove_stale_builds(parent, prefix)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    os.chmod(tmp, 0o755)
-    with open(os.path.join(tmp, BUILDER), "w", encoding="utf-8") as f:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
-    return tmp
+def _build_bundle(loaded: LoadedModel, source: dict, tmp: str, data_dir: str, opts: ExportOptions) -> Manifest:
+    """The bundle of `loaded.model` (its weights are released tower by tower as their graphs are
+    written), built in the directory `tmp`, where the tokenizer is saved; returns once every graph
+    passes its checks and the parity gate (a ParityError otherwise).
+
+    Memory: one copy of the weights; each tower's PyTorch reference for the gate is computed, its
+    graph written, and its weights freed before the next tower; the gate then opens one graph at
+    a time."""
+    model, data = loaded.model, loaded.preprocessing
+    queries_path, tsv_path = split_files(data_dir, "valid")
+    tokenizer = loaded.save_tokenizer(tmp)
+    check_tokenizer(tokenizer, model.text_vocab_rows, [q.text for q in read_queries(queries_path)[:2000]],
+                    loaded.tokenizer_label, exact=model.exact_vocabulary)
+    inputs = gate_inputs(queries_path, tsv_path, opts.settings, data.image_size, data.resize_rule)
+    manifest = Manifest(family=model.family, embed_dim=0, image_size=data.image_size,
+                        resize_rule=data.resize_rule, max_text_length=data.max_text_length,
+                        text_normalization=data.text_normalization,
+                        inverse_temperature=float(model.logit_scale.detach().exp()), files={}, opset=opts.opset,
+                        exporter=opts.exporter, **source, libraries=_versions())
+    reference = _export_towers(model, tmp, inputs, tokenizer, opts, manifest)
+    del model
+    free_memory()
+    _record_files(tmp, manifest, GRAPHS + (INT8_GRAPHS if opts.int8 else ()))
+    write_manifest(tmp, manifest)  # the gate runs the bundle as predict will
+    log.info("parity gate on %s ...", data_dir)
+    report = check_bundle(reference, tmp, inputs, settings=opts.settings, limits=opts.limits, device=opts.device)
+    log.log(logging.INFO if report.passed else logging.ERROR, "%s", report.render())
+    if not report.passed:
+        raise ParityError(report)
+    manifest.parity = report.to_dict()
+    write_manifest(tmp, manifest)
+    return manifest
 
 
 def _export_towers(model, tmp: str, inputs, tokenizer, opts: ExportOptions, manifest: Manifest) -> dict:
@@ -164,22 +153,3 @@ def _record_files(tmp: str, manifest: Manifest, graphs: tuple[str, ...]) -> None
             manifest.external_data[name] = data
         for file in (name, *data):
             manifest.files[file] = sha256(os.path.join(tmp, file))
-
-
-def remove_stale_builds(parent: str, prefix: str, max_age_s: float = 24 * 3600) -> None:
-    """Remove build directories of earlier exports of this bundle that were killed (SIGKILL,
-    SIGTERM, a lost machine) before they could clean up: ours by prefix, stale when the process
-    that wrote them is gone from this host, or when they are older than a day."""
-    for name in os.listdir(parent):
-        path = os.path.join(parent, name)
-        if not name.startswith(prefix) or not os.path.isdir(path) or not os.path.isfile(os.path.join(path, BUILDER)):
-            continue
-        try:
-            with open(os.path.join(path, BUILDER), encoding="utf-8") as f:
-                owner = json.load(f)
-            alive = owner.get("host") == socket.gethostname() and pid_alive(int(owner["pid"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            alive = False
-        if not alive or time.time() - os.path.getmtime(path) > max_age_s:
-            log.info("removing %s, left by an export that did not finish", path)
-            shutil.rmtree(path, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""`muge export RUN_DIR --out BUNDLE_DIR`."""
+"""`muge export RUN_DIR --out OUT`: the run's model as an ONNX bundle (the default), a `transformers`
+directory (`--format hf`) or a Chinese-CLIP checkpoint file (`--format cnclip`)."""
 from __future__ import annotations
 
 import sys
@@ -17,7 +18,10 @@ WRITES = {"onnx": "bundle", "hf": "transformers directory", "cnclip": "Chinese-C
               "for a cn_clip .pt file, the installed cn_clip package's vocabulary).")
 @click.option("--attention-heads", metavar="VISION,TEXT", help="With --pretrained X.pt of a shape Chinese-CLIP does "
               "not publish: the attention heads of each tower (the tensors cannot tell; default: 64-wide heads).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
+@click.option("--out", "out_dir", required=True, type=click.Path(),
+              help="What to write: the bundle's directory (--format onnx), the transformers directory (hf), or the "
+              ".pt file (cnclip). A new path, or an earlier output of the same format (replaced); anything else is "
+              "refused unless --overwrite.")
 @click.option("--data", "data_dir", default="data/sample", show_default=True,
               help="MUGE directory whose valid split feeds the parity gate.")
 @click.option("--checkpoint", default="best", show_default=True, help="best | last | a .pt path")
@@ -37,11 +41,15 @@ WRITES = {"onnx": "bundle", "hf": "transformers directory", "cnclip": "Chinese-C
               help="onnx: the bundle predict runs. hf: a transformers directory (ChineseCLIPModel, its tokenizer and "
               "processor, a model card). cnclip: Chinese-CLIP's checkpoint file (--out X.pt), which cn_clip loads. "
               "hf and cnclip: a chinese-clip run's model.")
+@click.option("--overwrite", is_flag=True, help="Replace what is at --out even if muge did not write it there (never "
+              "the run, its checkpoint, the weights or data being read, or a directory holding them).")
 def export(run_dir, pretrained, tokenizer, attention_heads, out_dir, data_dir, checkpoint, opset, exporter,
-           parity_queries, parity_gallery, parity_batch, device, fuse, int8, fmt):
-    """Export RUN_DIR's checkpoint (or --pretrained weights) to an ONNX bundle (fp32 + fp16) behind a parity gate."""
+           parity_queries, parity_gallery, parity_batch, device, fuse, int8, fmt, overwrite):
+    """Export RUN_DIR's checkpoint (or --pretrained weights): an ONNX bundle (fp32 + fp16) behind a parity gate, a
+    transformers directory, or a Chinese-CLIP checkpoint."""
     from competition import MugeDataError
     from infra.io import exit_on_hangup_or_term
+    from infra.outputs import OutputError
     from model.config import ConfigError
     from model.tokenizer import TokenizerError
     from model.weights import CheckpointError, WeightsError
@@ -74,14 +82,15 @@ def export(run_dir, pretrained, tokenizer, attention_heads, out_dir, data_dir, c
                          settings=ParitySettings(parity_queries, parity_gallery, parity_batch))
     try:
         if fmt == "hf":
-            export_hf(run_dir, out_dir, checkpoint)
+            export_hf(run_dir, out_dir, checkpoint, overwrite)
         elif fmt == "cnclip":
-            export_cnclip(run_dir, out_dir, checkpoint)
+            export_cnclip(run_dir, out_dir, checkpoint, overwrite)
         else:
-            export_bundle(run_dir or pretrained, out_dir, data_dir, opts, tokenizer=tokenizer, heads=heads)
+            export_bundle(run_dir or pretrained, out_dir, data_dir, opts, tokenizer=tokenizer, heads=heads,
+                          overwrite=overwrite)
     except ParityError as exc:
         click.echo(f"export refused, no bundle written: {exc}", err=True)
         sys.exit(2)
-    except (CheckpointError, MugeDataError, WeightsError, TokenizerError, ConfigError, OSError) as exc:
+    except (CheckpointError, MugeDataError, WeightsError, TokenizerError, ConfigError, OutputError, OSError) as exc:
         raise click.ClickException(f"{exc}; no {WRITES[fmt]} written") from None
     click.echo(f"{WRITES[fmt]} written to {out_dir}")

@@ -17,16 +17,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 
 import torch
 import yaml
 
-from infra.io import atomic_path, replace_dir
+from infra.io import atomic_path
+from infra.outputs import OutputKind, check_output, staged_dir
 from model.chinese_clip import ChineseCLIPEncoder
-from model.factory import LoadedModel, load_model
+from model.factory import LoadedModel, load_model, source_paths
 from model.layers import CLIP_MEAN, CLIP_STD
-from model.weights import CheckpointError
+from model.weights import CheckpointError, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -40,49 +40,61 @@ def _chinese_clip(source: str, checkpoint: str, fmt: str) -> LoadedModel:
     return loaded
 
 
-def export_hf(run_dir: str, out_dir: str, checkpoint: str = "best") -> str:
-    """Write the run's model as a `transformers` directory at `out_dir` (an old one is replaced
-    only on success)."""
-    from safetensors import safe_open
-    from transformers import BertTokenizerFast, ChineseCLIPImageProcessor, ChineseCLIPProcessor
+HF_DIRECTORY = OutputKind("transformers directory")
 
-    loaded = _chinese_clip(run_dir, checkpoint, "hf")
-    clip, data = loaded.model.clip, loaded.preprocessing
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".", dir=parent)
+
+def _is_cnclip_output(path: str) -> bool:
+    """A Chinese-CLIP checkpoint file that `--format cnclip` wrote (its `name`)."""
     try:
-        clip.save_pretrained(tmp, safe_serialization=True)
-        tokenizer = loaded.save_tokenizer(tmp)  # tmp/tokenizer/: the run's tokenizer.json, as the bundle has it
-        from tokenizers import Tokenizer
+        obj = safe_load(path, mmap=True)
+    except CheckpointError:
+        return False
+    return isinstance(obj, dict) and obj.get("name") == CNCLIP_NAME and "state_dict" in obj
 
-        fast = BertTokenizerFast(tokenizer_object=Tokenizer.from_file(tokenizer.path), unk_token="[UNK]",
-                                 pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                 model_max_length=data.max_text_length)
-        shutil.rmtree(os.path.dirname(tokenizer.path))
-        size = {"height": data.image_size, "width": data.image_size} if data.resize_rule == "squash" else \
-            {"shortest_edge": data.image_size}
-        images = ChineseCLIPImageProcessor(size=size, crop_size={"height": data.image_size, "width": data.image_size},
-                                           do_center_crop=data.resize_rule != "squash", resample=3,  # bicubic
-                                           image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-        ChineseCLIPProcessor(image_processor=images, tokenizer=fast).save_pretrained(tmp)
-        ours = clip.state_dict()
-        for name in sorted(f for f in os.listdir(tmp) if f.endswith(".safetensors")):
-            with safe_open(os.path.join(tmp, name), framework="pt") as f:
-                for key in f.keys():
-                    if key not in ours or not torch.equal(f.get_tensor(key), ours.pop(key)):
-                        raise CheckpointError(f"{out_dir}: {key} was not written as the model holds it")
-        missing = sorted(ours.keys() & dict(clip.named_parameters()).keys())  # buffers may stay unsaved
-        if missing:
-            raise CheckpointError(f"{out_dir}: parameters missing from the written weights: {missing[:3]}")
-        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(run_dir, loaded))
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+CNCLIP_NAME = "muge-retrieval"  # the `name` of every cn_clip checkpoint this project writes
+CNCLIP_FILE = OutputKind("Chinese-CLIP checkpoint", directory=False, recognise=_is_cnclip_output)
+
+
+def export_hf(run_dir: str, out_dir: str, checkpoint: str = "best", overwrite: bool | None = None) -> str:
+    """Write the run's model as a `transformers` directory at `out_dir` (an earlier one is replaced
+    only on success, and nothing else unless `overwrite`: `infra.outputs`)."""
+    with staged_dir(out_dir, HF_DIRECTORY, source_paths(run_dir, checkpoint), overwrite) as tmp:
+        loaded = _chinese_clip(run_dir, checkpoint, "hf")
+        _write_hf(loaded, run_dir, tmp)
     log.info("transformers directory written to %s", out_dir)
     return out_dir
+
+
+def _write_hf(loaded: LoadedModel, run_dir: str, tmp: str) -> None:
+    from safetensors import safe_open
+    from tokenizers import Tokenizer
+    from transformers import BertTokenizerFast, ChineseCLIPImageProcessor, ChineseCLIPProcessor
+
+    clip, data = loaded.model.clip, loaded.preprocessing
+    clip.save_pretrained(tmp, safe_serialization=True)
+    tokenizer = loaded.save_tokenizer(tmp)  # tmp/tokenizer/: the run's tokenizer.json, as the bundle has it
+    fast = BertTokenizerFast(tokenizer_object=Tokenizer.from_file(tokenizer.path), unk_token="[UNK]",
+                             pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                             model_max_length=data.max_text_length)
+    shutil.rmtree(os.path.dirname(tokenizer.path))
+    size = {"height": data.image_size, "width": data.image_size} if data.resize_rule == "squash" else \
+        {"shortest_edge": data.image_size}
+    images = ChineseCLIPImageProcessor(size=size, crop_size={"height": data.image_size, "width": data.image_size},
+                                       do_center_crop=data.resize_rule != "squash", resample=3,  # bicubic
+                                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    ChineseCLIPProcessor(image_processor=images, tokenizer=fast).save_pretrained(tmp)
+    ours = clip.state_dict()
+    for name in sorted(f for f in os.listdir(tmp) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(tmp, name), framework="pt") as f:
+            for key in f.keys():
+                if key not in ours or not torch.equal(f.get_tensor(key), ours.pop(key)):
+                    raise CheckpointError(f"{key} was not written as the model holds it")
+    missing = sorted(ours.keys() & dict(clip.named_parameters()).keys())  # buffers may stay unsaved
+    if missing:
+        raise CheckpointError(f"parameters missing from the written weights: {missing[:3]}")
+    with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(run_dir, loaded))
 
 
 def _cnclip_mismatch(config) -> str | None:
@@ -103,26 +115,32 @@ def cnclip_checkpoint(loaded: LoadedModel) -> dict:
 
     mismatch = _cnclip_mismatch(loaded.model.clip.config)
     if mismatch:
-        raise CheckpointError(f"{loaded.origin['checkpoint']}: cn_clip's code cannot build this model: {mismatch}; "
+        where = loaded.origin.get("checkpoint") or (loaded.origin.get("pretrained") or {}).get("pretrained")
+        raise CheckpointError(f"{where}: cn_clip's code cannot build this model: {mismatch}; "
                               "write it as --format hf (or the ONNX bundle) instead")
     ours = loaded.model.clip.state_dict()
     state = from_hf_state_dict(ours)
     back = to_hf_state_dict(state)  # the mapping is a bijection: nothing lost, nothing invented
     if back.keys() != ours.keys() or not all(torch.equal(back[k], ours[k]) for k in ours):
         raise CheckpointError("the Chinese-CLIP layout of this model does not map back onto it exactly")
-    return {"epoch": int(loaded.origin.get("epoch") or 0), "step": 0, "name": "muge-retrieval",
+    return {"epoch": int(loaded.origin.get("epoch") or 0), "step": 0, "name": CNCLIP_NAME,
             "state_dict": {"module." + k: v for k, v in state.items()}}
 
 
-def export_cnclip(run_dir: str, out_path: str, checkpoint: str = "best") -> str:
-    """Write the run's model as a Chinese-CLIP checkpoint file at `out_path`."""
+def export_cnclip(run_dir: str, out_path: str, checkpoint: str = "best", overwrite: bool | None = None) -> str:
+    """Write the run's model as a Chinese-CLIP checkpoint file at `out_path` (an earlier one
+    replaced, nothing else unless `overwrite`: `infra.outputs`)."""
     from model.cnclip import published_names
 
+    check_output(out_path, CNCLIP_FILE, source_paths(run_dir, checkpoint), overwrite)
     loaded = _chinese_clip(run_dir, checkpoint, "cnclip")
     state = cnclip_checkpoint(loaded)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with atomic_path(out_path, suffix=".pt") as tmp:
         torch.save(state, tmp)
+        written = safe_load(tmp, mmap=True)["state_dict"]  # read back from disk before it takes the name
+        if written.keys() != state["state_dict"].keys() or not all(
+                torch.equal(written[k], v) for k, v in state["state_dict"].items()):
+            raise CheckpointError(f"{out_path}: the file written does not hold the model's tensors as they are")
     vision, text = published_names(loaded.model.clip.config)
     if vision and text:
         log.info("cn_clip loads it: cn_clip.clip.load_from_name(%r, vision_model_name=%r, text_model_name=%r, "
@@ -133,34 +151,70 @@ def export_cnclip(run_dir: str, out_path: str, checkpoint: str = "best") -> str:
     return out_path
 
 
+def shown_source(name: str) -> str:
+    """Weights as a card may name them: a hub name as it is, a local file or directory by its own
+    name alone (no card names a path of the machine that wrote it)."""
+    from model.config import CHECKPOINT_SUFFIXES
+
+    local = os.path.exists(name) or os.path.isabs(name) or name.endswith(CHECKPOINT_SUFFIXES) or \
+        name.startswith((".", "~"))
+    return os.path.basename(os.path.normpath(name)) if local else name
+
+
+def _card_origin(run_dir: str, loaded: LoadedModel) -> tuple[str, str]:
+    """(the card's title, its first paragraph): a fine-tuned run's checkpoint, or published weights."""
+    if loaded.config is None:  # published weights given as RUN_DIR
+        name = shown_source((loaded.origin.get("pretrained") or {}).get("pretrained") or run_dir)
+        return (f"# Chinese-CLIP ({name})", f"The published weights `{name}` as muge-retrieval loads them, not "
+                "fine-tuned here.")
+    model = loaded.config.get("model", {})
+    base = f"`{shown_source(model['name'])}`" if model.get("name") else "a random start (model.config)"
+    run = os.path.basename(os.path.abspath(run_dir))
+    return (f"# Chinese-CLIP fine-tuned for MUGE text-to-image retrieval ({run})",
+            f"Fine-tuned with muge-retrieval from {base} on the MUGE multimodal retrieval train split; this is the "
+            f"run's `{os.path.basename(loaded.origin['checkpoint'])}` (epoch {loaded.origin.get('epoch')}, sha256 "
+            f"`{loaded.origin['sha256']}`).")
+
+
+def _card_lora(train: dict) -> list[str]:
+    """The card's LoRA section, for a run that trained adapters."""
+    lora = train.get("lora") or {}
+    if not lora.get("rank"):
+        return []
+    targets = {kind: lora.get(f"{kind}_targets") for kind in ("text", "image")}
+    shown = "; ".join(f"{kind}: {', '.join(t) if t else 'none' if t == [] else 'the family default'}"
+                      for kind, t in targets.items())
+    return ["## LoRA", "", f"Trained with LoRA adapters (peft): rank {lora['rank']}, alpha {lora.get('alpha')}, "
+            f"targets {shown}. The adapters are merged into these weights (W + B A alpha / rank): adapters merged, "
+            "a plain ChineseCLIPModel.", ""]
+
+
 def model_card(run_dir: str, loaded: LoadedModel) -> str:
     """The `README.md` of a `transformers` directory: where the weights started, the recipe, the
     valid scores of each scored epoch (the run's `metrics.jsonl`), its preprocessing, how to load it."""
     from infra.history import HISTORY, read_history
 
     config = loaded.config or {}
-    model, train, data = config.get("model", {}), config.get("train", {}), loaded.preprocessing
-    base = model.get("name") or "a random start (model.config)"
+    train, data = config.get("train", {}), loaded.preprocessing
     history_path = os.path.join(run_dir, HISTORY)
-    history = read_history(history_path) if os.path.isfile(history_path) else []
+    history = read_history(history_path) if loaded.config and os.path.isfile(history_path) else []
     best = loaded.origin.get("valid_metrics") or {}
     rows = [f"| {h.epoch} | {h.r1:.2f} | {h.r5:.2f} | {h.r10:.2f} | {h.mean_recall:.2f} |"
             for h in history if h.mean_recall is not None]
     recipe = {key: train.get(key) for key in ("epochs", "batch_size", "accum_steps", "grad_cache_chunk", "lr",
                                               "layer_decay", "weight_decay", "warmup_steps", "precision", "ema",
                                               "mask_ratio", "label_smoothing") if key in train}
+    title, origin = _card_origin(run_dir, loaded)
+    scores = ["## Valid scores", "", "MUGE valid, scored with the competition's metric (x100); epoch 0 is the start.",
+              "", "| epoch | R@1 | R@5 | R@10 | MeanRecall |", "|---|---|---|---|---|", *rows, "",
+              f"The checkpoint holds epoch {best.get('epoch', loaded.origin.get('epoch'))}'s weights "
+              f"(MeanRecall {best['mean_recall']:.2f})." if "mean_recall" in best else "", ""] if rows else []
+    recipe_lines = ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False).strip(),
+                    "```", ""] if recipe else []
     return "\n".join([
         "---", "library_name: transformers", "pipeline_tag: zero-shot-image-classification",
-        "tags: [chinese-clip, muge, text-to-image-retrieval]", "---", "",
-        f"# Chinese-CLIP fine-tuned for MUGE text-to-image retrieval ({os.path.basename(os.path.abspath(run_dir))})",
-        "", f"Fine-tuned with muge-retrieval from `{base}` on the MUGE multimodal retrieval train split; "
-            f"this is the run's `{os.path.basename(loaded.origin['checkpoint'])}` (epoch {loaded.origin.get('epoch')}, "
-            f"sha256 `{loaded.origin['sha256']}`).", "",
-        "## Valid scores", "", "MUGE valid, scored with the competition's metric (x100); epoch 0 is the start.", "",
-        "| epoch | R@1 | R@5 | R@10 | MeanRecall |", "|---|---|---|---|---|", *rows, "",
-        f"The checkpoint holds epoch {best.get('epoch', loaded.origin.get('epoch'))}'s weights "
-        f"(MeanRecall {best['mean_recall']:.2f})." if "mean_recall" in best else "", "",
-        "## Recipe", "", "```yaml", yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False).strip(), "```", "",
+        "tags: [chinese-clip, muge, text-to-image-retrieval]", "---", "", title, "", origin, "",
+        *scores, *recipe_lines, *_card_lora(train),
         "## Preprocessing", "",
         f"- images: RGB, {data.resize_rule} to {data.image_size} x {data.image_size} px (bicubic), CLIP's mean and std "
         "(the processor here does the same; the project's own resize is `competition.preprocess.resize_image`)",

@@ -44,41 +44,12 @@ def atomic_path(path, suffix: str = ""):
         raise
 
 
-def check_writable(path, make_dirs: bool = True) -> None:
-    """Raise `WriteError` (naming `path`) unless a file can be created where `path` is to go: checked
-    by creating and removing one there, as `atomic_path` will (as root, `os.access` calls /proc or
-    a read-only mount writable). Its directory is made when missing, with `make_dirs`."""
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        if os.path.isdir(path):
-            raise IsADirectoryError(21, "it is a directory; give a file name")
-        if make_dirs:
-            os.makedirs(parent, exist_ok=True)
-        probe_directory(parent, ".muge-write-check-")
-    except OSError as exc:
-        raise WriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
-
-
 def probe_directory(directory: str, prefix: str) -> None:
     """Create a file named `prefix...` in `directory` and remove it at once: raises the OSError of
     a directory that takes no new file (read-only, missing, full), whoever is asking."""
     fd, probe = tempfile.mkstemp(prefix=prefix, dir=directory)
     os.close(fd)
     os.unlink(probe)
-
-
-def replace_dir(src: str, dst: str) -> None:
-    """Put the finished directory `src` at `dst`; an old `dst` is removed only afterwards."""
-    import shutil
-
-    old = None
-    if os.path.exists(dst):
-        old = dst + f".old-{os.getpid()}"
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove(tmp: str | None) -> None:

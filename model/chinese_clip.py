@@ -10,9 +10,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .family import Layout, RetrievalModel, checkpoint_activations, transformer_layout, with_head_group
+from .family import (
+    Layout,
+    RetrievalModel,
+    changed_settings,
+    checkpoint_activations,
+    transformer_layout,
+    with_head_group,
+)
 from .layers import CLIP_MEAN, CLIP_STD, PixelNormalize, random_masking
 from .weights import WEIGHT_SUFFIXES, hub_source, load_pretrained
+
+DUAL_KEYS = ("text.name", "text.config", "text.pooling", "image.name", "image.pretrained", "image.checkpoint",
+             "image.kwargs", "embed_dim", "head", "head_dropout")  # model keys only the dual family reads
 
 
 class ChineseCLIPEncoder(RetrievalModel):
@@ -76,6 +86,16 @@ class ChineseCLIPEncoder(RetrievalModel):
     def tokenizer_source(cfg: ModelConfig) -> str | None:
         return cfg.name
 
+    def ignored_settings(self, cfg: ModelConfig) -> dict[str, str]:
+        """The dual family's tower and head keys (Chinese-CLIP brings its own), and the multiplier's
+        start (its weights', or `model.config`'s logit_scale_init_value)."""
+        notes = {f"model.{key}": "the dual family's; Chinese-CLIP's towers and projections are its own"
+                 for key in changed_settings(cfg, DUAL_KEYS)}
+        if changed_settings(cfg, ("inverse_temperature_init",)):
+            notes["model.inverse_temperature_init"] = (f"the multiplier starts at the model's own exp(logit_scale) = "
+                                                       f"{float(self.logit_scale.detach().exp()):.4g}")
+        return notes
+
     @classmethod
     def create(cls, cfg: ModelConfig, vocab_size: int | None = None) -> ChineseCLIPEncoder:
         """From `cfg.name`: a Chinese-CLIP checkpoint file of `cn_clip`'s (`model.cnclip`), a
@@ -113,6 +133,10 @@ class ChineseCLIPEncoder(RetrievalModel):
 
     def encode_image(self, pixels):
         return F.normalize(self._features(self.clip.get_image_features(pixel_values=self.pixels(pixels))), dim=-1)
+
+    def lora_targets(self, kind: str) -> list[str]:
+        """Each attention's query and value projections (peft's default for BERT)."""
+        return ["query", "value"] if kind == "text" else ["q_proj", "v_proj"]
 
     def set_grad_checkpointing(self) -> None:
         checkpoint_activations(self.clip)

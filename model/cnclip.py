@@ -176,30 +176,42 @@ def to_hf_state_dict(state: dict, path: str = "the checkpoint") -> dict[str, tor
     return {k: v.contiguous() for k, v in out.items()}
 
 
+_HF_VISION = {v: k for k, v in _VISION.items()}
+_HF_BLOCK = {v: k for k, v in _VISION_BLOCK.items()}
+PROJECTIONS = {"visual_projection.weight": "visual.proj", "text_projection.weight": "text_projection"}  # transposed
+
+
+def cnclip_key(key: str) -> tuple[str, str | None]:
+    """The cn_clip name of a `ChineseCLIPModel` tensor, and which of q, k, v it is where cn_clip
+    packs the three into one projection (None elsewhere)."""
+    layer = re.match(r"vision_model\.encoder\.layers\.(\d+)\.(.+)$", key)
+    qkv = layer and re.fullmatch(r"self_attn\.(q|k|v)_proj\.(weight|bias)", layer.group(2))
+    if key in _HF_VISION:
+        return _HF_VISION[key], None
+    if key in PROJECTIONS:
+        return PROJECTIONS[key], None
+    if key.startswith("text_model."):
+        return "bert." + key[len("text_model."):], None
+    if qkv:
+        return f"visual.transformer.resblocks.{layer.group(1)}.attn.in_proj_{qkv.group(2)}", qkv.group(1)
+    if layer and layer.group(2) in _HF_BLOCK:
+        return f"visual.transformer.resblocks.{layer.group(1)}.{_HF_BLOCK[layer.group(2)]}", None
+    raise WeightsError(f"{key}: a ChineseCLIPModel tensor with no place in Chinese-CLIP's checkpoint format")
+
+
 def from_hf_state_dict(state: dict) -> dict[str, torch.Tensor]:
     """`to_hf_state_dict` undone: `ChineseCLIPModel`'s tensors under cn_clip's names (q, k, v packed
     into one projection again, `Linear` projections transposed back into `x @ proj` matrices,
     `text_model.*` -> `bert.*`): what cn_clip's `CLIP.load_state_dict` takes."""
-    vision = {v: k for k, v in _VISION.items()}
-    block = {v: k for k, v in _VISION_BLOCK.items()}
     out, packed = {}, {}
     for key, value in state.items():
-        layer = re.match(r"vision_model\.encoder\.layers\.(\d+)\.(.+)$", key)
-        qkv = layer and re.fullmatch(r"self_attn\.(q|k|v)_proj\.(weight|bias)", layer.group(2))
-        if key in vision:
-            out[vision[key]] = value
-        elif key in ("visual_projection.weight", "text_projection.weight"):
-            out["visual.proj" if key.startswith("visual") else "text_projection"] = value.t()
-        elif key.startswith("text_model."):
-            out["bert." + key[len("text_model."):]] = value
-        elif qkv:
-            packed.setdefault((layer.group(1), qkv.group(2)), {})[qkv.group(1)] = value
-        elif layer and layer.group(2) in block:
-            out[f"visual.transformer.resblocks.{layer.group(1)}.{block[layer.group(2)]}"] = value
+        name, part = cnclip_key(key)
+        if part:
+            packed.setdefault(name, {})[part] = value
         else:
-            raise WeightsError(f"{key}: a ChineseCLIPModel tensor with no place in Chinese-CLIP's checkpoint format")
-    for (index, kind), parts in packed.items():
-        out[f"visual.transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat([parts[n] for n in "qkv"])
+            out[name] = value.t() if key in PROJECTIONS else value
+    for name, parts in packed.items():
+        out[name] = torch.cat([parts[n] for n in "qkv"])
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -224,6 +236,10 @@ def load_cnclip(path: str, heads: dict | None = None):
     state = read_checkpoint(path)
     arch = infer_architecture(state, path, heads)
     model = ChineseCLIPModel(hf_config(arch))
+    missing = sorted({cnclip_key(key)[0] for key in model.state_dict()} - state.keys())
+    if missing:  # named as the file names its tensors
+        raise WeightsError(f"{path}: not a whole Chinese-CLIP checkpoint: it lacks {len(missing)} of the tensors its "
+                           f"shape has ({first_of(missing, 4)})")
     try:
         load_weights(model, to_hf_state_dict(state, path), path, assign=True)
     except CheckpointError as exc:

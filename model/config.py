@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -72,6 +73,20 @@ class Preprocessing:
     text_normalization: TextNormalization = "nfkc+collapse-whitespace"  # before the tokenizer; cn-clip: Chinese-CLIP's
 
 
+@dataclass
+class LoraConfig:
+    """`train.lora`: LoRA adapters on the model's transformer towers (`model.lora`, through peft)."""
+    rank: int = 0                      # LoRA adapters of this rank on the transformer towers (peft); 0: off, full
+                                       # fine-tuning
+    alpha: float = 16.0                # the adapters' scale is alpha / rank
+    dropout: float = 0.0               # dropout on the adapters' input, in training
+    text_targets: list | None = None   # text tower Linear layers to adapt, by name suffix; null: the family's
+                                       # default (query, value)
+    image_targets: list | None = None  # image tower likewise; null: the family's default (q_proj, v_proj in
+                                       # Chinese-CLIP, qkv in a timm ViT); [] or a CNN tower: no adapters, it trains
+                                       # as configured
+
+
 # keys of the model section under their former names: a config (a preset, a saved run's config.yaml)
 # that uses one is read as if it used the new one, with a warning
 RENAMED = {"logit_scale_init": "inverse_temperature_init", "logit_scale_max": "inverse_temperature_max"}
@@ -110,6 +125,32 @@ def read_sections(config: dict, where: str) -> tuple[ModelConfig, Preprocessing]
         except RecordError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     return sections[0], sections[1]
+
+
+def read_lora(config: dict, where: str) -> LoraConfig:
+    """`train.lora` of a whole run config (the config a checkpoint saved), read by the record rule."""
+    values = (config.get("train") or {}).get("lora") or {}
+    try:
+        return from_dict(LoraConfig, values, what="config: train: lora", numbers_from_strings=True)
+    except RecordError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def check_multiplier(model: ModelConfig, former: dict[str, str] | None = None) -> None:
+    """The similarity multiplier's settings: finite, from 1 to `inverse_temperature_max` (training
+    clamps exp(logit_scale) to [1, max]). A ConfigError names the key as the config wrote it
+    (`former`: a field's former name, where that was used)."""
+    def key(name: str) -> str:
+        return f"model.{(former or {}).get(name, name)}"
+
+    init, most = model.inverse_temperature_init, model.inverse_temperature_max
+    if not (math.isfinite(most) and most >= 1):
+        raise ConfigError(f"{key('inverse_temperature_max')}={most!r}; expected a finite number of at least 1 (the "
+                          "multiplier's clamp in training; CLIP's is 100)")
+    if not (math.isfinite(init) and 1 <= init <= most):
+        raise ConfigError(f"{key('inverse_temperature_init')}={init!r}; expected a finite number from 1 to "
+                          f"{key('inverse_temperature_max')}={most:g} (training clamps the multiplier to that range; "
+                          "CLIP starts at 1 / 0.07 = 14.3)")
 
 
 def check_model_config(model: ModelConfig) -> None:

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, flip_refusal
-from .family import Layout, RetrievalModel, checkpoint_activations, transformer_layout, with_head_group
+from .family import (
+    Layout,
+    RetrievalModel,
+    changed_settings,
+    checkpoint_activations,
+    transformer_layout,
+    with_head_group,
+)
 from .layers import CLIP_MEAN, CLIP_STD, PixelNormalize, TextPool, projection_head
 from .weights import load_pretrained
 
@@ -31,6 +38,11 @@ class DualEncoder(RetrievalModel):
     @staticmethod
     def tokenizer_source(cfg: ModelConfig) -> str | None:
         return cfg.text.name
+
+    def ignored_settings(self, cfg: ModelConfig) -> dict[str, str]:
+        """`model.config` is a Chinese-CLIP's (the towers are `model.text` and `model.image`)."""
+        return {f"model.{key}": "the chinese-clip family's; the towers here are model.text and model.image"
+                for key in changed_settings(cfg, ("config",))}
 
     @classmethod
     def create(cls, cfg: ModelConfig, vocab_size: int | None = None) -> DualEncoder:
@@ -101,6 +113,11 @@ class DualEncoder(RetrievalModel):
 
     def encode_image(self, pixels):
         return F.normalize(self.image_proj(self.image(self.pixels(pixels))), dim=-1)
+
+    def lora_targets(self, kind: str) -> list[str]:
+        """The text tower's attention query and value (peft's default for BERT); a timm ViT's fused qkv
+        projection (a CNN has none: it trains as configured)."""
+        return ["query", "value"] if kind == "text" else ["qkv"]
 
     def set_grad_checkpointing(self) -> None:
         checkpoint_activations(self.text)

@@ -25,17 +25,27 @@ from competition.preprocess import TOKENIZER_DIR, TextTokenizer, directory_token
 from infra.io import sha256
 
 from .chinese_clip import ChineseCLIPEncoder
-from .config import ModelConfig, Preprocessing, read_sections
+from .config import ConfigError, ModelConfig, Preprocessing, read_lora, read_sections
 from .dual import DualEncoder
 from .family import RetrievalModel
+from .lora import LoraSettingError, add_lora, has_adapters, merged_state_dict
 from .tokenizer import prepare_tokenizer
-from .weights import CheckpointError, WeightsError, checkpoint_path, load_checkpoint, load_weights, safe_load
+from .weights import (
+    CheckpointError,
+    WeightsError,
+    checkpoint_path,
+    load_checkpoint,
+    load_weights,
+    names_a_local_path,
+    safe_load,
+)
 
 log = logging.getLogger(__name__)
 FAMILIES = {cls.family: cls for cls in (DualEncoder, ChineseCLIPEncoder)}  # `model.config.Family` names each
 CONTEXT_LENGTH = 52  # Chinese-CLIP's text length
 RENAMED_ARCH = {"logit_scale_max": "inverse_temperature_max"}  # in the checkpoints of earlier versions
 TRANSFORMERS_CONFIG = "config.json"  # what tells a `transformers` directory from a run directory
+RUN_CONFIG = "config.yaml"  # a run directory's config (its checkpoints beside it)
 
 
 def create_model(cfg: ModelConfig, vocab_size: int | None = None) -> tuple[RetrievalModel, dict]:
@@ -76,6 +86,7 @@ def load_model(source: str, checkpoint: str = "best", tokenizer: str | None = No
     muge checkpoint file (its run directory holds the tokenizer), or published Chinese-CLIP weights
     (a hub name, a `transformers` directory with its config.json, a cn_clip `.pt`). `tokenizer`
     and `heads` go with published weights only (`pretrained_model`); a run brings its own."""
+    _check_source(source, checkpoint)
     run_dir = _run_dir(source)
     if run_dir is None:
         return pretrained_model(source, tokenizer, heads)
@@ -83,6 +94,31 @@ def load_model(source: str, checkpoint: str = "best", tokenizer: str | None = No
         raise WeightsError(f"{source}: a run's checkpoint brings its own tokenizer and architecture; a tokenizer or "
                            "attention heads go with published weights only")
     return run_model(run_dir, source if os.path.isfile(source) else checkpoint)
+
+
+def _check_source(source: str, checkpoint: str) -> None:
+    """A local path that is not there, or a directory that is neither published weights nor a run,
+    named as such (not as a hub id that could not be fetched, or a missing best.pt)."""
+    if not os.path.exists(os.path.expanduser(source)):
+        if names_a_local_path(source):
+            raise WeightsError(f"{source}: not found (no such file or directory)")
+        return  # a hub id
+    wanted = os.path.basename(checkpoint_path(source, checkpoint)) if os.path.isdir(source) else None
+    held = [name for name in (TRANSFORMERS_CONFIG, RUN_CONFIG, wanted) if wanted and
+            os.path.isfile(os.path.join(source, name))]
+    if wanted and not held:
+        raise WeightsError(f"{source}: no {TRANSFORMERS_CONFIG} or {wanted}: neither published weights (a "
+                           "transformers directory) nor a training run")
+
+
+def source_paths(source: str, checkpoint: str = "best") -> list[str]:
+    """What a load of `source` reads on disk, which an output must never replace: the run directory
+    (a muge checkpoint file's own), a `checkpoint` given as a path, or the published weights' file
+    or directory (a hub name reads nothing here)."""
+    run_dir = _run_dir(source)
+    if run_dir is None:
+        return [source]
+    return [run_dir] + ([checkpoint] if os.path.isfile(checkpoint) else [])
 
 
 def _run_dir(source: str) -> str | None:
@@ -102,11 +138,29 @@ def _run_dir(source: str) -> str | None:
     return os.path.dirname(os.path.abspath(source)) if is_ours else None
 
 
+def plain_checkpoint(path: str, mmap: bool = False) -> dict:
+    """A muge checkpoint whose `model` is its plain architecture's state dict: a LoRA run's
+    `last.pt` holds adapters beside the frozen weights, merged here as `best.pt`'s are (peft's
+    delta, with the run's own `train.lora` settings), so every reader sees an ordinary model."""
+    ckpt = load_checkpoint(path, mmap=mmap)
+    if has_adapters(ckpt["model"]):
+        model = build_from_arch(ckpt["arch"], path)
+        try:
+            add_lora(model, read_lora(ckpt["config"], path))
+        except (ConfigError, LoraSettingError) as exc:
+            raise CheckpointError(f"{path}: holds LoRA adapters that its config's train.lora cannot rebuild "
+                                  f"({exc})") from None
+        load_weights(model, ckpt["model"], path, " (a LoRA run's last.pt: adapters beside the frozen weights)")
+        ckpt["model"] = merged_state_dict(model)
+    return ckpt
+
+
 def run_model(run_dir: str, checkpoint: str = "best") -> LoadedModel:
     """A run's checkpoint rebuilt offline, memory-mapped: the model takes the file's tensors as
-    they are (one copy of the weights, not two), with the run's tokenizer and preprocessing."""
+    they are (one copy of the weights, not two), with the run's tokenizer and preprocessing; a
+    LoRA run's `last.pt` with its adapters merged (`plain_checkpoint`)."""
     path = checkpoint_path(run_dir, checkpoint)
-    ckpt = load_checkpoint(path, mmap=True)
+    ckpt = plain_checkpoint(path, mmap=True)
     model = build_from_arch(ckpt["arch"], path)
     load_weights(model, ckpt.pop("model"), path, assign=True)
     _, data = read_sections(ckpt["config"], path)

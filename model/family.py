@@ -57,6 +57,11 @@ class RetrievalModel(nn.Module, metaclass=ABCMeta):
     def to_arch(self) -> dict:
         return {"family": self.family, **self.arch}
 
+    def ignored_settings(self, cfg: ModelConfig) -> dict[str, str]:
+        """Keys of the model section set away from their defaults that this family does not read,
+        each with what it uses instead (a warning at training's start); {} by default."""
+        return {}
+
     def weights_source(self) -> dict | None:
         """`source`, as the bundle's manifest records it (a family may add hashes of local files)."""
         return self.source
@@ -113,6 +118,11 @@ class RetrievalModel(nn.Module, metaclass=ABCMeta):
 
     # -- training -------------------------------------------------------------------------------------
     @abstractmethod
+    def lora_targets(self, kind: str) -> list[str]:
+        """`train.lora`'s default targets in tower `kind` (text | image), by name suffix: the layers
+        adapted where the config names none (a tower that has none of them gets no adapters)."""
+
+    @abstractmethod
     def param_layout(self, coarse: bool = False) -> Layout:
         """Every parameter's (group: text | image | head, layer id, top layer id): layer-wise lr
         decay and freezing read it; `coarse` groups an image tower by stage rather than block."""
@@ -127,6 +137,18 @@ class RetrievalModel(nn.Module, metaclass=ABCMeta):
 
 
 _LAYER = re.compile(r"\.layers?\.(\d+)\.")
+
+
+def changed_settings(cfg: ModelConfig, keys: tuple[str, ...]) -> list[str]:
+    """Those of the dotted `keys` (`text.name`) whose value in `cfg` is not the default's."""
+    default = ModelConfig()
+
+    def value(obj, key):
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    return [key for key in keys if value(cfg, key) != value(default, key)]
 
 
 def transformer_layout(names: list[str], prefix: str, group: str) -> Layout:

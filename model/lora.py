@@ -1,34 +1,36 @@
 """LoRA adapters (`peft`) on a model's transformer towers, and the plain model they merge into.
 
-`add_lora` wraps the tower's `Linear` layers named by `targets` (name suffixes, as peft matches
-them) with rank-`rank` adapters, in place: the model keeps its family's class and interface,
-its parameters gain `...lora_A.default.weight` / `...lora_B.default.weight` beside each wrapped
-layer's `...base_layer.*`. Training then updates the adapters (and whatever the training harness
-leaves trainable: the heads, the logit scale, a tower without adapters); the wrapped layers stay
-frozen, so they need no gradients and no optimizer state.
+`add_lora` wraps the tower's `Linear` layers named by `train.lora`'s targets (name suffixes, as
+peft matches them; the family's own default where none are given) with adapters, in place: the
+model keeps its family's class and interface, its parameters gain `...lora_A.default.weight` /
+`...lora_B.default.weight` beside each wrapped layer's `...base_layer.*`. Training then updates
+the adapters (and whatever the training harness leaves trainable: the heads, the logit scale, a
+tower without adapters); the wrapped layers stay frozen, so they need no gradients and no
+optimizer state. `plan_lora` checks the settings against the model first, naming the key.
 
 `merged_state_dict` is the state dict of the plain architecture (`W + B A * alpha / rank` in
 place of each wrapped layer, peft's own delta): what `best.pt` holds, so export, soups and every
-other reader of a checkpoint see an ordinary model of that shape.
+other reader of a checkpoint see an ordinary model of that shape; `model.factory` merges a LoRA
+run's `last.pt` the same way.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-# peft's defaults where it has one (BERT: query, value); CLIP-style vision towers likewise their
-# attention's query and value projections; a timm ViT's fused qkv projection
-DEFAULT_TARGETS = {("chinese-clip", "text"): ["query", "value"], ("chinese-clip", "image"): ["q_proj", "v_proj"],
-                   ("dual", "text"): ["query", "value"], ("dual", "image"): ["qkv"]}
+from .config import LoraConfig
+
 ADAPTER = ".lora_"  # in the name of every adapter parameter
+SECTION = "train.lora"  # where the settings are, for messages
 
 
-class LoraTargetError(ValueError):
-    """Target names that match no `Linear` layer of a tower; `tower` says which (text | image)."""
+class LoraSettingError(ValueError):
+    """`train.lora` settings that do not fit the model; the message names the key."""
 
-    def __init__(self, tower: str, message: str):
-        super().__init__(message)
-        self.tower = tower
+
+def has_adapters(state: dict) -> bool:
+    """Whether a state dict holds LoRA adapters (a LoRA run's `last.pt`)."""
+    return any(ADAPTER in key for key in state)
 
 
 def lora_targets(model, kind: str, suffixes: list[str]) -> list[str]:
@@ -39,26 +41,47 @@ def lora_targets(model, kind: str, suffixes: list[str]) -> list[str]:
             and any(name == s or name.endswith("." + s) for s in suffixes)]
 
 
-def add_lora(model, rank: int, alpha: float, dropout: float,
-             targets: dict[str, list[str] | None]) -> dict[str, int]:
-    """Adapters of `rank` on each tower's layers named by `targets` ({"text": suffixes, "image":
-    suffixes}; None: the family's default, `DEFAULT_TARGETS`, which a tower without such layers,
-    a CNN, simply does not get); returns the number of layers wrapped per tower. Suffixes given
-    that name no `Linear` layer of their tower are a LoraTargetError naming them."""
+def plan_lora(model, lora: LoraConfig) -> dict[str, list[str]]:
+    """The layers `lora` adapts in each tower (`text`, `image`), checked against `model` before
+    anything is allocated: given targets must name a `Linear` layer of their tower (the family's
+    default, `model.lora_targets`, may match none: a CNN tower trains as configured), some layer
+    must be adapted, and the rank may not pass the adapted layers' width (past it an adapter adds
+    cost and no capacity). A LoraSettingError names the key."""
+    plan = {}
+    for kind in ("text", "image"):
+        given = getattr(lora, f"{kind}_targets")
+        suffixes = model.lora_targets(kind) if given is None else given
+        plan[kind] = lora_targets(model, kind, suffixes) if suffixes else []
+        if given and not plan[kind]:
+            raise LoraSettingError(f"{SECTION}.{kind}_targets={given!r}: no {kind} tower Linear layer is named "
+                                   f"{', '.join(given)} (by its name's end)")
+    layers = dict(model.named_modules())
+    adapted = [layers[name] for names in plan.values() for name in names]
+    if not adapted:
+        raise LoraSettingError(f"{SECTION}.rank={lora.rank}, but no layer gets an adapter ({SECTION}.text_targets="
+                               f"{lora.text_targets!r}, {SECTION}.image_targets={lora.image_targets!r}): that would "
+                               f"be a full fine-tune; name target layers, or set {SECTION}.rank=0")
+    width = min(min(m.in_features, m.out_features) for m in adapted)
+    if lora.rank > width:
+        raise LoraSettingError(f"{SECTION}.rank={lora.rank} is above the width of the adapted layers ({width}): a "
+                               f"rank past it adds cost and no capacity; set {SECTION}.rank to {width} or less")
+    return plan
+
+
+def add_lora(model, lora: LoraConfig) -> dict[str, int]:
+    """Adapters per `lora` on the model's towers (checked by `plan_lora` first); returns the number
+    of layers wrapped per tower."""
     import peft
 
-    wrapped, counts = [], {}
-    for kind, given in targets.items():
-        suffixes = DEFAULT_TARGETS[(model.family, kind)] if given is None else given
-        names = lora_targets(model, kind, suffixes) if suffixes else []
-        if given and not names:
-            raise LoraTargetError(kind, f"no {kind} tower Linear layer is named {', '.join(given)} (by its name's end)")
-        wrapped += names
-        counts[kind] = len(names)
-    if wrapped:
-        peft.inject_adapter_in_model(peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+    plan = plan_lora(model, lora)
+    wrapped = [name for names in plan.values() for name in names]
+    try:
+        peft.inject_adapter_in_model(peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                      target_modules=wrapped), model)
-    return counts
+    except (RuntimeError, MemoryError) as exc:  # the allocator's refusal
+        raise LoraSettingError(f"{SECTION}.rank={lora.rank}: the adapters do not fit in memory "
+                               f"({' '.join(str(exc).split())[:160]}); choose a smaller rank") from None
+    return {kind: len(names) for kind, names in plan.items()}
 
 
 @torch.no_grad()

@@ -12,6 +12,8 @@ import unicodedata
 from competition.preprocess import TEXT_NORMALIZATION, TEXT_NORMALIZATIONS, TextTokenizer
 from competition.queries import iter_queries
 
+from .weights import names_a_local_path
+
 log = logging.getLogger(__name__)
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 UNKNOWN_REFUSED, UNKNOWN_WARNED = 0.5, 0.05  # shares of [UNK] tokens in the queries checked
@@ -115,8 +117,7 @@ def _vocab_dir(name: str) -> bool:
 def check_local_path(name: str, what: str) -> None:
     """A name that is a local path must be a directory or a regular file that exists: otherwise
     say so, rather than let it be taken for a hub name."""
-    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.lexists(name)
-    if not looks_local:
+    if not names_a_local_path(name):
         return
     path = os.path.expanduser(name)
     if not os.path.exists(path):

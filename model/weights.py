@@ -84,6 +84,13 @@ def mismatch(missing, unexpected, mis_shaped) -> str:
     return "; ".join(f"{len(keys)} {kind} ({first_of(keys, 3)})" for kind, keys in kinds if keys) + " tensors"
 
 
+def names_a_local_path(name: str) -> bool:
+    """Whether `name` is meant as a path here rather than a hub id (`name` or `org/name`): it exists,
+    or is absolute, relative (`./`, `../`, `~`), more than two parts deep, or a weights file's name."""
+    return (os.path.lexists(name) or os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or name.endswith(WEIGHT_SUFFIXES))
+
+
 def _hf_kwargs(name: str) -> dict:
     # a local directory never touches the network
     return {"local_files_only": True} if os.path.isdir(name) else {}

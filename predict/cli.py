@@ -26,7 +26,10 @@ def default_name(bundle_dirs) -> str:
 @click.option("--data", "data_dir", default="data/sample", show_default=True,
               type=click.Path(exists=True, file_okay=False))
 @click.option("--split", default="test", show_default=True, help="test | valid (valid is also scored)")
-@click.option("--out", "out_path", help="Submission path (default submissions/<bundle>-<split>.jsonl).")
+@click.option("--out", "out_path", help="Submission path (default submissions/<bundle>-<split>.jsonl): a new file "
+              "or an earlier submission (replaced); anything else is refused unless --overwrite.")
+@click.option("--overwrite", is_flag=True, help="Replace a file at --out (and its .result.json) that is not an "
+              "earlier submission; never the bundle or the data.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp16", "fp32", "int8"]), default="auto", show_default=True,
               help="auto: fp16 graphs on CUDA, fp32 on CPU; int8 (CPU) needs a bundle from `muge export --int8`.")
@@ -50,8 +53,8 @@ def default_name(bundle_dirs) -> str:
               help="Re-ranking inverse temperature, in (0, 300] (default: the bundles' trained logit scale).")
 @click.option("--bank", type=click.Path(exists=True, dir_okay=False),
               help="The query bank for --rerank (default: DATA's MR_train_queries.jsonl).")
-def predict(bundle_dirs, data_dir, split, out_path, device, precision, threads, workers, batch_size, cache_dir,
-            skip_bad_images, schema, weights, tta, rerank, rerank_beta, bank):
+def predict(bundle_dirs, data_dir, split, out_path, overwrite, device, precision, threads, workers, batch_size,
+            cache_dir, skip_bad_images, schema, weights, tta, rerank, rerank_beta, bank):
     """Embed a split's gallery and queries with ONNX Runtime and write the exact top-10 submission."""
     from competition import MugeDataError, SubmissionError
     from competition.metric import score_line
@@ -73,7 +76,7 @@ def predict(bundle_dirs, data_dir, split, out_path, device, precision, threads, 
             raise click.UsageError(f"{flag} applies to --rerank, which is not given")
     opts = PredictOptions(device=device, precision=precision, threads=threads, workers=workers, batch_size=batch_size,
                           skip_bad_images=skip_bad_images, cache_dir=cache_dir, schema=schema, tta=tta,
-                          weights=weights, rerank=rerank, rerank_beta=rerank_beta, bank=bank)
+                          weights=weights, rerank=rerank, rerank_beta=rerank_beta, bank=bank, overwrite=overwrite)
     try:
         summary = predict_split(list(bundle_dirs), data_dir, split, out_path, opts)
     except (MugeDataError, SubmissionError, NonFiniteError, BundleError, PipelineError, ValueError, OSError) as exc:

@@ -12,6 +12,7 @@ waits, then reuses what the first wrote.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from competition import ImageTSV, SkippedImages, read_queries
 from infra.gallery import DecodeRing
-from infra.io import WriteError, atomic_path, content_fingerprint
+from infra.io import WriteError, atomic_path, content_fingerprint, probe_directory
 
 from .runtime import BundleEncoders
 
@@ -79,6 +80,31 @@ def cache_lock(directory: str):
         os.close(fd)
 
 
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)  # a cache that cannot be written, as opposed to a full disk
+_warned: set[str] = set()
+
+
+def cache_writable(directory: str) -> bool:
+    """Whether cache entries can be written in `directory` (made when missing). A read-only or
+    another user's cache directory is warned about once and used for reading alone: predict embeds
+    what it lacks without saving it. Any other failure (a full disk) is a WriteError naming it."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe_directory(directory, ".write-check-")
+        return True
+    except OSError as exc:
+        if exc.errno not in READ_ONLY:
+            raise WriteError(exc.errno, f"cannot write the embeddings cache {directory}: {exc.strerror or exc}; "
+                                        "give --cache-dir a writable directory") from None
+        root = directory.split(os.sep + "gallery-")[0].split(os.sep + "queries-")[0]
+        if root not in _warned:
+            _warned.add(root)
+            log.warning("the embeddings cache %s cannot be written (%s): embedding without saving what is not "
+                        "cached already (give --cache-dir a writable directory to keep it)", directory,
+                        exc.strerror or exc)
+        return False
+
+
 def load_npz(path: str, *keys: str) -> dict | None:
     """The arrays of a cache file, or None when it is absent or unreadable (a run killed while
     the disk filled, say): a cache is recomputed, never trusted half-written."""
@@ -117,6 +143,9 @@ def embed_gallery(encoders: BundleEncoders, tsv_path: str, cache_root: str, *, w
     cached = _cached_gallery(cache)  # a finished entry is read without the lock: it was written whole (renamed)
     if cached is not None:
         return cached
+    if not cache_writable(cache):
+        return _embed_gallery(encoders, tsv_path, None, workers=workers, chunk_size=chunk_size, skip_bad=skip_bad,
+                              tta=tta)
     with cache_lock(cache):
         return _cached_gallery(cache) or _embed_gallery(encoders, tsv_path, cache, workers=workers,
                                                          chunk_size=chunk_size, skip_bad=skip_bad, tta=tta)
@@ -143,13 +172,13 @@ def _completed_chunks(cache: str, n_chunks: int) -> list[dict]:
     return chunks
 
 
-def _embed_gallery(encoders: BundleEncoders, tsv_path: str, cache: str, *, workers: int, chunk_size: int,
+def _embed_gallery(encoders: BundleEncoders, tsv_path: str, cache: str | None, *, workers: int, chunk_size: int,
                    skip_bad: bool, tta: str | None) -> GalleryEmbeddings:
-    final = os.path.join(cache, "gallery.npz")
+    """Embed the gallery, resuming from and saving to the cache entry `cache` (None: no cache)."""
     tsv = ImageTSV(tsv_path)
     n = len(tsv)
     n_chunks = (n + chunk_size - 1) // chunk_size
-    chunks = _completed_chunks(cache, n_chunks)
+    chunks = _completed_chunks(cache, n_chunks) if cache else []
     done = len(chunks)
     if done:
         log.info("resuming the gallery after %d of %d completed chunks", done, n_chunks)
@@ -180,17 +209,20 @@ def _embed_gallery(encoders: BundleEncoders, tsv_path: str, cache: str, *, worke
                 pos = np.concatenate(kept)
                 f = np.concatenate(feats) if feats else np.zeros((0, encoders.dim), np.float32)
                 arrays = {"ids": tsv.ids[pos], "features": f, "skipped": np.array(json.dumps(bad))}
-                save_npz(os.path.join(cache, f"chunk-{chunk:05d}.npz"), **arrays)
+                if cache:
+                    save_npz(os.path.join(cache, f"chunk-{chunk:05d}.npz"), **arrays)
                 chunks.append(arrays)
                 feats, kept, bad = [], [], []
     bar.close()
     skipped = SkippedImages([tuple(x) for c in chunks for x in json.loads(str(c["skipped"]))])
     result = GalleryEmbeddings(np.concatenate([c["ids"] for c in chunks]),
                                np.concatenate([c["features"] for c in chunks]).astype(np.float32), skipped)
-    save_npz(final, ids=result.ids, features=result.features, skipped=np.array(json.dumps(skipped.items)))
-    for chunk in range(n_chunks):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(cache, f"chunk-{chunk:05d}.npz"))
+    if cache:
+        save_npz(os.path.join(cache, "gallery.npz"), ids=result.ids, features=result.features,
+                 skipped=np.array(json.dumps(skipped.items)))
+        for chunk in range(n_chunks):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(cache, f"chunk-{chunk:05d}.npz"))
     seconds = time.time() - start_time
     if embedded:
         log.info("embedded %d images in %.1fs (%.1f images/s)", embedded, seconds, embedded / max(seconds, 1e-9))
@@ -210,6 +242,6 @@ def embed_queries(encoders: BundleEncoders, queries_path: str, cache_root: str):
     feats = np.concatenate([encoders.encode_text(texts[i:i + batch_size])
                             for i in tqdm(range(0, len(texts), batch_size), desc="embed queries", leave=False)])
     encoders.require_finite(feats, "text", lambda r: f"query {queries[r].query_id} ({queries_path}:{queries[r].line})")
-    os.makedirs(cache, exist_ok=True)
-    save_npz(path, ids=np.array([q.query_id for q in queries]), features=feats)
+    if cache_writable(cache):
+        save_npz(path, ids=np.array([q.query_id for q in queries]), features=feats)
     return queries, feats

@@ -78,18 +78,25 @@ def manifest_from_dict(values, path: str) -> Manifest:
     if not isinstance(values, dict):
         raise BundleError(f"{path}: not a muge bundle manifest (a JSON {type(values).__name__}); re-export the bundle")
     version = values.get("format")
-    if version in UPGRADES:
-        renamed = UPGRADES[version]
+    renamed = UPGRADES.get(version, {})
+    if renamed:
+        stray = sorted(new for new in renamed.values() if new in values)
+        if stray:
+            raise BundleError(f"{path}: a {version} manifest that also has {', '.join(stray)}, which that format "
+                              f"names {', '.join(old for old, new in renamed.items() if new in stray)}: it was edited "
+                              "or mixed up; re-export the bundle")
         values = {"format": FORMAT, **{renamed.get(k, k): v for k, v in values.items() if k != "format"}}
-        version = FORMAT
-    if version != FORMAT:
+    elif version != FORMAT:
         raise BundleError(f"{path}: format {version!r}, but this muge reads {FORMAT!r} bundles: export the bundle "
                           "again with this version (or predict with the version that wrote it)")
     try:
         manifest = from_dict(Manifest, values, what="manifest")
         _check_values(manifest)
     except RecordError as exc:
-        raise BundleError(f"{path}: {exc}; re-export the bundle") from None
+        message = str(exc)
+        for old, new in renamed.items():  # named as the file names it
+            message = re.sub(rf"\b{new}\b", old, message)
+        raise BundleError(f"{path}: {message}; re-export the bundle") from None
     return manifest
 
 

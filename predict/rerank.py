@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from competition.topk import exact_topk
 
-from .embed import load_npz, save_npz
+from .embed import cache_writable, load_npz, save_npz
 
 log = logging.getLogger(__name__)
 METHODS = ("qbnorm", "dual-softmax")
@@ -108,8 +108,8 @@ def cached_bank_stats(bank: np.ndarray, gallery: np.ndarray, beta: float, cache_
     stats = bank_stats(bank, gallery, beta)
     log.info("query bank: %d queries x %d images in %.1fs; %d images (%.0f%%) are some bank query's top-1",
              len(bank), len(gallery), time.time() - t0, int(stats.active.sum()), 100 * stats.active.mean())
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_npz(path, log_norm=stats.log_norm, active=stats.active)
+    if cache_writable(os.path.dirname(path)):
+        save_npz(path, log_norm=stats.log_norm, active=stats.active)
     return stats
 
 

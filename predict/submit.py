@@ -17,10 +17,12 @@ import numpy as np
 from competition import ImageTSV, SkippedImages, ground_truth_not_in_gallery, score_predictions, write_submission
 from competition.errors import first_of
 from competition.layout import split_files, split_paths
-from competition.metric import success_json, write_result
+from competition.metric import RESULT, success_json, write_result
+from competition.submission import SUBMISSION
 from competition.topk import exact_topk, predictions_from_positions
 from infra.gallery import default_workers
-from infra.io import atomic_write_text, check_writable
+from infra.io import atomic_write_text
+from infra.outputs import OutputKind, check_output, json_with_keys
 
 from .embed import embed_gallery, embed_queries
 from .ensemble import align, fuse, parse_weights, pick_weights
@@ -29,6 +31,8 @@ from .rerank import cached_bank_stats, check_beta, rescorer
 from .runtime import BundleEncoders, has_graphs
 
 log = logging.getLogger(__name__)
+ENSEMBLE = OutputKind("ensemble record", directory=False,
+                      recognise=lambda path: json_with_keys(path, "bundles", "weights"))
 
 
 @dataclass
@@ -48,6 +52,7 @@ class PredictOptions:
     rerank: str | None = None       # "qbnorm" | "dual-softmax", against the `bank` queries
     rerank_beta: float | None = None  # None: the bundles' logit scale (their trained inverse temperature)
     bank: str | None = None         # the query bank (a queries file); None: the data's train queries
+    overwrite: bool | None = None   # --out may replace a file that is not an earlier submission (`infra.outputs`)
 
 
 @dataclass
@@ -118,9 +123,12 @@ def check_options(dirs: list[str], data_dir: str, split: str, out_path: str, opt
                              "queries (the train queries by default), never the ones being ranked")
     if os.path.exists(opts.cache_dir) and not os.path.isdir(opts.cache_dir):
         raise ValueError(f"--cache-dir {opts.cache_dir} is a file, not a directory")
-    if os.path.isdir(out_path):
-        raise ValueError(f"--out {out_path} is a directory; give the submission's file name")
-    check_writable(out_path)
+    sources = [*dirs, data_dir, opts.bank]
+    check_output(out_path, SUBMISSION, sources, opts.overwrite)
+    stem = os.path.splitext(out_path)[0]  # what is written beside the submission
+    check_output(stem + ".result.json", RESULT, sources, opts.overwrite, flag="--out's result file")
+    if len(dirs) > 1:
+        check_output(stem + ".ensemble.json", ENSEMBLE, sources, opts.overwrite, flag="--out's ensemble record")
 
 
 def _memory_available() -> int | None:

@@ -24,6 +24,7 @@ import numpy as np
 from competition import ImageTSV, MugeDataError, Query, Score, check_submission, read_queries, score_predictions
 from infra.history import HISTORY, read_history
 from infra.io import atomic_write_text
+from infra.outputs import OutputKind, check_output, read_head
 from predict.manifest import MANIFEST, BundleError, read_manifest
 
 log = logging.getLogger(__name__)
@@ -186,8 +187,17 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def write_report(out_path: str, **kwargs) -> dict:
-    """Build and write the report atomically; returns a summary (sizes, counts)."""
+GENERATOR = '<meta name="generator" content="muge-retrieval report">'  # in every report's head
+REPORT = OutputKind("report", directory=False, recognise=lambda path: GENERATOR in read_head(path, 4096)
+                    or "<title>MUGE report:" in read_head(path, 4096))  # (the second: reports before the tag)
+
+
+def write_report(out_path: str, overwrite: bool | None = None, **kwargs) -> dict:
+    """Build and write the report atomically (a new file, or an earlier report: replaced; anything
+    else only with `overwrite`, never an input); returns a summary (sizes, counts)."""
+    inputs = [kwargs.get("queries_path"), kwargs.get("images_path"), *kwargs.get("pred_paths", ()),
+              kwargs.get("run_dir")]
+    check_output(out_path, REPORT, inputs, overwrite)
     data = report_data(**kwargs)
     html = render(data)
     atomic_write_text(out_path, html)

@@ -446,10 +446,10 @@ def test_average_refuses_an_out_that_is_an_input_and_partial_runs(runs, tmp_path
     shutil.copytree(runs["dual"], a)
     shutil.copytree(runs["dual"], b)
     before = (a / "best.pt").read_bytes()
-    refused(muge("average", a, b, "--out", a), "is one of the runs being averaged", "nothing written")
-    refused(muge("average", a, b, "--out", str(b) + "/"), "is one of the runs being averaged")
+    refused(muge("average", a, b, "--out", a), f"--out {a} is {a} itself, which this command reads", "nothing written")
+    refused(muge("average", a, b, "--out", str(b) + "/"), "itself, which this command reads")
     assert (a / "best.pt").read_bytes() == before
-    refused(muge("average", a, b, "--out", runs["chinese-clip"]), "muge average did not write")
+    refused(muge("average", a, b, "--out", runs["chinese-clip"]), "is a run muge wrote, not a soup")
     (b / "config.yaml").unlink()
     refused(muge("average", a, b, "--out", tmp_path / "soup"), "config.yaml", "nothing written")
     assert not (tmp_path / "soup").exists()
@@ -729,3 +729,110 @@ def test_flip_on_a_cnn_preset_is_refused_before_its_weights_are_fetched(small_sa
     refused(muge("train", "--config", "configs/bert-convnext.yaml", "--data", small_sample, "--out", tmp_path / "run",
                  "--set", "train.mask_ratio=0.5"), "the image tower convnext_tiny has no patch tokens to drop")
     assert not (tmp_path / "run").exists()
+
+
+# -- round 4: settings checked where they are read ------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("model.inverse_temperature_init=0", "model.inverse_temperature_init=0"),
+    ("model.inverse_temperature_init=-3", "model.inverse_temperature_init=-3"),
+    ("model.inverse_temperature_init=0.5", "model.inverse_temperature_init=0.5; expected a finite number from 1 to "
+                                           "model.inverse_temperature_max=100"),
+    ("model.inverse_temperature_init=.nan", "model.inverse_temperature_init=nan"),
+    ("model.inverse_temperature_init=200", "model.inverse_temperature_init=200"),
+    ("model.inverse_temperature_max=.inf", "model.inverse_temperature_max=inf; expected a finite number of at least 1"),
+    ("model.inverse_temperature_max=0", "model.inverse_temperature_max=0")])
+def test_the_similarity_multiplier_is_refused_out_of_range_naming_the_key(small_sample, preset, tmp_path, override,
+                                                                          message):
+    """Never "math domain error", a divergence blamed on the rates, or a silent clamp."""
+    refused(muge("train", "--config", preset, "--data", small_sample, "--out", tmp_path / "r", "--set", override),
+            message, "expected a finite number")
+    assert not (tmp_path / "r").exists()
+    from train.config import ConfigError, load_config
+
+    for former in ("model.logit_scale_init=0", "model.logit_scale_max=-1"):  # named as the config wrote it
+        with pytest.raises(ConfigError, match=re.escape(former)):
+            load_config(None, [former])
+
+
+def test_a_key_the_family_does_not_read_is_warned_about_with_what_is_used(small_sample, tmp_path, caplog):
+    import logging
+
+    from competition.layout import split_files
+    from train.main import build_training
+
+    caplog.set_level(logging.WARNING, logger="train.main")
+    cfg = tiny_config("chinese-clip", "model.inverse_temperature_init=50", "model.embed_dim=64")
+    training = build_training(cfg, split_files(str(small_sample), "train"), str(tmp_path))
+    used = float(training.model.logit_scale.exp())
+    assert f"model.inverse_temperature_init is set, but the chinese-clip family does not read it (the multiplier " \
+           f"starts at the model's own exp(logit_scale) = {used:.4g})" in caplog.text
+    assert "model.embed_dim is set, but the chinese-clip family does not read it" in caplog.text
+    caplog.clear()
+    build_training(tiny_config("dual", "model.config={projection_dim: 8}"), split_files(str(small_sample), "train"),
+                   str(tmp_path / "d"))
+    assert "model.config is set, but the dual family does not read it" in caplog.text
+
+
+def test_resume_with_new_rates_and_epochs_follows_them(small_sample, tmp_path, caplog):
+    """The restored optimizer takes config.yaml's rates and the schedule its length: not the
+    checkpoint's, while the checkpoint's config records the new ones."""
+    import logging
+
+    from model.weights import load_checkpoint
+    from train.main import train_run
+    from train.scheduler import lr_factor
+
+    base = ("data.limit_pairs=64", "eval.untrained=false", "train.warmup_steps=0", "train.min_lr_ratio=0.1")
+    out = tmp_path / "run"
+    train_run(tiny_config("dual", "train.epochs=1", *base), str(small_sample), str(out))
+    caplog.set_level(logging.INFO, logger="train.main")
+    cfg = tiny_config("dual", "train.epochs=2", "train.lr.text=1.0e-2", *base)
+    train_run(cfg, str(small_sample), str(out), resume=True)
+    assert "train.epochs 1 -> 2" in caplog.text and "'text': 0.01" in caplog.text
+    last = load_checkpoint(str(out / "last.pt"))
+    assert last["config"]["train"]["epochs"] == 2 and last["epoch"] == 2
+    groups = last["optimizer"]["param_groups"]
+    text = [g for g in groups if g["group"] == "text"]
+    assert all(g["initial_lr"] == pytest.approx(1e-2 * g["lr_scale"]) for g in text)
+    step = last["step"]  # the schedule of 2 epochs ends where the run ends: at its floor, on the new rates
+    assert all(g["lr"] == pytest.approx(g["initial_lr"] * lr_factor(step, 0, step, 0.1)) for g in groups)
+
+
+def test_pretrained_weights_errors_say_what_is_there(small_sample, tmp_path):
+    (tmp_path / "empty").mkdir()
+    args = ["--out", tmp_path / "b", "--data", small_sample]
+    refused(muge("export", "--pretrained", tmp_path / "empty", *args),
+            f"{tmp_path / 'empty'}: no config.json or best.pt: neither published weights")
+    refused(muge("export", "--pretrained", tmp_path / "nowhere" / "x", *args), "nowhere/x: not found")
+    refused(muge("export", "--pretrained", "./missing-clip.pt", *args), "./missing-clip.pt: not found")
+    refused(muge("export", tmp_path / "empty", "--checkpoint", "last", *args), "no config.json or last.pt")
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_transformers_directory_as_run_dir_is_exported_as_published_weights(small_sample, tmp_path):
+    from conftest import tiny_chinese_clip_dir
+
+    hf = tiny_chinese_clip_dir(tmp_path / "published", small_sample)
+    accepted(muge("export", hf, "--format", "hf", "--out", tmp_path / "hf"))
+    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    assert "The published weights `published`" in card and str(tmp_path) not in card
+    refused(muge("export", hf, "--format", "cnclip", "--out", tmp_path / "x.pt"), "cn_clip's code cannot build this "
+            "model: vision_config.intermediate_size=64")
+    accepted(muge("export", hf, "--out", tmp_path / "bundle", "--data", small_sample, *FAST_EXPORT))
+
+
+def test_a_former_manifest_is_read_by_its_own_names(tiny_bundle):
+    from predict.manifest import BundleError, manifest_from_dict
+
+    with open(os.path.join(tiny_bundle, "manifest.json"), encoding="utf-8") as f:
+        now = json.load(f)
+    former = {**{k: v for k, v in now.items() if k != "inverse_temperature"}, "format": "muge-bundle/1",
+              "logit_scale": now["inverse_temperature"]}
+    assert manifest_from_dict(former, "m.json").inverse_temperature == now["inverse_temperature"]
+    with pytest.raises(BundleError, match=r"m.json: logit_scale=-1.0: expected a positive finite number"):
+        manifest_from_dict({**former, "logit_scale": -1.0}, "m.json")
+    with pytest.raises(BundleError, match="a muge-bundle/1 manifest that also has inverse_temperature, which that "
+                                          "format names logit_scale"):
+        manifest_from_dict({**former, "inverse_temperature": 5.0}, "m.json")
+    with pytest.raises(BundleError, match="logit_scale"):  # and a /2 manifest refuses the former name
+        manifest_from_dict({**now, "logit_scale": 5.0}, "m.json")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import muge, refused
+from conftest import accepted, muge, refused
 from tiny import tiny_config
 
 from bench.table import ROOT
@@ -98,7 +98,7 @@ def test_train_bench_reports_step_loop_and_pipeline(small_sample, tmp_path):
     save_config(tiny_config("dual", "data.limit_pairs=96", "train.batch_size=32"), str(tmp_path / "tiny.yaml"))
     out = tmp_path / "bench.json"
     res = _bench("train", "--config", tmp_path / "tiny.yaml", "--data", small_sample, "--steps", 4, "--warmup", 1,
-                 "--no-compiled", "--lora", 4, "--json", out)
+                 "--no-compiled", "--lora", 4, "--lora", 2, "--lora", 4, "--json", out)
     r = _stamped(out)
     for key in ("step_samples_per_s", "loop_samples_per_s", "loop_step_ratio", "flops_per_sample", "decode_ms",
                 "sample_ms"):
@@ -107,8 +107,13 @@ def test_train_bench_reports_step_loop_and_pipeline(small_sample, tmp_path):
     assert r["batch_size"] == 32 and r["workers_needed"] >= 1
     assert "2 epoch(s) of 3 batches" in res.output  # 5 timed+warm-up batches over 3-batch epochs
     assert [row["what"].split(" (")[0] for row in r["rows"]] == ["bare step, eager", "bare step, eager, LoRA rank 4",
-                                                                  "real loop, eager", "data, one core"]
+                                                                  "bare step, eager, LoRA rank 2", "real loop, eager",
+                                                                  "data, one core"]  # each rank timed once
     assert r["rows"][1]["of_full"] > 0 and "M trained)" in r["rows"][1]["what"]
+    refused(muge("bench", "train", "--config", tmp_path / "tiny.yaml", "--data", small_sample, "--lora", 4, "--set",
+                 "train.lora.text_targets=[nope]", "--json", tmp_path / "no.json"),
+            "train.lora.text_targets=['nope']: no text tower Linear layer is named nope")
+    assert not (tmp_path / "no.json").exists()
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0 and peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == 156
     assert peak_tflops("cpu", "fp32") is None
@@ -230,7 +235,12 @@ def test_predict_bench_measures_the_pipeline_against_decode_only(small_sample, t
     (["predict", "--bundle", "/nonexistent-muge"], "is not an export bundle"),
     (["predict", "--pipeline", "--data", "/nonexistent-muge"], "not found"),
     (["quality", "--pretrained", "/nonexistent-muge"], "not found"),
-    (["topk", "--json", "/nonexistent-muge/t.json"], "cannot write /nonexistent-muge/t.json"),
+    (["topk", "--json", "/proc/nonexistent-muge/t.json"], "cannot write /proc/nonexistent-muge/t.json"),
+    (["topk", "--json", "README.md"], "--json README.md is a file muge did not write as a bench table (JSON)"),
+    (["topk", "--csv", "configs/sample.yaml"], "is a file muge did not write as a bench table (CSV)"),
+    (["lora", "--lora-set", "train.lora.text_targets=[nope]"], "no text tower Linear layer is named nope"),
+    (["lora", "--lora", "1000"], "train.lora.rank=1000 is above the width of the adapted layers (128)"),
+    (["quality", "--work", "."], "--work . holds"),
     (["topk", "--json", "/proc/muge-t.json"], "cannot write /proc/muge-t.json"),
     (["predict", "--csv", "/proc/muge-t.csv"], "cannot write /proc/muge-t.csv"),
     (["scale", "--json", "/proc/muge-t.json"], "cannot write /proc/muge-t.json"),
@@ -252,6 +262,19 @@ def test_predict_bench_measures_the_pipeline_against_decode_only(small_sample, t
     (["topk", "--csv", "/tmp"], "is a directory")])
 def test_every_bench_checks_its_arguments_before_any_work(args, message):
     refused(muge("bench", *args), message)
+
+
+def test_a_repeated_lora_rank_is_measured_once(monkeypatch, tmp_path):
+    """`muge bench scale --lora 8 --lora 8`: one memory row for rank 8, as repeated presets and stages."""
+    import bench.scale
+
+    seen = []
+    monkeypatch.setattr(bench.scale, "bench_one", lambda preset, work, data, opts, echo: seen.append(
+        (preset, opts["lora"], sorted(opts["stages"]))) or [])
+    monkeypatch.setattr(bench.scale, "small_split", lambda work, queries, images: str(tmp_path / "data"))
+    accepted(muge("bench", "scale", "--preset", "cnclip-vit-b16", "--preset", "cnclip-vit-b16", "--stage", "memory",
+                  "--stage", "memory", "--lora", 8, "--lora", 0, "--lora", 8, "--work", tmp_path / "w"))
+    assert seen == [("cnclip-vit-b16", (8, 0), ["memory"])]
 
 
 def test_bench_default_paths_are_the_checkouts_wherever_it_runs(tmp_path, monkeypatch):

@@ -256,13 +256,20 @@ def test_a_config_whose_image_size_differs_from_the_weights_is_refused(checkpoin
      "1 tensors are not Chinese-CLIP's (extra.weight)"),
     (lambda d: torch.save({"state_dict": tiny_resnet_cn_clip().state_dict()}, d / "x.pt"),
      "a ResNet (RN50) Chinese-CLIP: transformers has no ResNet Chinese-CLIP"),
-], ids=["another-model", "truncated", "pickled-code", "not-a-dict", "extra-tensor", "rn50"])
+    (lambda d: torch.save({"state_dict": {k: v for k, v in tiny_cn_clip().state_dict().items()
+                                          if k not in MISSING}}, d / "x.pt"),
+     "not a whole Chinese-CLIP checkpoint: it lacks 2 of the tensors its shape has (bert.encoder.layer.1.output."
+     "dense.bias, visual.transformer.resblocks.0.attn.in_proj_weight)"),  # named as cn_clip names them
+], ids=["another-model", "truncated", "pickled-code", "not-a-dict", "extra-tensor", "rn50", "missing-tensors"])
 def test_a_malformed_checkpoint_gets_one_clear_error(small_sample, tmp_path, make, message):
     make(tmp_path)
     refused(muge("export", "--pretrained", tmp_path / "x.pt", "--tokenizer", VOCAB.rsplit("/", 1)[0], "--out",
                  tmp_path / "b", "--data", small_sample), f"{tmp_path / 'x.pt'}", message, "no bundle written")
     assert not (tmp_path / "b").exists() and not (tmp_path / "pwned").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".pretrained-")]
+
+
+MISSING = ("visual.transformer.resblocks.0.attn.in_proj_weight", "bert.encoder.layer.1.output.dense.bias")
 
 
 class Evil:

@@ -265,13 +265,14 @@ def test_more_processes_than_gpus_is_refused_before_any_work(monkeypatch):
 def _lora_model(family: str):
     """`_model` with LoRA adapters (their B away from zero, so every adapter has a gradient) and
     the towers' own weights frozen, as `train.lora` trains it."""
+    from model.config import LoraConfig
     from model.lora import add_lora
     from train.config import FreezeConfig
     from train.optim import apply_freeze
 
     model = _model(family, dropout=False)
     torch.manual_seed(2)
-    add_lora(model, 4, 8.0, 0.0, {"text": None, "image": None})
+    add_lora(model, LoraConfig(rank=4, alpha=8.0))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

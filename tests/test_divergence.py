@@ -107,3 +107,15 @@ def test_a_run_that_diverges_after_a_good_epoch_keeps_its_checkpoints_and_resume
     train_run(cfg, str(small_sample), str(out), resume=True)
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2] and all(h["train_loss"] < 100 for h in history)
+
+
+def test_a_run_that_took_no_update_ends_with_the_divergence_message(small_sample, tmp_path, monkeypatch):
+    """Fewer steps than train.max_skipped_steps, every one skipped: the run stops non-zero, and no
+    best.pt of an epoch that took no update is written."""
+    cfg = tmp_path / "tiny.yaml"
+    save_config(tiny_config("dual", "train.epochs=2", "data.limit_pairs=64", "train.max_skipped_steps=5"), str(cfg))
+    _poisoned(monkeypatch, set(range(10**6)))
+    refused(muge("train", "--config", cfg, "--data", small_sample, "--out", tmp_path / "run"),
+            "training diverged in epoch 1: every one of its 2 updates had a non-finite loss or gradients and was "
+            "skipped, so it took none", "Try lower learning rates")
+    assert not (tmp_path / "run").exists()

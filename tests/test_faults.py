@@ -274,11 +274,13 @@ def test_training_on_a_read_only_dev_shm_loads_in_process(small_sample, tmp_path
     assert (tmp_path / "run" / "last.pt").exists()
 
 
-def test_a_read_only_cache_that_holds_the_gallery_is_read(tiny_bundle, small_sample, tmp_path, monkeypatch):
+def test_a_read_only_cache_is_read_and_predict_embeds_what_it_lacks(tiny_bundle, small_sample, tmp_path, monkeypatch,
+                                                                     caplog):
     """A cache directory that cannot be written (a read-only mount, another user's) still serves
-    the embeddings it holds; one that lacks them is named, with what to do. Read-only is
-    simulated (tests run as root, whom permission bits do not stop)."""
+    the embeddings it holds; what it lacks is embedded without being saved, with a warning. Read-only
+    is simulated (tests run as root, whom permission bits do not stop)."""
     import errno
+    import logging
 
     args = ["predict", "--bundle", tiny_bundle, "--data", small_sample, "--split", "valid", "--cache-dir",
             tmp_path / "cache", "--workers", "0"]
@@ -296,5 +298,9 @@ def test_a_read_only_cache_that_holds_the_gallery_is_read(tiny_bundle, small_sam
         str(tmp_path / "cache")) and not os.path.isdir(path) else real_makedirs(path, *a, **k))
     accepted(muge(*args, "--out", tmp_path / "b.jsonl"))
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
-    refused(muge(*args[:-4], "--cache-dir", tmp_path / "cache" / "other", "--workers", "0", "--out",
-                 tmp_path / "c.jsonl"), "cannot write the embeddings cache", "give --cache-dir a writable directory")
+    caplog.set_level(logging.WARNING, logger="predict.embed")
+    accepted(muge(*args[:-4], "--cache-dir", tmp_path / "cache" / "other", "--workers", "0", "--out",
+                  tmp_path / "c.jsonl"))
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "c.jsonl").read_text()
+    assert "cannot be written (Read-only file system): embedding without saving" in caplog.text
+    assert not (tmp_path / "cache" / "other").exists()

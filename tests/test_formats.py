@@ -58,20 +58,20 @@ def test_a_run_exported_as_a_transformers_directory_loads_there(runs, small_samp
 @pytest.fixture(scope="module")
 def cnclip_shaped_run(small_sample, tmp_path_factory):
     """A tiny Chinese-CLIP run of a shape cn_clip's `CLIP` builds (vision MLP 4x wide)."""
-    from tiny import tiny_config
+    from tiny import CNCLIP_SHAPED, tiny_config
 
-    from bench.shapes import TINY_CLIP, setting
+    from bench.shapes import setting
     from train.main import train_run
 
-    shape = {**TINY_CLIP, "vision_config": {**TINY_CLIP["vision_config"], "intermediate_size": 128}}
     out = tmp_path_factory.mktemp("cnclip-shaped") / "run"
-    train_run(tiny_config("chinese-clip", setting("model.config", shape), "train.epochs=1", "data.limit_pairs=64"),
+    train_run(tiny_config("chinese-clip", setting("model.config", CNCLIP_SHAPED), "train.epochs=1",
+                          "data.limit_pairs=64"),
               str(small_sample), str(out))
     return str(out)
 
 
 def test_a_run_exported_in_chinese_clips_format_is_its_own(cnclip_shaped_run, runs, tmp_path):
-    from cn_clip.clip.model import CLIP
+    from tiny import cn_clip_of
 
     path = tmp_path / "muge.pt"
     assert muge("export", cnclip_shaped_run, "--format", "cnclip", "--out", str(path)).exit_code == 0
@@ -79,18 +79,7 @@ def test_a_run_exported_in_chinese_clips_format_is_its_own(cnclip_shaped_run, ru
     assert {"epoch", "step", "name", "state_dict"} <= saved.keys()
     assert all(k.startswith("module.") for k in saved["state_dict"])
     ours = run_model(cnclip_shaped_run)
-    conf = ours.model.clip.config
-    vision, text = conf.vision_config, conf.text_config
-    theirs = CLIP(embed_dim=conf.projection_dim, image_resolution=vision.image_size,
-                  vision_layers=vision.num_hidden_layers, vision_width=vision.hidden_size,
-                  vision_patch_size=vision.patch_size, vocab_size=text.vocab_size,
-                  text_attention_probs_dropout_prob=0.0, text_hidden_act=text.hidden_act,
-                  text_hidden_dropout_prob=0.0, text_hidden_size=text.hidden_size, text_initializer_range=0.02,
-                  text_intermediate_size=text.intermediate_size,
-                  text_max_position_embeddings=text.max_position_embeddings,
-                  text_num_attention_heads=text.num_attention_heads, text_num_hidden_layers=text.num_hidden_layers,
-                  text_type_vocab_size=text.type_vocab_size,
-                  vision_head_width=vision.hidden_size // vision.num_attention_heads).eval()
+    theirs = cn_clip_of(ours.model.clip.config)
     # as cn_clip's create_model loads a checkpoint: `module.` removed, strict
     theirs.load_state_dict({k[len("module."):]: v for k, v in saved["state_dict"].items()})
     pixels, ids, mask = _inputs(ours.model, ours.preprocessing.image_size)

@@ -1,16 +1,21 @@
 """LoRA (`train.lora`): a step equals peft's own reference step, the frozen weights stay as they
 were, a run resumes exactly, and its best.pt is the plain model with the adapters merged."""
 import copy
+import json
 import os
+import shutil
 
 import pytest
 import torch
-from conftest import muge, refused
-from tiny import tiny_config
+import torch.nn.functional as F
+from conftest import accepted, muge, refused
+from tiny import CNCLIP_SHAPED, tiny_config
 
+from bench.shapes import setting
+from model.config import LoraConfig, read_lora
 from model.factory import build_from_arch, create_model, run_model
 from model.lora import add_lora, merged_state_dict
-from model.weights import load_checkpoint
+from model.weights import load_checkpoint, safe_load
 from train.loss import ClipLoss
 from train.optim import apply_freeze, create_optimizer
 from train.precision import grad_scaler
@@ -39,7 +44,7 @@ def test_a_lora_step_is_pefts_own(small_sample):
     start, _ = create_model(cfg.model, 60)
     ours, theirs = copy.deepcopy(start), copy.deepcopy(start)
     torch.manual_seed(1)  # the adapters' random start (lora_A), drawn in the same order by both
-    add_lora(ours, 4, 8.0, 0.0, {"text": None, "image": None})
+    add_lora(ours, LoraConfig(rank=4, alpha=8.0))
     apply_freeze(ours, cfg.train.freeze)
     optimizer = create_optimizer(ours, cfg.train)
     parts = StepParts(ClipLoss(), optimizer, create_scheduler(optimizer, 0, 10), grad_scaler("fp32", CPU), "fp32", CPU)
@@ -78,16 +83,78 @@ def test_a_lora_step_is_pefts_own(small_sample):
     assert sum(1 for s in optimizer.state.values() if s) == len(trained)  # no optimizer state for frozen weights
 
 
+LORA_RUN = ("train.epochs=2", "data.limit_pairs=96", "train.lora.rank=4", "train.ema=0.9",
+            setting("model.config", CNCLIP_SHAPED))
+
+
 @pytest.fixture(scope="module")
 def lora_run(small_sample, tmp_path_factory):
-    """Two epochs of LoRA, with an EMA of the weights (adapters included) scored each epoch."""
+    """Two epochs of LoRA, with an EMA of the weights (adapters included) scored each epoch, at a
+    shape cn_clip's own `CLIP` builds."""
     from train.main import train_run
 
     out = tmp_path_factory.mktemp("lora") / "run"
-    train_run(tiny_config("chinese-clip", "train.epochs=2", "data.limit_pairs=96", "train.lora.rank=4",
-                    "train.ema=0.9"),
-              str(small_sample), str(out))
+    train_run(tiny_config("chinese-clip", *LORA_RUN), str(small_sample), str(out))
     return out
+
+
+def _last_pt_model(run):
+    """The run's last.pt as training holds it: the frozen weights with their peft adapters (not merged)."""
+    last = load_checkpoint(str(run / "last.pt"))
+    model = build_from_arch(last["arch"])
+    add_lora(model, read_lora(last["config"], "last.pt"))
+    model.load_state_dict(last["model"])
+    return model.eval()
+
+
+def test_a_lora_runs_last_pt_goes_out_in_every_format(lora_run, small_sample, tmp_path):
+    """`--checkpoint last` of a LoRA run merges its adapters as best.pt's are: the bundle passes its
+    gate (and so does `--pretrained RUN/last.pt`), the transformers directory and the cn_clip file
+    each embed as last.pt's model does, in their own libraries; the card says LoRA and names no
+    path of this machine."""
+    from tiny import cn_clip_of
+    from transformers import ChineseCLIPModel
+
+    model = _last_pt_model(lora_run)
+    g = _batch(3, vocab=model.text_vocab_rows)
+    with torch.no_grad():
+        text, image = model.encode_text(g["input_ids"], g["attention_mask"]), model.encode_image(g["pixels"])
+    fast = ["--parity-queries", "20", "--parity-gallery", "30"]
+    accepted(muge("export", lora_run, "--checkpoint", "last", "--out", tmp_path / "bundle", "--data", small_sample,
+                  *fast))
+    assert json.loads((tmp_path / "bundle" / "manifest.json").read_text())["source_checkpoint"].endswith("last.pt")
+    accepted(muge("export", "--pretrained", lora_run / "last.pt", "--out", tmp_path / "b2", "--data", small_sample,
+                  *fast))
+    accepted(muge("export", lora_run, "--checkpoint", "last", "--format", "hf", "--out", tmp_path / "hf"))
+    hf = ChineseCLIPModel.from_pretrained(str(tmp_path / "hf")).eval()
+    accepted(muge("export", lora_run, "--checkpoint", "last", "--format", "cnclip", "--out", tmp_path / "x.pt"))
+    cnclip = cn_clip_of(hf.config)
+    cnclip.load_state_dict({k[len("module."):]: v for k, v in safe_load(str(tmp_path / "x.pt"))["state_dict"].items()})
+    with torch.no_grad():
+        pixels = model.pixels(g["pixels"])
+        for theirs, ours in ((hf.get_text_features(input_ids=g["input_ids"], attention_mask=g["attention_mask"]), text),
+                             (hf.get_image_features(pixel_values=pixels), image),
+                             (cnclip.encode_text(g["input_ids"]), text), (cnclip.encode_image(pixels), image)):
+            theirs = theirs if isinstance(theirs, torch.Tensor) else theirs.pooler_output
+            assert torch.allclose(F.normalize(theirs, dim=-1), ours, atol=1e-5)
+    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    assert "rank 4, alpha 16.0" in card and "adapters merged" in card and "`last.pt`" in card
+    assert str(tmp_path) not in card and str(lora_run) not in card
+
+
+def test_resuming_with_other_lora_settings_is_refused_naming_the_key(lora_run, runs, small_sample, tmp_path):
+    run, full = tmp_path / "lora", tmp_path / "full"
+    shutil.copytree(lora_run, run)
+    shutil.copytree(runs["chinese-clip"], full)
+    before = (run / "last.pt").read_bytes()
+    for target, setting_, message in ((run, "train.lora.rank=8", "train.lora.rank=4 (now 8)"),
+                                      (run, "train.lora.alpha=4", "train.lora.alpha=16.0 (now 4"),
+                                      (run, "train.lora.text_targets=[query]", "train.lora.text_targets=None (now"),
+                                      (run, "train.lora.rank=0", "train.lora.rank=4 (now 0)"),
+                                      (full, "train.lora.rank=4", "train.lora.rank=0 (now 4)")):
+        refused(muge("train", "--resume", target, "--data", small_sample, "--set", setting_), message,
+                "resume with them, or start a new run")
+    assert (run / "last.pt").read_bytes() == before
 
 
 def test_best_pt_is_the_plain_model_with_the_adapters_merged(lora_run, small_sample, tmp_path):
@@ -97,8 +164,7 @@ def test_best_pt_is_the_plain_model_with_the_adapters_merged(lora_run, small_sam
     plain = build_from_arch(best["arch"])
     assert list(best["model"]) == list(plain.state_dict())  # the plain architecture's keys, in its order
     model = build_from_arch(last["arch"])
-    lora = last["config"]["train"]["lora"]
-    add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], {"text": None, "image": None})
+    add_lora(model, read_lora(last["config"], "last.pt"))
     model.load_state_dict(last["model"])
     plain.load_state_dict(merged_state_dict(model))
     g = _batch(3, vocab=model.text_vocab_rows)
@@ -143,8 +209,7 @@ def test_the_frozen_weights_stay_and_a_killed_lora_run_resumes_exactly(lora_run,
     from train.config import load_config
     from train.main import train_run
 
-    cfg = tiny_config("chinese-clip", "train.epochs=2", "data.limit_pairs=96", "train.lora.rank=4",
-                    "train.ema=0.9")
+    cfg = tiny_config("chinese-clip", *LORA_RUN)
 
     def killed(history, path):
         if len(history) >= 2:  # after epoch 1's last.pt
@@ -173,11 +238,15 @@ def test_the_frozen_weights_stay_and_a_killed_lora_run_resumes_exactly(lora_run,
     ("train.lora.dropout=1", "train.lora.dropout=1"),
     ("train.lora.text_targets=[7]", "train.lora.text_targets=[7]; expected a list of layer names"),
     ("train.freeze.text_layers=1", "train.lora.rank=4 with train.freeze.text_layers"),
-    ("train.lora.image_targets=[nothing_here]", "train.lora.image_targets: no image tower Linear layer is named "
-                                                "nothing_here"),
+    ("train.lora.image_targets=[nothing_here]", "train.lora.image_targets=['nothing_here']: no image tower Linear "
+                                                "layer is named nothing_here"),
+    ("train.lora.rank=33", "train.lora.rank=33 is above the width of the adapted layers (32)"),  # the tiny towers'
+    ("train.lora.rank=100000000", "train.lora.rank=100000000 is above the width"),  # never allocated
+    ("train.lora.text_targets=[]", "no layer gets an adapter"),  # with image_targets=[] below
+    ("model.image.name=resnet10t", "train.lora.rank=4, but no layer gets an adapter"),  # a CNN: no default target
 ])
 def test_bad_lora_settings_are_refused_naming_the_key(small_sample, tmp_path, setting, message):
-    from tiny import COMMON, TINY_CLIP
+    from tiny import COMMON, TINY_BERT, TINY_CLIP
 
     from bench.shapes import setting as as_setting
 
@@ -185,7 +254,10 @@ def test_bad_lora_settings_are_refused_naming_the_key(small_sample, tmp_path, se
             "--set", "model.family=chinese-clip",
             "--set", "model.text.tokenizer=char-vocab", "--set", as_setting("model.config", TINY_CLIP),
             "--set", "train.epochs=1", "--set", "data.limit_pairs=32"]
-    for item in COMMON + ["train.lora.rank=4", setting]:
+    extra = {"train.lora.text_targets=[]": ["train.lora.image_targets=[]"],
+             "model.image.name=resnet10t": ["model.family=dual", as_setting("model.text.config", TINY_BERT),
+                                            "train.lora.text_targets=[]"]}.get(setting, [])
+    for item in COMMON + ["train.lora.rank=4", setting, *extra]:
         args += ["--set", item]
     refused(muge(*args), message)
     assert not os.path.exists(tmp_path / "r" / "best.pt")
@@ -199,7 +271,7 @@ def test_a_lora_last_pt_holds_the_weights_once_and_adamw_state_for_the_trained_a
 
     cfg = tiny_config("chinese-clip", "train.lora.rank=4")
     model, _ = create_model(cfg.model, 60)
-    add_lora(model, 4, 8.0, 0.0, {"text": None, "image": None})
+    add_lora(model, LoraConfig(rank=4, alpha=8.0))
     apply_freeze(model, cfg.train.freeze)
     optimizer = create_optimizer(model, cfg.train)
     for p in model.parameters():
@@ -233,7 +305,7 @@ def test_adapters_get_gradients_through_checkpointed_layers(family):
     cfg = tiny_config(family, "model.grad_checkpointing=true", "train.lora.rank=4")
     torch.manual_seed(0)
     model, _ = create_model(cfg.model, 60)
-    counts = add_lora(model, 4, 8.0, 0.0, {"text": None, "image": None})
+    counts = add_lora(model, LoraConfig(rank=4, alpha=8.0))
     assert counts == {"text": 4, "image": 4 if family == "chinese-clip" else 0}
     apply_freeze(model, cfg.train.freeze)
     model.train()
@@ -258,13 +330,19 @@ def test_lora_runs_of_one_start_make_a_soup(lora_run, small_sample, tmp_path):
     from train.main import train_run
 
     other = tmp_path / "other"
-    train_run(tiny_config("chinese-clip", "train.epochs=2", "data.limit_pairs=96", "train.lora.rank=4",
-                          "train.ema=0.9", "train.data_seed=1"), str(small_sample), str(other))
+    train_run(tiny_config("chinese-clip", *LORA_RUN, "train.data_seed=1"), str(small_sample), str(other))
     average_runs([str(lora_run), str(other)], str(tmp_path / "soup"), data_dir=str(small_sample))
     soup = load_checkpoint(str(tmp_path / "soup" / "best.pt"))
     a, b = (load_checkpoint(str(d / "best.pt"))["model"] for d in (lora_run, other))
     for key, value in soup["model"].items():
         assert ".lora_" not in key and torch.allclose(value, (a[key] + b[key]) / 2, atol=1e-6), key
+    # their last.pt files: each one's adapters merged (peft's delta) before the mean, not the adapters averaged
+    accepted(muge("average", lora_run, other, "--checkpoint", "last", "--out", tmp_path / "last-soup"))
+    soup = load_checkpoint(str(tmp_path / "last-soup" / "best.pt"))["model"]
+    a, b = (merged_state_dict(_last_pt_model(d)) for d in (lora_run, other))
+    assert soup.keys() == a.keys()
+    for key, value in soup.items():
+        assert torch.allclose(value, (a[key] + b[key]) / 2, atol=1e-6), key
 
 
 @pytest.mark.slow
@@ -272,7 +350,7 @@ def test_a_compiled_lora_model_computes_what_the_eager_one_does():
     cfg = tiny_config("chinese-clip", "train.lora.rank=4")
     torch.manual_seed(0)
     model, _ = create_model(cfg.model, 60)
-    add_lora(model, 4, 8.0, 0.0, {"text": None, "image": None})
+    add_lora(model, LoraConfig(rank=4, alpha=8.0))
     apply_freeze(model, cfg.train.freeze)
     model.eval()  # no dropout: the two runs draw no random masks
     with torch.no_grad():

@@ -13,11 +13,12 @@ import filecmp
 import logging
 import os
 import shutil
-import tempfile
 
 import torch
 
-from infra.io import replace_dir, sha256
+from infra.io import sha256
+from infra.outputs import OutputKind, check_output, staged_dir
+from model.factory import plain_checkpoint
 from model.weights import CheckpointError, checkpoint_path, load_checkpoint
 
 from .checkpoint import save_checkpoint
@@ -52,17 +53,8 @@ def average_state_dicts(states: list[dict], names: list[str]) -> dict:
     return out
 
 
-def _check_inputs(run_dirs: list[str], out_dir: str) -> None:
-    """Refuse before reading any weights: an --out that is one of the inputs (it would be
-    overwritten), an --out that is a run of another kind, an input without its config or tokenizer."""
-    out = os.path.realpath(out_dir)
-    for run in run_dirs:
-        if os.path.realpath(run) == out:
-            raise ValueError(f"--out {out_dir} is one of the runs being averaged: writing the soup there would "
-                             "overwrite its weights; choose a new directory")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not _is_soup(os.path.join(out_dir, "best.pt")):
-        raise ValueError(f"--out {out_dir} holds something that muge average did not write (a training run?); "
-                         "choose a new directory")
+def _check_inputs(run_dirs: list[str]) -> None:
+    """Refuse before reading any weights: an input without its config or tokenizer."""
     for run in run_dirs:
         read_preset(os.path.join(run, "config.yaml"))  # a mapping, or a ConfigError naming the file
         if not os.path.isfile(os.path.join(run, "tokenizer", "tokenizer.json")):
@@ -71,20 +63,27 @@ def _check_inputs(run_dirs: list[str], out_dir: str) -> None:
 
 
 def _is_soup(path: str) -> bool:
+    """A soup written before the output marker: its best.pt records the runs it averaged."""
     try:
-        return "soup" in load_checkpoint(path)
+        return "soup" in load_checkpoint(os.path.join(path, "best.pt"), mmap=True)
     except CheckpointError:
         return False
 
 
-def average_runs(run_dirs: list[str], out_dir: str, checkpoint: str = "best", data_dir: str | None = None) -> dict:
+SOUP = OutputKind("soup", recognise=_is_soup)
+
+
+def average_runs(run_dirs: list[str], out_dir: str, checkpoint: str = "best", data_dir: str | None = None,
+                 overwrite: bool | None = None) -> dict:
     """Write the soup of `run_dirs` to `out_dir` (built beside it, renamed into place when
-    complete); returns its best.pt metadata (with valid metrics when `data_dir` is given)."""
+    complete; an earlier soup is replaced, nothing else unless `overwrite`: `infra.outputs`);
+    returns its best.pt metadata (with valid metrics when `data_dir` is given)."""
     if len(run_dirs) < 2:
         raise ValueError("muge average needs two or more runs")
-    _check_inputs(run_dirs, out_dir)
+    check_output(out_dir, SOUP, [*run_dirs, data_dir], overwrite)
+    _check_inputs(run_dirs)
     paths = [checkpoint_path(r, checkpoint) for r in run_dirs]
-    ckpts = [load_checkpoint(p) for p in paths]
+    ckpts = [plain_checkpoint(p) for p in paths]  # a LoRA run's last.pt: its adapters merged
     for path, ckpt, run in zip(paths[1:], ckpts[1:], run_dirs[1:]):
         if ckpt["arch"] != ckpts[0]["arch"]:
             differ = sorted(k for k in ckpt["arch"].keys() | ckpts[0]["arch"].keys()
@@ -103,18 +102,10 @@ def average_runs(run_dirs: list[str], out_dir: str, checkpoint: str = "best", da
         log.info("%s: epoch %s, valid MR %s", path, c.get("epoch"), f"{mr:.2f}" if mr is not None else "n/a")
     if data_dir:
         soup["metrics"] = score_soup(soup, run_dirs[0], data_dir).as_dict()
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(out_dir)) + ".", dir=parent)
-    try:
+    with staged_dir(out_dir, SOUP, [*run_dirs, data_dir], overwrite) as tmp:
         shutil.copytree(os.path.join(run_dirs[0], "tokenizer"), os.path.join(tmp, "tokenizer"))
         shutil.copy2(os.path.join(run_dirs[0], "config.yaml"), os.path.join(tmp, "config.yaml"))
         save_checkpoint(os.path.join(tmp, "best.pt"), soup)
-        os.chmod(tmp, 0o755)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {k: v for k, v in soup.items() if k != "model"}
 
 

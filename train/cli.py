@@ -11,12 +11,15 @@ import click
               help="A preset from configs/ (ignored with --resume: the run's own config.yaml is used).")
 @click.option("--data", "data_dir", default="data/sample", show_default=True, type=click.Path(file_okay=False),
               help="Directory holding the MUGE files.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run directory (default runs/<preset>).")
+@click.option("--out", "out_dir", type=click.Path(), help="Run directory (default runs/<preset>): a new or empty "
+              "one; an earlier run there is refused unless --overwrite.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. train.epochs=5.")
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False),
               help="Continue the run in this directory from its last.pt.")
-def train(config_path, data_dir, out_dir, overrides, resume_dir):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run at --out (its checkpoints, metrics and "
+              "config) instead of refusing it; never a directory the run did not write.")
+def train(config_path, data_dir, out_dir, overrides, resume_dir, overwrite):
     """Fine-tune a dual encoder or Chinese-CLIP on MUGE train; score valid every epoch."""
     from competition import MugeDataError
     from model.weights import CheckpointError
@@ -32,13 +35,15 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
             raise click.ClickException(f"{config_path} not found: {resume_dir} is not a run directory") from None
     if not config_path:
         raise click.UsageError("give --config configs/NAME.yaml (or --resume RUN_DIR)")
+    if resume_dir and overwrite:
+        raise click.UsageError("--overwrite replaces a run and --resume continues it: give one of them")
     out_dir = out_dir or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
     try:
         cfg = load_config(config_path, list(overrides))
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--config/--set") from None
     try:
-        best = train_run(cfg, data_dir, out_dir, resume=bool(resume_dir))
+        best = train_run(cfg, data_dir, out_dir, resume=bool(resume_dir), overwrite=overwrite, sources=(config_path,))
     except (MugeDataError, CheckpointError, DistributedSetupError, TrainingDiverged, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"best valid MR {best['mean_recall']:.2f}; checkpoint {os.path.join(out_dir, 'best.pt')}")
@@ -46,11 +51,14 @@ def train(config_path, data_dir, out_dir, overrides, resume_dir):
 
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="The soup's run directory to write (a new "
+              "one, or an earlier soup: replaced).")
 @click.option("--checkpoint", default="best", show_default=True, help="best | last: which checkpoint of each run.")
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
               help="Score the soup on this MUGE directory's valid split (recorded in best.pt).")
-def average(run_dirs, out_dir, checkpoint, data_dir):
+@click.option("--overwrite", is_flag=True, help="Replace what is at --out even if muge average did not write it "
+              "(never one of the runs, or a directory holding one).")
+def average(run_dirs, out_dir, checkpoint, data_dir, overwrite):
     """Average the weights of runs fine-tuned from the same start (a uniform model soup)."""
     from competition import MugeDataError
     from model.weights import CheckpointError
@@ -58,7 +66,7 @@ def average(run_dirs, out_dir, checkpoint, data_dir):
     from .average import average_runs
 
     try:
-        soup = average_runs(list(run_dirs), out_dir, checkpoint=checkpoint, data_dir=data_dir)
+        soup = average_runs(list(run_dirs), out_dir, checkpoint=checkpoint, data_dir=data_dir, overwrite=overwrite)
     except (CheckpointError, MugeDataError, ValueError, OSError) as exc:
         raise click.ClickException(f"{exc}; nothing written") from None
     soup_score = f"; valid MR {soup['metrics']['mean_recall']:.2f}" if "metrics" in soup else ""

@@ -19,11 +19,14 @@ import yaml
 
 from infra.records import RecordError, from_dict
 from model.config import (
+    RENAMED,
     ConfigError,
     ImageTower,
+    LoraConfig,
     ModelConfig,
     Preprocessing,
     check_model_config,
+    check_multiplier,
     flip_refusal,
     renamed_keys,
 )
@@ -67,17 +70,6 @@ class FreezeConfig:
     text_layers: int | None = None     # train only the top N text layers (None: all)
     image_stages: int | None = None    # train only the top N image stages (None: all)
     schedule: dict = field(default_factory=dict)  # {epoch: {text_layers: N, image_stages: M}}
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 0                      # LoRA adapters of this rank on the transformer towers (peft); 0: off, full
-                                       # fine-tuning
-    alpha: float = 16.0                # the adapters' scale is alpha / rank
-    dropout: float = 0.0               # dropout on the adapters' input, in training
-    text_targets: list | None = None   # text tower Linear layers to adapt, by name suffix; null: query, value
-    image_targets: list | None = None  # image tower likewise; null: q_proj, v_proj (Chinese-CLIP), qkv (a timm ViT);
-                                       # [] or a CNN tower: no adapters, it trains as configured
 
 
 @dataclass
@@ -147,12 +139,15 @@ def _keys(cls) -> str:
 def _build(values) -> Config:
     """The config of `values`, by the one rule every record of this project is read with
     (`infra.records`); numbers may be strings, as YAML 1.1 writes some."""
-    if isinstance(values.get("model"), dict):
-        values = {**values, "model": renamed_keys(values["model"], "config")}
+    given = values.get("model") if isinstance(values.get("model"), dict) else {}
+    if given:
+        values = {**values, "model": renamed_keys(given, "config")}
     try:
-        return from_dict(Config, values, what="config", numbers_from_strings=True)
+        cfg = from_dict(Config, values, what="config", numbers_from_strings=True)
     except RecordError as exc:
         raise ConfigError(str(exc)) from None
+    check_multiplier(cfg.model, {new: old for old, new in RENAMED.items() if old in given})
+    return cfg
 
 
 def data_seed(train: TrainConfig) -> int:
@@ -269,6 +264,10 @@ def _check_lora(train: TrainConfig) -> None:
         targets = getattr(lora, key)
         if targets is not None and not all(isinstance(t, str) and t for t in targets):
             raise ConfigError(f"train.lora.{key}={targets!r}; expected a list of layer names (e.g. [query, value])")
+    if lora.text_targets == [] and lora.image_targets == []:
+        raise ConfigError(f"train.lora.rank={lora.rank} with train.lora.text_targets=[] and train.lora.image_targets=[]"
+                          ": no layer gets an adapter, which would be a full fine-tune; name target layers (null: the "
+                          "family's default), or set train.lora.rank=0")
     frozen = [f"train.freeze.{k}" for k in ("text_layers", "image_stages", "schedule") if getattr(train.freeze, k)]
     if frozen:
         raise ConfigError(f"train.lora.rank={lora.rank} with {', '.join(frozen)}: LoRA already freezes the adapted "

@@ -57,21 +57,36 @@ class DivergenceGuard:
 
     def check(self, optimizer: torch.optim.Optimizer, epoch: int, advice: str) -> None:
         """Raise `TrainingDiverged` once `limit` updates in a row were skipped (a host sync)."""
-        tripped = self.tripped_at.clone()
-        if distributed():  # every rank stops, or none does
-            torch.distributed.all_reduce(tripped, op=torch.distributed.ReduceOp.MAX)
-        at = int(tripped)
-        if at < 0:
-            return
+        at = _agreed(self.tripped_at)
+        if at >= 0:
+            self._stop(optimizer, epoch, advice, f"updates {at - self.limit + 1} to {at} all had a non-finite loss or "
+                                                 f"gradients and were skipped (train.max_skipped_steps={self.limit})")
+
+    def check_epoch(self, updates: int, skipped: int, optimizer: torch.optim.Optimizer, epoch: int,
+                    advice: str) -> None:
+        """Raise `TrainingDiverged` when every one of an epoch's `updates` was skipped, however few:
+        an epoch that took no update has nothing to score or keep."""
+        if updates and _agreed(torch.tensor(skipped, device=self.skipped.device)) >= updates:
+            self._stop(optimizer, epoch, advice, f"every one of its {updates} updates had a non-finite loss or "
+                                                 "gradients and was skipped, so it took none")
+
+    def _stop(self, optimizer: torch.optim.Optimizer, epoch: int, advice: str, what: str) -> None:
         shown = ", ".join(f"{name} {lr:.2g}" for name, lr in top_learning_rates(optimizer).items())
         raise TrainingDiverged(
-            f"training diverged in epoch {epoch + 1}: updates {at - self.limit + 1} to {at} all had a non-finite "
-            f"loss or gradients and were skipped (train.max_skipped_steps={self.limit}); learning rates then: "
-            f"{shown}. The weights took none of those updates: the checkpoints already written (best.pt, last.pt) "
-            f"are as the last good epoch left them. Try {advice}")
+            f"training diverged in epoch {epoch + 1}: {what}; learning rates then: {shown}. The weights took none of "
+            f"those updates: the checkpoints already written (best.pt, last.pt) are as the last good epoch left them. "
+            f"Try {advice}")
 
     def skipped_count(self) -> int:
         return int(self.skipped)
+
+
+def _agreed(value: torch.Tensor) -> int:
+    """`value` as every rank's maximum (a host sync): every rank stops, or none does."""
+    value = value.clone()
+    if distributed():
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return int(value)
 
 
 def divergence_advice(lr: dict, grad_clip: float | None, precision: str) -> str:

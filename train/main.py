@@ -8,6 +8,7 @@ use it); `train_run` adds the run directory: set-up, resume, then the epoch loop
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -18,12 +19,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from competition.layout import split_files
-from competition.preprocess import TextTokenizer
+from competition.preprocess import TOKENIZER_DIR, TextTokenizer
 from infra.history import HISTORY, write_history
-from model.config import CHECKPOINT_SUFFIXES
+from infra.outputs import MARKER, OutputError, OutputKind, check_output, write_marker
+from model.config import CHECKPOINT_SUFFIXES, read_lora
 from model.factory import FAMILIES, build_from_arch, create_model
 from model.family import RetrievalModel
-from model.lora import LoraTargetError, add_lora, merged_state_dict
+from model.lora import LoraSettingError, add_lora, merged_state_dict, plan_lora
 from model.tokenizer import check_tokenizer, prepare_tokenizer
 from model.weights import CheckpointError, load_checkpoint, load_weights
 
@@ -34,7 +36,7 @@ from .data import PairDataset, stop_workers, train_loader
 from .distributed import World, barrier, cleanup, device_for, init_distributed
 from .ema import ModelEma
 from .evaluate import EvalSettings, check_gallery, evaluate
-from .guard import DivergenceGuard
+from .guard import DivergenceGuard, divergence_advice
 from .loop import train_one_epoch
 from .loss import ClipLoss
 from .optim import apply_freeze, create_optimizer
@@ -124,6 +126,8 @@ def build_training(cfg: Config, train_files: tuple[str, str], run_dir: str, worl
             model.set_grad_checkpointing()
     else:
         model, arch = create_model(cfg.model, tokenizer.vocab_size)
+    for key, instead in model.ignored_settings(cfg.model).items() if world.main else ():
+        log.warning("%s is set, but the %s family does not read it (%s): it is ignored", key, model.family, instead)
     try:  # a CNN tower with a ratio > 0 anywhere in the schedule is refused now, not at that epoch
         model.set_mask_ratio(max(mask_ratio_at(cfg.train, e) for e in range(cfg.train.epochs)))
         model.set_mask_ratio(mask_ratio_at(cfg.train, 0))
@@ -158,12 +162,24 @@ def _add_adapters(model: RetrievalModel, cfg: Config) -> None:
     """`train.lora`'s adapters on the model's towers (their own weights frozen from here on)."""
     lora = cfg.train.lora
     try:
-        counts = add_lora(model, lora.rank, lora.alpha, lora.dropout,
-                          {"text": lora.text_targets, "image": lora.image_targets})
-    except LoraTargetError as exc:
-        raise ConfigError(f"train.lora.{exc.tower}_targets: {exc}") from None
+        counts = add_lora(model, lora)
+    except LoraSettingError as exc:
+        raise ConfigError(str(exc)) from None
     log.info("LoRA rank %d on %s", lora.rank, ", ".join(f"{n} {kind} layers" if n else f"no {kind} layer (it trains "
                                                         "as configured)" for kind, n in counts.items()))
+
+
+def check_lora(cfg: Config, model: RetrievalModel | None = None) -> None:
+    """`cfg.train.lora` checked against `model` (default: the config's own, built for the check:
+    random towers are built from their config, named weights loaded) before any training, so a
+    bench or a run refuses a target that matches nothing, naming the key."""
+    if not cfg.train.lora.rank:
+        return
+    model = model or create_model(cfg.model)[0]
+    try:
+        plan_lora(model, cfg.train.lora)
+    except LoraSettingError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _start_file_gone(name: str | None) -> bool:
@@ -190,13 +206,48 @@ def wrap_ddp(model, world: World, device):
                                    find_unused_parameters=False)
 
 
-def train_run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False) -> dict:
-    """Train per `cfg`; returns the best epoch's metrics. A run directory this call created is
-    removed again if training fails before its first checkpoint: a bad input leaves nothing behind."""
+CHECKPOINTS = ("best.pt", "last.pt")
+# what a run directory holds: an earlier run at --out is replaced by these names alone (--overwrite)
+RUN_FILES = (*CHECKPOINTS, HISTORY, "curves.png", "config.yaml", TOKENIZER_DIR, "tensorboard", MARKER)
+
+
+def _holds_checkpoints(path: str) -> bool:
+    """A run directory written before the output marker: it holds a checkpoint."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in CHECKPOINTS)
+
+
+RUN = OutputKind("run", recognise=_holds_checkpoints)
+
+
+def run_sources(cfg: Config, data_dir: str) -> list[str | None]:
+    """What a run reads on disk, which its --out must never replace or hold: the data, and any
+    weights, tokenizer or checkpoint the config names by a local path."""
+    m = cfg.model
+    return [data_dir, m.name, m.text.name, m.text.tokenizer, m.image.checkpoint]
+
+
+def check_run_dir(out_dir: str, sources, overwrite: bool = False) -> list[str]:
+    """Refuse `out_dir` for a new run unless it is new, empty, or a run (`infra.outputs`); a run
+    that holds checkpoints is refused too, unless `overwrite`. Returns the checkpoints it holds."""
+    check_output(out_dir, RUN, sources)
+    held = [name for name in CHECKPOINTS if os.path.isfile(os.path.join(out_dir, name))]
+    if held and not overwrite:
+        raise OutputError(f"--out {out_dir} holds a run ({', '.join(held)}): nothing was changed; --resume {out_dir} "
+                          "to continue it, or another --out (--overwrite replaces it)")
+    return held
+
+
+def train_run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False, overwrite: bool = False,
+              sources=()) -> dict:
+    """Train per `cfg`; returns the best epoch's metrics. A new run's `out_dir` must be new, empty
+    or an earlier run (replaced with `overwrite`), and never hold or lie inside what it reads (the
+    data, the config's local weights, `sources`). A run directory this call created is removed
+    again if training fails before its first checkpoint: a bad input leaves nothing behind."""
     world = init_distributed()
     created = not os.path.exists(out_dir)
     try:
-        return _build_and_train(cfg, data_dir, out_dir, resume, world)
+        held = [] if resume else check_run_dir(out_dir, [*run_sources(cfg, data_dir), *sources], overwrite)
+        return _build_and_train(cfg, data_dir, out_dir, resume, world, replace=bool(held))
     except BaseException:
         if world.main and created and not os.path.exists(os.path.join(out_dir, "last.pt")):
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -205,15 +256,30 @@ def train_run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False) ->
         cleanup()
 
 
-def _build_and_train(cfg: Config, data_dir: str, out_dir: str, resume: bool, world: World) -> dict:
+def _build_and_train(cfg: Config, data_dir: str, out_dir: str, resume: bool, world: World, replace: bool) -> dict:
     train_files, valid_files = split_files(data_dir, "train"), split_files(data_dir, "valid")  # inputs first
     ckpt = resumable_checkpoint(os.path.join(out_dir, "last.pt")) if resume else None  # refused before any work
-    os.makedirs(out_dir, exist_ok=True)
+    if world.main:
+        if replace:  # --overwrite: the earlier run's files go, once the inputs are known to be there
+            log.warning("--overwrite: removing the run in %s (%s)", out_dir, ", ".join(CHECKPOINTS))
+            _remove_run_files(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        write_marker(out_dir, RUN)
+    barrier()
     training = build_training(cfg, train_files, out_dir, world, arch=ckpt["arch"] if ckpt else None)
     try:
         return _train_and_report(training, cfg, valid_files, out_dir, resume, ckpt)
     finally:
         stop_workers(training.loader)
+
+
+def _remove_run_files(out_dir: str) -> None:
+    for name in RUN_FILES:
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
 
 
 def _train_and_report(training: Training, cfg: Config, valid_files, out_dir: str, resume: bool,
@@ -274,7 +340,10 @@ def resumable_checkpoint(path: str) -> dict:
 
 
 def restore(training: Training, ckpt: dict, path: str) -> RunState:
-    """Load `last.pt`'s weights, optimizer, schedule, scaler, RNG and EMA into `training`."""
+    """Load `last.pt`'s weights, optimizer, schedule, scaler, RNG and EMA into `training`. The
+    optimizer's settings and the schedule are config.yaml's as it is now (new rates, epochs or
+    warmup take effect from the resumed step, logged); LoRA settings must be the run's own."""
+    _check_resumed_lora(ckpt["config"], training.cfg, path)
     saved, now = ckpt["config"].get("model", {}), to_dict(training.cfg)["model"]
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     hint = f"; config.yaml's model section was edited since ({', '.join(changed)} differ)" if changed else ""
@@ -282,13 +351,14 @@ def restore(training: Training, ckpt: dict, path: str) -> RunState:
         raise CheckpointError(f"{path}: config.yaml's model section was edited since ({', '.join(changed)} differ), "
                               "and the run's start file is gone: resume with the model it was trained with")
     load_weights(training.model, ckpt["model"], path, hint)
+    fresh = [{k: v for k, v in g.items() if k in GROUP_SETTINGS} for g in training.optimizer.param_groups]
     try:
         training.optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: its optimizer state does not fit the parameter groups config.yaml makes now "
                               f"({exc}); the train section was edited since") from None
     match_param_layout(training.optimizer)
-    training.scheduler.load_state_dict(ckpt["scheduler"])
+    _schedule_from_config(training, fresh, ckpt, path)
     training.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     if training.ema is not None and "ema" in ckpt:
@@ -299,6 +369,41 @@ def restore(training: Training, ckpt: dict, path: str) -> RunState:
         log.warning("%s holds an EMA of the weights, but config.yaml no longer sets train.ema: it is dropped from "
                     "here on (set train.ema again to keep it)", path)
     return RunState(ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"])
+
+
+GROUP_SETTINGS = ("initial_lr", "weight_decay", "betas", "eps", "lr_scale")  # of an AdamW group, from config.yaml
+SCHEDULE_KEYS = ("lr", "layer_decay", "weight_decay", "betas", "eps", "warmup_steps", "min_lr_ratio", "epochs",
+                 "batch_size", "accum_steps")  # the train keys that shape the optimizer's groups and the schedule
+
+
+def _check_resumed_lora(saved: dict, cfg: Config, path: str) -> None:
+    """A run resumes with its own adapters: `train.lora` as it was trained, or a clear refusal."""
+    was, now = read_lora(saved, path), cfg.train.lora
+    changed = [f.name for f in dataclasses.fields(now) if getattr(was, f.name) != getattr(now, f.name)]
+    if changed:
+        shown = ", ".join(f"train.lora.{k}={getattr(was, k)!r} (now {getattr(now, k)!r})" for k in changed)
+        raise CheckpointError(f"{path}: the run was trained with {shown}: its last.pt holds the weights and optimizer "
+                              "state of those settings; resume with them, or start a new run (--out) for others")
+
+
+def _schedule_from_config(training: Training, fresh: list[dict], ckpt: dict, path: str) -> None:
+    """The restored optimizer takes config.yaml's group settings (`fresh`: its rates, weight decay,
+    betas, eps) and the schedule resumes at the saved step on config.yaml's curve (its rates,
+    warmup, floor and length): a resume with the same config restores every rate exactly; one
+    with new values follows them from here, said in the log."""
+    for group, settings in zip(training.optimizer.param_groups, fresh):
+        group.update(settings)
+    scheduler = training.scheduler
+    step = int(ckpt["scheduler"]["last_epoch"])
+    rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    scheduler.load_state_dict({**ckpt["scheduler"], "base_lrs": list(scheduler.base_lrs), "_last_lr": rates})
+    for group, rate in zip(training.optimizer.param_groups, rates):
+        group["lr"] = rate
+    was, now = ckpt["config"].get("train", {}), to_dict(training.cfg)["train"]
+    changed = [f"train.{k} {was.get(k)!r} -> {now[k]!r}" for k in SCHEDULE_KEYS if was.get(k) != now[k]]
+    if changed and training.world.main:
+        log.info("resuming %s with %s: the optimizer's groups and the schedule follow the new values from step %d",
+                 path, ", ".join(changed), step)
 
 
 def valid_scores(training: Training, valid_files: tuple[str, str], label: str = "valid") -> dict:
@@ -339,6 +444,8 @@ def train_epochs(training: Training, state: RunState, valid_files, out_dir: str,
         if training.compiled and epoch == state.epoch and world.main:
             log.info("the first batch compiles the model (torch.compile): a minute or more, once")
         stats = train_one_epoch(training, ddp, epoch, state.step, tracker=tracker)
+        training.guard.check_epoch(stats.step - state.step, stats.skipped_steps, training.optimizer, epoch,
+                                   divergence_advice(vars(cfg.train.lr), cfg.train.grad_clip, training.precision))
         state.epoch, state.step = epoch + 1, stats.step
         if world.main:
             if state.epoch % cfg.eval.every_epochs == 0 or state.epoch == cfg.train.epochs:
