@@ -14,11 +14,12 @@ BUNDLE ?= bundles/$(notdir $(RUN))
 NPROC  ?= 1
 SET    ?=
 
-.PHONY: setup sample train export submit validate report browser test docs bench bench-quality bench-lora bench-scale gpu-check clean help
+.PHONY: setup sample train export submit validate report browser test test-slow test-fast docs bench bench-quality \
+	bench-lora bench-loss bench-scale gpu-check clean help
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make submit | validate | report | train | export | sample | test | docs | bench | bench-quality | bench-lora | bench-scale | gpu-check | setup   (see README.md)"
+	@echo "make submit | validate | report | train | export | sample | test | test-slow | test-fast | docs | bench | bench-quality | bench-lora | bench-scale | gpu-check | setup   (see README.md)"
 
 # -- install -----------------------------------------------------------------------------------
 # Re-runs only when setup.cfg / pyproject.toml change. torch and torchvision are pinned as a
@@ -98,17 +99,27 @@ browser:
 	    --no-install-recommends $(BROWSER_PKGS) >/dev/null; \
 	fi
 
-# ruff (configured in pyproject.toml) first; pytest exits 5 when it collects nothing, which fails too.
-# PYTEST="-m 'not slow'" skips the tests over 30 s (the whole suite runs in CI).
+# The suite in tiers (setup.cfg's markers): `make test` is ruff, then every test but the slow set;
+# `make test-slow` the slow set (whole chains and benches, compiles, launched processes: CI runs
+# both, .ci/run); `make test-fast` a contributor's quick loop (ruff, then the tests that run no
+# stage end to end: every package, in under three minutes). pytest exits 5 when it collects
+# nothing, which fails too. PYTEST="..." adds pytest arguments.
 PYTEST ?=
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q --durations=15 $(PYTEST)
+	$(PY) -m pytest -q --durations=15 -m "not slow" $(PYTEST)
+
+test-slow: $(STAMP) browser
+	$(PY) -m pytest -q --durations=15 -m slow $(PYTEST)
+
+test-fast: $(STAMP) browser
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q --durations=10 -m "not slow and not stage" $(PYTEST)
 
 # docs/cli.md's last section is every command's --help, and docs/config.md every config key (from the
 # schema's own comments); `make test` fails when either is stale.
 docs: $(STAMP)
-	$(PY) -c "import muge_cli; muge_cli.write_reference()"
+	$(PY) -c "import muge_docs; muge_docs.write_reference()"
 
 bench: $(BUNDLE)/manifest.json
 	$(MUGE) bench topk
@@ -127,16 +138,24 @@ bench-quality: $(STAMP)
 
 # LoRA against a full fine-tune from one start, the same epochs: a tiny Chinese-CLIP trained on the
 # easy sample (data/sample) is the start, both fine-tune on the hard sample (data/hard), each drawn
-# when missing; valid MR of each through the ONNX chain. ARGS="--start DIR" fine-tunes real weights.
+# when missing; valid MR of each through the ONNX chain. The sweep: one factor at a time (targets,
+# rank, the adapters' rate, rsLoRA, DoRA, LoRA+) from rank 8 on every linear layer at ten times the
+# rate. ARGS="--reuse" keeps the runs already trained; ARGS="--start DIR" fine-tunes real weights.
 bench-lora: $(STAMP)
-	$(MUGE) bench lora $(ARGS)
+	$(MUGE) bench lora --sweep --lora 8 --lora-set train.lora.targets=all-linear --lora-set train.lora.lr_ratio=10 \
+		$(ARGS)
+
+# The sigmoid loss against InfoNCE, full fine-tunes from bench-lora's start (shared: runs/bench-lora), at a
+# batch of 32 and at the preset's.
+bench-loss: $(STAMP)
+	$(MUGE) bench loss --reuse $(ARGS)
 
 # The Chinese-CLIP presets at their published shapes (random weights in cn_clip's released format):
 # export, predict against cn_clip's own rankings, two training steps, training memory; each stage's
 # wall time and peak RSS. About 40 minutes and 12 GB of disk under build/scale on a 2-core CPU.
 # ARGS="--preset cnclip-vit-h14 --json out.json" picks presets and keeps the figures.
 bench-scale: $(STAMP)
-	$(MUGE) bench scale $(ARGS)
+	$(MUGE) bench scale --lora 0 --lora 8 --memory-model train/memory_model.json $(ARGS)
 
 # The whole chain at realistic shapes on this machine's GPU, as one table (random weights, no
 # network). ARGS="--small" runs tiny shapes on a CPU; ARGS="--json out.json" keeps the figures.

@@ -35,11 +35,11 @@ def _random_model(preset: str):
 
     with open(preset, encoding="utf-8") as f:
         cfg, data = read_sections(yaml.safe_load(f), preset)
-    cfg = replace(cfg, name=None, text=replace(cfg.text, name=None), image=replace(cfg.image, pretrained=False))
-    if cfg.family == "chinese-clip" and not cfg.config:
+    if cfg.name and not cfg.config:  # published weights named, their shape not given: B/16's
         cfg = replace(cfg, config=VIT_B16_CLIP)
+    cfg = replace(cfg, name=None, text=replace(cfg.text, name=None), image=replace(cfg.image, pretrained=False))
     vocab = BERT_CHINESE_VOCAB if not cfg.text.config else 1000
-    model, _ = create_model(cfg, vocab_size=None if cfg.family == "chinese-clip" else vocab)
+    model, _ = create_model(cfg, vocab_size=vocab)
     return model.eval(), data.image_size, data.max_text_length, vocab
 
 

@@ -71,7 +71,7 @@ def bench_pipeline(data_dir: str, split: str, gallery: int, workers: int, batch_
         ranges = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
 
         def decode_only():
-            with DecodeRing(tsv_path, size, "squash", batch_size, workers) as ring:
+            with DecodeRing(ImageTSV, tsv_path, size, "squash", batch_size, workers) as ring:
                 for _ in ring.batches(ranges):
                     pass
 

@@ -18,7 +18,6 @@ Each stage runs as its own `muge` process: its wall time and peak resident set (
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -173,77 +172,76 @@ def param_count(preset: str) -> int:
 
 
 def memory_figures(preset: str, mask_ratio: float = 0.0, lora_rank: int = 0, work: str | None = None) -> dict:
-    """Training memory of the preset at its published shape (random weights), measured on the CPU:
-    - state: bytes of weights, gradients and AdamW state after one optimizer step;
-    - per pair: bytes of the tensors autograd saves for backward (counted once per storage) in a
-      forward as the preset trains (gradient checkpointing where it checkpoints), images at its
-      size and 52-token texts, under bf16 autocast as on a GPU: the slope between 1 and 3 pairs,
-      so the autocast copies of the weights (once per step) are not counted per pair; with
-      checkpointing, plus one vision layer's saved tensors (what backward recomputes and holds
-      at once).
-    `mask_ratio`: with FLIP masking (`train.mask_ratio`), as training would run. `lora_rank`: with
-    LoRA adapters of that rank (`train.lora.rank`, its default targets and alpha): the towers'
-    weights frozen, so only the adapters, heads and logit scale have gradients and AdamW state.
-    `work`: also write, as training does (`save_checkpoint`), the model and AdamW state `last.pt`
-    holds after that step and the plain (merged) model `best.pt` holds, and give the files' sizes
-    (a run's files add kilobytes: its config, schedule, RNG and history); both are removed again.
-    Not measured (a GPU run is the check): allocator overhead and fragmentation, the attention
-    kernel's own saved state (SDPA's flash kernel keeps no attention map; the CPU's math path
-    does), cuDNN and cuBLAS workspaces."""
-    import torch
-
-    from model.factory import create_model
+    """Training memory of the preset at its published shape (random weights), measured on the CPU
+    by the training memory model (`train.memory.measure`: the state after one optimizer step, and
+    the bytes held per pair with and without checkpointing, unmasked and with FLIP masking), the
+    preset's own row (its checkpointing, its chunk) summed. `mask_ratio`: the FLIP rows' ratio
+    (default `train.memory.FLIP_RATIO`). `lora_rank`: with LoRA adapters of that rank (the
+    preset's other `train.lora` settings): the towers' weights frozen, so only the adapters, heads
+    and logit scale have gradients and AdamW state. `work`: also write, as training does
+    (`save_checkpoint`), the model and AdamW state `last.pt` holds after that step and the plain
+    (merged) model `best.pt` holds, and give the files' sizes (a run's files add kilobytes: its
+    config, schedule, RNG and history); both are removed again. `memory_model` is the entry
+    `muge plan` reads (`train/memory_model.json`, written with `--memory-model`)."""
     from train.config import load_config
-    from train.optim import create_optimizer
+    from train.memory import FLIP_RATIO, GIB, MIB, measure, pair_key
 
     from .shapes import setting
 
-    cfg = load_config(os.path.join(ROOT, "configs", f"{preset}.yaml"),
-                      ["model.name=null", setting("model.config", CNCLIP_SHAPES[preset])])
-    torch.manual_seed(0)
-    model, _ = create_model(cfg.model)
-    if lora_rank:
-        from model.lora import add_lora
-        from train.optim import apply_freeze
-
-        add_lora(model, dataclasses.replace(cfg.train.lora, rank=lora_rank, dropout=0.0))
-        apply_freeze(model, cfg.train.freeze)
-    model.train()
-    model.set_mask_ratio(mask_ratio)
-    size, seq = cfg.data.image_size, 52
-
-    def forward(pairs: int):
-        pixels = torch.randint(0, 256, (pairs, size, size, 3), dtype=torch.uint8)
-        ids, mask = torch.randint(1, 21128, (pairs, seq)), torch.ones(pairs, seq, dtype=torch.long)
-        return model.encode_image(pixels), model.encode_text(ids, mask)
-
-    saved = {pairs: _saved_bytes(lambda p=pairs: forward(p)) for pairs in (1, 3)}
-    per_pair = (saved[3][0] - saved[1][0]) / 2
-    recompute = 0.0
-    if cfg.model.grad_checkpointing:
-        layer = model.clip.vision_model.encoder.layers[0]
-        patches = (size // CNCLIP_SHAPES[preset]["vision_config"]["patch_size"]) ** 2
-        tokens = 1 + int(patches * (1 - mask_ratio))  # what a layer sees after masking
-        hidden = {p: torch.randn(p, tokens, layer.embed_dim, requires_grad=True) for p in (1, 3)}
-        checkpointed, layer.gradient_checkpointing = layer.gradient_checkpointing, False  # the layer as recomputed
-        layer_saved = {p: _saved_bytes(lambda p=p: layer(hidden[p], None))[0] for p in (1, 3)}
-        layer.gradient_checkpointing = checkpointed
-        recompute = (layer_saved[3] - layer_saved[1]) / 2
-    image, text = saved[1][1]
-    (image @ text.t()).float().sum().backward()  # one optimizer step: every tensor training holds
-    optimizer = create_optimizer(model, cfg.train)
-    optimizer.step()
-    state = sum(t.numel() * t.element_size() for p in model.parameters() for t in (p, p.grad) if t is not None)
-    state += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-                 if isinstance(v, torch.Tensor) and v.dim() > 0)
+    cfg = load_config(os.path.join(ROOT, "configs", f"{preset}.yaml"), [
+        "model.name=null", setting("model.config", CNCLIP_SHAPES[preset]), f"train.lora.rank={lora_rank}"])
+    ratio = mask_ratio or FLIP_RATIO
+    figures = measure(cfg, text_length=52, ratios=(0.0, ratio))
+    checkpointing = bool(cfg.model.grad_checkpointing)
+    pair = figures["per_pair_bytes"][pair_key(checkpointing, mask_ratio)]
     chunk = cfg.train.grad_cache_chunk or cfg.train.batch_size
+    model, optimizer = figures.pop("model"), figures.pop("optimizer")
     files = checkpoint_sizes(model, optimizer, work) if work else {}
-    return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), "state_gib": round(state / GIB, 2),
-            "checkpointing": bool(cfg.model.grad_checkpointing), "mask_ratio": mask_ratio, "lora_rank": lora_rank,
-            "trainable_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2),
-            "saved_per_pair_mib": round(per_pair / 2**20, 1), "recompute_per_pair_mib": round(recompute / 2**20, 1),
-            "chunk": chunk, "chunk_activations_gib": round(chunk * (per_pair + recompute) / GIB, 2),
-            "total_gib": round((state + chunk * (per_pair + recompute)) / GIB, 2), **files}
+    return {"params_m": round(figures["params"] / 1e6, 1), "state_gib": round(figures["state_bytes"] / GIB, 2),
+            "checkpointing": checkpointing, "mask_ratio": mask_ratio, "lora_rank": lora_rank,
+            "trainable_m": round(figures["trainable"] / 1e6, 2), "per_pair_mib": round(pair / MIB, 1),
+            "chunk": chunk, "chunk_activations_gib": round(chunk * pair / GIB, 2),
+            "total_gib": round((figures["state_bytes"] + chunk * pair) / GIB, 2), **files,
+            "memory_model": {**figures, "flip_ratio": ratio}}
+
+
+MEMORY_MODEL_KIND = "muge memory model"
+
+
+def memory_model_output(ctx, param, value):
+    """A click callback: `--memory-model` is a new file or an earlier memory model (`infra.outputs`)."""
+    from infra.outputs import OutputKind, check_output, json_with_keys
+
+    if value is not None:
+        try:
+            check_output(value, OutputKind(MEMORY_MODEL_KIND, directory=False, recognise=lambda path: json_with_keys(
+                path, "kind", "presets")), flag="--memory-model")
+        except (ValueError, OSError) as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
+
+
+def write_memory_model(path: str, rows: list[dict]) -> None:
+    """The memory stage's figures (`memory_figures`' `memory_model`, by preset and LoRA rank), with
+    each preset's batch and the date, commit and machine, laid over an earlier file's presets."""
+    from infra.io import atomic_write_text
+    from train.config import load_config, to_dict
+
+    from .table import stamp
+
+    model = {"kind": MEMORY_MODEL_KIND, "presets": {}}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            model = json.load(f)
+    for r in rows:
+        if r["stage"] != "memory" or r["status"] != "ok":
+            continue
+        cfg = load_config(os.path.join(ROOT, "configs", f"{r['preset']}.yaml"))
+        entry = model["presets"].setdefault(r["preset"], {"runs": {}})
+        entry.update(batch_size=cfg.train.batch_size, grad_checkpointing=cfg.model.grad_checkpointing,
+                     lora=to_dict(cfg)["train"]["lora"], measured=stamp())
+        entry["runs"][str(r["figures"]["lora_rank"])] = r["figures"]["memory_model"]
+    atomic_write_text(path, json.dumps({**model, "kind": MEMORY_MODEL_KIND}, indent=1, sort_keys=True) + "\n")
 
 
 def checkpoint_sizes(model, optimizer, work: str) -> dict:
@@ -257,24 +255,6 @@ def checkpoint_sizes(model, optimizer, work: str) -> dict:
         save_checkpoint(last, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
         save_checkpoint(best, {"model": merged_state_dict(model)})
         return {"last_pt_bytes": os.path.getsize(last), "best_pt_bytes": os.path.getsize(best)}
-
-
-def _saved_bytes(fn):
-    """(bytes of the distinct storages autograd saves for backward while `fn` runs under bf16
-    autocast, fn's result)."""
-    import torch
-
-    seen: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
-            torch.autocast("cpu", dtype=torch.bfloat16):
-        out = fn()
-    return sum(seen.values()), out
 
 
 def summary(stage: str, f: dict) -> str:
@@ -292,9 +272,9 @@ def summary(stage: str, f: dict) -> str:
         return f"{f['steps']} steps of {f['batch']}, untrained MR {f['untrained_mr']}, wrote {f['checkpoints']}"
     masked = f", FLIP mask {f['mask_ratio']:g}" if f.get("mask_ratio") else ""
     masked += f", LoRA rank {f['lora_rank']} ({f['trainable_m']}M trained)" if f.get("lora_rank") else ""
-    return (f"{f['params_m']}M params{masked}: state {f['state_gib']} GiB + {f['chunk']} x "
-            f"({f['saved_per_pair_mib']} + {f['recompute_per_pair_mib']}) MiB = {f['total_gib']} GiB; "
-            f"last.pt {f['last_pt_bytes'] / GIB:.2f} GiB, best.pt {f['best_pt_bytes'] / GIB:.2f} GiB")
+    return (f"{f['params_m']}M params{masked}: state {f['state_gib']} GiB + {f['chunk']} x {f['per_pair_mib']} MiB = "
+            f"{f['total_gib']} GiB; last.pt {f['last_pt_bytes'] / GIB:.2f} GiB, best.pt {f['best_pt_bytes'] / GIB:.2f} "
+            "GiB")
 
 
 def _machine_memory() -> int:
@@ -403,9 +383,12 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
 @click.option("--lora", multiple=True, type=click.IntRange(min=0), default=(0,), show_default=True, metavar="RANK",
               help="The memory stage with LoRA adapters of this rank (train.lora.rank); 0: full fine-tuning. "
               "Repeat it for rows side by side (--lora 0 --lora 8).")
+@click.option("--memory-model", type=click.Path(dir_okay=False), callback=memory_model_output,
+              help="Write the memory stage's figures as the memory model `muge plan` reads (make bench-scale: "
+                   "train/memory_model.json), each preset's replacing its earlier entry.")
 @table_options
 def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gallery, train_batch, stages, mask_ratio,
-                lora, json_out, csv_out):
+                lora, memory_model, json_out, csv_out):
     """Published shapes, random weights: export, predict vs cn_clip, two training steps, memory."""
     try:
         import cn_clip.clip  # noqa: F401
@@ -419,6 +402,9 @@ def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gal
     if any(lora) and "memory" not in stages:
         raise click.BadParameter(f"{max(lora)} is a setting of the memory stage, which is not run: add --stage memory",
                                  param_hint="--lora")
+    if memory_model and ("memory" not in stages or 0 not in lora or len(lora) < 2):
+        raise click.BadParameter("the memory model is a full fine-tune's figures and LoRA's: add --stage memory "
+                                 "--lora 0 --lora RANK", param_hint="--memory-model")
     if mask_ratio and "memory" not in stages:
         raise click.BadParameter(f"{mask_ratio} is a setting of the memory stage, which is not run: add --stage "
                                  "memory", param_hint="--mask-ratio")
@@ -431,6 +417,9 @@ def bench_scale(presets, work, valid_queries, images, parity_queries, parity_gal
     rows = []
     for preset in presets:
         rows += bench_one(preset, work, data, opts, click.echo)
+    if memory_model:
+        write_memory_model(memory_model, rows)
+        click.echo(f"memory model written to {memory_model}")
     emit([{k: v for k, v in r.items() if k != "figures"} for r in rows],
          title="muge bench scale: the Chinese-CLIP presets at their published shapes (random weights); memory: "
                "weights + gradients + AdamW state, + a gradient-cache chunk x (saved + recomputed) per pair",

@@ -9,12 +9,12 @@ BERT_CHINESE_VOCAB = 21128  # bert-base-chinese / chinese-roberta-wwm-ext, and C
 BASE_LAYERS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
 TINY_LAYERS = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
-BERT_BASE = {**BASE_LAYERS, "max_position_embeddings": 512}  # a dual text tower: `model.text.config`
+BERT_BASE = {**BASE_LAYERS, "max_position_embeddings": 512}  # a BERT text tower: `model.text.config`
 TINY_BERT = {**TINY_LAYERS, "max_position_embeddings": 64}
 TINY_CLIP = {"projection_dim": 32, "text_config": TINY_BERT,
              "vision_config": {**TINY_LAYERS, "image_size": 32, "patch_size": 8}}
 
-# `model.config` of the chinese-clip family (ChineseCLIPConfig fields), at the sizes Chinese-CLIP
+# `model.config` of a Chinese-CLIP preset (ChineseCLIPConfig fields), at the sizes Chinese-CLIP
 # publishes (cn_clip/clip/model_configs): text RoBERTa-wwm-ext base (L/14 too) or large (H/14)
 LARGE_LAYERS = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
 ROBERTA_BASE = {**BASE_LAYERS, "max_position_embeddings": 512, "vocab_size": BERT_CHINESE_VOCAB}
@@ -29,12 +29,6 @@ VIT_H14_CLIP = {"projection_dim": 1024, "text_config": ROBERTA_LARGE,
                                   "intermediate_size": 5120, "image_size": 224, "patch_size": 14}}
 CNCLIP_SHAPES = {"cnclip-vit-b16": VIT_B16_CLIP, "cnclip-vit-l14": VIT_L14_CLIP,
                  "cnclip-vit-l14-336": VIT_L14_336_CLIP, "cnclip-vit-h14": VIT_H14_CLIP}
-
-
-def with_layers(shape: dict, layers: int) -> dict:
-    """A chinese-clip shape with `layers` layers in each tower (the same widths)."""
-    return {**shape, "text_config": {**shape["text_config"], "num_hidden_layers": layers},
-            "vision_config": {**shape["vision_config"], "num_hidden_layers": layers}}
 
 
 def setting(key: str, value) -> str:

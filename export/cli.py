@@ -40,7 +40,7 @@ WRITES = {"onnx": "bundle", "hf": "transformers directory", "cnclip": "Chinese-C
 @click.option("--format", "fmt", type=click.Choice(list(WRITES)), default="onnx", show_default=True,
               help="onnx: the bundle predict runs. hf: a transformers directory (ChineseCLIPModel, its tokenizer and "
               "processor, a model card). cnclip: Chinese-CLIP's checkpoint file (--out X.pt), which cn_clip loads. "
-              "hf and cnclip: a chinese-clip run's model.")
+              "hf and cnclip: for a model whose family has them (Chinese-CLIP's).")
 @click.option("--overwrite", is_flag=True, help="Replace what is at --out even if muge did not write it there (never "
               "the run, its checkpoint, the weights or data being read, or a directory holding them).")
 def export(run_dir, pretrained, tokenizer, attention_heads, out_dir, data_dir, checkpoint, opset, exporter,

@@ -5,8 +5,8 @@ kernels (Attention, SkipLayerNormalization, BiasGelu / QuickGelu, EmbedLayerNorm
 recognises the patterns of the TorchScript exporter's graph of a model built with eager
 attention; a graph of torch's SDPA (either exporter) or of the dynamo exporter fuses nothing.
 So a transformer tower is exported that way (`TRANSFORMER_EXPORT`) and then fused:
-- the dual family's text tower (BERT-like) and Chinese-CLIP's text tower: model type `bert`;
-- Chinese-CLIP's vision tower (a CLIP ViT): model type `clip`.
+- a BERT-like text tower (a BERT's, or Chinese-CLIP's RoBERTa): model type `bert`;
+- a CLIP ViT vision tower (Chinese-CLIP's): model type `clip`.
 A timm image tower (convnext, resnet, ...) has no such pattern and is shipped as exported.
 The fused-op counts go into the manifest; the fused graph is what the gate checks and what
 ships, and the fp16 graph is made from it.

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from competition import ImageTSV, read_queries, score_predictions
 from competition.topk import exact_topk, first_nonfinite_row
 from predict.manifest import read_manifest
-from predict.runtime import BundleEncoders, RuntimeChoice, bundle_tokenizer, choose_runtime, has_graphs
+from predict.runtime import BundleEncoders, RuntimeChoice, choose_runtime, has_graphs
 
 from .memory import free_memory
 
@@ -211,19 +211,6 @@ def torch_embeddings(model, kind: str, inputs: GateInputs, tokenizer, batch_size
         return _batched(encode, inputs.texts, batch_size, "parity: torch text")
     return _batched(lambda batch: model.encode_image(torch.from_numpy(batch)).numpy(), inputs.pixels, batch_size,
                     "parity: torch image")
-
-
-def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, *, settings: ParitySettings | None = None,
-               limits: ParityLimits | None = None, device: str = "auto") -> ParityReport:
-    """The gate on a written bundle against `model`: its reference embeddings, then `check_bundle`."""
-    settings = settings or ParitySettings()
-    manifest = read_manifest(bundle_dir)
-    inputs = gate_inputs(queries_path, tsv_path, settings, manifest.image_size, manifest.resize_rule)
-    tokenizer = bundle_tokenizer(bundle_dir, manifest)
-    model = model.eval().float().cpu()
-    reference = {kind: torch_embeddings(model, kind, inputs, tokenizer, settings.batch_size)
-                 for kind in ("text", "image")}
-    return check_bundle(reference, bundle_dir, inputs, settings=settings, limits=limits, device=device)
 
 
 def check_bundle(reference: dict, bundle_dir: str, inputs: GateInputs, *, settings: ParitySettings | None = None,

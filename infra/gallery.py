@@ -34,15 +34,14 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing import connection, resource_tracker, shared_memory
+from typing import Protocol
 
 import numpy as np
 
-from competition.errors import MugeDataError
-from competition.images import ImageTSV
-
+from .errors import MugeDataError
 from .io import pid_alive, probe_directory
 
 log = logging.getLogger(__name__)
@@ -129,7 +128,15 @@ def _attach(name: str) -> shared_memory.SharedMemory:
         resource_tracker.register = register
 
 
-def decode_into(tsv: ImageTSV, start: int, end: int, out: np.ndarray, size: int, rule: str, skip_bad: bool):
+class Gallery(Protocol):
+    """What the ring decodes from: a gallery file's image ids in file order, and each image resized
+    into a given buffer (`competition.images.ImageTSV`), or a `MugeDataError` naming its line."""
+    ids: np.ndarray
+
+    def load_pixels(self, img_id: int, size: int, rule: str, out: np.ndarray) -> np.ndarray: ...
+
+
+def decode_into(tsv: Gallery, start: int, end: int, out: np.ndarray, size: int, rule: str, skip_bad: bool):
     """Decode TSV positions [start, end) into the rows of `out`, kept images first; zero the
     rows left over. Returns (kept positions, bad list)."""
     kept, bad = [], []
@@ -149,8 +156,10 @@ def decode_into(tsv: ImageTSV, start: int, end: int, out: np.ndarray, size: int,
 
 @dataclass(frozen=True)
 class DecodeJob:
-    """What every decode worker is given: the gallery, the slots and how to fill them."""
+    """What every decode worker is given: the gallery (its reader, a picklable callable such as the
+    `ImageTSV` class, and its path), the slots and how to fill them."""
 
+    reader: Callable[[str], Gallery]
     tsv_path: str
     slot_names: tuple[str, ...]
     shape: tuple[int, int, int, int]
@@ -166,7 +175,7 @@ def _worker(job: DecodeJob, pipe) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     segments = [_attach(name) for name in job.slot_names]
     slots = [np.ndarray(job.shape, np.uint8, buffer=s.buf) for s in segments]
-    tsv = ImageTSV(job.tsv_path)
+    tsv = job.reader(job.tsv_path)
     try:
         pipe.send("attached")
         while True:
@@ -192,11 +201,13 @@ def _worker(job: DecodeJob, pipe) -> None:
 
 
 class DecodeRing:
-    """`with DecodeRing(...) as ring: for batch in ring.batches(ranges): ...` (module docstring).
-    With `workers=0` the batches are decoded in this process into one local buffer."""
+    """`with DecodeRing(ImageTSV, path, ...) as ring: for batch in ring.batches(ranges): ...` (module
+    docstring): `reader(tsv_path)` opens the gallery, in each worker. With `workers=0` the batches
+    are decoded in this process into one local buffer."""
 
-    def __init__(self, tsv_path: str, size: int, rule: str, batch_size: int, workers: int, skip_bad: bool = False):
-        self.tsv_path, self.size, self.rule, self.skip_bad = tsv_path, size, rule, skip_bad
+    def __init__(self, reader: Callable[[str], Gallery], tsv_path: str, size: int, rule: str, batch_size: int,
+                 workers: int, skip_bad: bool = False):
+        self.reader, self.tsv_path, self.size, self.rule, self.skip_bad = reader, tsv_path, size, rule, skip_bad
         self.shape = (batch_size, size, size, 3)
         self.workers = workers
         self.segments: list[shared_memory.SharedMemory] = []
@@ -225,7 +236,7 @@ class DecodeRing:
     def __enter__(self) -> DecodeRing:
         if self.workers == 0:
             self.local = np.zeros(self.shape, np.uint8)
-            self.tsv = ImageTSV(self.tsv_path)
+            self.tsv = self.reader(self.tsv_path)
             return self
         try:
             sweep_orphans()
@@ -235,8 +246,8 @@ class DecodeRing:
                 name = f"{segment_prefix()}{next(_serial)}-{secrets.token_hex(4)}"
                 self.segments.append(shared_memory.SharedMemory(name=name, create=True, size=nbytes))
             self.arrays = [np.ndarray(self.shape, np.uint8, buffer=s.buf) for s in self.segments]
-            job = DecodeJob(self.tsv_path, tuple(s.name for s in self.segments), self.shape, self.size, self.rule,
-                            self.skip_bad)
+            job = DecodeJob(self.reader, self.tsv_path, tuple(s.name for s in self.segments), self.shape, self.size,
+                            self.rule, self.skip_bad)
             # spawn, not fork: a forked child can inherit a lock held by one of the parent's threads
             # (ONNX Runtime, tqdm, the import lock) and hang
             context = mp.get_context("spawn")

@@ -8,8 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from competition.errors import MugeDataError
-
+from .errors import MugeDataError
 from .io import atomic_write_text
 from .records import RecordError, from_dict
 

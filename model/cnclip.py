@@ -27,11 +27,11 @@ import torch
 
 from competition.errors import first_of
 
-from .family import CNCLIP_FORMAT
-from .weights import CheckpointError, WeightsError, load_weights, safe_load
+from .weights import CheckpointError, WeightsError, is_torch_zip, load_weights, safe_load
 
 log = logging.getLogger(__name__)
 
+CNCLIP_FORMAT = "cn_clip checkpoint"  # `source["format"]` of weights read from a cn_clip file
 CNCLIP_MAX_CHARS_PER_WORD = 200  # cn_clip/clip/bert_tokenizer.py WordpieceTokenizer
 VISION_HEAD_WIDTH = {1280: 80}   # ViT-H/14; every other published width has 64-wide heads
 TEXT_HEAD_WIDTH = 64
@@ -42,13 +42,14 @@ PUBLISHED = {(768, 12, 16, 224): "ViT-B-16", (768, 12, 32, 224): "ViT-B-32", (10
 
 def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """The state dict of a cn_clip file, `module.` prefixes removed."""
+    zipped = is_torch_zip(path)
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):  # torch's zip, or a legacy pickle
+        legacy = f.read(1) == b"\x80"  # a pickle, as torch wrote before its zip format
+    if not (zipped or legacy):
         raise WeightsError(f"{path}: not a Chinese-CLIP checkpoint file (a torch .pt); weights are a hub name, a "
                            "transformers directory, or a cn_clip .pt file")
     try:  # torch's zip format is memory-mapped: the model takes its tensors without a second copy
-        obj = safe_load(path, mmap=magic.startswith(b"PK"), what="Chinese-CLIP checkpoint")
+        obj = safe_load(path, mmap=zipped, what="Chinese-CLIP checkpoint")
     except CheckpointError as exc:
         raise WeightsError(str(exc)) from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
@@ -215,16 +216,30 @@ def from_hf_state_dict(state: dict) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def cnclip_mismatch(config) -> str | None:
+    """Where the model differs from every model cn_clip's `CLIP` can build (its vision MLP is 4x
+    wide with QuickGELU, its norms' epsilons fixed), or None."""
+    vision, text = config.vision_config, config.text_config
+    fixed = (("vision_config.intermediate_size", vision.intermediate_size, 4 * vision.hidden_size),
+             ("vision_config.hidden_act", vision.hidden_act, "quick_gelu"),
+             ("vision_config.layer_norm_eps", vision.layer_norm_eps, 1e-5),
+             ("text_config.layer_norm_eps", text.layer_norm_eps, 1e-12))
+    wrong = [f"{key}={value!r} (cn_clip's: {theirs!r})" for key, value, theirs in fixed if value != theirs]
+    return "; ".join(wrong) or None
+
+
 TEXT_MODELS = {(768, 12): "RoBERTa-wwm-ext-base-chinese", (1024, 24): "RoBERTa-wwm-ext-large-chinese",
                (768, 3): "RBT3-chinese"}  # cn_clip/clip/model_configs, by (width, layers)
 
 
-def published_names(config) -> tuple[str | None, str | None]:
-    """cn_clip's (vision, text) model names for a `ChineseCLIPConfig`, or None where the shape is
-    not one it publishes (its `load_from_name` takes them to rebuild the model)."""
-    vision, text = config.vision_config, config.text_config
-    return (PUBLISHED.get((vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.image_size)),
-            TEXT_MODELS.get((text.hidden_size, text.num_hidden_layers)))
+def published_names(state: dict) -> tuple[str | None, str | None]:
+    """cn_clip's (vision, text) model names for a state dict in its layout, or None where the shape
+    is not one it publishes (its `load_from_name` takes them to rebuild the model)."""
+    width, _, patch, _ = state["visual.conv1.weight"].shape
+    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    vision = PUBLISHED.get((int(width), _layers(state, "visual.transformer.resblocks."), int(patch), int(grid * patch)))
+    text_width = int(state["bert.embeddings.word_embeddings.weight"].shape[1])
+    return vision, TEXT_MODELS.get((text_width, _layers(state, "bert.encoder.layer.")))
 
 
 def load_cnclip(path: str, heads: dict | None = None):

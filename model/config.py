@@ -10,14 +10,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from competition.preprocess import RESIZE_RULES, TEXT_NORMALIZATIONS
 from infra.records import RecordError, from_dict
 
-Family = Literal["dual", "chinese-clip"]  # each a class in `model.factory.FAMILIES`
 Pooling = Literal["cls", "mean", "mean_max", "attentive"]
 Head = Literal["linear", "mlp"]
 ResizeRule = Literal[RESIZE_RULES]  # competition.preprocess owns the rules: predict resizes with them too
@@ -48,7 +46,8 @@ class ImageTower:
 
 @dataclass
 class ModelConfig:
-    family: Family = "dual"            # dual: any BERT + any timm tower; chinese-clip: ChineseCLIPModel
+    family: str = "dual"               # a registered model family (model/): dual, any BERT + any timm tower;
+                                       # chinese-clip, ChineseCLIPModel
     name: str | None = None            # chinese-clip: hub name or local dir; None: random from `config`
     config: dict = field(default_factory=dict)  # chinese-clip: ChineseCLIPConfig fields
     attention_heads: list | None = None  # [vision, text] of a cn_clip file of a shape Chinese-CLIP does not publish
@@ -73,18 +72,28 @@ class Preprocessing:
     text_normalization: TextNormalization = "nfkc+collapse-whitespace"  # before the tokenizer; cn-clip: Chinese-CLIP's
 
 
+LoraTargets = Literal["qv", "attention", "all-linear"]  # named sets of a tower's layers (the family names them)
+
+
 @dataclass
 class LoraConfig:
     """`train.lora`: LoRA adapters on the model's transformer towers (`model.lora`, through peft)."""
     rank: int = 0                      # LoRA adapters of this rank on the transformer towers (peft); 0: off, full
                                        # fine-tuning
-    alpha: float = 16.0                # the adapters' scale is alpha / rank
+    alpha: float = 16.0                # the adapters' scale is alpha / rank (alpha / sqrt(rank) with use_rslora)
     dropout: float = 0.0               # dropout on the adapters' input, in training
-    text_targets: list | None = None   # text tower Linear layers to adapt, by name suffix; null: the family's
-                                       # default (query, value)
-    image_targets: list | None = None  # image tower likewise; null: the family's default (q_proj, v_proj in
-                                       # Chinese-CLIP, qkv in a timm ViT); [] or a CNN tower: no adapters, it trains
-                                       # as configured
+    targets: LoraTargets | None = None  # which layers, a named set: qv (attention query and value), attention (every
+                                       # attention projection), all-linear (every Linear layer of the tower); null:
+                                       # the family's default
+    text_targets: list | None = None   # text tower Linear layers to adapt, by name suffix (e.g. [query, value]),
+                                       # in place of `targets`; null: `targets`
+    image_targets: list | None = None  # image tower likewise; [] or a CNN tower: no adapters, it trains as configured
+    lr_ratio: float = 1.0              # the adapters' learning rate over their tower's (train.lr.text / image,
+                                       # layer decay applied)
+    b_lr_ratio: float = 1.0            # LoRA+ (Hayou et al. 2024): the B matrices' rate over the A matrices'; 1:
+                                       # plain LoRA
+    use_rslora: bool = False           # rsLoRA: scale by alpha / sqrt(rank), which keeps high ranks learning
+    use_dora: bool = False             # DoRA (Liu et al. 2024): adapt each weight's direction, learn its magnitude
 
 
 # keys of the model section under their former names: a config (a preset, a saved run's config.yaml)
@@ -151,32 +160,3 @@ def check_multiplier(model: ModelConfig, former: dict[str, str] | None = None) -
         raise ConfigError(f"{key('inverse_temperature_init')}={init!r}; expected a finite number from 1 to "
                           f"{key('inverse_temperature_max')}={most:g} (training clamps the multiplier to that range; "
                           "CLIP starts at 1 / 0.07 = 14.3)")
-
-
-def check_model_config(model: ModelConfig) -> None:
-    """What the field types cannot say of the model section: the weights a family reads, and the
-    attention heads only a cn_clip file needs."""
-    heads = model.attention_heads
-    if heads is not None:
-        _check_attention_heads(model, heads)
-    if model.family == "dual" and model.name:
-        raise ConfigError(f"model.name={model.name!r} names Chinese-CLIP weights, which model.family=dual does not "
-                          "use (its towers are model.text.name and model.image.name / model.image.checkpoint): set "
-                          "model.family=chinese-clip, or use a cnclip-* preset")
-
-
-def _check_attention_heads(model: ModelConfig, heads: list) -> None:
-    if len(heads) != 2 or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in heads):
-        raise ConfigError(f"model.attention_heads={heads!r}; expected [vision, text], two positive counts")
-    if model.family != "chinese-clip" or not model.name or not (
-            os.path.isfile(model.name) or model.name.endswith(CHECKPOINT_SUFFIXES)):
-        raise ConfigError(f"model.attention_heads={heads!r} is read only from a Chinese-CLIP checkpoint file "
-                          "(model.family=chinese-clip, model.name: X.pt), whose tensors cannot tell the heads; a "
-                          "random Chinese-CLIP takes them from model.config (vision_config / text_config "
-                          "num_attention_heads), a hub name or transformers directory from its config.json, and a "
-                          "dual model from its towers: remove model.attention_heads")
-
-
-def flip_refusal(tower: str) -> str:
-    return (f"FLIP masking (train.mask_ratio, train.mask_schedule): the image tower {tower} has no patch tokens to "
-            "drop (FLIP masking needs a ViT image tower); set train.mask_ratio=0")

@@ -8,17 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, flip_refusal
-from .family import (
-    Layout,
-    RetrievalModel,
-    changed_settings,
-    checkpoint_activations,
-    transformer_layout,
-    with_head_group,
-)
-from .layers import CLIP_MEAN, CLIP_STD, PixelNormalize, TextPool, projection_head
+from .config import ConfigError, ImageTower, ModelConfig
+from .family import Layout, RetrievalModel, checkpoint_activations, transformer_layout, with_head_group
+from .layers import BERT_LORA_TARGETS, CLIP_MEAN, CLIP_STD, PixelNormalize, TextPool, projection_head
 from .weights import load_pretrained
+
+
+def flip_refusal(image: ImageTower) -> str:
+    return (f"FLIP masking (train.mask_ratio, train.mask_schedule): the image tower {image.name} has no patch tokens "
+            "to drop (FLIP masking needs a ViT image tower); set train.mask_ratio=0")
 
 
 class DualEncoder(RetrievalModel):
@@ -39,10 +37,37 @@ class DualEncoder(RetrievalModel):
     def tokenizer_source(cfg: ModelConfig) -> str | None:
         return cfg.text.name
 
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> None:
+        super().check_config(cfg)
+        if cfg.name:
+            raise ConfigError(f"model.name={cfg.name!r} names Chinese-CLIP weights, which model.family=dual does not "
+                              "use (its towers are model.text.name and model.image.name / model.image.checkpoint): "
+                              "set model.family=chinese-clip, or use a cnclip-* preset")
+
+    @classmethod
+    def check_mask_ratio(cls, cfg: ModelConfig) -> None:
+        """timm builds the image tower on the meta device (no memory, no weights) to show whether
+        it has patch tokens; a name timm does not know is left to the model's builder to name."""
+        import timm
+        import torch
+
+        try:
+            with torch.device("meta"):
+                tower = timm.create_model(cfg.image.name, pretrained=False, **cfg.image.kwargs)
+        except Exception:  # timm's RuntimeError for an unknown name, TypeError for a bad kwarg, ...
+            return
+        if not hasattr(tower, "patch_drop"):
+            raise ConfigError(flip_refusal(cfg.image))
+
+    @classmethod
+    def starts_from_weights(cls, cfg: ModelConfig) -> bool:
+        return bool(cfg.text.name or cfg.image.pretrained or cfg.image.checkpoint)
+
     def ignored_settings(self, cfg: ModelConfig) -> dict[str, str]:
         """`model.config` is a Chinese-CLIP's (the towers are `model.text` and `model.image`)."""
         return {f"model.{key}": "the chinese-clip family's; the towers here are model.text and model.image"
-                for key in changed_settings(cfg, ("config",))}
+                for key in self.changed_settings(cfg, ("config",))}
 
     @classmethod
     def create(cls, cfg: ModelConfig, vocab_size: int | None = None) -> DualEncoder:
@@ -101,7 +126,7 @@ class DualEncoder(RetrievalModel):
 
         if not hasattr(self.image, "patch_drop"):
             if ratio:
-                raise ValueError(flip_refusal(self.arch["image_name"]))
+                raise ValueError(flip_refusal(ImageTower(self.arch["image_name"])))
             return
         super().set_mask_ratio(ratio)
         prefix = getattr(self.image, "num_prefix_tokens", 1)
@@ -114,14 +139,20 @@ class DualEncoder(RetrievalModel):
     def encode_image(self, pixels):
         return F.normalize(self.image_proj(self.image(self.pixels(pixels))), dim=-1)
 
-    def lora_targets(self, kind: str) -> list[str]:
-        """The text tower's attention query and value (peft's default for BERT); a timm ViT's fused qkv
-        projection (a CNN has none: it trains as configured)."""
-        return ["query", "value"] if kind == "text" else ["qkv"]
+    def lora_targets(self, kind: str, which: str | None = None) -> list[str]:
+        """A BERT text tower's layers as Chinese-CLIP's text tower's; a timm ViT's: its fused qkv
+        projection (so `qv` adapts the key too), then `proj` and the MLP's `fc1`, `fc2`. A CNN
+        has none: it trains as configured. By default the attention's query and value."""
+        image = {"qv": ["qkv"], "attention": ["qkv", "attn.proj"], "all-linear": ["qkv", "attn.proj", "fc1", "fc2"]}
+        return BERT_LORA_TARGETS[which or "qv"] if kind == "text" else image[which or "qv"]
 
-    def set_grad_checkpointing(self) -> None:
-        checkpoint_activations(self.text)
-        self.image.set_grad_checkpointing(True)
+    def tower_blocks(self, kind: str) -> list[nn.Module]:
+        """The text tower's layers; a timm ViT's blocks ([] for a CNN, whose stages differ)."""
+        return list(self.text.encoder.layer) if kind == "text" else list(getattr(self.image, "blocks", []))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        checkpoint_activations(self.text, enable)
+        self.image.set_grad_checkpointing(enable)
 
     def param_layout(self, coarse: bool = False) -> Layout:
         """Text: the transformer layout. Image: timm's own group matcher, by block (or by stage

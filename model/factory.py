@@ -1,12 +1,15 @@
-"""The entry point: a name or a config in, a ready model out (as timm's `create_model`).
+"""The entry point: a name or a config in, a ready model out (as timm's `create_model`). Every
+model the project builds comes from here.
 
     create_model(cfg)      a config's model section -> (model, arch): the family's `create`, weights
-                           loaded where the config names them (training starts here)
+                           loaded where the config names them, LoRA adapters where asked, a resumed
+                           run's weights (training starts here)
     build_from_arch(arch)  a checkpoint's architecture record -> the model, random weights, offline
     load_model(source)     a run directory, a muge checkpoint, a hub name, a `transformers` directory
                            or a cn_clip `.pt` -> a `LoadedModel`: the model in eval mode with its
                            weights, its architecture record, its preprocessing, its tokenizer and
                            where its weights came from (export starts here)
+    checkpoint_model(ckpt) a checkpoint's dict in memory (a soup not yet written) -> a `LoadedModel`
 
 Published Chinese-CLIP weights come with the preprocessing Chinese-CLIP uses: the vision tower's
 own image size, squashed, and `cn-clip` text normalisation. Their source record says where they
@@ -25,15 +28,16 @@ from competition.preprocess import TOKENIZER_DIR, TextTokenizer, directory_token
 from infra.io import sha256
 
 from .chinese_clip import ChineseCLIPEncoder
-from .config import ConfigError, ModelConfig, Preprocessing, read_lora, read_sections
-from .dual import DualEncoder
-from .family import RetrievalModel
+from .config import CHECKPOINT_SUFFIXES, ConfigError, LoraConfig, ModelConfig, Preprocessing, read_lora, read_sections
+from .dual import DualEncoder  # noqa: F401 (defining a family registers it in FAMILIES)
+from .family import FAMILIES, RetrievalModel
 from .lora import LoraSettingError, add_lora, has_adapters, merged_state_dict
 from .tokenizer import prepare_tokenizer
 from .weights import (
     CheckpointError,
     WeightsError,
     checkpoint_path,
+    is_torch_zip,
     load_checkpoint,
     load_weights,
     names_a_local_path,
@@ -41,20 +45,56 @@ from .weights import (
 )
 
 log = logging.getLogger(__name__)
-FAMILIES = {cls.family: cls for cls in (DualEncoder, ChineseCLIPEncoder)}  # `model.config.Family` names each
-CONTEXT_LENGTH = 52  # Chinese-CLIP's text length
+PUBLISHED_FAMILY = ChineseCLIPEncoder  # the family of published weights (`--pretrained`: Chinese-CLIP's)
 RENAMED_ARCH = {"logit_scale_max": "inverse_temperature_max"}  # in the checkpoints of earlier versions
 TRANSFORMERS_CONFIG = "config.json"  # what tells a `transformers` directory from a run directory
 RUN_CONFIG = "config.yaml"  # a run directory's config (its checkpoints beside it)
 
 
-def create_model(cfg: ModelConfig, vocab_size: int | None = None) -> tuple[RetrievalModel, dict]:
-    """Build the model named by `cfg`, loading weights from the hub or a local dir where named.
-    Returns (model, arch), `arch` being enough for `build_from_arch` to rebuild it offline."""
-    model = FAMILIES[cfg.family].create(cfg, vocab_size)
+@dataclass
+class Resume:
+    """A run's `last.pt` that training resumes from: its weights (adapters included), and its
+    architecture, rebuilt where the weights file the run started from (`model.name`) has moved."""
+    checkpoint: dict
+    path: str
+    hint: str = ""  # said where the weights do not fit (the config edited since, say)
+
+
+def check_model_config(model: ModelConfig) -> None:
+    """What the field types cannot say of the model section: the family is one of the registered
+    ones (`model.family.FAMILIES`), and the family's own checks (`RetrievalModel.check_config`)."""
+    if model.family not in FAMILIES:
+        raise ConfigError(f"model.family={model.family!r}; expected one of {', '.join(sorted(FAMILIES))}")
+    heads = model.attention_heads
+    if heads is not None and (len(heads) != 2 or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0
+                                                         for h in heads)):
+        raise ConfigError(f"model.attention_heads={heads!r}; expected [vision, text], two positive counts")
+    FAMILIES[model.family].check_config(model)
+
+
+def create_model(cfg: ModelConfig, vocab_size: int | None = None, lora: LoraConfig | None = None,
+                 resume: Resume | None = None) -> tuple[RetrievalModel, dict]:
+    """Build the model named by `cfg`, loading weights from the hub or a local dir where named;
+    with `lora` (a rank above 0) its adapters (a LoraSettingError naming the key where they do not
+    fit), and with `resume` the run's weights. Returns (model, arch), `arch` being enough for
+    `build_from_arch` to rebuild it offline (the plain model, without adapters)."""
+    if resume is not None and start_file_gone(cfg.name):
+        model = build_from_arch(resume.checkpoint["arch"], resume.path)
+    else:
+        model = FAMILIES[cfg.family].create(cfg, vocab_size)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
-    return model, model.to_arch()
+    arch = model.to_arch() if resume is None else resume.checkpoint["arch"]
+    if lora is not None and lora.rank:
+        add_lora(model, lora)
+    if resume is not None:
+        load_weights(model, resume.checkpoint["model"], resume.path, resume.hint)
+    return model, arch
+
+
+def start_file_gone(name: str | None) -> bool:
+    """`model.name` names a local weights file that is no longer there."""
+    return bool(name) and (name.endswith(CHECKPOINT_SUFFIXES) or os.path.isabs(name)) and not os.path.exists(name)
 
 
 def build_from_arch(arch: dict, path: str = "the checkpoint") -> RetrievalModel:
@@ -78,6 +118,7 @@ class LoadedModel:
     save_tokenizer: Callable[[str], TextTokenizer]  # writes DIR/tokenizer/ and returns it loaded
     tokenizer_label: str               # what an error about the tokenizer calls it
     config: dict | None = None         # a run's whole config, as its checkpoint saved it (None: published weights)
+    tokenizer: TextTokenizer | None = None  # a run's own tokenizer, loaded (None: published weights')
 
 
 def load_model(source: str, checkpoint: str = "best", tokenizer: str | None = None,
@@ -128,10 +169,8 @@ def _run_dir(source: str) -> str | None:
         return None if os.path.isfile(os.path.join(source, TRANSFORMERS_CONFIG)) else source
     if not os.path.isfile(source):
         return None  # a hub name
-    with open(source, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"
     try:  # memory-mapped: only the record is read, not the weights
-        obj = safe_load(source, mmap=True) if is_zip else None
+        obj = safe_load(source, mmap=True) if is_torch_zip(source) else None
     except CheckpointError:
         obj = None  # cn_clip's reader names what is wrong with it
     is_ours = isinstance(obj, dict) and {"model", "arch", "config"} <= obj.keys()
@@ -160,9 +199,15 @@ def run_model(run_dir: str, checkpoint: str = "best") -> LoadedModel:
     they are (one copy of the weights, not two), with the run's tokenizer and preprocessing; a
     LoRA run's `last.pt` with its adapters merged (`plain_checkpoint`)."""
     path = checkpoint_path(run_dir, checkpoint)
-    ckpt = plain_checkpoint(path, mmap=True)
+    return checkpoint_model(plain_checkpoint(path, mmap=True), path, run_dir)
+
+
+def checkpoint_model(ckpt: dict, path: str, run_dir: str) -> LoadedModel:
+    """A muge checkpoint's dict (its `model` the plain architecture's state dict) as a ready model,
+    taking the dict's tensors, with `run_dir`'s tokenizer and the checkpoint's preprocessing.
+    `path` names it (a file not written yet, such as a soup being scored, has no sha256)."""
     model = build_from_arch(ckpt["arch"], path)
-    load_weights(model, ckpt.pop("model"), path, assign=True)
+    load_weights(model, ckpt["model"], path, assign=True)
     _, data = read_sections(ckpt["config"], path)
     run_tokenizer = directory_tokenizer(run_dir, data.max_text_length, data.text_normalization)
 
@@ -170,10 +215,10 @@ def run_model(run_dir: str, checkpoint: str = "best") -> LoadedModel:
         shutil.copytree(os.path.dirname(run_tokenizer.path), os.path.join(directory, TOKENIZER_DIR))
         return directory_tokenizer(directory, data.max_text_length, data.text_normalization)
 
-    origin = {"checkpoint": os.path.abspath(path), "sha256": sha256(path), "epoch": ckpt.get("epoch"),
-              "valid_metrics": ckpt.get("metrics")}
+    origin = {"checkpoint": os.path.abspath(path), "sha256": sha256(path) if os.path.isfile(path) else None,
+              "epoch": ckpt.get("epoch"), "valid_metrics": ckpt.get("metrics")}
     return LoadedModel(model.eval(), ckpt["arch"], data, origin, save_tokenizer, os.path.dirname(run_tokenizer.path),
-                       ckpt["config"])
+                       ckpt["config"], run_tokenizer)
 
 
 def pretrained_model(name: str, tokenizer: str | None = None, heads: tuple[int, int] | None = None,
@@ -184,14 +229,10 @@ def pretrained_model(name: str, tokenizer: str | None = None, heads: tuple[int, 
     tokenizer: `tokenizer` (a directory or name), or the weights' own (a cn_clip file's: the
     installed cn_clip's vocabulary). `heads` (vision, text): for a cn_clip file of a shape
     Chinese-CLIP does not publish."""
-    cfg = ModelConfig(family="chinese-clip", name=name, attention_heads=list(heads) if heads else None)
-    log.info("loading Chinese-CLIP weights %s", name)
+    cfg = ModelConfig(family=PUBLISHED_FAMILY.family, name=name, attention_heads=list(heads) if heads else None)
+    log.info("loading published weights %s", name)
     model, arch = create_model(cfg)
-    text = model.clip.config.text_config
-    data = Preprocessing(image_size=model.image_size,
-                         max_text_length=int(max_text_length or min(CONTEXT_LENGTH, text.max_position_embeddings)),
-                         resize_rule="squash",  # as Chinese-CLIP, and the organisers' 224x224 images
-                         text_normalization="cn-clip")
+    data = model.published_preprocessing(max_text_length)
 
     def save_tokenizer(directory: str) -> TextTokenizer:
         return prepare_tokenizer(tokenizer, name, "", directory, data.max_text_length, data.text_normalization)

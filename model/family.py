@@ -1,13 +1,18 @@
 """The interface every model family implements: `RetrievalModel`, an abstract base listing each
 method and attribute that training, evaluation, export and the benches call. A new family is one
-file with one subclass (`dual.py` and `chinese_clip.py` are the two), named in `model.config.Family`
-and registered in `model.factory.FAMILIES`; instantiating one that leaves a method out fails.
+file with one subclass that names itself (`family = "..."`): defining it registers it in
+`FAMILIES`, which `model.family` is checked against; `dual.py` and `chinese_clip.py` are the two.
+Instantiating one that leaves a method out fails. Nothing outside `model/` asks which family a
+model is: whatever depends on it is asked of the model.
 
-What a family owns: how it is created from a config (`create`) and rebuilt offline without
+What a family owns: its config's checks (`check_config`, `check_mask_ratio`, `ignored_settings`,
+`starts_from_weights`); how it is created from a config (`create`) and rebuilt offline without
 weights from its plain `arch` record (`to_arch` / `from_arch`); its two encoders and its learned
-logit scale; its towers (for export's fusion and release); its parameter layout for layer-wise
-lr decay and freezing (`param_layout`); gradient checkpointing; FLIP masking; and where its
-tokenizer comes from.
+logit scale; its towers (for export's fusion and release, and their blocks); its parameter
+layout for layer-wise lr decay and freezing (`param_layout`); gradient checkpointing; FLIP
+masking; LoRA's default targets (`lora_targets`); where its tokenizer comes from and whether its
+vocabulary is known exactly; and the formats it can be written in besides the ONNX bundle
+(`transformers_out` for `--format hf`, `cnclip_state_dict` for `--format cnclip`).
 """
 from __future__ import annotations
 
@@ -19,10 +24,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig, Preprocessing
 
 Layout = dict[str, tuple[str, int, int]]  # parameter name -> (group, layer id, top block id)
-CNCLIP_FORMAT = "cn_clip checkpoint"     # `source["format"]` of weights read from a cn_clip file (`model.cnclip`)
+FAMILIES: dict[str, type[RetrievalModel]] = {}  # `model.family` name -> its class: each registers itself
 
 
 class RetrievalModel(nn.Module, metaclass=ABCMeta):
@@ -36,6 +41,49 @@ class RetrievalModel(nn.Module, metaclass=ABCMeta):
     image_size: int | None = None      # a vision tower's fixed input size (a ViT's position grid); None: any size
     source: dict | None = None         # the pretrained weights it was created from (None: a random start)
     mask_ratio = 0.0                   # FLIP patch masking in training (`set_mask_ratio`); evaluation never masks
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "family" in vars(cls):  # a family names itself, and is registered by being defined
+            FAMILIES[cls.family] = cls
+
+    # -- its config ------------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> None:
+        """Refuse, with a ConfigError naming the key, what the field types cannot say of the model
+        section for this family (before any weights are fetched). By default: the attention heads
+        only a Chinese-CLIP checkpoint file needs."""
+        if cfg.attention_heads is not None:
+            raise ConfigError(f"model.attention_heads={cfg.attention_heads!r} is read only from a Chinese-CLIP "
+                              "checkpoint file (model.family=chinese-clip, model.name: X.pt), whose tensors cannot "
+                              f"tell the heads; the {cls.family} family does not read it: remove model.attention_heads")
+
+    @classmethod
+    def check_mask_ratio(cls, cfg: ModelConfig) -> None:
+        """Refuse FLIP masking (a ratio above 0 somewhere in the schedule) where this config's image
+        tower has no patch tokens to drop: a ConfigError, before any weights are fetched."""
+
+    @classmethod
+    @abstractmethod
+    def starts_from_weights(cls, cfg: ModelConfig) -> bool:
+        """Whether the config loads pretrained weights into some tower (rather than a random start)."""
+
+    def ignored_settings(self, cfg: ModelConfig) -> dict[str, str]:
+        """Keys of the model section set away from their defaults that this family does not read,
+        each with what it uses instead (a warning at training's start); {} by default."""
+        return {}
+
+    @staticmethod
+    def changed_settings(cfg: ModelConfig, keys: tuple[str, ...]) -> list[str]:
+        """Those of the dotted `keys` (`text.name`) whose value in `cfg` is not the default's."""
+        default = ModelConfig()
+
+        def value(obj, key):
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            return obj
+
+        return [key for key in keys if value(cfg, key) != value(default, key)]
 
     # -- building -------------------------------------------------------------------------------------
     @classmethod
@@ -57,20 +105,28 @@ class RetrievalModel(nn.Module, metaclass=ABCMeta):
     def to_arch(self) -> dict:
         return {"family": self.family, **self.arch}
 
-    def ignored_settings(self, cfg: ModelConfig) -> dict[str, str]:
-        """Keys of the model section set away from their defaults that this family does not read,
-        each with what it uses instead (a warning at training's start); {} by default."""
-        return {}
-
     def weights_source(self) -> dict | None:
         """`source`, as the bundle's manifest records it (a family may add hashes of local files)."""
         return self.source
 
     @property
     def exact_vocabulary(self) -> bool:
-        """The weights are a cn_clip file's, whose vocabulary is known: a tokenizer of another size
-        is refused rather than warned about."""
-        return (self.source or {}).get("format") == CNCLIP_FORMAT
+        """Whether the weights' vocabulary is known exactly (a tokenizer of another size is then
+        refused rather than warned about); False by default."""
+        return False
+
+    # -- the model out, besides the ONNX bundle --------------------------------------------------------
+    def transformers_out(self, tokenizer_file: str, preprocessing: Preprocessing):
+        """(this model as a `transformers` model, its processor for the run's tokenizer file and
+        preprocessing): what `--format hf` saves with `save_pretrained`; None where the family has
+        no `transformers` class."""
+        return None
+
+    def cnclip_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """This model's weights in Chinese-CLIP's checkpoint layout (cn_clip's names), what
+        `--format cnclip` writes; None where the family has no such layout, a CheckpointError where
+        cn_clip's own code cannot build this model's shape."""
+        return None
 
     # -- encoding -------------------------------------------------------------------------------------
     @abstractmethod
@@ -83,7 +139,7 @@ class RetrievalModel(nn.Module, metaclass=ABCMeta):
         [batch, embed dim]; the normalisation to the tower's mean and std happens inside."""
 
     def forward(self, pixels, input_ids, attention_mask):
-        """(image features, text features, log logit scale): the call DDP wraps."""
+        """(image features, text features, logit scale): the call DDP wraps."""
         return self.encode_image(pixels), self.encode_text(input_ids, attention_mask), self.logit_scale
 
     @torch.no_grad()
@@ -99,6 +155,11 @@ class RetrievalModel(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def tower_modules(self, kind: str) -> tuple[nn.Module, ...]:
         """Every module one tower (`text` | `image`) runs, its projection included."""
+
+    def tower_blocks(self, kind: str) -> list[nn.Module]:
+        """The repeated blocks of tower `kind` (a transformer's layers), in order: what gradient
+        checkpointing recomputes one at a time; [] where the family cannot name them."""
+        return []
 
     @abstractmethod
     def tower_shape(self, kind: str) -> dict | None:
@@ -118,9 +179,11 @@ class RetrievalModel(nn.Module, metaclass=ABCMeta):
 
     # -- training -------------------------------------------------------------------------------------
     @abstractmethod
-    def lora_targets(self, kind: str) -> list[str]:
-        """`train.lora`'s default targets in tower `kind` (text | image), by name suffix: the layers
-        adapted where the config names none (a tower that has none of them gets no adapters)."""
+    def lora_targets(self, kind: str, which: str | None = None) -> list[str]:
+        """`train.lora.targets`' named set `which` in tower `kind` (text | image), as name suffixes:
+        qv (attention query and value), attention (every attention projection), all-linear (every
+        Linear layer); None: the family's default set. A tower with none of them (a CNN) gets no
+        adapters."""
 
     @abstractmethod
     def param_layout(self, coarse: bool = False) -> Layout:
@@ -128,8 +191,8 @@ class RetrievalModel(nn.Module, metaclass=ABCMeta):
         decay and freezing read it; `coarse` groups an image tower by stage rather than block."""
 
     @abstractmethod
-    def set_grad_checkpointing(self) -> None:
-        """Recompute each block's activations in backward."""
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (or, `enable=False`, keep them again)."""
 
     def set_mask_ratio(self, ratio: float) -> None:
         """FLIP: drop this share of image patches in training (a ValueError where the tower has none)."""
@@ -137,18 +200,6 @@ class RetrievalModel(nn.Module, metaclass=ABCMeta):
 
 
 _LAYER = re.compile(r"\.layers?\.(\d+)\.")
-
-
-def changed_settings(cfg: ModelConfig, keys: tuple[str, ...]) -> list[str]:
-    """Those of the dotted `keys` (`text.name`) whose value in `cfg` is not the default's."""
-    default = ModelConfig()
-
-    def value(obj, key):
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        return obj
-
-    return [key for key in keys if value(cfg, key) != value(default, key)]
 
 
 def transformer_layout(names: list[str], prefix: str, group: str) -> Layout:
@@ -164,10 +215,12 @@ def transformer_layout(names: list[str], prefix: str, group: str) -> Layout:
     return layout
 
 
-def checkpoint_activations(model) -> None:
-    """Gradient checkpointing of a transformers model (renamed in transformers 5)."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+def checkpoint_activations(model, enable: bool = True) -> None:
+    """Gradient checkpointing of a transformers model on (or off), as its version names it."""
+    verb = "enable" if enable else "disable"
+    switch = getattr(model, f"activation_checkpointing_{verb}", None) or getattr(model,
+                                                                                 f"gradient_checkpointing_{verb}")
+    switch()
 
 
 def with_head_group(model: nn.Module, layout: Layout) -> Layout:

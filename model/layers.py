@@ -16,6 +16,10 @@ from .config import Head, Pooling
 
 POOLINGS = get_args(Pooling)  # the config schema names the choices; the model implements each
 HEADS = get_args(Head)
+# `train.lora.targets` in a BERT (or RoBERTa) tower, by name suffix: its attention's query and value, every
+# attention projection (the output's `attention.output.dense`), every Linear layer (the MLP's `dense` too)
+BERT_LORA_TARGETS = {"qv": ["query", "value"], "attention": ["query", "key", "value", "attention.output.dense"],
+                     "all-linear": ["query", "key", "value", "dense"]}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

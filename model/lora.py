@@ -9,17 +9,21 @@ tower without adapters); the wrapped layers stay frozen, so they need no gradien
 optimizer state. `plan_lora` checks the settings against the model first, naming the key.
 
 `merged_state_dict` is the state dict of the plain architecture (`W + B A * alpha / rank` in
-place of each wrapped layer, peft's own delta): what `best.pt` holds, so export, soups and every
+place of each wrapped layer, peft's own delta; DoRA's rescaled direction, peft's own merge): what
+`best.pt` holds, so export, soups and every
 other reader of a checkpoint see an ordinary model of that shape; `model.factory` merges a LoRA
 run's `last.pt` the same way.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
 
 from .config import LoraConfig
 
+log = logging.getLogger(__name__)
 ADAPTER = ".lora_"  # in the name of every adapter parameter
 SECTION = "train.lora"  # where the settings are, for messages
 
@@ -50,7 +54,7 @@ def plan_lora(model, lora: LoraConfig) -> dict[str, list[str]]:
     plan = {}
     for kind in ("text", "image"):
         given = getattr(lora, f"{kind}_targets")
-        suffixes = model.lora_targets(kind) if given is None else given
+        suffixes = model.lora_targets(kind, lora.targets) if given is None else given
         plan[kind] = lora_targets(model, kind, suffixes) if suffixes else []
         if given and not plan[kind]:
             raise LoraSettingError(f"{SECTION}.{kind}_targets={given!r}: no {kind} tower Linear layer is named "
@@ -58,9 +62,10 @@ def plan_lora(model, lora: LoraConfig) -> dict[str, list[str]]:
     layers = dict(model.named_modules())
     adapted = [layers[name] for names in plan.values() for name in names]
     if not adapted:
-        raise LoraSettingError(f"{SECTION}.rank={lora.rank}, but no layer gets an adapter ({SECTION}.text_targets="
-                               f"{lora.text_targets!r}, {SECTION}.image_targets={lora.image_targets!r}): that would "
-                               f"be a full fine-tune; name target layers, or set {SECTION}.rank=0")
+        raise LoraSettingError(f"{SECTION}.rank={lora.rank}, but no layer gets an adapter ({SECTION}.targets="
+                               f"{lora.targets!r}, text_targets={lora.text_targets!r}, image_targets="
+                               f"{lora.image_targets!r}): that would be a full fine-tune; name target layers, or set "
+                               f"{SECTION}.rank=0")
     width = min(min(m.in_features, m.out_features) for m in adapted)
     if lora.rank > width:
         raise LoraSettingError(f"{SECTION}.rank={lora.rank} is above the width of the adapted layers ({width}): a "
@@ -77,11 +82,15 @@ def add_lora(model, lora: LoraConfig) -> dict[str, int]:
     wrapped = [name for names in plan.values() for name in names]
     try:
         peft.inject_adapter_in_model(peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                     target_modules=wrapped), model)
+                                                     target_modules=wrapped, use_rslora=lora.use_rslora,
+                                                     use_dora=lora.use_dora), model)
     except (RuntimeError, MemoryError) as exc:  # the allocator's refusal
         raise LoraSettingError(f"{SECTION}.rank={lora.rank}: the adapters do not fit in memory "
                                f"({' '.join(str(exc).split())[:160]}); choose a smaller rank") from None
-    return {kind: len(names) for kind, names in plan.items()}
+    counts = {kind: len(names) for kind, names in plan.items()}
+    log.info("LoRA rank %d on %s", lora.rank, ", ".join(f"{n} {kind} layers" if n else f"no {kind} layer (it trains "
+                                                        "as configured)" for kind, n in counts.items()))
+    return counts
 
 
 @torch.no_grad()
@@ -98,7 +107,10 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     out = {k: v for k, v in state.items() if ADAPTER not in k and ".base_layer." not in k}
     for name, layer in layers.items():
         base = layer.get_base_layer()
-        out[f"{name}.weight"] = base.weight.detach() + layer.get_delta_weight("default").to(base.weight.dtype)
+        if "default" in getattr(layer, "lora_variant", {}):  # DoRA: peft's own merge, on a copy of the weight
+            out[f"{name}.weight"] = layer.lora_variant["default"].merge_safe(layer, "default", base.weight.detach())
+        else:
+            out[f"{name}.weight"] = base.weight.detach() + layer.get_delta_weight("default").to(base.weight.dtype)
         if base.bias is not None:
             out[f"{name}.bias"] = base.bias.detach()
     order = [k.replace(".base_layer.", ".") for k in state if ADAPTER not in k]  # the plain model's key order

@@ -15,7 +15,7 @@ from competition.queries import iter_queries
 from .weights import names_a_local_path
 
 log = logging.getLogger(__name__)
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # a char vocabulary's first entries, ids 0 to 4
 UNKNOWN_REFUSED, UNKNOWN_WARNED = 0.5, 0.05  # shares of [UNK] tokens in the queries checked
 
 
@@ -87,7 +87,7 @@ def _save_wordpiece(vocab: list[str], tok_dir: str, max_chars_per_word: int = 10
 
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-VOCAB_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # what a BERT WordPiece vocabulary must hold
+VOCAB_SPECIALS = SPECIALS[:4]  # what a BERT WordPiece vocabulary must hold ([MASK] is for pre-training alone)
 
 
 def read_vocab(path: str) -> list[str]:

@@ -29,6 +29,12 @@ def checkpoint_path(run_dir: str, checkpoint: str = "best") -> str:
     return checkpoint if os.path.isfile(checkpoint) else os.path.join(run_dir, f"{checkpoint}.pt")
 
 
+def is_torch_zip(path: str) -> bool:
+    """Whether the file is in torch's zip format (what `torch.save` writes), which memory-maps."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def safe_load(path: str, map_location="cpu", mmap: bool = False, what: str = "checkpoint"):
     """`torch.load(weights_only=True)`: tensors and plain data only, so opening a file from
     elsewhere cannot run code. Refusals are `CheckpointError`s naming `path`."""

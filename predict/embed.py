@@ -193,7 +193,8 @@ def _embed_gallery(encoders: BundleEncoders, tsv_path: str, cache: str | None, *
     bar = tqdm(total=n, initial=done * chunk_size if done < n_chunks else n, unit="img", desc="embed gallery",
                smoothing=0.1)
     feats, kept, bad = [], [], []
-    with DecodeRing(tsv_path, encoders.image_size, encoders.resize_rule, batch_size, workers, skip_bad) as ring:
+    with DecodeRing(ImageTSV, tsv_path, encoders.image_size, encoders.resize_rule, batch_size, workers,
+                    skip_bad) as ring:
         for batch in ring.batches(ranges):
             if batch.count:
                 f = encode_gallery_images(encoders, batch.pixels, tta)[:batch.count]

@@ -25,7 +25,6 @@ class BundleError(ValueError):
     """A bundle that is incomplete, corrupt or altered. The message names the file."""
 
 
-Family = Literal["dual", "chinese-clip"]
 ResizeRule = Literal[RESIZE_RULES]
 TextNormalization = Literal[tuple(TEXT_NORMALIZATIONS)]
 MAX_TEXT_LENGTH = 4096  # tokens: past any text tower's positions (BERT's are 512); the text graph decides below
@@ -35,7 +34,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 @dataclass
 class Manifest:
-    family: Family
+    family: str                        # the model family that was exported (`model.family`; information only)
     embed_dim: int
     image_size: int                    # the image graph's input side, in pixels
     resize_rule: ResizeRule            # competition.preprocess's rule the gallery is resized with

@@ -323,6 +323,7 @@ def test_resume_and_export_name_a_missing_or_truncated_checkpoint(runs, small_sa
 
 
 # -- faults ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_export_removes_build_dirs_of_killed_exports(runs, small_sample, tmp_path):
     stale = tmp_path / ".bundle.abcd1234"  # what a SIGKILLed export leaves: its pid is gone
     stale.mkdir()
@@ -635,7 +636,8 @@ def test_the_fingerprint_sees_in_place_edits_in_its_sampled_spans_only(tmp_path)
 
 def test_resume_says_when_config_yaml_drops_the_ema(small_sample, preset, tmp_path, caplog):
     run = tmp_path / "run"
-    accepted(muge("train", "--config", preset, "--data", small_sample, "--out", run, "--set", "train.ema=0.9"))
+    accepted(muge("train", "--config", preset, "--data", small_sample, "--out", run, "--set", "train.ema=0.9",
+                  "--set", "data.limit_pairs=32"))
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("ema: 0.9", "ema: null"))
     accepted(muge("train", "--resume", run, "--data", small_sample, "--set", "train.epochs=2"))
     assert "holds an EMA of the weights, but config.yaml no longer sets train.ema" in caplog.text
@@ -809,6 +811,7 @@ def test_pretrained_weights_errors_say_what_is_there(small_sample, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_a_transformers_directory_as_run_dir_is_exported_as_published_weights(small_sample, tmp_path):
     from conftest import tiny_chinese_clip_dir
 

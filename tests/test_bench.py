@@ -90,6 +90,7 @@ def test_data_bench_stays_within_its_memory_limits_and_says_when_not(tmp_path):
     assert over.returncode == 1 and "memory limits: EXCEEDED" in over.stdout
 
 
+@pytest.mark.slow
 def test_train_bench_reports_step_loop_and_pipeline(small_sample, tmp_path):
     """The bare step, the real loop (over two epochs of a short split), FLOPs, the pipeline per
     worker, and the JSON keys the docs name."""
@@ -180,6 +181,7 @@ def test_lora_bench_fine_tunes_one_start_both_ways(small_sample, tmp_path):
     """A start trained on one sample and written as a transformers directory; a full and a LoRA
     fine-tune of it on another, each scored through the chain. What each trained is counted from
     its last.pt: every parameter for the full fine-tune, adapters, heads and multiplier for LoRA."""
+    from competition import read_queries, score_predictions
     from infra.history import run_history
     from model.weights import load_checkpoint
 
@@ -190,7 +192,14 @@ def test_lora_bench_fine_tunes_one_start_both_ways(small_sample, tmp_path):
     result = _bench(*args)
     assert os.path.isfile(tmp_path / "easy" / "MR_valid_queries.jsonl")  # the start's sample, drawn
     start, full, lora = rows = _stamped(tmp_path / "l.json")["rows"]
-    assert all(0 <= r["mean_recall"] <= 100 for r in rows) and full["delta_mr"] == 0 and "LoRA rank 2" in result.output
+    truth = read_queries(str(small_sample / "MR_valid_queries.jsonl"), require_ids=True)
+    for row, name in zip(rows, ("start", "full", "lora-2")):  # each row's figures: its own submission's, scored
+        with open(tmp_path / "w" / "submissions" / f"{name}-valid.jsonl", encoding="utf-8") as f:
+            predicted = {r["query_id"]: r["item_ids"] for r in map(json.loads, f)}
+        score = score_predictions(truth, predicted)
+        assert (row["r1"], row["r5"], row["r10"], row["mean_recall"]) == (score.r1, score.r5, score.r10,
+                                                                         score.mean_recall), name
+    assert lora["delta_mr"] == lora["mean_recall"] - full["mean_recall"] and "LoRA rank 2" in result.output
     runs = tmp_path / "w" / "runs"
     weights = {name: load_checkpoint(str(runs / name / "last.pt"))["model"] for name in ("full", "lora-2")}
     assert full["trained"] == sum(t.numel() for t in weights["full"].values())
@@ -258,6 +267,8 @@ def test_predict_bench_measures_the_pipeline_against_decode_only(small_sample, t
     (["lora", "--set", "train.lora.rank=4"], "leave train.lora.rank out of --set"),
     (["lora", "--set", "train.nope=1"], "train.nope"), (["lora", "--lora", "0"], "0 is not in the range x>=1"),
     (["lora", "--start", "/nonexistent-muge"], "not found"),
+    (["loss", "--batch", "1"], "1 is not in the range x>=2"),
+    (["loss", "--set", "train.loss=nope"], "train.loss='nope'"),
     (["data", "--pairs", "100"], "100 pairs do not fill one batch of --batch-size 128"),
     (["topk", "--csv", "/tmp"], "is a directory")])
 def test_every_bench_checks_its_arguments_before_any_work(args, message):
@@ -295,3 +306,25 @@ def test_bench_default_paths_are_the_checkouts_wherever_it_runs(tmp_path, monkey
             assert os.path.isabs(path) and path.startswith(ROOT), (name, param, path)
     assert all(os.path.isfile(p) for k, v in defaults.items() if k[1] in ("config_path", "presets")
                for p in (v if isinstance(v, tuple) else [v]))
+
+
+@pytest.mark.slow
+def test_loss_bench_compares_the_losses_at_each_batch_from_one_start(small_sample, tmp_path):
+    """Full fine-tunes with each loss at a small batch and the preset's, from one trained start;
+    each row's figures are its own submission's, scored, and vs_infonce the difference at its batch."""
+    from competition import read_queries, score_predictions
+
+    config = tmp_path / "tiny.yaml"
+    save_config(tiny_config("chinese-clip", "train.epochs=1", "data.limit_pairs=64"), str(config))
+    _bench("loss", "--data", small_sample, "--start-data", tmp_path / "easy", "--config", config, "--batch", 8,
+           "--work", tmp_path / "w", "--workers", 0, "--json", tmp_path / "l.json")
+    rows = _stamped(tmp_path / "l.json")["rows"]
+    assert [(r["loss"], r["batch"]) for r in rows] == [("infonce", 8), ("sigmoid", 8), ("infonce", 32),
+                                                       ("sigmoid", 32)]
+    truth = read_queries(str(small_sample / "MR_valid_queries.jsonl"), require_ids=True)
+    for row in rows:
+        with open(tmp_path / "w" / "submissions" / f"{row['run_dir']}-valid.jsonl", encoding="utf-8") as f:
+            predicted = {r["query_id"]: r["item_ids"] for r in map(json.loads, f)}
+        assert row["mean_recall"] == score_predictions(truth, predicted).mean_recall
+    by = {(r["loss"], r["batch"]): r["mean_recall"] for r in rows}
+    assert rows[1]["vs_infonce"] == by["sigmoid", 8] - by["infonce", 8]

@@ -111,7 +111,9 @@ def test_a_training_checkpoint_maps_onto_chinese_clip_model_exactly(checkpoint):
 
 def test_published_shapes_are_recognised():
     """Heads from the width as cn_clip's model configs give them: 64 wide, 80 for ViT-H/14's 1280."""
-    from bench.shapes import CNCLIP_SHAPES, with_layers
+    from tiny import with_layers
+
+    from bench.shapes import CNCLIP_SHAPES
 
     for name, shape in CNCLIP_SHAPES.items():
         from transformers import ChineseCLIPConfig
@@ -148,6 +150,7 @@ def test_tokens_are_chinese_clips_own(vocab_dir, small_sample, tmp_path):
     np.testing.assert_array_equal(mask, (theirs[:, :ids.shape[1]] != 0).astype(mask.dtype))
 
 
+@pytest.mark.slow
 @needs_cn_clip
 def test_embeddings_of_the_exported_bundle_are_chinese_clips(checkpoint, vocab_dir, small_sample, tmp_path,
                                                               monkeypatch):
@@ -193,6 +196,7 @@ def test_embeddings_of_the_exported_bundle_are_chinese_clips(checkpoint, vocab_d
                                atol=1e-4)
 
 
+@pytest.mark.slow
 @needs_cn_clip
 def test_a_cn_clip_checkpoint_predicts_and_trains_from_chinese_clips_own_rankings(checkpoint, vocab_dir,
                                                                                   small_sample, tmp_path, caplog):
@@ -225,6 +229,7 @@ def test_a_cn_clip_checkpoint_predicts_and_trains_from_chinese_clips_own_ranking
     assert untrained["epoch"] == 0 and abs(untrained["mean_recall"] - their_mr) <= 0.5
 
 
+@pytest.mark.slow
 @needs_cn_clip
 def test_without_a_tokenizer_the_cn_clip_vocabulary_is_used(checkpoint, small_sample, tmp_path):
     _, path = checkpoint
@@ -354,6 +359,7 @@ def _our_step(path, pixels, ids, mask, image_ids, query_ids, mask_ratio: float =
     from tiny import tiny_config
 
     from model.factory import create_model
+    from train.guard import DivergenceGuard
     from train.loss import ClipLoss
     from train.optim import create_optimizer
     from train.precision import grad_scaler
@@ -373,7 +379,7 @@ def _our_step(path, pixels, ids, mask, image_ids, query_ids, mask_ratio: float =
 
     cpu = torch.device("cpu")
     parts = StepParts(ClipLoss(), optimizer, create_scheduler(optimizer, WARMUP, TOTAL), grad_scaler("fp32", cpu),
-                      "fp32", cpu, cfg.train.grad_clip, cfg.train.grad_cache_chunk)
+                      "fp32", cpu, DivergenceGuard(5, cpu), cfg.train.grad_clip, cfg.train.grad_cache_chunk)
     batch = {"pixels": torch.from_numpy(pixels), "input_ids": torch.from_numpy(ids),
              "attention_mask": torch.from_numpy(mask), "image_ids": torch.tensor(image_ids),
              "query_ids": torch.tensor(query_ids)}
@@ -383,7 +389,7 @@ def _our_step(path, pixels, ids, mask, image_ids, query_ids, mask_ratio: float =
     hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, p.grad.detach().clone()))
              for n, p in model.clip.named_parameters()]
     torch.manual_seed(7)  # the FLIP masks, drawn as cn_clip draws them
-    loss = train_step(parts, model, batch)
+    loss, _ = train_step(parts, model, batch)
     for h in hooks:
         h.remove()
     return loss, grads, model.clip.state_dict()
@@ -527,7 +533,9 @@ def mini_sample(tmp_path_factory):
 @pytest.mark.parametrize("preset", ["cnclip-vit-l14", "cnclip-vit-l14-336", "cnclip-vit-h14"])
 def test_the_larger_presets_run_train_export_and_predict(preset, mini_sample, tmp_path):
     small_sample = mini_sample
-    from bench.shapes import CNCLIP_SHAPES, setting, with_layers
+    from tiny import with_layers
+
+    from bench.shapes import CNCLIP_SHAPES, setting
     from train.config import load_config
 
     cfg = load_config(f"configs/{preset}.yaml")
@@ -584,7 +592,8 @@ def test_tensorboard_gets_the_runs_scalars(small_sample, tmp_path):
 
     from train.main import train_run
 
-    train_run(tiny_config("dual", "train.epochs=2", "train.tensorboard=true", "train.ema=0.9", "train.log_every=2"),
+    train_run(tiny_config("dual", "train.epochs=2", "train.tensorboard=true", "train.ema=0.9", "train.log_every=2",
+                          "data.limit_pairs=96"),
         str(small_sample), str(tmp_path / "r"))
     events = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
     events.Reload()
@@ -597,6 +606,7 @@ def test_tensorboard_gets_the_runs_scalars(small_sample, tmp_path):
 
 
 # -- shapes Chinese-CLIP does not publish -------------------------------------------------------------
+@pytest.mark.slow
 @needs_cn_clip
 def test_heads_the_tensors_cannot_tell_are_refused_warned_or_given(small_sample, vocab_dir, tmp_path, caplog):
     """A text tower 32 wide (32-wide heads): 64-wide heads cannot split it, so the export is
@@ -681,6 +691,7 @@ def test_bad_tokenizers_for_a_cn_clip_file_get_one_clear_error(checkpoint, small
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no staging left
 
 
+@pytest.mark.slow
 @needs_cn_clip
 def test_cn_clips_vocab_directory_may_hold_a_readme(checkpoint, small_sample, tmp_path):
     _, path = checkpoint

@@ -11,6 +11,7 @@ import torch
 from tiny import tiny_config
 
 from model.factory import create_model
+from train.guard import DivergenceGuard
 from train.loss import ClipLoss
 from train.scheduler import create_scheduler
 from train.step import StepParts, train_step
@@ -50,18 +51,20 @@ def _batch(n: int = 12, seed: int = 0) -> dict:
             "input_ids": ids * mask, "attention_mask": mask, "image_ids": image_ids, "query_ids": query_ids}
 
 
-def _step(model, batch, chunk=None):
+def _step(model, batch, chunk=None, loss="infonce"):
     """(loss, gradients) of one `train_step`: the gradients as the optimizer is handed them (after
-    DDP's all-reduce), read by a step pre-hook; its learning rate is 0, so the weights stay."""
+    DDP's all-reduce), read by a step pre-hook; its learning rate is 0, so the weights stay. The
+    loss's own parameters (the sigmoid loss's bias) are read too, as `loss.NAME`."""
     model.zero_grad(set_to_none=True)
-    names = {p: n for n, p in model.named_parameters()}
-    optimizer, grads = torch.optim.SGD(model.parameters(), lr=0.0), {}
+    criterion = ClipLoss(kind=loss)
+    names = {p: n for n, p in model.named_parameters()} | {p: f"loss.{n}" for n, p in criterion.named_parameters()}
+    optimizer, grads = torch.optim.SGD(list(names), lr=0.0), {}
     optimizer.register_step_pre_hook(lambda opt, args, kwargs: grads.update(
         {names[p]: p.grad.clone() for p in names if p.grad is not None}))
-    parts = StepParts(ClipLoss(), optimizer, create_scheduler(optimizer, 0, 10), NO_SCALER, "fp32", CPU,
-                      grad_cache_chunk=chunk)
+    parts = StepParts(criterion, optimizer, create_scheduler(optimizer, 0, 10), NO_SCALER, "fp32", CPU,
+                      DivergenceGuard(5, CPU), grad_cache_chunk=chunk)
     torch.manual_seed(1)  # dropout masks
-    loss = train_step(parts, model, batch)
+    loss, _ = train_step(parts, model, batch)
     return float(loss), grads
 
 
@@ -150,25 +153,65 @@ def _save_step(result, path):
     torch.save((loss, {n.removeprefix("module."): g for n, g in grads.items()}), path)
 
 
+DDP_CASES = (("dual", None, "infonce"), ("chinese-clip", 3, "infonce"),  # 3: gradient caching under DDP too
+             ("dual", None, "sigmoid"), ("chinese-clip", 3, "sigmoid"))  # SigLIP's loss, its bias across ranks
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
     from torch.nn.parallel import DistributedDataParallel
 
     with _gloo_rank(rank, world, init_file) as local:
-        for family, chunk in (("dual", None), ("chinese-clip", 3)):  # 3: gradient caching under DDP too
+        for family, chunk, loss in DDP_CASES:
             ddp = DistributedDataParallel(_model(family, dropout=False))
-            _save_step(_step(ddp, local, chunk), os.path.join(out_dir, f"{family}-rank{rank}.pt"))
+            _save_step(_step(ddp, local, chunk, loss), os.path.join(out_dir, f"{family}-{loss}-rank{rank}.pt"))
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_on_the_union(tmp_path):
-    """Two gloo ranks on halves A and B: the same loss and gradients as one process on A+B."""
+    """Two gloo ranks on halves A and B: the same loss and gradients as one process on A+B, with
+    either loss (the sigmoid loss's bias included)."""
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
-    for family in ("dual", "chinese-clip"):
-        single = _step(_model(family, dropout=False), _batch())
+    for family, _, loss in DDP_CASES:
+        single = _step(_model(family, dropout=False), _batch(), loss=loss)
+        assert ("loss.bias" in single[1]) == (loss == "sigmoid")
         for rank in (0, 1):
-            _assert_same(torch.load(tmp_path / f"{family}-rank{rank}.pt"), single)
+            _assert_same(torch.load(tmp_path / f"{family}-{loss}-rank{rank}.pt"), single)
+
+
+def open_clip_siglip(image, text, logit_scale, logit_bias):
+    """open_clip's `SigLipLoss` on one process (its `get_ground_truth`, `get_logits`, `_loss`, read
+    from its code): +1 on the diagonal, -1 elsewhere, the sum over the batch size."""
+    logits = logit_scale * image @ text.T + logit_bias
+    labels = 2 * torch.eye(len(image)) - torch.ones(len(image), len(image))
+    return -torch.nn.functional.logsigmoid(labels * logits).sum() / image.shape[0]
+
+
+def test_the_sigmoid_loss_is_siglips():
+    """Ours against open_clip's formula: the loss and its gradients (features, scale, bias), with
+    SigLIP's start (t' = log 10, b = -10); and a repeated image or query is a positive, not a
+    negative."""
+    g = torch.Generator().manual_seed(0)
+    image, text = (torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1).requires_grad_()
+                   for _ in range(2))
+    log_scale = torch.tensor(2.302585092994046, requires_grad=True)  # log 10
+    ours = ClipLoss(kind="sigmoid")
+    assert float(ours.bias.detach()) == -10.0
+    loss, _ = ours(image, text, log_scale, torch.arange(8), torch.arange(8))
+    mine = torch.autograd.grad(loss, (image, text, log_scale, ours.bias))
+    ref_bias = torch.tensor(-10.0, requires_grad=True)
+    theirs = open_clip_siglip(image, text, log_scale.exp(), ref_bias)
+    assert abs(float(loss) - float(theirs)) < 1e-6
+    for a, b in zip(mine, torch.autograd.grad(theirs, (image, text, log_scale, ref_bias))):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    same_image = torch.arange(8)
+    same_image[5] = 2  # pairs 2 and 5 share an image: (text 5, image 2) is a positive too
+    repeated, _ = ours(image, text, log_scale, same_image, torch.arange(8))
+    logits = 10 * image @ text.T - 10
+    assert float(repeated) == pytest.approx(float(theirs) + float(
+        torch.nn.functional.logsigmoid(-logits[2, 5]) - torch.nn.functional.logsigmoid(logits[2, 5])
+        + torch.nn.functional.logsigmoid(-logits[5, 2]) - torch.nn.functional.logsigmoid(logits[5, 2])) / 8, abs=1e-5)
 
 
 def _unfreeze_worker(rank: int, world: int, init_file: str, out_dir: str):
@@ -237,8 +280,8 @@ def test_torchrun_trains_resumes_and_only_rank0_writes(small_sample, tmp_path):
     ckpt = load_checkpoint(str(out / "last.pt"))
     pairs = sum(len(json.loads(x)["item_ids"]) for x in open(small_sample / "MR_train_queries.jsonl"))
     assert ckpt["step"] == pairs // 2 // 16
-    assert sorted(os.listdir(out)) == ["best.pt", "config.yaml", "curves.png", "last.pt", "metrics.jsonl",
-                                       "tokenizer"]
+    assert sorted(os.listdir(out)) == [".muge-output.json", "best.pt", "config.yaml", "curves.png", "last.pt",
+                                       "metrics.jsonl", "tokenizer"]
     second = subprocess.run(torchrun + ["--resume", str(out), "--data", str(small_sample), "--set", "train.epochs=2"],
                             capture_output=True, text=True, env=env)  # resume under DDP into a second epoch
     assert second.returncode == 0, second.stderr[-3000:]

@@ -10,15 +10,38 @@ import torch
 
 from competition import ImageTSV, read_queries
 from export.bundle import GRAPHS, INT8_GRAPHS, ExportOptions, export_bundle
-from export.parity import ParityError, ParitySettings, run_parity
+from export.parity import (
+    ParityError,
+    ParityLimits,
+    ParityReport,
+    ParitySettings,
+    check_bundle,
+    gate_inputs,
+    torch_embeddings,
+)
 from model.factory import run_model
-from predict.runtime import BundleEncoders
+from predict.manifest import read_manifest
+from predict.runtime import BundleEncoders, bundle_tokenizer
 
 FAST = ParitySettings(queries=40, gallery=60, batch_size=16)
 
 
-@pytest.mark.parametrize("family, exporter, fused", [("dual", "dynamo", True), ("chinese-clip", "dynamo", False),
-                                                     ("dual", "torchscript", False)])
+def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, *, settings: ParitySettings | None = None,
+               limits: ParityLimits | None = None, device: str = "auto") -> ParityReport:
+    """The gate on a written bundle against `model`: its reference embeddings, then `check_bundle`."""
+    settings = settings or ParitySettings()
+    manifest = read_manifest(bundle_dir)
+    inputs = gate_inputs(queries_path, tsv_path, settings, manifest.image_size, manifest.resize_rule)
+    tokenizer = bundle_tokenizer(bundle_dir, manifest)
+    model = model.eval().float().cpu()
+    reference = {kind: torch_embeddings(model, kind, inputs, tokenizer, settings.batch_size)
+                 for kind in ("text", "image")}
+    return check_bundle(reference, bundle_dir, inputs, settings=settings, limits=limits, device=device)
+
+
+@pytest.mark.parametrize("family, exporter, fused", [  # the dynamo exporter takes twice as long: the slow set's
+    pytest.param("dual", "dynamo", True, marks=pytest.mark.slow),
+    pytest.param("chinese-clip", "dynamo", False, marks=pytest.mark.slow), ("dual", "torchscript", False)])
 def test_export_loads_and_passes_gate(runs, small_sample, tmp_path, monkeypatch, family, exporter, fused):
     """`exporter` applies to the graphs not fused: the image CNN, or every graph with fused=False."""
     out = tmp_path / "bundle"
@@ -55,6 +78,7 @@ def test_export_loads_and_passes_gate(runs, small_sample, tmp_path, monkeypatch,
     assert np.abs(ref - long).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_corrupted_export_fails_gate_and_leaves_no_bundle(runs, small_sample, tmp_path, monkeypatch):
     import export.optimize as optimize_mod
     from export.graphs import export_graph as real_export
@@ -79,6 +103,7 @@ def test_corrupted_export_fails_gate_and_leaves_no_bundle(runs, small_sample, tm
     assert os.listdir(tmp_path) == []  # the temporary build directory is gone too
 
 
+@pytest.mark.slow
 def test_failed_export_keeps_previous_bundle(runs, small_sample, tmp_path, monkeypatch):
     out = tmp_path / "bundle"
     export_bundle(runs["dual"], str(out), str(small_sample), ExportOptions(exporter="torchscript", settings=FAST))
@@ -134,6 +159,7 @@ def _near_tied_run(run_dir, out, alpha=0.01):
     return str(out)
 
 
+@pytest.mark.slow
 def test_gate_passes_a_near_tied_model_and_reports_every_figure(runs, small_sample, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="export.bundle")
     run_dir = _near_tied_run(runs["dual"], tmp_path / "near-tied")
@@ -148,6 +174,7 @@ def test_gate_passes_a_near_tied_model_and_reports_every_figure(runs, small_samp
         assert words in caplog.text
 
 
+@pytest.mark.slow
 def test_gate_fails_non_finite_fp16_outputs_and_leaves_no_bundle(runs, small_sample, tmp_path, monkeypatch):
     import export.bundle as bundle_mod
     from export.fp16 import to_fp16 as real_to_fp16

@@ -51,7 +51,7 @@ def test_every_graph_over_the_limit_is_written_with_external_data_and_passes_the
                                                for t in proto.graph.initializer if t.ByteSize() > 2048), name
         assert os.path.getsize(bundle / name) < os.path.getsize(bundle / data)
     left = sorted(p for p in os.listdir(bundle) if p not in manifest["files"])
-    assert left == [".verified.json", "manifest.json", "tokenizer"], left  # no stray exporter files
+    assert left == [".muge-output.json", ".verified.json", "manifest.json", "tokenizer"], left  # no stray exporter file
 
 
 @pytest.mark.slow

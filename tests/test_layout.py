@@ -16,7 +16,7 @@ PACKAGES = ("competition", "infra", "model", "train", "export", "predict", "repo
 
 def _modules() -> dict[str, str]:
     """module name -> file, for every module of the product."""
-    found = {"muge_cli": os.path.join(ROOT, "muge_cli.py")}
+    found = {name: os.path.join(ROOT, f"{name}.py") for name in ("muge_cli", "muge_docs")}
     for package in PACKAGES:
         for name in sorted(os.listdir(os.path.join(ROOT, package))):
             if name.endswith(".py"):
@@ -102,7 +102,9 @@ def test_stages_import_only_what_they_need():
         stage = module.split(".")[0]
         if stage in ("train", "export", "predict", "report", "competition", "infra"):
             assert not {e for e in edges if e.startswith("bench")}, f"{module} imports a bench"
-        if stage in ("competition", "infra"):  # the task, and the machinery every stage shares: no stage
+        if stage == "infra":  # the machinery every stage shares: nothing of the project's but itself
+            assert all(e.split(".")[0] == "infra" for e in edges), f"{module} imports {edges}"
+        if stage == "competition":  # the task: on top of infra alone
             assert all(e.split(".")[0] in ("competition", "infra") for e in edges), f"{module} imports {edges}"
         if stage in ("predict", "report"):  # ONNX Runtime and numpy: never torch's stages
             assert all(e.split(".")[0] in ("competition", "infra", "predict", "report") for e in edges), (module, edges)
@@ -115,6 +117,29 @@ def test_stages_import_only_what_they_need():
             assert across <= {"predict.runtime", "predict.manifest"}, f"{module} imports {sorted(across)}"
     for bench in NON_TRAINING_BENCHES:  # what measures export and predict builds models as export does
         assert not {e for e in graph[bench] if e.split(".")[0] == "train"}, f"{bench} imports {sorted(graph[bench])}"
+
+
+# the house, bottom up: a package imports only from packages below its own level
+LEVELS = {"infra": 0, "competition": 1, "model": 2, "predict": 2, "train": 3, "export": 3, "report": 3, "bench": 4,
+          "muge_cli": 5, "muge_docs": 6}
+
+
+def package_arrows(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """(importer, imported) between top-level packages, from the module graph (the AST's imports)."""
+    return {(m.split(".")[0], e.split(".")[0]) for m, edges in graph.items() for e in edges
+            if m.split(".")[0] != e.split(".")[0]}
+
+
+def test_no_package_imports_from_a_level_above_its_own():
+    arrows = package_arrows(import_graph())
+    assert ("export", "model") in arrows and ("competition", "infra") in arrows  # the graph is read
+    up = sorted((a, b) for a, b in arrows if LEVELS[b] >= LEVELS[a])
+    assert up == [], f"imports that climb (or cross a level sideways): {up}"
+
+
+def test_the_level_check_sees_an_arrow_back_up():
+    graph = {"infra.io": {"competition.errors"}, "competition.errors": set()}
+    assert [(a, b) for a, b in package_arrows(graph) if LEVELS[b] >= LEVELS[a]] == [("infra", "competition")]
 
 
 NON_TRAINING_BENCHES = ("bench.export", "bench.predict", "bench.topk", "bench.tsv", "bench.memory", "bench.shapes",
@@ -192,13 +217,13 @@ def test_every_documented_command_exists():
 
 def test_the_cli_reference_is_generated_from_the_commands():
     """docs/cli.md ends with every command's --help; `make docs` regenerates it."""
-    import muge_cli
+    import muge_docs
 
-    path = os.path.join(ROOT, muge_cli.REFERENCE)
+    path = os.path.join(ROOT, muge_docs.REFERENCE)
     with open(path, encoding="utf-8") as f:
         committed = f.read()
-    assert committed == muge_cli.cli_reference(muge_cli.reference_head(path)), (
-        f"{muge_cli.REFERENCE} is stale: run `make docs` and commit it")
+    assert committed == muge_docs.cli_reference(muge_docs.reference_head(path)), (
+        f"{muge_docs.REFERENCE} is stale: run `make docs` and commit it")
     for option in ("--train-queries", "--parity-gallery", "--threads", "--thumb-size", "--mask-ratio"):
         assert f"  {option}" in committed, option
 
@@ -208,12 +233,12 @@ def test_the_config_reference_is_generated_from_the_schema(monkeypatch):
     `make docs` regenerates it, and a field without a comment cannot be generated."""
     import dataclasses
 
-    import muge_cli
+    import muge_docs
     import train.config as schema
 
-    with open(os.path.join(ROOT, muge_cli.CONFIG_REFERENCE), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, muge_docs.CONFIG_REFERENCE), encoding="utf-8") as f:
         committed = f.read()
-    assert committed == muge_cli.config_reference(), f"{muge_cli.CONFIG_REFERENCE} is stale: run `make docs`"
+    assert committed == muge_docs.config_reference(), f"{muge_docs.CONFIG_REFERENCE} is stale: run `make docs`"
     keys = re.findall(r"^\| `([a-z_.]+)` \|", committed, re.M)
 
     def flat(cls, prefix=""):
@@ -237,7 +262,7 @@ def test_the_config_reference_is_generated_from_the_schema(monkeypatch):
         assert bare != real(module)
         monkeypatch.setattr(inspect, "getsource", lambda m, module=module, bare=bare: bare if m is module else real(m))
         with pytest.raises(ValueError, match=f"{field} has no comment"):
-            muge_cli.config_reference()
+            muge_docs.config_reference()
 
 
 @pytest.mark.parametrize("cpus", [1, 16])
@@ -245,15 +270,16 @@ def test_the_cli_reference_does_not_depend_on_the_machine(tmp_path, cpus):
     """The reference rendered in a process that sees 1 or 16 CPUs (os.cpu_count and the affinity
     set patched through a sitecustomize.py) is the committed one: a default that follows the
     machine is shown by its rule, so `make test` is green on every machine."""
-    import muge_cli
+    import muge_docs
 
     (tmp_path / "sitecustomize.py").write_text(f"import os\nos.cpu_count = lambda: {cpus}\n"
                                                f"os.sched_getaffinity = lambda pid: set(range({cpus}))\n")
-    code = "import os, muge_cli; assert os.cpu_count() == %d; print(muge_cli.cli_reference(muge_cli.reference_head()))"
+    code = ("import os, muge_docs; assert os.cpu_count() == %d; "
+            "print(muge_docs.cli_reference(muge_docs.reference_head()))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])}
     out = subprocess.run([sys.executable, "-c", code % cpus], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    with open(os.path.join(ROOT, muge_cli.REFERENCE), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, muge_docs.REFERENCE), encoding="utf-8") as f:
         assert out.stdout == f.read() + "\n"
 
 

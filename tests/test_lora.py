@@ -16,6 +16,7 @@ from model.config import LoraConfig, read_lora
 from model.factory import build_from_arch, create_model, run_model
 from model.lora import add_lora, merged_state_dict
 from model.weights import load_checkpoint, safe_load
+from train.guard import DivergenceGuard
 from train.loss import ClipLoss
 from train.optim import apply_freeze, create_optimizer
 from train.precision import grad_scaler
@@ -32,25 +33,30 @@ def _batch(n: int = 6, size: int = 32, vocab: int = 60):
             "image_ids": torch.arange(n), "query_ids": torch.arange(n)}
 
 
-def test_a_lora_step_is_pefts_own(small_sample):
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_a_lora_step_is_pefts_own(small_sample, variant):
     """Ours: `train.lora` through `add_lora`, `apply_freeze`, `create_optimizer` and `train_step`.
     Peft's: `get_peft_model` on the same ChineseCLIPModel (peft's own wrapping and freezing), the
-    heads and logit scale trainable, one plain AdamW step on the same loss."""
+    heads and logit scale trainable, one plain AdamW step on the same loss. Plain LoRA, rsLoRA
+    (alpha / sqrt(rank)) and DoRA (a learned magnitude per output) alike."""
     import peft
 
+    flags = {"use_rslora": variant == "rslora", "use_dora": variant == "dora"}
     cfg = tiny_config("chinese-clip", f"train.lr={{head: {LR}, text: {LR}, image: {LR}}}", "train.weight_decay=0",
-                      "train.grad_clip=null", "train.warmup_steps=0", "train.lora.rank=4", "train.lora.alpha=8")
+                      "train.grad_clip=null", "train.warmup_steps=0", "train.lora.rank=4", "train.lora.alpha=8",
+                      *(f"train.lora.{k}={str(v).lower()}" for k, v in flags.items()))
     torch.manual_seed(0)
     start, _ = create_model(cfg.model, 60)
     ours, theirs = copy.deepcopy(start), copy.deepcopy(start)
     torch.manual_seed(1)  # the adapters' random start (lora_A), drawn in the same order by both
-    add_lora(ours, LoraConfig(rank=4, alpha=8.0))
+    add_lora(ours, cfg.train.lora)
     apply_freeze(ours, cfg.train.freeze)
     optimizer = create_optimizer(ours, cfg.train)
-    parts = StepParts(ClipLoss(), optimizer, create_scheduler(optimizer, 0, 10), grad_scaler("fp32", CPU), "fp32", CPU)
+    parts = StepParts(ClipLoss(), optimizer, create_scheduler(optimizer, 0, 10), grad_scaler("fp32", CPU), "fp32", CPU,
+                      DivergenceGuard(5, CPU))
     torch.manual_seed(1)
-    wrapped = peft.get_peft_model(theirs.clip, peft.LoraConfig(r=4, lora_alpha=8, target_modules=[
-        "query", "value", "q_proj", "v_proj"]))
+    targets = start.lora_targets("text") + start.lora_targets("image")  # the family's default set
+    wrapped = peft.get_peft_model(theirs.clip, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, **flags))
     theirs.clip = wrapped
     heads = [p for n, p in wrapped.named_parameters() if n.endswith(("projection.weight", "logit_scale"))]
     for p in heads:
@@ -66,7 +72,7 @@ def test_a_lora_step_is_pefts_own(small_sample):
             if hasattr(module, "attention_dropout"):  # transformers' attention takes it as a float
                 module.attention_dropout = 0.0
     batch = _batch()
-    loss = train_step(parts, ours, batch)
+    loss, _ = train_step(parts, ours, batch)
     image, text, log_scale = theirs(batch["pixels"], batch["input_ids"], batch["attention_mask"])
     their_loss, _ = ClipLoss()(image, text, log_scale, batch["image_ids"], batch["query_ids"])
     their_loss.backward()
@@ -107,6 +113,7 @@ def _last_pt_model(run):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_a_lora_runs_last_pt_goes_out_in_every_format(lora_run, small_sample, tmp_path):
     """`--checkpoint last` of a LoRA run merges its adapters as best.pt's are: the bundle passes its
     gate (and so does `--pretrained RUN/last.pt`), the transformers directory and the cn_clip file
@@ -157,6 +164,7 @@ def test_resuming_with_other_lora_settings_is_refused_naming_the_key(lora_run, r
     assert (run / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_best_pt_is_the_plain_model_with_the_adapters_merged(lora_run, small_sample, tmp_path):
     last, best = load_checkpoint(str(lora_run / "last.pt")), load_checkpoint(str(lora_run / "best.pt"))
     assert any(".lora_" in k for k in last["model"]) and not any(".lora_" in k or "base_layer" in k
@@ -263,39 +271,26 @@ def test_bad_lora_settings_are_refused_naming_the_key(small_sample, tmp_path, se
     assert not os.path.exists(tmp_path / "r" / "best.pt")
 
 
-def test_a_lora_last_pt_holds_the_weights_once_and_adamw_state_for_the_trained_alone(tmp_path):
-    """What `muge bench scale --lora` measures at the published shapes, here at a tiny one: the
-    file `last.pt`'s model and optimizer entries make holds 4 bytes a parameter (the frozen
-    weights once, the adapters beside them) and 8 a trained one, and best.pt the merged model."""
-    from bench.scale import checkpoint_sizes
-
-    cfg = tiny_config("chinese-clip", "train.lora.rank=4")
-    model, _ = create_model(cfg.model, 60)
-    add_lora(model, LoraConfig(rank=4, alpha=8.0))
-    apply_freeze(model, cfg.train.freeze)
-    optimizer = create_optimizer(model, cfg.train)
-    for p in model.parameters():
-        p.grad = torch.ones_like(p) if p.requires_grad else None
-    optimizer.step()
-    sizes = checkpoint_sizes(model, optimizer, str(tmp_path))
-    assert os.listdir(tmp_path) == []  # written in a temporary directory, removed again
-    params = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    plain = sum(t.numel() * t.element_size() for t in merged_state_dict(model).values())
-    assert 0 < trained < params / 10
-    entries = len(model.state_dict()) + 2 * sum(1 for p in model.parameters() if p.requires_grad)
-    payload = 4 * params + 8 * trained + buffers
-    assert payload <= sizes["last_pt_bytes"] <= payload + 1024 * entries + 2**16  # zip headers, step counts
-    assert 4 * (params - trained) < plain <= sizes["best_pt_bytes"] <= plain + 1024 * len(model.state_dict()) + 2**16
-    # At this size the files' zip headers are as large as the AdamW state, so the bounds above
-    # cannot tell; last.pt beside best.pt can: it adds the adapters (4 bytes a parameter) and two
-    # AdamW moments of each trained parameter, and headers of its extra entries, nothing more.
-    adapters = sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
-    extra_entries = len(model.state_dict()) - len(merged_state_dict(model)) + 3 * len(optimizer.state)
-    gap = sizes["last_pt_bytes"] - sizes["best_pt_bytes"]
-    assert 4 * adapters + 8 * trained <= gap <= 4 * adapters + 8 * trained + 1024 * extra_entries + 64 * len(
-        model.state_dict())
+def test_a_lora_last_pt_holds_the_weights_once_and_adamw_state_for_the_trained_alone(lora_run):
+    """By its keys and tensors: last.pt holds every weight of the plain model once (a wrapped
+    layer's as its `base_layer`), the adapters beside them, and AdamW moments for exactly what
+    trained (the adapters, the heads, the multiplier), each of its parameter's shape; best.pt holds
+    the plain model alone. (`muge bench scale --lora` writes these entries at the published shapes.)"""
+    last, best = load_checkpoint(str(lora_run / "last.pt")), load_checkpoint(str(lora_run / "best.pt"))
+    weights = last["model"]
+    adapters = {k for k in weights if ".lora_" in k}
+    as_plain = {k.replace(".base_layer.", "."): k for k in weights if k not in adapters}
+    assert len(as_plain) == len(weights) - len(adapters)  # no weight under two names
+    assert as_plain.keys() == best["model"].keys()  # every weight of the plain model, once
+    assert {k.split(".lora_")[0] for k in adapters} == {k.split(".base_layer.")[0] for k in weights
+                                                        if ".base_layer.weight" in k}  # one adapter a wrapped layer
+    groups = last["optimizer"]["param_groups"]
+    names = dict(zip((i for g in groups for i in g["params"]), (n for g in groups for n in g["names"])))
+    state = last["optimizer"]["state"]
+    trained = adapters | {k for k in weights if k.endswith(("projection.weight", "logit_scale"))}
+    assert {names[i] for i in state} == trained
+    for i, moments in state.items():
+        assert moments["exp_avg"].shape == moments["exp_avg_sq"].shape == weights[names[i]].shape, names[i]
 
 
 @pytest.mark.parametrize("family", ["chinese-clip", "dual"])
@@ -306,6 +301,8 @@ def test_adapters_get_gradients_through_checkpointed_layers(family):
     torch.manual_seed(0)
     model, _ = create_model(cfg.model, 60)
     counts = add_lora(model, LoraConfig(rank=4, alpha=8.0))
+    calls = []  # a checkpointed block's insides run twice: in the forward, and again in the backward
+    next(model.tower_blocks("text")[0].children()).register_forward_hook(lambda *args: calls.append(1))
     assert counts == {"text": 4, "image": 4 if family == "chinese-clip" else 0}
     apply_freeze(model, cfg.train.freeze)
     model.train()
@@ -315,7 +312,9 @@ def test_adapters_get_gradients_through_checkpointed_layers(family):
                 p.normal_()
     g = _batch(2)
     image, text, scale = model(g["pixels"], g["input_ids"], g["attention_mask"])
+    assert len(calls) == 1
     ((image @ text.T).sum() * scale.exp()).backward()
+    assert len(calls) == 2  # checkpointing is on: the block was recomputed
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trained.items() if ".lora_" in n)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
@@ -373,3 +372,81 @@ def test_a_compiled_lora_model_computes_what_the_eager_one_does():
     assert any(".lora_" in n for n in eager[1])
     for name, grad in eager[1].items():
         torch.testing.assert_close(compiled[1][name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_the_merged_model_embeds_as_its_adapters_do(variant):
+    """`merged_state_dict` (what best.pt holds): peft's delta, or DoRA's rescaled direction, merged
+    into the plain architecture, which embeds as the adapted model does."""
+    cfg = tiny_config("chinese-clip", "train.lora.rank=4", f"train.lora.use_rslora={str(variant == 'rslora').lower()}",
+                      f"train.lora.use_dora={str(variant == 'dora').lower()}")
+    torch.manual_seed(0)
+    model, _ = create_model(cfg.model, 60, lora=cfg.train.lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.add_(torch.randn_like(p) * 0.3)  # away from the start, where B A = 0 and DoRA's magnitude = |W|
+    plain = build_from_arch(model.to_arch())
+    plain.load_state_dict(merged_state_dict(model))
+    g = _batch(3, vocab=60)
+    with torch.no_grad():
+        model.eval(), plain.eval()
+        untouched = create_model(cfg.model, 60)[0].eval()
+        assert not torch.allclose(model.encode_text(g["input_ids"], g["attention_mask"]),
+                                  untouched.encode_text(g["input_ids"], g["attention_mask"]), atol=1e-3)
+        assert torch.allclose(model.encode_text(g["input_ids"], g["attention_mask"]),
+                              plain.encode_text(g["input_ids"], g["attention_mask"]), atol=1e-5)
+        assert torch.allclose(model.encode_image(g["pixels"]), plain.encode_image(g["pixels"]), atol=1e-5)
+
+
+DEFAULT_TARGETS = {"chinese-clip": "qv", "dual": "qv"}  # each family's `train.lora.targets` where null
+
+
+@pytest.mark.parametrize("family", ["chinese-clip", "dual"])
+def test_each_family_names_its_target_sets_and_its_default(family):
+    """`train.lora.targets`: qv, attention and all-linear name growing sets of each tower's Linear
+    layers (a timm ViT's fused qkv adapts its key with qv; a CNN has none), and null is the
+    family's own default."""
+    from model.lora import plan_lora
+
+    vit = ["model.image.name=vit_tiny_patch16_224", "model.image.kwargs={img_size: 32, patch_size: 8, depth: 2, "
+           "embed_dim: 32, num_heads: 2}"] if family == "dual" else []
+    model, _ = create_model(tiny_config(family, *vit).model, 60)
+    counts = {which: {k: len(v) for k, v in plan_lora(model, LoraConfig(rank=4, targets=which)).items()}
+              for which in ("qv", "attention", "all-linear")}
+    layers = 2  # each tiny tower's blocks
+    assert counts["qv"] == {"text": 2 * layers, "image": (2 if family == "chinese-clip" else 1) * layers}
+    assert counts["attention"] == {"text": 4 * layers, "image": (4 if family == "chinese-clip" else 2) * layers}
+    assert counts["all-linear"] == {"text": 6 * layers, "image": (6 if family == "chinese-clip" else 4) * layers}
+    default = plan_lora(model, LoraConfig(rank=4))
+    assert {k: len(v) for k, v in default.items()} == counts[DEFAULT_TARGETS[family]]
+    assert plan_lora(model, LoraConfig(rank=4, text_targets=["query"], targets="all-linear"))["text"] == [
+        n for n, _ in model.named_modules() if n.endswith(".query")]  # a tower's own list wins
+
+
+def test_lora_plus_gives_the_b_matrices_their_own_rate():
+    cfg = tiny_config("chinese-clip", "train.lora.rank=4", "train.lora.lr_ratio=3", "train.lora.b_lr_ratio=16",
+                      "train.lr={head: 1.0e-3, text: 1.0e-3, image: 2.0e-3}")
+    model, _ = create_model(cfg.model, 60, lora=cfg.train.lora)
+    apply_freeze(model, cfg.train.freeze)
+    groups = create_optimizer(model, cfg.train).param_groups
+    rate = {n: g["lr"] for g in groups for n in g["names"]}
+    for name in (n for n in rate if ".lora_A." in n):
+        plain = rate[name] / 3  # the layer's own rate, layer decay included
+        assert rate[name.replace(".lora_A.", ".lora_B.")] == pytest.approx(plain * 3 * 16), name
+    assert rate["clip.logit_scale"] == 1e-3
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.lora.lr_ratio=0", "train.lora.lr_ratio=0.0; expected a positive finite ratio"),
+    ("train.lora.b_lr_ratio=-1", "train.lora.b_lr_ratio=-1.0; expected a positive finite ratio"),
+    ("train.lora.lr_ratio=.inf", "train.lora.lr_ratio=inf"),
+    ("train.lora.targets=everything", "train.lora.targets='everything': expected one of qv, attention, all-linear"),
+    ("train.lora.use_dora=maybe", "train.lora.use_dora='maybe': expected"),
+])
+def test_the_new_lora_keys_are_refused_when_wrong_naming_the_key(setting, message):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError) as refusal:
+        tiny_config("chinese-clip", "train.lora.rank=4", setting)
+    assert message in str(refusal.value)

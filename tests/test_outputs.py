@@ -122,7 +122,7 @@ def test_a_mistyped_output_path_is_refused_and_nothing_changes(world, monkeypatc
     assert tree(root) == before, kind
 
 
-@pytest.mark.parametrize("kind", ["export", "average", "report", "score"])
+@pytest.mark.parametrize("kind", [pytest.param("export", marks=pytest.mark.slow), "average", "report", "score"])
 def test_overwrite_replaces_a_foreign_path_but_never_a_source(world, tmp_path, kind):
     root, _ = world
     directory = kind in DIRECTORY_OUTPUTS
@@ -174,3 +174,29 @@ def test_train_overwrite_replaces_only_the_runs_own_files(world, small_sample, t
     assert (run / "my-notes.txt").read_text() == "kept" and (run / "best.pt").is_file()
     refused(muge("train", "--config", root / "tiny.yaml", "--data", small_sample, "--out", root / "user",
                  "--overwrite"), "holds files muge did not write")
+
+
+def test_a_staged_output_replaces_its_own_only_when_complete_and_sweeps_killed_builds(tmp_path):
+    """`infra.outputs.staged_dir`, which the bundle, the transformers directory and the soup share:
+    built beside the destination, swapped in when complete with its marker and the umask's modes;
+    a failure leaves the earlier output as it was; a build whose process is gone is removed, a
+    live one's is kept."""
+    import socket
+
+    from infra.outputs import BUILDER, OutputKind, marker_kind, staged_dir
+
+    kind = OutputKind("test output")
+    for name, pid in ((".out.abcd1234", 2**22 + 12345), (".out.efgh5678", os.getpid())):  # killed, and live
+        (tmp_path / name).mkdir()
+        (tmp_path / name / BUILDER).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+    with staged_dir(tmp_path / "out", kind) as build:
+        assert os.path.dirname(build) == str(tmp_path) and not (tmp_path / "out").exists()
+        (tmp_path / build / "a.txt").write_text("first")
+    assert sorted(os.listdir(tmp_path)) == [".out.efgh5678", "out"] and marker_kind(str(tmp_path / "out")) == kind.name
+    assert not (tmp_path / "out" / BUILDER).exists()
+    assert oct((tmp_path / "out" / "a.txt").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    with pytest.raises(RuntimeError), staged_dir(tmp_path / "out", kind) as build:
+        (tmp_path / build / "a.txt").write_text("second, never finished")
+        raise RuntimeError("killed half way")
+    assert (tmp_path / "out" / "a.txt").read_text() == "first"
+    assert sorted(os.listdir(tmp_path)) == [".out.efgh5678", "out"]

@@ -199,7 +199,7 @@ def test_ema_is_scored_each_epoch_and_its_state_resumes(small_sample, tmp_path, 
     from train.config import load_config
     from train.main import train_run
 
-    cfg = tiny_config("dual", "train.epochs=3", "eval.untrained=false", "train.ema=0.5")
+    cfg = tiny_config("dual", "train.epochs=3", "eval.untrained=false", "train.ema=0.5", "data.limit_pairs=64")
     train_run(cfg, str(small_sample), str(tmp_path / "whole"))
     history = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3] and all(0 <= h["ema"]["mean_recall"] <= 100 for h in history)
@@ -239,7 +239,8 @@ def test_best_pt_holds_the_ema_exactly_when_it_scores_higher(small_sample, tmp_p
     scripted = iter([10.0, 5.0, 20.0, 30.0 if ema_wins else 15.0])
     real = main.valid_scores
     monkeypatch.setattr(main, "valid_scores", lambda *a, **k: {**real(*a, **k), "mean_recall": next(scripted)})
-    best = main.train_run(tiny_config("dual", "train.epochs=2", "eval.untrained=false", "train.ema=0.5"),
+    best = main.train_run(tiny_config("dual", "train.epochs=2", "eval.untrained=false", "train.ema=0.5",
+                                      "data.limit_pairs=64"),
                     str(small_sample), str(tmp_path / "r"))
     saved, last = load_checkpoint(str(tmp_path / "r" / "best.pt")), load_checkpoint(str(tmp_path / "r" / "last.pt"))
     top = 30.0 if ema_wins else 20.0
@@ -253,6 +254,7 @@ def test_best_pt_holds_the_ema_exactly_when_it_scores_higher(small_sample, tmp_p
 
 
 # -- zero-shot -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_zero_shot_export_of_a_local_chinese_clip_passes_the_gate_and_predicts(small_sample, tmp_path):
     from conftest import tiny_chinese_clip_dir
 

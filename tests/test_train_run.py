@@ -19,7 +19,7 @@ def _weights(path):
 ACCUM3 = ["train.accum_steps=3", "train.batch_size=16", "data.limit_pairs=160"]
 
 
-@pytest.mark.parametrize("accum", [[], ACCUM3], ids=["accum1", "accum3"])
+@pytest.mark.parametrize("accum", [pytest.param([], marks=pytest.mark.slow), ACCUM3], ids=["accum1", "accum3"])
 def test_resume_after_interruption_matches_uninterrupted_run(small_sample, tmp_path, monkeypatch, accum):
     """accum3: 10 batches of 16 per epoch in groups of 3, 3, 3 and 1: the short last group is stepped
     at the epoch's end, so nothing leaks into the next epoch and resume stays bit-identical."""

@@ -21,6 +21,12 @@ CNCLIP_SHAPED = {**TINY_CLIP, "vision_config": {**TINY_CLIP["vision_config"], "i
 # CLIP builds it: its vision MLP is 4x wide
 
 
+def with_layers(shape: dict, layers: int) -> dict:
+    """A Chinese-CLIP shape (`bench.shapes`) with `layers` layers in each tower (the same widths)."""
+    return {**shape, "text_config": {**shape["text_config"], "num_hidden_layers": layers},
+            "vision_config": {**shape["vision_config"], "num_hidden_layers": layers}}
+
+
 def cn_clip_of(config):
     """cn_clip's own `CLIP` of a `ChineseCLIPConfig`'s shape, dropout off, in eval mode: what its
     `create_model` builds to load a checkpoint of that shape into."""

@@ -110,10 +110,10 @@ def average_runs(run_dirs: list[str], out_dir: str, checkpoint: str = "best", da
 
 
 def score_soup(soup: dict, run_dir: str, data_dir: str):
-    """The soup's valid Score, evaluated like the training loop does."""
+    """The soup's valid Score (the model out of `model.factory`, with the first run's tokenizer),
+    evaluated like the training loop does."""
     from competition.layout import split_files
-    from competition.preprocess import directory_tokenizer
-    from model.factory import build_from_arch
+    from model.factory import checkpoint_model
 
     from .config import config_from_dict
     from .distributed import World, device_for
@@ -122,11 +122,8 @@ def score_soup(soup: dict, run_dir: str, data_dir: str):
 
     cfg = config_from_dict(soup["config"], soup["soup"][0]["checkpoint"])  # the first run's config
     device = device_for(World())
-    model = build_from_arch(soup["arch"])
-    model.load_state_dict(soup["model"])  # the runs' own weights, averaged: they fit
-    model.to(device).eval()
+    loaded = checkpoint_model(soup, "the soup", run_dir)
     queries, tsv = split_files(data_dir, "valid")
-    tokenizer = directory_tokenizer(run_dir, cfg.data.max_text_length, cfg.data.text_normalization)
     settings = EvalSettings.of_run(cfg, device, resolve_precision(cfg.train.precision, device))
     with torch.no_grad():
-        return evaluate(model, tokenizer, queries, tsv, settings, label="valid (soup)")
+        return evaluate(loaded.model.to(device), loaded.tokenizer, queries, tsv, settings, label="valid (soup)")

@@ -20,7 +20,8 @@ import click
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run at --out (its checkpoints, metrics and "
               "config) instead of refusing it; never a directory the run did not write.")
 def train(config_path, data_dir, out_dir, overrides, resume_dir, overwrite):
-    """Fine-tune a dual encoder or Chinese-CLIP on MUGE train; score valid every epoch."""
+    """Fine-tune a preset's model (a BERT + timm dual encoder, or Chinese-CLIP) on MUGE train; score valid every
+    epoch."""
     from competition import MugeDataError
     from model.weights import CheckpointError
 
@@ -71,6 +72,41 @@ def average(run_dirs, out_dir, checkpoint, data_dir, overwrite):
         raise click.ClickException(f"{exc}; nothing written") from None
     soup_score = f"; valid MR {soup['metrics']['mean_recall']:.2f}" if "metrics" in soup else ""
     click.echo(f"averaged {len(run_dirs)} runs into {os.path.join(out_dir, 'best.pt')}{soup_score}")
+
+
+@click.command()
+@click.option("--preset", required=True, metavar="NAME_OR_YAML",
+              help="A preset of configs/: cnclip-vit-b16, cnclip-vit-l14, cnclip-vit-l14-336, cnclip-vit-h14 (or its "
+              "path).")
+@click.option("--gpu-memory", "gpu_memory", required=True, metavar="GIB",
+              type=click.FloatRange(min=0, min_open=True, max=4096), help="Each GPU's memory, in GiB.")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs the batch splits over.")
+@click.option("--json", "json_out", type=click.Path(), help="Write the plan (and its arithmetic) as JSON here.")
+def plan(preset, gpu_memory, gpus, json_out):
+    """The settings a preset's training fits a card with, at the recipe's global batch: one --set line, and the
+    memory model's arithmetic behind it."""
+    import json
+
+    from infra.io import atomic_write_text
+    from infra.outputs import OutputKind, check_output, json_with_keys
+
+    from .plan import PlanError, make_plan, read_memory_model, render
+
+    name = os.path.splitext(os.path.basename(preset))[0]
+    try:
+        if json_out:
+            check_output(json_out, OutputKind("plan", directory=False, recognise=lambda path: json_with_keys(
+                path, "set_line", "arithmetic")), flag="--json")
+        presets = read_memory_model()["presets"]
+        if name not in presets:
+            raise PlanError(f"--preset {preset}: the memory model has no figures for it (measured: "
+                            f"{', '.join(sorted(presets))}); `make bench-scale` measures a preset of configs/")
+        chosen = make_plan(name, presets[name], gpu_memory, gpus)
+        if json_out:
+            atomic_write_text(json_out, json.dumps(chosen.to_dict(), indent=1) + "\n")
+    except (PlanError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(render(chosen, os.path.join("configs", f"{name}.yaml")))
 
 
 if __name__ == "__main__":  # torchrun -m train.cli ...

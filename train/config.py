@@ -10,6 +10,7 @@ the default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -21,17 +22,15 @@ from infra.records import RecordError, from_dict
 from model.config import (
     RENAMED,
     ConfigError,
-    ImageTower,
     LoraConfig,
     ModelConfig,
     Preprocessing,
-    check_model_config,
     check_multiplier,
-    flip_refusal,
     renamed_keys,
 )
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+LossKind = Literal["infonce", "sigmoid"]
 
 
 @dataclass
@@ -87,6 +86,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.0          # cosine floor as a fraction of each group's lr
     grad_clip: float | None = 1.0      # clip the gradients' total norm to this; null: no clipping
     max_skipped_steps: int = 5         # updates skipped in a row (a non-finite loss or gradients) that stop the run
+    loss: LossKind = "infonce"         # infonce: symmetric InfoNCE (CLIP's, Chinese-CLIP's); sigmoid: SigLIP's pairwise
+                                       # sigmoid loss with a learnable bias (Zhai et al. 2023)
+    sigmoid_bias_init: float = -10.0   # train.loss=sigmoid: its learnable bias's start (SigLIP's)
+    sigmoid_scale_init: float | None = 10.0  # train.loss=sigmoid: the multiplier's start in a new run (SigLIP's, t' =
+                                       # log 10); null: the model's own
     label_smoothing: float = 0.0       # of the contrastive cross-entropy's targets
     hard_negative_margin: float = 0.0  # 0 = off; else hinge on (hardest negative - positive)
     hard_negative_weight: float = 1.0  # the hinge term's weight beside the contrastive loss
@@ -237,8 +241,11 @@ def validate_values(cfg: Config) -> Config:
                 raise ConfigError(f"data.augment.{key}={getattr(aug, key)} with data.augment.auto_augment: timm's "
                                   "transform takes no other colour augmentation; set it to 0")
         _check_auto_augment(aug.auto_augment)
+    from model.factory import check_model_config  # the families, registered as the factory imports them
+
     check_model_config(cfg.model)
     _check_lora(train)
+    _check_loss(cfg)
     if train.tensorboard:
         _check_tensorboard()
     _check_masking(cfg)
@@ -260,6 +267,10 @@ def _check_lora(train: TrainConfig) -> None:
         raise ConfigError(f"train.lora.alpha={lora.alpha}; expected a positive scale (the adapters' is alpha / rank)")
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"train.lora.dropout={lora.dropout}; expected a probability in [0, 1)")
+    for key in ("lr_ratio", "b_lr_ratio"):
+        value = getattr(lora, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"train.lora.{key}={value!r}; expected a positive finite ratio (1: as the rest)")
     for key in ("text_targets", "image_targets"):
         targets = getattr(lora, key)
         if targets is not None and not all(isinstance(t, str) and t for t in targets):
@@ -272,6 +283,24 @@ def _check_lora(train: TrainConfig) -> None:
     if frozen:
         raise ConfigError(f"train.lora.rank={lora.rank} with {', '.join(frozen)}: LoRA already freezes the adapted "
                           "towers' weights (only the adapters train); set one of them off")
+
+
+def _check_loss(cfg: Config) -> None:
+    """The sigmoid loss's settings, and the InfoNCE-only terms refused beside it."""
+    train = cfg.train
+    if train.loss != "sigmoid":
+        return
+    if not math.isfinite(train.sigmoid_bias_init):
+        raise ConfigError(f"train.sigmoid_bias_init={train.sigmoid_bias_init!r}; expected a finite number (SigLIP's: "
+                          "-10)")
+    start, most = train.sigmoid_scale_init, cfg.model.inverse_temperature_max
+    if start is not None and not (math.isfinite(start) and 1 <= start <= most):
+        raise ConfigError(f"train.sigmoid_scale_init={start!r}; expected a finite number from 1 to "
+                          f"model.inverse_temperature_max={most:g} (SigLIP's: 10), or null")
+    for key in ("label_smoothing", "hard_negative_margin"):
+        if getattr(train, key):
+            raise ConfigError(f"train.{key}={getattr(train, key)} with train.loss=sigmoid: it is a term of the InfoNCE "
+                              f"loss; set train.{key}=0 or train.loss=infonce")
 
 
 def _check_tensorboard() -> None:
@@ -307,23 +336,10 @@ def _check_masking(cfg: Config) -> None:
             raise ConfigError(f"train.mask_schedule: epoch {int(epoch)} is given twice ({seen[int(epoch)]!r} and "
                               f"{epoch!r}); keep one")
         seen[int(epoch)] = epoch
-    if cfg.model.family == "dual" and any(mask_ratio_at(train, e) for e in range(train.epochs)):
-        _check_patch_tower(cfg.model.image)
+    if any(mask_ratio_at(train, e) for e in range(train.epochs)):
+        from model.factory import FAMILIES
 
-
-def _check_patch_tower(image: ImageTower) -> None:
-    """timm builds the tower on the meta device (no memory, no weights) to show whether it has
-    patch tokens; a name timm does not know is left to the model's builder to name."""
-    import timm
-    import torch
-
-    try:
-        with torch.device("meta"):
-            tower = timm.create_model(image.name, pretrained=False, **image.kwargs)
-    except Exception:  # timm's RuntimeError for an unknown name, TypeError for a bad kwarg, ...
-        return
-    if not hasattr(tower, "patch_drop"):
-        raise ConfigError(flip_refusal(image.name))
+        FAMILIES[cfg.model.family].check_mask_ratio(cfg.model)
 
 
 def _check_auto_augment(policy: str) -> None:

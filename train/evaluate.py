@@ -44,12 +44,12 @@ def _decoded_batches(tsv: ImageTSV, settings: EvalSettings, skip_bad: bool, desc
     """The gallery's batches in file order (`infra.gallery.Batch`), behind a progress bar."""
     tsv_path, n, bs = tsv.path, len(tsv), settings.batch_size
     ranges = [(start, min(n, start + bs)) for start in range(0, n, bs)]
-    ring = DecodeRing(tsv_path, settings.size, settings.rule, bs, settings.workers, skip_bad)
+    ring = DecodeRing(ImageTSV, tsv_path, settings.size, settings.rule, bs, settings.workers, skip_bad)
     try:
         ring.__enter__()  # starts the workers
     except OSError as exc:  # /dev/shm too small for the workers' slots (Docker's default 64 MiB)
         log.warning("%s; decoding the gallery in this process instead", exc)
-        ring = DecodeRing(tsv_path, settings.size, settings.rule, bs, 0, skip_bad).__enter__()
+        ring = DecodeRing(ImageTSV, tsv_path, settings.size, settings.rule, bs, 0, skip_bad).__enter__()
     try:
         yield from tqdm(ring.batches(ranges), total=len(ranges), desc=desc, disable=not settings.progress,
                         leave=False)

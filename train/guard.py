@@ -64,8 +64,9 @@ class DivergenceGuard:
 
     def check_epoch(self, updates: int, skipped: int, optimizer: torch.optim.Optimizer, epoch: int,
                     advice: str) -> None:
-        """Raise `TrainingDiverged` when every one of an epoch's `updates` was skipped, however few:
-        an epoch that took no update has nothing to score or keep."""
+        """At an epoch's end: `check`, and raise `TrainingDiverged` when every one of its `updates`
+        was skipped, however few: an epoch that took no update has nothing to score or keep."""
+        self.check(optimizer, epoch, advice)
         if updates and _agreed(torch.tensor(skipped, device=self.skipped.device)) >= updates:
             self._stop(optimizer, epoch, advice, f"every one of its {updates} updates had a non-finite loss or "
                                                  "gradients and was skipped, so it took none")

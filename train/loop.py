@@ -1,6 +1,6 @@
 """One epoch over the loader, around `train.step.train_step`: what `train.main` runs each epoch and
-what `muge bench train` times (the loop over real data): data wait vs compute, the progress bar,
-the log lines, TensorBoard, the EMA and the divergence guard's checks."""
+what `muge bench train` times (the loop over real data). It only iterates, times and logs: data
+wait vs compute, the progress bar, the log lines, TensorBoard."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,6 @@ import torch
 from tqdm import tqdm
 
 from .distributed import unwrap
-from .guard import divergence_advice
 from .speed import synchronize
 from .step import train_step
 
@@ -60,13 +59,12 @@ class EpochStats:
 
 def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int | None = None,
                     warmup: int = 3, tracker=None) -> EpochStats:
-    """One pass over `training.loader` (or its first `max_batches`), updating the EMA after each
-    optimizer step. The host waits for the device only at log intervals and at the `warmup` mark,
-    where `tracker` (`train.tracking.Tracker`) also records the step's figures."""
+    """One pass over `training.loader` (or its first `max_batches`), a `train_step` a batch. The host
+    waits for the device only at log intervals and at the `warmup` mark, where `tracker`
+    (`train.tracking.Tracker`) also records the step's figures."""
     train_cfg, loader, world, device = training.cfg.train, training.loader, training.world, training.device
-    parts = training.step_parts()
-    guard, skipped_before = parts.guard, parts.guard.skipped_count()
-    advice = divergence_advice(vars(train_cfg.lr), train_cfg.grad_clip, training.precision)
+    parts = training.step_parts(epoch)
+    skipped_before = parts.guard.skipped_count()
     model.train()
     n = len(loader) if max_batches is None else min(max_batches, len(loader))
     running, seen = RunningLoss(device), 0
@@ -84,19 +82,15 @@ def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int 
         # the next epoch, and last.pt holds none), averaged over its own length
         group = min(train_cfg.accum_steps, n - (i - i % train_cfg.accum_steps))
         boundary = (i + 1) % train_cfg.accum_steps == 0 or i == n - 1
-        running.add(train_step(parts, model, batch, group=group, boundary=boundary, step=step))
-        step += boundary
-        if boundary and training.ema is not None:
-            training.ema.update(unwrap(model))
+        loss, step = train_step(parts, model, batch, group=group, boundary=boundary, step=step)
+        running.add(loss)
         seen += len(batch["pixels"]) * world.size
         if i == 0:
             synchronize(device)
             first_batch_s = time.perf_counter() - start
-        if i % train_cfg.log_every == 0 or i == n - 1:
-            guard.check(training.optimizer, epoch, advice)  # every rank: all stop, or none
-            if world.main:
-                _show_progress(training, model, bar, tracker, step, running.mean(),
-                               seen / (time.perf_counter() - start), clock.data_share)
+        if world.main and (i % train_cfg.log_every == 0 or i == n - 1):
+            _show_progress(training, model, bar, tracker, step, running.mean(), seen / (time.perf_counter() - start),
+                           clock.data_share)
         now = time.perf_counter()
         for c in (clock, epoch_clock):
             c.add(got - fetch, now - fetch)
@@ -108,7 +102,7 @@ def train_one_epoch(training, model, epoch: int, step: int, *, max_batches: int 
         fetch = time.perf_counter()
     synchronize(device)
     end = time.perf_counter()
-    skipped = guard.skipped_count() - skipped_before
+    skipped = parts.guard.skipped_count() - skipped_before
     stats = EpochStats(loss=running.mean(), step=step, samples_per_s=seen / max(end - start, 1e-9),
                        steady_samples=seen - steady[1], steady_s=end - steady[0], first_batch_s=first_batch_s,
                        skipped_steps=skipped)

@@ -1,4 +1,7 @@
-"""Symmetric InfoNCE over (query, image) pairs, multi-positive aware, across ranks.
+"""The contrastive loss over (query, image) pairs, multi-positive aware, across ranks:
+symmetric InfoNCE (CLIP's and Chinese-CLIP's, `train.loss: infonce`), or SigLIP's pairwise
+sigmoid loss (Zhai et al. 2023, open_clip's `SigLipLoss`; `train.loss: sigmoid`) with its
+learnable bias, which this module holds.
 
 Under DDP every rank all-gathers the features of every rank (its own slice keeps its graph, so
 gradients flow to the local features) and computes the loss over the global batch. Each rank's
@@ -71,22 +74,45 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, inverse_temperature: torc
     return loss
 
 
+def sigmoid_loss(image: torch.Tensor, text: torch.Tensor, inverse_temperature: torch.Tensor, bias: torch.Tensor,
+                 image_ids: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss of one (global) batch of L2-normalised features: every (image, text) pair a
+    binary decision, `sigmoid(t * cos + b)`, its label positive for pair i's own and for pairs of
+    the same image or query, negative elsewhere; summed, divided by the batch size."""
+    image, text = image.float(), text.float()
+    logits = inverse_temperature * image @ text.T + bias
+    positive = duplicate_mask(image_ids, query_ids) | torch.eye(len(image), dtype=torch.bool, device=image.device)
+    labels = positive.to(logits.dtype) * 2 - 1
+    return -F.logsigmoid(labels * logits).sum() / len(image)
+
+
+def _whole_on_every_rank(value: torch.Tensor, world: int) -> torch.Tensor:
+    """A parameter that every rank's loss holds whole, not through its local features alone: its
+    gradient divided by the world size, so that the loss's `* world` leaves it exact."""
+    return value if world == 1 else value.detach() + (value - value.detach()) / world
+
+
 class ClipLoss(nn.Module):
+    """The loss of a batch of features and the model's logit scale (the model keeps the scale in
+    its range: `RetrievalModel.clamp_logit_scale`, after every update). `kind`: infonce, or sigmoid
+    with its learnable bias (a parameter of this module, started at `bias_init`)."""
+
     def __init__(self, label_smoothing: float = 0.0, hard_negative_margin: float = 0.0,
-                 hard_negative_weight: float = 1.0, inverse_temperature_max: float = 100.0):
+                 hard_negative_weight: float = 1.0, kind: str = "infonce", bias_init: float = -10.0):
         super().__init__()
         self.kw = dict(label_smoothing=label_smoothing, hard_negative_margin=hard_negative_margin,
                        hard_negative_weight=hard_negative_weight)
-        self.inverse_temperature_max = inverse_temperature_max
+        self.kind = kind
+        if kind == "sigmoid":
+            self.bias = nn.Parameter(torch.tensor(float(bias_init)))
 
     def forward(self, image, text, log_scale, image_ids, query_ids):
         """Returns (loss to backward, global-batch loss for logging)."""
         world = world_size()
-        if world > 1:
-            # The logit scale enters every rank's loss whole, not through local features only:
-            # its gradient is divided by the world size so the `* world` below leaves it exact.
-            log_scale = log_scale.detach() + (log_scale - log_scale.detach()) / world
-        scale = log_scale.exp().clamp(max=self.inverse_temperature_max)
+        scale = _whole_on_every_rank(log_scale, world).exp()
         image, text, image_ids, query_ids = gather_features(image, text, image_ids, query_ids)
-        loss = clip_loss(image, text, scale, image_ids, query_ids, **self.kw)
+        if self.kind == "sigmoid":
+            loss = sigmoid_loss(image, text, scale, _whole_on_every_rank(self.bias, world), image_ids, query_ids)
+        else:
+            loss = clip_loss(image, text, scale, image_ids, query_ids, **self.kw)
         return loss * world, loss.detach()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -22,12 +23,12 @@ from competition.layout import split_files
 from competition.preprocess import TOKENIZER_DIR, TextTokenizer
 from infra.history import HISTORY, write_history
 from infra.outputs import MARKER, OutputError, OutputKind, check_output, write_marker
-from model.config import CHECKPOINT_SUFFIXES, read_lora
-from model.factory import FAMILIES, build_from_arch, create_model
+from model.config import read_lora
+from model.factory import FAMILIES, Resume, create_model, start_file_gone
 from model.family import RetrievalModel
-from model.lora import LoraSettingError, add_lora, merged_state_dict, plan_lora
+from model.lora import LoraSettingError, merged_state_dict, plan_lora
 from model.tokenizer import check_tokenizer, prepare_tokenizer
-from model.weights import CheckpointError, load_checkpoint, load_weights
+from model.weights import CheckpointError, load_checkpoint
 
 from .checkpoint import match_param_layout, rng_state, save_checkpoint, set_rng_state
 from .config import Config, ConfigError, data_seed, mask_ratio_at, save_config, to_dict
@@ -82,9 +83,11 @@ class Training:
     trainable: dict  # trainable parameter counts per group after epoch 0's freezing
     guard: DivergenceGuard
 
-    def step_parts(self) -> StepParts:
+    def step_parts(self, epoch: int = 0) -> StepParts:
+        train = self.cfg.train
         return StepParts(self.criterion, self.optimizer, self.scheduler, self.scaler, self.precision, self.device,
-                         self.cfg.train.grad_clip, self.cfg.train.grad_cache_chunk, self.guard)
+                         self.guard, train.grad_clip, train.grad_cache_chunk, self.ema, train.log_every, epoch,
+                         divergence_advice(vars(train.lr), train.grad_clip, self.precision))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -97,13 +100,13 @@ def steps_per_epoch(batches: int, accum_steps: int) -> int:
 
 
 def build_training(cfg: Config, train_files: tuple[str, str], run_dir: str, world: World | None = None, *,
-                   total_steps: int | None = None, defer_compile: bool = False, arch: dict | None = None) -> Training:
-    """Model (seeded by `train.seed`), tokenizer (written to `run_dir/tokenizer/` by rank 0
-    first), pairs and loader, optimizer, schedule over `total_steps` (default: the config's
-    epochs), gradient scaler, loss and EMA, on this process's device. `defer_compile`: build
-    for a compiled model (static text shapes) but leave compiling it to the caller. `arch`: a
-    resumed run's architecture (from `last.pt`, which holds every weight): where the file the run
-    started from (`model.name: X.pt`) has moved, the model is rebuilt from it."""
+                   total_steps: int | None = None, defer_compile: bool = False,
+                   resume: Resume | None = None) -> Training:
+    """Model (seeded by `train.seed`; `model.factory.create_model`, with `train.lora`'s adapters and
+    a `resume`d run's weights), tokenizer (written to `run_dir/tokenizer/` by rank 0 first), pairs
+    and loader, optimizer, schedule over `total_steps` (default: the config's epochs), gradient
+    scaler, loss and EMA, on this process's device. `defer_compile`: build for a compiled model
+    (static text shapes) but leave compiling it to the caller."""
     world = world or World()
     device = device_for(world)
     precision = resolve_precision(cfg.train.precision, device)
@@ -120,12 +123,10 @@ def build_training(cfg: Config, train_files: tuple[str, str], run_dir: str, worl
     tokenizer = tokenizer_now() if world.main else None
     barrier()  # rank 0 wrote it; the others read it
     tokenizer = tokenizer or tokenizer_now()
-    if arch is not None and _start_file_gone(cfg.model.name):
-        model = build_from_arch(arch, os.path.join(run_dir, "last.pt"))
-        if cfg.model.grad_checkpointing:
-            model.set_grad_checkpointing()
-    else:
-        model, arch = create_model(cfg.model, tokenizer.vocab_size)
+    try:
+        model, arch = create_model(cfg.model, tokenizer.vocab_size, cfg.train.lora, resume)
+    except LoraSettingError as exc:
+        raise ConfigError(str(exc)) from None
     for key, instead in model.ignored_settings(cfg.model).items() if world.main else ():
         log.warning("%s is set, but the %s family does not read it (%s): it is ignored", key, model.family, instead)
     try:  # a CNN tower with a ratio > 0 anywhere in the schedule is refused now, not at that epoch
@@ -133,8 +134,10 @@ def build_training(cfg: Config, train_files: tuple[str, str], run_dir: str, worl
         model.set_mask_ratio(mask_ratio_at(cfg.train, 0))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.train.lora.rank:
-        _add_adapters(model, cfg)
+    if cfg.train.loss == "sigmoid" and cfg.train.sigmoid_scale_init and resume is None:  # SigLIP's start
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(cfg.train.sigmoid_scale_init))
+    model.clamp_logit_scale()  # the multiplier starts inside the range training keeps it in
     own_size = model.image_size  # a ViT's is fixed by its position embedding
     if own_size is not None and own_size != cfg.data.image_size:
         raise ConfigError(f"data.image_size={cfg.data.image_size}, but the model's vision tower takes {own_size} px "
@@ -147,26 +150,15 @@ def build_training(cfg: Config, train_files: tuple[str, str], run_dir: str, worl
     loader = train_loader(dataset, tokenizer, cfg, world.rank, world.size, device,
                           pad_to=cfg.data.max_text_length if compiled else None)
     trainable = apply_freeze(model, cfg.train.freeze, 0)
-    optimizer = create_optimizer(model, cfg.train)
+    criterion = ClipLoss(cfg.train.label_smoothing, cfg.train.hard_negative_margin, cfg.train.hard_negative_weight,
+                         cfg.train.loss, cfg.train.sigmoid_bias_init).to(device)
+    optimizer = create_optimizer(model, cfg.train, criterion)
     total_steps = total_steps or steps_per_epoch(len(loader), cfg.train.accum_steps) * cfg.train.epochs
     scheduler = create_scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
-    criterion = ClipLoss(cfg.train.label_smoothing, cfg.train.hard_negative_margin, cfg.train.hard_negative_weight,
-                         cfg.model.inverse_temperature_max)
     ema = ModelEma(model, cfg.train.ema) if cfg.train.ema else None
     return Training(cfg, world, device, precision, compiled, tokenizer, model, arch, dataset, loader, optimizer,
                     scheduler, grad_scaler(precision, device), criterion, ema, trainable,
                     DivergenceGuard(cfg.train.max_skipped_steps, device))
-
-
-def _add_adapters(model: RetrievalModel, cfg: Config) -> None:
-    """`train.lora`'s adapters on the model's towers (their own weights frozen from here on)."""
-    lora = cfg.train.lora
-    try:
-        counts = add_lora(model, lora)
-    except LoraSettingError as exc:
-        raise ConfigError(str(exc)) from None
-    log.info("LoRA rank %d on %s", lora.rank, ", ".join(f"{n} {kind} layers" if n else f"no {kind} layer (it trains "
-                                                        "as configured)" for kind, n in counts.items()))
 
 
 def check_lora(cfg: Config, model: RetrievalModel | None = None) -> None:
@@ -180,11 +172,6 @@ def check_lora(cfg: Config, model: RetrievalModel | None = None) -> None:
         plan_lora(model, cfg.train.lora)
     except LoraSettingError as exc:
         raise ConfigError(str(exc)) from None
-
-
-def _start_file_gone(name: str | None) -> bool:
-    """`model.name` names a local weights file that is no longer there."""
-    return bool(name) and (name.endswith(CHECKPOINT_SUFFIXES) or os.path.isabs(name)) and not os.path.exists(name)
 
 
 @dataclass
@@ -258,7 +245,9 @@ def train_run(cfg: Config, data_dir: str, out_dir: str, resume: bool = False, ov
 
 def _build_and_train(cfg: Config, data_dir: str, out_dir: str, resume: bool, world: World, replace: bool) -> dict:
     train_files, valid_files = split_files(data_dir, "train"), split_files(data_dir, "valid")  # inputs first
-    ckpt = resumable_checkpoint(os.path.join(out_dir, "last.pt")) if resume else None  # refused before any work
+    last = os.path.join(out_dir, "last.pt")
+    ckpt = resumable_checkpoint(last) if resume else None  # refused before any work
+    resuming = resume_from(cfg, ckpt, last) if ckpt else None
     if world.main:
         if replace:  # --overwrite: the earlier run's files go, once the inputs are known to be there
             log.warning("--overwrite: removing the run in %s (%s)", out_dir, ", ".join(CHECKPOINTS))
@@ -266,7 +255,7 @@ def _build_and_train(cfg: Config, data_dir: str, out_dir: str, resume: bool, wor
         os.makedirs(out_dir, exist_ok=True)
         write_marker(out_dir, RUN)
     barrier()
-    training = build_training(cfg, train_files, out_dir, world, arch=ckpt["arch"] if ckpt else None)
+    training = build_training(cfg, train_files, out_dir, world, resume=resuming)
     try:
         return _train_and_report(training, cfg, valid_files, out_dir, resume, ckpt)
     finally:
@@ -328,8 +317,7 @@ def _train_and_report(training: Training, cfg: Config, valid_files, out_dir: str
 
 def starts_pretrained(cfg: Config) -> bool:
     """Whether training starts from pretrained weights (any tower), rather than a random start."""
-    m = cfg.model
-    return bool(m.name if m.family == "chinese-clip" else m.text.name or m.image.pretrained or m.image.checkpoint)
+    return FAMILIES[cfg.model.family].starts_from_weights(cfg.model)
 
 
 def resumable_checkpoint(path: str) -> dict:
@@ -339,18 +327,24 @@ def resumable_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def restore(training: Training, ckpt: dict, path: str) -> RunState:
-    """Load `last.pt`'s weights, optimizer, schedule, scaler, RNG and EMA into `training`. The
-    optimizer's settings and the schedule are config.yaml's as it is now (new rates, epochs or
-    warmup take effect from the resumed step, logged); LoRA settings must be the run's own."""
-    _check_resumed_lora(ckpt["config"], training.cfg, path)
-    saved, now = ckpt["config"].get("model", {}), to_dict(training.cfg)["model"]
+def resume_from(cfg: Config, ckpt: dict, path: str) -> Resume:
+    """What the model is resumed from (`model.factory.create_model` loads its weights), checked
+    before any work: LoRA settings must be the run's own, and a model section edited since is
+    named where the weights do not fit (refused outright where the start file is gone too)."""
+    _check_resumed_lora(ckpt["config"], cfg, path)
+    saved, now = ckpt["config"].get("model", {}), to_dict(cfg)["model"]
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-    hint = f"; config.yaml's model section was edited since ({', '.join(changed)} differ)" if changed else ""
-    if [k for k in changed if k != "name"] and _start_file_gone(training.cfg.model.name):  # rebuilt from last.pt
+    if [k for k in changed if k != "name"] and start_file_gone(cfg.model.name):  # rebuilt from last.pt
         raise CheckpointError(f"{path}: config.yaml's model section was edited since ({', '.join(changed)} differ), "
                               "and the run's start file is gone: resume with the model it was trained with")
-    load_weights(training.model, ckpt["model"], path, hint)
+    return Resume(ckpt, path, f"; config.yaml's model section was edited since ({', '.join(changed)} differ)"
+                  if changed else "")
+
+
+def restore(training: Training, ckpt: dict, path: str) -> RunState:
+    """Load `last.pt`'s optimizer, schedule, scaler, RNG and EMA into `training` (its model came
+    with the weights, `resume_from`). The optimizer's settings and the schedule are config.yaml's
+    as it is now: new rates, epochs or warmup take effect from the resumed step, logged."""
     fresh = [{k: v for k, v in g.items() if k in GROUP_SETTINGS} for g in training.optimizer.param_groups]
     try:
         training.optimizer.load_state_dict(ckpt["optimizer"])
@@ -360,6 +354,8 @@ def restore(training: Training, ckpt: dict, path: str) -> RunState:
     match_param_layout(training.optimizer)
     _schedule_from_config(training, fresh, ckpt, path)
     training.scaler.load_state_dict(ckpt["scaler"])
+    if ckpt.get("loss"):  # the sigmoid loss's bias
+        training.criterion.load_state_dict(ckpt["loss"])
     set_rng_state(ckpt["rng"])
     if training.ema is not None and "ema" in ckpt:
         training.ema.load_state_dict(ckpt["ema"])
@@ -444,8 +440,8 @@ def train_epochs(training: Training, state: RunState, valid_files, out_dir: str,
         if training.compiled and epoch == state.epoch and world.main:
             log.info("the first batch compiles the model (torch.compile): a minute or more, once")
         stats = train_one_epoch(training, ddp, epoch, state.step, tracker=tracker)
-        training.guard.check_epoch(stats.step - state.step, stats.skipped_steps, training.optimizer, epoch,
-                                   divergence_advice(vars(cfg.train.lr), cfg.train.grad_clip, training.precision))
+        parts = training.step_parts(epoch)
+        parts.guard.check_epoch(stats.step - state.step, stats.skipped_steps, parts.optimizer, epoch, parts.advice)
         state.epoch, state.step = epoch + 1, stats.step
         if world.main:
             if state.epoch % cfg.eval.every_epochs == 0 or state.epoch == cfg.train.epochs:
@@ -477,6 +473,7 @@ def save_epoch(training: Training, state: RunState, candidate: dict, out_dir: st
     save_best(training, state, candidate, out_dir)
     save_checkpoint(os.path.join(out_dir, "last.pt"), {
         "model": training.model.state_dict(), **common, "optimizer": training.optimizer.state_dict(),
+        "loss": training.criterion.state_dict(),
         "scheduler": training.scheduler.state_dict(), "scaler": training.scaler.state_dict(), "rng": rng_state(),
         "step": state.step, "history": state.history, "best": state.best,
         **({"ema": training.ema.state_dict()} if training.ema is not None else {})})

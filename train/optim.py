@@ -31,20 +31,36 @@ def top_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return top
 
 
-def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def adapter_role(name: str) -> str:
+    """A LoRA parameter's matrix, for its rate: "B", or "A" (DoRA's magnitudes train at A's rate);
+    "" for any other parameter."""
+    return "" if ADAPTER not in name else "B" if ".lora_B." in name else "A"
+
+
+def create_optimizer(model: nn.Module, cfg: TrainConfig, loss: nn.Module | None = None) -> torch.optim.Optimizer:
+    """Groups by tower, layer and decay: each at its tower's rate with layer decay; LoRA adapters at
+    `train.lora.lr_ratio` times their layer's rate, their B matrices `b_lr_ratio` times more (LoRA+).
+    The loss's own parameters (the sigmoid loss's bias) train with the heads, without decay."""
     base = {"head": cfg.lr.head, "text": cfg.lr.text, "image": cfg.lr.image}
+    ratio = {"": 1.0, "A": cfg.lora.lr_ratio, "B": cfg.lora.lr_ratio * cfg.lora.b_lr_ratio}
     layout = model.param_layout()
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         group, layer, top = layout[name]
-        scale = 1.0 if group == "head" else lr_scale(layer, top, cfg.layer_decay)
+        role = adapter_role(name)
+        scale = (1.0 if group == "head" else lr_scale(layer, top, cfg.layer_decay)) * ratio[role]
         no_decay = p.ndim <= 1  # norms, biases, the logit scale
-        key = (group, layer, no_decay)
+        key = (group, layer, no_decay, role)
         g = groups.setdefault(key, {"params": [], "names": [], "lr": base[group] * scale, "lr_scale": scale,
                                     "weight_decay": 0.0 if no_decay else cfg.weight_decay,
                                     "group": group, "layer": layer})
         g["params"].append(p)
         g["names"].append(name)
+    for name, p in loss.named_parameters() if loss is not None else ():
+        g = groups.setdefault(("head", 0, True, ""), {"params": [], "names": [], "lr": base["head"], "lr_scale": 1.0,
+                                                      "weight_decay": 0.0, "group": "head", "layer": 0})
+        g["params"].append(p)
+        g["names"].append(f"loss.{name}")
     # on CUDA one fused kernel updates every tensor; elsewhere torch's foreach default
     fused = all(p.is_cuda for p in model.parameters())
     return torch.optim.AdamW(list(groups.values()), betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)

@@ -1,8 +1,9 @@
 """One training step, top to bottom in `train_step`: forward under autocast, the loss, backward
 (or its gradient-cached variant, `grad_cache_backward`, beside it), and at an accumulation
-group's last batch: clip, judge the update (`train.guard`), apply it, step the schedule, clamp
-the logit scale. `train.loop` iterates, logs and evaluates around it; a new loss term or a change
-to the step is made here.
+group's last batch: clip, judge the update (`train.guard`), apply it or skip it (`apply_update`),
+step the schedule, clamp the logit scale, move the EMA of the weights, count the step and, every
+`check_every` updates, ask the guard whether the run has diverged. `train.loop` only iterates,
+times and logs around it; a new loss term or a change to the step is made here.
 
 Gradient caching (Gao et al. 2021, "GradCache"; open_clip's `accum_freq` does the same job)
 trains a batch of B exactly while holding activations for only `chunk` pairs at a time:
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import TrainConfig
 from .distributed import unwrap
+from .ema import ModelEma
 from .guard import DivergenceGuard
 from .precision import autocast
 
@@ -41,20 +42,21 @@ class StepParts:
     scaler: torch.amp.GradScaler
     precision: str
     device: torch.device
+    guard: DivergenceGuard
     grad_clip: float | None = None
     grad_cache_chunk: int | None = None
-    guard: DivergenceGuard | None = None  # None: one of train.max_skipped_steps' default
-
-    def __post_init__(self):
-        if self.guard is None:
-            self.guard = DivergenceGuard(TrainConfig.max_skipped_steps, self.device)
+    ema: ModelEma | None = None        # moved towards the weights after every update
+    check_every: int = 0               # updates between the guard's stop checks (a host sync); 0: none here
+    epoch: int = 0                     # the epoch, and what to try, for the guard's message
+    advice: str = ""
 
 
 def train_step(parts: StepParts, model, batch: dict, *, group: int = 1, boundary: bool = True,
-               step: int = 0) -> torch.Tensor:
+               step: int = 0) -> tuple[torch.Tensor, int]:
     """Forward and backward one batch, as 1/`group` of an accumulation group; at the group's
-    `boundary`, the update (optimizer step `step + 1`). `model` is the model or its DDP wrapper.
-    Returns the batch's detached global loss, on the device: no host sync (but on a CPU)."""
+    `boundary`, the update (optimizer step `step + 1`) and what follows it. `model` is the model
+    or its DDP wrapper. Returns (the batch's detached global loss, on the device: no host sync but
+    on a CPU; the optimizer steps taken so far)."""
     skip_sync = not boundary and isinstance(model, DistributedDataParallel)  # all-reduce once, at the boundary
     with model.no_sync() if skip_sync else contextlib.nullcontext():
         if parts.grad_cache_chunk and parts.grad_cache_chunk < len(batch["pixels"]):
@@ -66,8 +68,9 @@ def train_step(parts: StepParts, model, batch: dict, *, group: int = 1, boundary
             parts.scaler.scale(loss * (1.0 / group)).backward()
     parts.guard.add_loss(value)
     if not boundary:
-        return value
-    params, scaled = [p for p in model.parameters() if p.grad is not None], parts.scaler.is_enabled()
+        return value, step
+    params = [p for p in (*model.parameters(), *parts.criterion.parameters()) if p.grad is not None]
+    scaled = parts.scaler.is_enabled()
     norm = None
     if parts.grad_clip:
         parts.scaler.unscale_(parts.optimizer)
@@ -75,24 +78,40 @@ def train_step(parts: StepParts, model, batch: dict, *, group: int = 1, boundary
     elif not scaled:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     skip = parts.guard.verdict(None if scaled else norm)  # a non-finite loss or gradients: no update
-    if scaled:  # fp16: the GradScaler skips an update whose gradients overflowed, and lowers its scale
-        parts.scaler.step(parts.optimizer)
-        parts.scaler.update()
-    elif parts.optimizer.defaults.get("fused"):  # CUDA: the fused kernel skips it on the device, no sync
-        parts.optimizer.found_inf = skip.to(torch.float32)
-        try:
-            parts.optimizer.step()
-        finally:
-            del parts.optimizer.found_inf
-    elif not skip.item():  # a CPU: no device queue to stall
-        parts.optimizer.step()
+    apply_update(parts, skip)
     parts.guard.record(skip, step + 1)
     parts.optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():  # a skipped update steps the schedule too, as GradScaler's do; torch
         warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))  # for a bug
         parts.scheduler.step()
-    unwrap(model).clamp_logit_scale()
-    return value
+    module = unwrap(model)
+    module.clamp_logit_scale()
+    if parts.ema is not None:
+        parts.ema.update(module)
+    if parts.check_every and (step + 1) % parts.check_every == 0:
+        parts.guard.check(parts.optimizer, parts.epoch, parts.advice)  # every rank: all stop, or none
+    return value, step + 1
+
+
+def apply_update(parts: StepParts, skip: torch.Tensor) -> None:
+    """The optimizer's step, or none where `skip` (the guard's verdict, a device bool) says so, with
+    no host sync on a GPU: fp16's GradScaler skips an update whose gradients overflowed (and lowers
+    its scale); CUDA's fused AdamW takes the verdict and skips in its kernel; on a CPU, with no
+    device queue to stall, the step branches on it."""
+    if parts.scaler.is_enabled():
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+    elif parts.optimizer.defaults.get("fused"):
+        # `found_inf` is how GradScaler hands its verdict to a fused optimizer (torch.amp.GradScaler
+        # sets it, torch.optim.Adam reads it with getattr): torch's own hand-over, used the same way.
+        # tests/test_divergence.py's fused case fails if torch stops reading it.
+        parts.optimizer.found_inf = skip.to(torch.float32)
+        try:
+            parts.optimizer.step()
+        finally:
+            del parts.optimizer.found_inf
+    elif not skip.item():
+        parts.optimizer.step()
 
 
 def grad_cache_backward(parts: StepParts, model, batch: dict, scale: float = 1.0) -> torch.Tensor:
