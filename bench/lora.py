@@ -115,8 +115,9 @@ def train_start(config_path: str, start_data: str, run_dir: str, out_dir: str) -
     export_hf(run_dir, out_dir)
 
 
-def best_epoch(run_dir: str) -> int:
-    return max((h for h in run_history(run_dir) if h.scored), key=lambda h: h.mean_recall).epoch
+def best_record(run_dir: str):
+    """The run's scored epoch of the highest valid MR (PyTorch's scores, from its history)."""
+    return max((h for h in run_history(run_dir) if h.scored), key=lambda h: h.mean_recall)
 
 
 def label_of(lora: list[str], lora_overrides: tuple[str, ...]) -> str:
@@ -128,17 +129,17 @@ def label_of(lora: list[str], lora_overrides: tuple[str, ...]) -> str:
 def add_shares(rows: list[dict]) -> dict | None:
     """Each row's share of the full fine-tune's gain over the start (rows: start, full, LoRA...) and
     its MR against the full fine-tune's; returns the cheapest LoRA row within DEFAULTS_WITHIN of the
-    best LoRA row (fewest trained parameters, then time), or None without LoRA rows."""
+    best LoRA row (fewest trained parameters, then time) whose bundle passed the parity gate, or None."""
     start, full = rows[0]["mean_recall"], rows[1]["mean_recall"]
     for row in rows:
         if row.get("mean_recall") is None:  # a fine-tune that diverged
             continue
         row["delta_mr"] = row["mean_recall"] - full
         row["gain_kept"] = (row["mean_recall"] - start) / (full - start) if full != start else None
-    lora = [r for r in rows[2:] if r.get("mean_recall") is not None]
+    lora = [r for r in rows[2:] if r.get("mean_recall") is not None and not r.get("gated")]
     if not lora:
         return None
-    best = max(r["mean_recall"] for r in lora)
+    best = max(r["mean_recall"] for r in rows[2:] if r.get("mean_recall") is not None)
     close = [r for r in lora if r["mean_recall"] >= best - DEFAULTS_WITHIN]
     return min(close, key=lambda r: (r["trained"], r["train_s"]))
 
@@ -154,7 +155,7 @@ def add_shares(rows: list[dict]) -> dict | None:
               help="A Chinese-CLIP preset: the start's model (without --start) and every fine-tune's recipe.")
 @click.option("--start", help="Chinese-CLIP weights (hub name or directory) to fine-tune from, instead of training "
                               "a start.")
-@click.option("--lora", "ranks", multiple=True, type=click.IntRange(min=1), default=(8,), show_default=True,
+@click.option("--lora", "ranks", multiple=True, type=click.IntRange(min=1), default=(4,), show_default=True,
               metavar="RANK", help="A LoRA fine-tune of this rank (train.lora.rank); repeat for more. With --sweep: "
                                    "the base setting's rank (the first).")
 @click.option("--sweep", is_flag=True, help="One factor at a time from the base setting (--lora-set, the first "
@@ -175,6 +176,7 @@ def bench_lora(data_dir, start_data, config_path, start, ranks, sweep, overrides
     """LoRA against a full fine-tune from one start, the same epochs: valid MR of each."""
     from competition.layout import split_paths
     from competition.sample import EASY, HARD, make_sample
+    from export.parity import ParityError
     from infra.gallery import default_workers
     from train.config import load_config
     from train.guard import TrainingDiverged
@@ -218,20 +220,30 @@ def bench_lora(data_dir, start_data, config_path, start, ranks, sweep, overrides
                 raise
             diverged[name] = str(exc).split(";")[0]
     start_name = run_name("start", [f"model.name={start}"], defaults)
-    scored = [(start_name, start)] + [(n, os.path.join(runs, n)) for n in names.values() if n not in diverged]
-    for name, source in scored:
-        timed_step(work_dir, f"export-{name}", os.path.join(bundles, name, "manifest.json"), reuse,
-                   lambda s=source, n=name: export_run(s, os.path.join(bundles, n), data_dir))
+    gated, fine_tuned = {}, [(n, os.path.join(runs, n)) for n in names.values() if n not in diverged]
+    for name, source in [(start_name, start), *fine_tuned]:
+        try:
+            timed_step(work_dir, f"export-{name}", os.path.join(bundles, name, "manifest.json"), reuse,
+                       lambda s=source, n=name: export_run(s, os.path.join(bundles, n), data_dir))
+        except ParityError as exc:  # a fine-tune's bundle refused: its own (PyTorch) valid scores stand in
+            if name == start_name:
+                raise
+            gated[name] = str(exc).split(": ", 1)[1]
     epochs = load_config(config_path, list(overrides)).train.epochs
     rows = [{"run": "the start, not fine-tuned", "train_s": build["start"] or None,
              "note": start if build["start"] else f"{start} (--start)"}]
     for label, name in names.items():
         run_dir = os.path.join(runs, name)
         rows.append({"run": label, "run_dir": name, "note": diverged[name]} if name in diverged else {
-            "run": label, "run_dir": name, "trained": trained_parameters(run_dir), "best_epoch": best_epoch(run_dir),
-            "train_s": build[name], "last_pt_mib": os.path.getsize(os.path.join(run_dir, "last.pt")) / 2**20})
+            "run": label, "run_dir": name, "trained": trained_parameters(run_dir),
+            "best_epoch": best_record(run_dir).epoch, "train_s": build[name],
+            "last_pt_mib": os.path.getsize(os.path.join(run_dir, "last.pt")) / 2**20})
     for row, name in zip(rows, [start_name, *names.values()]):
-        if name not in diverged:
+        if name in gated:
+            best = best_record(os.path.join(runs, name))
+            row.update({k: getattr(best, k) for k in METRICS}, gated=True,
+                       note=f"its bundle failed the parity gate ({gated[name]}): PyTorch's valid scores")
+        elif name not in diverged:
             summary = predict_valid([os.path.join(bundles, name)], data_dir, work_dir, name, workers)
             row.update({k: summary[k] for k in METRICS})
     chosen = add_shares(rows)

@@ -12,7 +12,7 @@ import time
 
 import click
 
-from .lora import METRICS, best_epoch, check_fine_tunes, fine_tune_overrides, run_name, train_start
+from .lora import METRICS, best_record, check_fine_tunes, fine_tune_overrides, run_name, train_start
 from .runs import export_run, predict_valid, timed_step, train_preset
 from .table import emit, in_checkout, prepare_work, table_options
 
@@ -44,10 +44,10 @@ def bench_loss(data_dir, start_data, config_path, batches, overrides, work_dir, 
     from train.config import load_config
 
     workers = default_workers() if workers is None else workers
+    check_fine_tunes(config_path, overrides, (), [], None)
     preset_batch = load_config(config_path, list(overrides)).train.batch_size
     sizes = tuple(dict.fromkeys((*batches, preset_batch)))
     settings = [[f"train.batch_size={b}", f"train.loss={loss}"] for b in sizes for loss in ("infonce", "sigmoid")]
-    check_fine_tunes(config_path, overrides, (), [], None)
     for lines in settings:
         try:
             load_config(config_path, [*overrides, *lines])
@@ -73,7 +73,7 @@ def bench_loss(data_dir, start_data, config_path, batches, overrides, work_dir, 
                    lambda n=name: export_run(os.path.join(runs, n), os.path.join(bundles, n), data_dir))
         summary = predict_valid([os.path.join(bundles, name)], data_dir, work_dir, name, workers)
         rows.append({"loss": lines[1].split("=")[1], "batch": int(lines[0].split("=")[1]),
-                     **{k: summary[k] for k in METRICS}, "best_epoch": best_epoch(os.path.join(runs, name)),
+                     **{k: summary[k] for k in METRICS}, "best_epoch": best_record(os.path.join(runs, name)).epoch,
                      "train_s": seconds, "run_dir": name})
     infonce = {r["batch"]: r["mean_recall"] for r in rows if r["loss"] == "infonce"}
     for row in rows:

@@ -213,6 +213,22 @@ def test_lora_bench_fine_tunes_one_start_both_ways(small_sample, tmp_path):
     assert (tmp_path / "w" / "seconds.json").read_text() == seconds  # nothing retrained or re-exported
 
 
+def test_the_lora_default_is_the_cheapest_exportable_setting_near_the_best():
+    """The sweep's rule: the fewest trained parameters within DEFAULTS_WITHIN MR of the best LoRA row;
+    a diverged row has no score, and a row whose bundle failed the parity gate is never chosen."""
+    from bench.lora import DEFAULTS_WITHIN, add_shares
+
+    rows = [{"mean_recall": 10.0}, {"mean_recall": 40.0},
+            {"run": "best", "mean_recall": 35.0, "trained": 900, "train_s": 9},
+            {"run": "cheap, gated", "mean_recall": 34.9, "trained": 100, "train_s": 1, "gated": True},
+            {"run": "cheap", "mean_recall": 35.0 - DEFAULTS_WITHIN, "trained": 300, "train_s": 5},
+            {"run": "cheapest, too far", "mean_recall": 33.9 - DEFAULTS_WITHIN, "trained": 50, "train_s": 1},
+            {"run": "diverged", "note": "diverged"}]
+    assert add_shares(rows)["run"] == "cheap"
+    assert rows[2]["gain_kept"] == 25 / 30 and rows[4]["delta_mr"] == -5 - DEFAULTS_WITHIN
+    assert "gain_kept" not in rows[-1]
+
+
 def test_predict_bench_compares_the_pipeline_with_one_loop(tiny_bundle, small_sample, tmp_path):
     _bench("predict", "--bundle", tiny_bundle, "--data", small_sample, "--workers", 1, "--json", tmp_path / "p.json")
     rows = _stamped(tmp_path / "p.json")["rows"]
@@ -268,6 +284,9 @@ def test_predict_bench_measures_the_pipeline_against_decode_only(small_sample, t
     (["lora", "--set", "train.nope=1"], "train.nope"), (["lora", "--lora", "0"], "0 is not in the range x>=1"),
     (["lora", "--start", "/nonexistent-muge"], "not found"),
     (["loss", "--batch", "1"], "1 is not in the range x>=2"),
+    (["scale", "--memory-model", "/tmp/muge-mm.json", "--stage", "memory"], "--lora 0 --lora RANK"),
+    (["scale", "--memory-model", "README.md", "--stage", "memory", "--lora", "0", "--lora", "8"],
+     "is a file muge did not write as a muge memory model"),
     (["loss", "--set", "train.loss=nope"], "train.loss='nope'"),
     (["data", "--pairs", "100"], "100 pairs do not fill one batch of --batch-size 128"),
     (["topk", "--csv", "/tmp"], "is a directory")])
@@ -328,3 +347,27 @@ def test_loss_bench_compares_the_losses_at_each_batch_from_one_start(small_sampl
         assert row["mean_recall"] == score_predictions(truth, predicted).mean_recall
     by = {(r["loss"], r["batch"]): r["mean_recall"] for r in rows}
     assert rows[1]["vs_infonce"] == by["sigmoid", 8] - by["infonce", 8]
+
+
+def test_the_memory_model_is_written_by_preset_and_rank_and_kept_for_the_others(tmp_path):
+    """`muge bench scale --memory-model FILE`: each measured preset's entry (its batch, its rows by
+    LoRA rank) laid over an earlier file's, the others kept, stamped with date, commit and machine."""
+    from bench.scale import write_memory_model
+
+    def row(preset, rank, state):
+        figures = {"params": 10, "trainable": 10 if rank == 0 else 2, "state_bytes": state,
+                   "per_pair_bytes": {"ckpt0-mask0": 5.0}}
+        return {"preset": preset, "stage": "memory", "status": "ok",
+                "figures": {"lora_rank": rank, "memory_model": figures}}
+
+    path = tmp_path / "mm.json"
+    write_memory_model(str(path), [row("cnclip-vit-b16", 0, 160), row("cnclip-vit-b16", 8, 60),
+                                   row("cnclip-vit-h14", 0, 999), {"stage": "train", "status": "ok"}])
+    write_memory_model(str(path), [row("cnclip-vit-h14", 0, 1600), {"preset": "cnclip-vit-h14", "stage": "memory",
+                                                                    "status": "killed by signal 9"}])
+    model = json.loads(path.read_text())
+    assert model["kind"] == "muge memory model" and set(model["presets"]) == {"cnclip-vit-b16", "cnclip-vit-h14"}
+    b16, h14 = model["presets"]["cnclip-vit-b16"], model["presets"]["cnclip-vit-h14"]
+    assert b16["runs"]["8"]["state_bytes"] == 60 and h14["runs"]["0"]["state_bytes"] == 1600
+    assert b16["batch_size"] == 256 and h14["batch_size"] == 1024 and h14["grad_checkpointing"] is True
+    assert {"date", "commit", "machine"} <= h14["measured"].keys()
