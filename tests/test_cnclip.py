@@ -561,6 +561,7 @@ def test_the_larger_presets_run_train_export_and_predict(preset, mini_sample, tm
 
 
 # -- the run around the step --------------------------------------------------------------------------------
+@pytest.mark.stage
 @needs_cn_clip
 def test_a_fine_tune_that_ends_worse_keeps_its_pretrained_start(checkpoint, vocab_dir, small_sample, tmp_path,
                                                                 monkeypatch, caplog):
@@ -586,6 +587,7 @@ def test_a_fine_tune_that_ends_worse_keeps_its_pretrained_start(checkpoint, voca
     assert "best.pt holds the pretrained start, untrained" in caplog.text
 
 
+@pytest.mark.stage
 def test_tensorboard_gets_the_runs_scalars(small_sample, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tiny import tiny_config
@@ -702,6 +704,7 @@ def test_cn_clips_vocab_directory_may_hold_a_readme(checkpoint, small_sample, tm
     accepted(_export_pretrained(path, small_sample, tmp_path / "bundle", "--tokenizer", d))
 
 
+@pytest.mark.stage
 @needs_cn_clip
 def test_a_fine_tune_resumes_after_its_start_file_moved_and_dual_presets_refuse_one(checkpoint, vocab_dir,
                                                                                     small_sample, tmp_path,

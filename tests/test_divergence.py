@@ -83,6 +83,7 @@ def test_a_run_given_a_learning_rate_of_1e6_stops_in_its_first_epoch(small_sampl
     assert not (tmp_path / "run").exists()  # nothing was written before it stopped: nothing is left
 
 
+@pytest.mark.stage
 def test_a_run_that_diverges_after_a_good_epoch_keeps_its_checkpoints_and_resumes(small_sample, tmp_path,
                                                                                   monkeypatch, caplog):
     """Epoch 1 trains (one NaN batch in it is skipped, counted and left out of the loss); epoch 2
@@ -109,6 +110,7 @@ def test_a_run_that_diverges_after_a_good_epoch_keeps_its_checkpoints_and_resume
     assert [h["epoch"] for h in history] == [1, 2] and all(h["train_loss"] < 100 for h in history)
 
 
+@pytest.mark.stage
 def test_a_run_that_took_no_update_ends_with_the_divergence_message(small_sample, tmp_path, monkeypatch):
     """Fewer steps than train.max_skipped_steps, every one skipped: the run stops non-zero, and no
     best.pt of an epoch that took no update is written."""

@@ -42,6 +42,7 @@ def run_parity(model, bundle_dir: str, queries_path: str, tsv_path: str, *, sett
 @pytest.mark.parametrize("family, exporter, fused", [  # the dynamo exporter takes twice as long: the slow set's
     pytest.param("dual", "dynamo", True, marks=pytest.mark.slow),
     pytest.param("chinese-clip", "dynamo", False, marks=pytest.mark.slow), ("dual", "torchscript", False)])
+@pytest.mark.stage
 def test_export_loads_and_passes_gate(runs, small_sample, tmp_path, monkeypatch, family, exporter, fused):
     """`exporter` applies to the graphs not fused: the image CNN, or every graph with fused=False."""
     out = tmp_path / "bundle"

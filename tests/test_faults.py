@@ -51,6 +51,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.stage
 def test_a_full_disk_gets_a_clear_error_and_a_rerun_with_room_is_right(tiny_bundle, big_split, tmp_path, tiny_disk):
     """The cache (1,200 x 32 float32 = 150 KiB of embeddings) does not fit in 100 KiB: a clear error
     naming the file, nothing half-written left; a rerun with room gives the single-run answer."""

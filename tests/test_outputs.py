@@ -122,6 +122,7 @@ def test_a_mistyped_output_path_is_refused_and_nothing_changes(world, monkeypatc
     assert tree(root) == before, kind
 
 
+@pytest.mark.stage
 @pytest.mark.parametrize("kind", [pytest.param("export", marks=pytest.mark.slow), "average", "report", "score"])
 def test_overwrite_replaces_a_foreign_path_but_never_a_source(world, tmp_path, kind):
     root, _ = world
@@ -142,6 +143,7 @@ def test_overwrite_replaces_a_foreign_path_but_never_a_source(world, tmp_path, k
     assert not (foreign / "keep.txt").exists() if directory else foreign.read_text() != "x"
 
 
+@pytest.mark.stage
 def test_rerunning_a_command_replaces_its_own_output(world, runs, tmp_path):
     """An earlier output of the command's own kind is replaced: the README's commands re-run."""
     root, _ = world
@@ -164,6 +166,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.stage
 def test_train_overwrite_replaces_only_the_runs_own_files(world, small_sample, tmp_path):
     root, _ = world
     run = tmp_path / "run"

@@ -194,6 +194,7 @@ def test_ema_update_and_warmup():
         ModelEma(model, 1.0)
 
 
+@pytest.mark.stage
 def test_ema_is_scored_each_epoch_and_its_state_resumes(small_sample, tmp_path, monkeypatch):
     from model.weights import load_checkpoint
     from train.config import load_config
@@ -229,6 +230,7 @@ def test_ema_is_scored_each_epoch_and_its_state_resumes(small_sample, tmp_path, 
         torch.testing.assert_close(split["ema"]["shadow"][k], v, msg=k)
 
 
+@pytest.mark.stage
 @pytest.mark.parametrize("ema_wins", [True, False], ids=["ema-best", "trained-best"])
 def test_best_pt_holds_the_ema_exactly_when_it_scores_higher(small_sample, tmp_path, monkeypatch, ema_wins):
     """Valid scores scripted per call (epoch 1 trained, its EMA, epoch 2 trained, its EMA): best.pt
@@ -293,6 +295,7 @@ def test_zero_shot_export_of_a_local_chinese_clip_passes_the_gate_and_predicts(s
 
 
 # -- the hard sample -------------------------------------------------------------------------------
+@pytest.mark.stage
 def test_hard_sample_keeps_the_layout_with_fewer_positives(tmp_path):
     from competition.sample import EASY, HARD, make_sample
 

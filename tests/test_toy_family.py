@@ -30,6 +30,7 @@ def toy_family():
     FAMILIES.pop("toy")
 
 
+@pytest.mark.stage
 def test_a_third_family_in_one_file_goes_through_every_stage(toy_family, small_sample, tmp_path):
     def toy(*extra):
         return load_config(None, ["model.family=toy", "model.text.tokenizer=char-vocab",

@@ -26,6 +26,7 @@ def _setup(small_sample, tmp_path, family, *overrides):
     return cfg, tok, model, arch, ds
 
 
+@pytest.mark.stage
 @pytest.mark.parametrize("family", ["dual", "chinese-clip"])
 def test_each_family_trains_and_loss_falls(small_sample, tmp_path, family):
     cfg, tok, model, _, ds = _setup(small_sample, tmp_path, family, "train.batch_size=16")
