@@ -143,7 +143,8 @@ bench-quality: $(STAMP)
 # easy sample (data/sample) is the start, both fine-tune on the hard sample (data/hard), each drawn
 # when missing; valid MR of each through the ONNX chain. The sweep: one factor at a time (targets,
 # rank, the adapters' rate, rsLoRA, DoRA, LoRA+) from rank 8 on every linear layer at ten times the
-# rate. ARGS="--reuse" keeps the runs already trained; ARGS="--start DIR" fine-tunes real weights.
+# rate; train.lora's defaults are its cheapest row within 1 MR of the best (docs/benchmarks.md).
+# ARGS="--reuse" keeps the runs already trained; ARGS="--start DIR" fine-tunes real weights.
 bench-lora: $(STAMP)
 	$(MUGE) bench lora --sweep --lora 8 --lora-set train.lora.targets=all-linear --lora-set train.lora.lr_ratio=10 \
 		$(ARGS)
@@ -158,7 +159,7 @@ bench-loss: $(STAMP)
 # wall time and peak RSS. About 40 minutes and 12 GB of disk under build/scale on a 2-core CPU.
 # ARGS="--preset cnclip-vit-h14 --json out.json" picks presets and keeps the figures.
 bench-scale: $(STAMP)
-	$(MUGE) bench scale --lora 0 --lora 8 --memory-model train/memory_model.json $(ARGS)
+	$(MUGE) bench scale --lora 0 --lora 4 --memory-model train/memory_model.json $(ARGS)
 
 # The whole chain at realistic shapes on this machine's GPU, as one table (random weights, no
 # network). ARGS="--small" runs tiny shapes on a CPU; ARGS="--json out.json" keeps the figures.

@@ -382,7 +382,7 @@ def bench_one(preset: str, work: str, data: str, opts: dict, echo) -> list[dict]
               help="The memory stage with FLIP masking (train.mask_ratio).")
 @click.option("--lora", multiple=True, type=click.IntRange(min=0), default=(0,), show_default=True, metavar="RANK",
               help="The memory stage with LoRA adapters of this rank (train.lora.rank); 0: full fine-tuning. "
-              "Repeat it for rows side by side (--lora 0 --lora 8).")
+              "Repeat it for rows side by side (--lora 0 --lora 4).")
 @click.option("--memory-model", type=click.Path(dir_okay=False), callback=memory_model_output,
               help="Write the memory stage's figures as the memory model `muge plan` reads (make bench-scale: "
                    "train/memory_model.json), each preset's replacing its earlier entry.")

@@ -84,12 +84,12 @@ class LoraConfig:
     dropout: float = 0.0               # dropout on the adapters' input, in training
     targets: LoraTargets | None = None  # which layers, a named set: qv (attention query and value), attention (every
                                        # attention projection), all-linear (every Linear layer of the tower); null:
-                                       # the family's default
+                                       # the family's default (all-linear in both: `muge bench lora --sweep`)
     text_targets: list | None = None   # text tower Linear layers to adapt, by name suffix (e.g. [query, value]),
                                        # in place of `targets`; null: `targets`
     image_targets: list | None = None  # image tower likewise; [] or a CNN tower: no adapters, it trains as configured
-    lr_ratio: float = 1.0              # the adapters' learning rate over their tower's (train.lr.text / image,
-                                       # layer decay applied)
+    lr_ratio: float = 10.0             # the adapters' learning rate over their tower's (train.lr.text / image,
+                                       # layer decay applied); 10 measured (`muge bench lora --sweep`)
     b_lr_ratio: float = 1.0            # LoRA+ (Hayou et al. 2024): the B matrices' rate over the A matrices'; 1:
                                        # plain LoRA
     use_rslora: bool = False           # rsLoRA: scale by alpha / sqrt(rank), which keeps high ranks learning
@@ -136,9 +136,17 @@ def read_sections(config: dict, where: str) -> tuple[ModelConfig, Preprocessing]
     return sections[0], sections[1]
 
 
+# what a saved `train.lora` without `targets` (a run trained before the key existed) was trained with:
+# the defaults of then, query and value at the tower's own rate, not today's
+LORA_BEFORE_TARGETS = {"targets": "qv", "lr_ratio": 1.0}
+
+
 def read_lora(config: dict, where: str) -> LoraConfig:
-    """`train.lora` of a whole run config (the config a checkpoint saved), read by the record rule."""
+    """`train.lora` of a whole run config (the config a checkpoint saved), read by the record rule,
+    with the settings it was trained with where it predates a key (`LORA_BEFORE_TARGETS`)."""
     values = (config.get("train") or {}).get("lora") or {}
+    if values and "targets" not in values:
+        values = {**LORA_BEFORE_TARGETS, **values}
     try:
         return from_dict(LoraConfig, values, what="config: train: lora", numbers_from_strings=True)
     except RecordError as exc:

@@ -142,9 +142,10 @@ class DualEncoder(RetrievalModel):
     def lora_targets(self, kind: str, which: str | None = None) -> list[str]:
         """A BERT text tower's layers as Chinese-CLIP's text tower's; a timm ViT's: its fused qkv
         projection (so `qv` adapts the key too), then `proj` and the MLP's `fc1`, `fc2`. A CNN
-        has none: it trains as configured. By default the attention's query and value."""
+        has none: it trains as configured. By default every Linear layer, as Chinese-CLIP's family
+        (measured there; this family's towers were not swept)."""
         image = {"qv": ["qkv"], "attention": ["qkv", "attn.proj"], "all-linear": ["qkv", "attn.proj", "fc1", "fc2"]}
-        return BERT_LORA_TARGETS[which or "qv"] if kind == "text" else image[which or "qv"]
+        return BERT_LORA_TARGETS[which or "all-linear"] if kind == "text" else image[which or "all-linear"]
 
     def tower_blocks(self, kind: str) -> list[nn.Module]:
         """The text tower's layers; a timm ViT's blocks ([] for a CNN, whose stages differ)."""

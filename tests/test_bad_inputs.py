@@ -348,6 +348,7 @@ def _nothing_staged(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith((".pretrained-", ".b."))], os.listdir(tmp_path)
 
 
+@pytest.mark.stage
 def test_weights_that_do_not_fill_chinese_clip_are_refused(small_sample, tmp_path):
     from transformers import BertConfig, BertModel
 
@@ -634,6 +635,7 @@ def test_the_fingerprint_sees_in_place_edits_in_its_sampled_spans_only(tmp_path)
     assert edit(size * 5 // 17 + 8192) == before  # between two sampled blocks: the documented blind spot
 
 
+@pytest.mark.stage
 def test_resume_says_when_config_yaml_drops_the_ema(small_sample, preset, tmp_path, caplog):
     run = tmp_path / "run"
     accepted(muge("train", "--config", preset, "--data", small_sample, "--out", run, "--set", "train.ema=0.9",
@@ -765,7 +767,7 @@ def test_a_key_the_family_does_not_read_is_warned_about_with_what_is_used(small_
     caplog.set_level(logging.WARNING, logger="train.main")
     cfg = tiny_config("chinese-clip", "model.inverse_temperature_init=50", "model.embed_dim=64")
     training = build_training(cfg, split_files(str(small_sample), "train"), str(tmp_path))
-    used = float(training.model.logit_scale.exp())
+    used = training.model.logit_scale.exp().item()
     assert f"model.inverse_temperature_init is set, but the chinese-clip family does not read it (the multiplier " \
            f"starts at the model's own exp(logit_scale) = {used:.4g})" in caplog.text
     assert "model.embed_dim is set, but the chinese-clip family does not read it" in caplog.text
@@ -775,6 +777,7 @@ def test_a_key_the_family_does_not_read_is_warned_about_with_what_is_used(small_
     assert "model.config is set, but the dual family does not read it" in caplog.text
 
 
+@pytest.mark.stage
 def test_resume_with_new_rates_and_epochs_follows_them(small_sample, tmp_path, caplog):
     """The restored optimizer takes config.yaml's rates and the schedule its length: not the
     checkpoint's, while the checkpoint's config records the new ones."""

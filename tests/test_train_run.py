@@ -19,6 +19,7 @@ def _weights(path):
 ACCUM3 = ["train.accum_steps=3", "train.batch_size=16", "data.limit_pairs=160"]
 
 
+@pytest.mark.stage
 @pytest.mark.parametrize("accum", [pytest.param([], marks=pytest.mark.slow), ACCUM3], ids=["accum1", "accum3"])
 def test_resume_after_interruption_matches_uninterrupted_run(small_sample, tmp_path, monkeypatch, accum):
     """accum3: 10 batches of 16 per epoch in groups of 3, 3, 3 and 1: the short last group is stepped
@@ -47,6 +48,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(small_sample, tmp_p
     assert [h["mean_recall"] for h in ha] == [h["mean_recall"] for h in hb]
 
 
+@pytest.mark.stage
 def test_cli_run_writes_every_artifact(small_sample, tmp_path):
     from train.cli import train
 
@@ -101,6 +103,7 @@ def test_each_epoch_line_splits_the_time_into_data_wait_and_compute(small_sample
     assert re.search(r"; data wait [\d.]+s/batch \(\d+%\), compute [\d.]+s/batch", line), line
 
 
+@pytest.mark.stage
 def test_training_runs_past_undecodable_images_only_with_skip_bad_images(small_sample, tmp_path, caplog):
     """Images of the train gallery that do not decode stop a run, naming the TSV line; with
     `data.skip_bad_images` each is replaced by the next pair and logged, and the run completes."""
@@ -126,3 +129,24 @@ def test_training_runs_past_undecodable_images_only_with_skip_bad_images(small_s
     assert skipped and all(re.search(r"MR_train_imgs.tsv:(4|11|41): image", m) for m in skipped), skipped
     history = [json.loads(x) for x in (tmp_path / "skipping" / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1] and history[0]["train_loss"] < 10
+
+
+@pytest.mark.stage
+def test_the_sigmoid_loss_trains_with_lora_flip_and_the_gradient_cache_and_resumes(small_sample, tmp_path):
+    """SigLIP's loss beside the rest: LoRA adapters, FLIP masking, chunks of the batch; its bias
+    learns (it leaves SigLIP's -10), is kept in last.pt and restored by a resume."""
+    from tiny import tiny_config
+
+    from model.weights import load_checkpoint
+    from train.main import train_run
+
+    settings = ("train.loss=sigmoid", "train.lora.rank=4", "train.mask_ratio=0.5", "train.grad_cache_chunk=16",
+                "data.limit_pairs=64", "eval.untrained=false")
+    out = tmp_path / "run"
+    train_run(tiny_config("chinese-clip", "train.epochs=1", *settings), str(small_sample), str(out))
+    first = load_checkpoint(str(out / "last.pt"))
+    assert first["loss"]["bias"] != -10.0 and first["config"]["train"]["loss"] == "sigmoid"
+    assert any(".lora_" in k for k in first["model"])
+    train_run(tiny_config("chinese-clip", "train.epochs=2", *settings), str(small_sample), str(out), resume=True)
+    second = load_checkpoint(str(out / "last.pt"))
+    assert second["epoch"] == 2 and second["loss"]["bias"] != first["loss"]["bias"]

@@ -27,7 +27,7 @@ from .memory import FLIP_RATIO, GIB, MIB, pair_key, total_bytes
 MEMORY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_model.json")
 MARGIN_GIB, MARGIN_SHARE = 1.0, 0.10  # kept free of the memory model's total: 1 GiB and a tenth of the card
 MIN_CHUNK = 16  # pairs a chunk holds at least: smaller chunks leave a GPU idle
-LORA_RANK = 8  # the rank a plan trains LoRA at (`train.lora.rank`; its other settings are the defaults)
+LORA_RANK = 4  # the rank a plan trains LoRA at (`train.lora.rank`; its other settings are the defaults)
 # full before LoRA, no FLIP before FLIP, no checkpointing before checkpointing
 CANDIDATES = [(mode, mask, checkpointing) for mask in (0.0, FLIP_RATIO) for mode in ("full", "lora")
               for checkpointing in (False, True)]
