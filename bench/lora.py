@@ -144,15 +144,35 @@ def add_shares(rows: list[dict]) -> dict | None:
     return min(close, key=lambda r: (r["trained"], r["train_s"]))
 
 
+def fine_tune_options(command):
+    """The options `bench lora` and `bench loss` share: the samples, the preset, the overrides of
+    every fine-tune, the work directory and predict's decode processes."""
+    for option in reversed([
+        click.option("--data", "data_dir", **in_checkout("data/hard"),
+                     help="The fine-tunes' MUGE directory, scored on its valid split; the hard sample is drawn here "
+                          "when missing."),
+        click.option("--start-data", "start_data", **in_checkout("data/sample"),
+                     help="Where the start trains (unless bench lora's --start); the easy sample is drawn here when "
+                          "missing."),
+        click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+                     **in_checkout("configs/sample-clip.yaml"),
+                     help="A Chinese-CLIP preset: the start's model (unless bench lora's --start) and every "
+                          "fine-tune's recipe."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config key of every fine-tune."),
+        click.option("--work", "work_dir", **in_checkout("runs/bench-lora"),
+                     help="Runs, bundles, submissions and caches (bench lora's and bench loss's: the start is "
+                          "shared)."),
+        click.option("--workers", type=click.IntRange(min=0), default=None, show_default="CPUs - 1, at least 1",
+                     help="Decode processes of each predict."),
+        click.option("--reuse", is_flag=True, help="Keep runs and bundles already in --work."),
+        table_options]):
+        command = option(command)
+    return command
+
+
 @click.command("lora")
-@click.option("--data", "data_dir", **in_checkout("data/hard"),
-              help="The fine-tunes' MUGE directory, scored on its valid split; the hard sample is drawn here when "
-                   "missing.")
-@click.option("--start-data", "start_data", **in_checkout("data/sample"),
-              help="Where the start trains (without --start); the easy sample is drawn here when missing.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              **in_checkout("configs/sample-clip.yaml"),
-              help="A Chinese-CLIP preset: the start's model (without --start) and every fine-tune's recipe.")
+@fine_tune_options
 @click.option("--start", help="Chinese-CLIP weights (hub name or directory) to fine-tune from, instead of training "
                               "a start.")
 @click.option("--lora", "ranks", multiple=True, type=click.IntRange(min=1), default=(4,), show_default=True,
@@ -161,16 +181,8 @@ def add_shares(rows: list[dict]) -> dict | None:
 @click.option("--sweep", is_flag=True, help="One factor at a time from the base setting (--lora-set, the first "
               "--lora): targets qv / attention / all-linear, rank 4 / 8 / 16 / 32, the adapters' rate 1 / 3 / 10 / 30 "
               "times the full fine-tune's, rsLoRA, DoRA, LoRA+ (B at 16 times A's rate).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key of every "
-                                                                              "fine-tune.")
 @click.option("--lora-set", "lora_overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key of the LoRA fine-tunes alone (after --set), e.g. train.lora.lr_ratio=10.")
-@click.option("--work", "work_dir", **in_checkout("runs/bench-lora"),
-              help="Runs, bundles, submissions and caches of the bench.")
-@click.option("--workers", type=click.IntRange(min=0), default=None, show_default="CPUs - 1, at least 1",
-              help="Decode processes of each predict.")
-@click.option("--reuse", is_flag=True, help="Keep runs and bundles already in --work.")
-@table_options
 def bench_lora(data_dir, start_data, config_path, start, ranks, sweep, overrides, lora_overrides, work_dir, workers,
                reuse, json_out, csv_out):
     """LoRA against a full fine-tune from one start, the same epochs: valid MR of each."""

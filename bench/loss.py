@@ -12,30 +12,15 @@ import time
 
 import click
 
-from .lora import METRICS, best_record, check_fine_tunes, fine_tune_overrides, run_name, train_start
+from .lora import METRICS, best_record, check_fine_tunes, fine_tune_options, fine_tune_overrides, run_name, train_start
 from .runs import export_run, predict_valid, timed_step, train_preset
-from .table import emit, in_checkout, prepare_work, table_options
+from .table import emit, prepare_work
 
 
 @click.command("loss")
-@click.option("--data", "data_dir", **in_checkout("data/hard"),
-              help="The fine-tunes' MUGE directory, scored on its valid split; the hard sample is drawn here when "
-                   "missing.")
-@click.option("--start-data", "start_data", **in_checkout("data/sample"),
-              help="Where the start trains; the easy sample is drawn here when missing.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              **in_checkout("configs/sample-clip.yaml"),
-              help="A Chinese-CLIP preset: the start's model and every fine-tune's recipe.")
+@fine_tune_options
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(min=2), default=(32,), show_default=True,
               help="A batch size to compare the losses at, beside the preset's; repeat for more.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key of every "
-                                                                              "fine-tune.")
-@click.option("--work", "work_dir", **in_checkout("runs/bench-lora"),
-              help="Runs, bundles, submissions and caches (bench lora's: its start is shared).")
-@click.option("--workers", type=click.IntRange(min=0), default=None, show_default="CPUs - 1, at least 1",
-              help="Decode processes of each predict.")
-@click.option("--reuse", is_flag=True, help="Keep runs and bundles already in --work.")
-@table_options
 def bench_loss(data_dir, start_data, config_path, batches, overrides, work_dir, workers, reuse, json_out, csv_out):
     """The sigmoid loss against InfoNCE from one start, at a small batch and the preset's: valid MR of each."""
     from competition.layout import split_paths

@@ -89,3 +89,17 @@ def test_a_card_too_small_is_refused_naming_the_smallest_that_fits():
     smallest = float(result.output.split("the smallest card that fits has ")[1].split(" GiB")[0])
     accepted(muge("plan", "--preset", "cnclip-vit-h14", "--gpu-memory", str(smallest)))
     refused(muge("plan", "--preset", "cnclip-vit-nope", "--gpu-memory", "24"), "has no figures for it")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no memory model here; `make bench-scale` measures one"),
+    ("{not json", "not a memory model (Expecting property name"),
+    ('{"kind": "x"}', "not a memory model (no presets)"),
+])
+def test_a_missing_or_foreign_memory_model_is_named(tmp_path, monkeypatch, content, message):
+    path = tmp_path / "memory_model.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setattr(planning, "MEMORY_MODEL", str(path))
+    monkeypatch.setattr(planning.read_memory_model, "__defaults__", (str(path),))
+    refused(muge("plan", "--preset", "cnclip-vit-b16", "--gpu-memory", "24"), f"{path}: {message}")

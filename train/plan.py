@@ -76,8 +76,17 @@ class Plan:
 
 
 def read_memory_model(path: str = MEMORY_MODEL) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The memory model's figures; a PlanError naming the file where it is missing or not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            model = json.load(f)
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no memory model here; `make bench-scale` measures one") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanError(f"{path}: not a memory model ({exc}); `make bench-scale` measures one") from None
+    if not isinstance(model, dict) or not isinstance(model.get("presets"), dict):
+        raise PlanError(f"{path}: not a memory model (no presets); `make bench-scale` measures one")
+    return model
 
 
 def budget(gpu_memory_gib: float) -> float:
