@@ -87,6 +87,10 @@ def config_reference() -> str:
         while at + 1 in found and found[at + 1][0] == column and not body[at + 1 - start].split("#")[0].strip():
             at += 1
             text += " " + found[at][1]
+        indent = len(body[at - start]) - len(body[at - start].lstrip())
+        if at + 1 in found and found[at + 1][0] > indent and not body[at + 1 - start].split("#")[0].strip():
+            raise ValueError(f"{inspect.getsourcefile(cls)}:{at + 1}: {cls.__name__}.{name}'s comment goes on in "
+                             f"another column: put its `#` under the one above (column {column + 1})")
         return text
 
     def rows(cls, prefix: str):

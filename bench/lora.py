@@ -165,8 +165,7 @@ def fine_tune_options(command):
                           "shared)."),
         click.option("--workers", type=click.IntRange(min=0), default=None, show_default="CPUs - 1, at least 1",
                      help="Decode processes of each predict."),
-        click.option("--reuse", is_flag=True, help="Keep runs and bundles already in --work."),
-        table_options]):
+        click.option("--reuse", is_flag=True, help="Keep runs and bundles already in --work.")]):
         command = option(command)
     return command
 
@@ -183,6 +182,7 @@ def fine_tune_options(command):
               "times the full fine-tune's, rsLoRA, DoRA, LoRA+ (B at 16 times A's rate).")
 @click.option("--lora-set", "lora_overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key of the LoRA fine-tunes alone (after --set), e.g. train.lora.lr_ratio=10.")
+@table_options
 def bench_lora(data_dir, start_data, config_path, start, ranks, sweep, overrides, lora_overrides, work_dir, workers,
                reuse, json_out, csv_out):
     """LoRA against a full fine-tune from one start, the same epochs: valid MR of each."""

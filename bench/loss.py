@@ -14,13 +14,14 @@ import click
 
 from .lora import METRICS, best_record, check_fine_tunes, fine_tune_options, fine_tune_overrides, run_name, train_start
 from .runs import export_run, predict_valid, timed_step, train_preset
-from .table import emit, prepare_work
+from .table import emit, prepare_work, table_options
 
 
 @click.command("loss")
 @fine_tune_options
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(min=2), default=(32,), show_default=True,
               help="A batch size to compare the losses at, beside the preset's; repeat for more.")
+@table_options
 def bench_loss(data_dir, start_data, config_path, batches, overrides, work_dir, workers, reuse, json_out, csv_out):
     """The sigmoid loss against InfoNCE from one start, at a small batch and the preset's: valid MR of each."""
     from competition.layout import split_paths

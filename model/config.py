@@ -83,8 +83,8 @@ class LoraConfig:
     alpha: float = 16.0                # the adapters' scale is alpha / rank (alpha / sqrt(rank) with use_rslora)
     dropout: float = 0.0               # dropout on the adapters' input, in training
     targets: LoraTargets | None = None  # which layers, a named set: qv (attention query and value), attention (every
-                                       # attention projection), all-linear (every Linear layer of the tower); null:
-                                       # the family's default (all-linear in both: `muge bench lora --sweep`)
+                                        # attention projection), all-linear (every Linear layer of the tower); null:
+                                        # the family's default (all-linear in both: `muge bench lora --sweep`)
     text_targets: list | None = None   # text tower Linear layers to adapt, by name suffix (e.g. [query, value]),
                                        # in place of `targets`; null: `targets`
     image_targets: list | None = None  # image tower likewise; [] or a CNN tower: no adapters, it trains as configured

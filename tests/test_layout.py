@@ -263,6 +263,13 @@ def test_the_config_reference_is_generated_from_the_schema(monkeypatch):
         monkeypatch.setattr(inspect, "getsource", lambda m, module=module, bare=bare: bare if m is module else real(m))
         with pytest.raises(ValueError, match=f"{field} has no comment"):
             muge_docs.config_reference()
+    # a comment continued one column off would be cut at its first line: refused, naming the line
+    shifted = real(schema).replace("\n                                       # ones) drops characters",
+                                   "\n                                        # ones) drops characters")
+    assert shifted != real(schema)
+    monkeypatch.setattr(inspect, "getsource", lambda m: shifted if m is schema else real(m))
+    with pytest.raises(ValueError, match=r"config.py:\d+: Augment.word_dropout's comment goes on in another column"):
+        muge_docs.config_reference()
 
 
 @pytest.mark.parametrize("cpus", [1, 16])

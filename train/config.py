@@ -89,8 +89,8 @@ class TrainConfig:
     loss: LossKind = "infonce"         # infonce: symmetric InfoNCE (CLIP's, Chinese-CLIP's); sigmoid: SigLIP's pairwise
                                        # sigmoid loss with a learnable bias (Zhai et al. 2023)
     sigmoid_bias_init: float = -10.0   # train.loss=sigmoid: its learnable bias's start (SigLIP's)
-    sigmoid_scale_init: float | None = 10.0  # train.loss=sigmoid: the multiplier's start in a new run (SigLIP's, t' =
-                                       # log 10); null: the model's own
+    sigmoid_scale_init: float | None = 10.0  # train.loss=sigmoid: the multiplier's start in a new run (SigLIP's,
+                                             # t' = log 10); null: the model's own
     label_smoothing: float = 0.0       # of the contrastive cross-entropy's targets
     hard_negative_margin: float = 0.0  # 0 = off; else hinge on (hardest negative - positive)
     hard_negative_weight: float = 1.0  # the hinge term's weight beside the contrastive loss
