@@ -66,13 +66,27 @@ def test_several_gpus_split_the_batch_and_hold_ddp_buckets(tiny_entry, monkeypat
     assert four.per_gpu_batch == 16 and four.global_batch == one.global_batch == 64
     assert four.ddp_gib > 0 == one.ddp_gib and _fits(four, tiny_entry) == pytest.approx(four.total_gib)
     three = planning.make_plan("tiny", tiny_entry, card, gpus=3)
-    assert three.per_gpu_batch == 22 and "makes it 66 (never less than the recipe's)" in three.notes[0]
+    assert three.per_gpu_batch == 22 and "makes it 66 (never less than asked)" in three.notes[0]
+
+
+def test_another_global_batch_is_planned_and_a_smaller_one_says_what_it_costs(tiny_entry, monkeypatch):
+    monkeypatch.setattr(planning, "MARGIN_GIB", 0.0)
+    card = planning.smallest_card("tiny", tiny_entry, global_batch=256) * 1.2
+    larger = planning.make_plan("tiny", tiny_entry, card, global_batch=256)
+    assert larger.global_batch == larger.per_gpu_batch == 256 and larger.chunk < 256
+    assert not any("below the recipe" in note for note in larger.notes)
+    assert _fits(larger, tiny_entry) == pytest.approx(larger.total_gib) and larger.total_gib <= planning.budget(card)
+    smaller = planning.make_plan("tiny", tiny_entry, card, gpus=2, global_batch=32)
+    assert smaller.per_gpu_batch == 16 and "below the recipe's 64" in smaller.notes[0]
+    assert "#396" in smaller.notes[0]
 
 
 @pytest.mark.parametrize("args, fragments", [
     (["--preset", "cnclip-vit-h14", "--gpu-memory", "24"], ["--set train.batch_size=1024", "within"]),
     (["--preset", "configs/cnclip-vit-b16.yaml", "--gpu-memory", "80"], ["a full fine-tune", "train.lora.rank=0"]),
     (["--preset", "cnclip-vit-h14", "--gpu-memory", "80", "--gpus", "8"], ["128 pairs a GPU"]),
+    (["--preset", "cnclip-vit-b16", "--gpu-memory", "24", "--global-batch", "1024"],
+     ["--set train.batch_size=1024", "a global batch of 1024", "a gradient cache of"]),
 ])
 def test_plan_on_the_published_shapes(tmp_path, args, fragments):
     accepted(muge("plan", *args, "--json", tmp_path / "plan.json"), *fragments)

@@ -81,8 +81,11 @@ def average(run_dirs, out_dir, checkpoint, data_dir, overwrite):
 @click.option("--gpu-memory", "gpu_memory", required=True, metavar="GIB",
               type=click.FloatRange(min=0, min_open=True, max=4096), help="Each GPU's memory, in GiB.")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs the batch splits over.")
+@click.option("--global-batch", "global_batch", type=click.IntRange(min=2), metavar="PAIRS",
+              help="Pairs a step learns from over all GPUs; default: the preset's train.batch_size (Chinese-CLIP's "
+                   "script trains B/16 at 1,024). Below it, the plan says why that costs.")
 @click.option("--json", "json_out", type=click.Path(), help="Write the plan (and its arithmetic) as JSON here.")
-def plan(preset, gpu_memory, gpus, json_out):
+def plan(preset, gpu_memory, gpus, global_batch, json_out):
     """The settings a preset's training fits a card with, at the recipe's global batch: one --set line, and the
     memory model's arithmetic behind it."""
     import json
@@ -101,7 +104,7 @@ def plan(preset, gpu_memory, gpus, json_out):
         if name not in presets:
             raise PlanError(f"--preset {preset}: the memory model has no figures for it (measured: "
                             f"{', '.join(sorted(presets))}); `make bench-scale` measures a preset of configs/")
-        chosen = make_plan(name, presets[name], gpu_memory, gpus)
+        chosen = make_plan(name, presets[name], gpu_memory, gpus, global_batch)
         if json_out:
             atomic_write_text(json_out, json.dumps(chosen.to_dict(), indent=1) + "\n")
     except (PlanError, ValueError, OSError) as exc:

@@ -3,17 +3,17 @@
 
 The figures are measured at each preset's published shape by `muge bench scale --stage memory`
 (`make bench-scale` writes `MEMORY_MODEL`, shipped with the package, with the date, commit and
-machine): the state of a full fine-tune and of LoRA at `LORA_RANK`, and the bytes held per pair
-with and without gradient checkpointing, unmasked and with FLIP masking. A plan keeps the
-preset's global batch (the recipe's: Chinese-CLIP's small-batch fine-tunes fall short of its
-zero-shot score) and splits it over the GPUs; a setting fits when the memory model's total, a
-gradient-cache chunk of the per-GPU batch at a time, stays within the card less a margin for what
-a CPU cannot measure (`MARGIN_GIB` and `MARGIN_SHARE` of the card: the allocator, workspaces, the
-attention kernel). It prefers, in this order: a full fine-tune, then LoRA; within each, no
-checkpointing, then checkpointing; FLIP masking only when nothing fits without it (its effect on
-MeanRecall is not measured here); and the largest chunk that fits (no gradient cache where the
-whole per-GPU batch does). A card too small for every setting is an error naming the smallest
-that fits.
+machine): the state of a full fine-tune and of LoRA at `LORA_RANK`, and the bytes held per pair with
+and without gradient checkpointing, unmasked and with FLIP masking. A plan keeps the preset's global
+batch (the recipe's: Chinese-CLIP's small-batch fine-tunes fall short of its zero-shot score;
+`--global-batch` asks for another, and a smaller one is noted) and splits it over the GPUs; a
+setting fits when the memory model's total, a gradient-cache chunk of the per-GPU batch at a time,
+stays within the card less a margin for what a CPU cannot measure (`MARGIN_GIB` and `MARGIN_SHARE`
+of the card: the allocator, workspaces, the attention kernel). It prefers, in this order: a full
+fine-tune, then LoRA; within each, no checkpointing, then checkpointing; FLIP masking only when
+nothing fits without it (its effect on MeanRecall is not measured here); and the largest chunk that
+fits (no gradient cache where the whole per-GPU batch does). A card too small for every setting is
+an error naming the smallest that fits.
 """
 from __future__ import annotations
 
@@ -101,14 +101,20 @@ def _largest_chunk(figures: dict, per_gpu: int, checkpointing: bool, mask: float
     return next((c for c in sizes if total_bytes(figures, c, checkpointing, mask, gpus) <= room), 0)
 
 
-def make_plan(preset: str, entry: dict, gpu_memory_gib: float, gpus: int = 1) -> Plan:
+def make_plan(preset: str, entry: dict, gpu_memory_gib: float, gpus: int = 1, global_batch: int | None = None) -> Plan:
     """The first setting of `CANDIDATES` that fits the card (`entry`: the memory model's figures of
-    `preset`), or a PlanError naming the smallest card that fits."""
-    global_batch = int(entry["batch_size"])
+    `preset`) at `global_batch` (default: the preset's), or a PlanError naming the smallest card
+    that fits."""
+    recipe = int(entry["batch_size"])
+    global_batch = global_batch or recipe
     per_gpu = math.ceil(global_batch / gpus)
-    notes = [] if per_gpu * gpus == global_batch else [
-        f"the global batch of {global_batch} does not split over {gpus} GPUs: {per_gpu} a GPU makes it "
-        f"{per_gpu * gpus} (never less than the recipe's)"]
+    notes = [] if global_batch >= recipe else [
+        f"a global batch of {global_batch}, below the recipe's {recipe}, as asked: every pair's negatives are the "
+        "rest of the batch, so a smaller one gives a weaker contrastive signal (Chinese-CLIP's #396: batch 128 on one "
+        "card fine-tuned below the zero-shot score)"]
+    if per_gpu * gpus != global_batch:
+        notes.append(f"the global batch of {global_batch} does not split over {gpus} GPUs: {per_gpu} a GPU makes it "
+                     f"{per_gpu * gpus} (never less than asked)")
     room = budget(gpu_memory_gib) * GIB
     for mode, mask, checkpointing in CANDIDATES:
         figures = _runs(entry, preset)[mode]
@@ -118,16 +124,16 @@ def make_plan(preset: str, entry: dict, gpu_memory_gib: float, gpus: int = 1) ->
         if chunk:
             return _plan_of(preset, figures, gpu_memory_gib, gpus, mode, checkpointing, mask, global_batch, per_gpu,
                             chunk, notes)
-    raise PlanError(f"{preset} does not fit a {gpu_memory_gib:g} GiB card at the recipe's global batch of "
-                    f"{global_batch} on {gpus} GPU(s), whatever the setting (LoRA rank {LORA_RANK}, checkpointing, "
-                    f"FLIP, chunks of {MIN_CHUNK}): the smallest card that fits has "
-                    f"{math.ceil(smallest_card(preset, entry, gpus) * 10) / 10:g} GiB")
+    raise PlanError(f"{preset} does not fit a {gpu_memory_gib:g} GiB card at a global batch of {global_batch} on "
+                    f"{gpus} GPU(s), whatever the setting (LoRA rank {LORA_RANK}, checkpointing, FLIP, chunks of "
+                    f"{MIN_CHUNK}): the smallest card that fits has "
+                    f"{math.ceil(smallest_card(preset, entry, gpus, global_batch) * 10) / 10:g} GiB")
 
 
-def smallest_card(preset: str, entry: dict, gpus: int = 1) -> float:
+def smallest_card(preset: str, entry: dict, gpus: int = 1, global_batch: int | None = None) -> float:
     """The GiB a card needs for the leanest setting (LoRA, checkpointing, FLIP where measured, the
     smallest chunk), margin included."""
-    per_gpu = math.ceil(int(entry["batch_size"]) / gpus)
+    per_gpu = math.ceil((global_batch or int(entry["batch_size"])) / gpus)
     chunk = min(c for c in range(1, per_gpu + 1) if per_gpu % c == 0 and c >= min(MIN_CHUNK, per_gpu))
     need = min(total_bytes(_runs(entry, preset)[mode], chunk, checkpointing, mask, gpus)
                for mode, mask, checkpointing in CANDIDATES
@@ -168,5 +174,5 @@ def render(plan: Plan, config_path: str) -> str:
     return "\n".join([
         f"muge train --config {config_path} {plan.set_line()}",
         f"{plan.preset} on {plan.gpus} x {plan.gpu_memory_gib:g} GiB: {mode}, {plan.per_gpu_batch} pairs a GPU "
-        f"(the recipe's global batch of {plan.global_batch}), {cache}, checkpointing "
+        f"(a global batch of {plan.global_batch}), {cache}, checkpointing "
         f"{'on' if plan.checkpointing else 'off'}, FLIP {flip}", f"memory: {plan.arithmetic()}", *plan.notes])
