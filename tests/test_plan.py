@@ -37,6 +37,28 @@ def test_the_memory_model_measures_what_each_setting_holds(tiny_entry):
     assert pairs[pair_key(False, 0.5)] < pairs[pair_key(False, 0.0)]  # and so does FLIP
 
 
+def test_a_measured_forward_is_freed():
+    """exp saves its own output for backward: counted, then dropped with its graph (held by the
+    graph it would stay, and at ViT-H/14's shape eight measured forwards outgrew a 24 GB machine)."""
+    import gc
+    import weakref
+
+    import torch
+
+    from train.memory import _saved_bytes
+
+    x, outputs = torch.randn(64, 64, requires_grad=True), []
+
+    def forward():
+        y = torch.exp(x)
+        outputs.append(weakref.ref(y))
+        return y
+
+    assert _saved_bytes(forward) == 64 * 64 * 4  # exp runs in fp32 under autocast: its output, counted
+    gc.collect()
+    assert outputs[0]() is None
+
+
 def test_a_plan_fits_the_card_it_is_made_for_and_prefers_in_order(tiny_entry, monkeypatch):
     """At a tiny shape the fixed margin would be the whole card: it is set to 0 here (the share
     stays), so the arithmetic itself is what is checked, card by card, from roomy to too small."""

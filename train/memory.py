@@ -35,20 +35,23 @@ def pair_key(checkpointing: bool, mask_ratio: float) -> str:
     return f"ckpt{int(checkpointing)}-mask{mask_ratio:g}"
 
 
-def _saved_bytes(fn):
-    """(bytes of the distinct storages autograd saves for backward while `fn` runs under bf16
-    autocast, fn's result)."""
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `fn` runs under bf16
+    autocast; its result (and the graph holding them) is dropped at once, so a measurement holds
+    one forward's tensors at a time (at ViT-H/14's shape, each holds GiBs)."""
     seen: dict[int, int] = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # detached (the same storage): a node that saves its own output would otherwise hold it with
+        # its grad_fn, a cycle through C++ that no collector frees, and every graph measured would stay
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
             torch.autocast("cpu", dtype=torch.bfloat16):
-        out = fn()
-    return sum(seen.values()), out
+        fn()
+    return sum(seen.values())
 
 
 def _forward(model, cfg: Config, text_length: int, vocab: int):
@@ -60,9 +63,9 @@ def _forward(model, cfg: Config, text_length: int, vocab: int):
     return run
 
 
-def pair_bytes(model, cfg: Config, text_length: int, checkpointing: bool) -> tuple[float, tuple]:
-    """(bytes held per pair in a forward as the model is set now, with `checkpointing` plus one
-    image block's recompute; the 1-pair forward's outputs)."""
+def pair_bytes(model, cfg: Config, text_length: int, checkpointing: bool) -> float:
+    """Bytes held per pair in a forward as the model is set now, with `checkpointing` plus one
+    image block's recompute."""
     block = (model.tower_blocks("image") or [None])[0]
     seen_input = []
     hook = block.register_forward_pre_hook(lambda m, args: seen_input.append(args[0].shape)) if block else None
@@ -70,15 +73,14 @@ def pair_bytes(model, cfg: Config, text_length: int, checkpointing: bool) -> tup
     saved = {pairs: _saved_bytes(lambda p=pairs: forward(p)) for pairs in (1, 3)}
     if hook:
         hook.remove()
-    per_pair = (saved[3][0] - saved[1][0]) / 2
+    per_pair = (saved[3] - saved[1]) / 2
     if checkpointing and block is not None:
         model.set_grad_checkpointing(False)  # the block as backward recomputes it: its own tensors saved
         shape = seen_input[0][1:]
-        hidden = {p: torch.randn(p, *shape, requires_grad=True) for p in (1, 3)}
-        held = {p: _saved_bytes(lambda p=p: block(hidden[p], None))[0] for p in (1, 3)}
+        held = {p: _saved_bytes(lambda p=p: block(torch.randn(p, *shape, requires_grad=True), None)) for p in (1, 3)}
         model.set_grad_checkpointing(True)
         per_pair += (held[3] - held[1]) / 2
-    return per_pair, saved[1][1]
+    return per_pair
 
 
 def measure(cfg: Config, text_length: int | None = None, ratios: tuple[float, ...] = (0.0, FLIP_RATIO)) -> dict:
@@ -94,7 +96,7 @@ def measure(cfg: Config, text_length: int | None = None, ratios: tuple[float, ..
     model, _ = create_model(cfg.model, lora=dataclasses.replace(cfg.train.lora, dropout=0.0))
     apply_freeze(model, cfg.train.freeze)
     model.train()
-    per_pair, outputs = {}, None
+    per_pair = {}
     for checkpointing in (False, True):
         model.set_grad_checkpointing(checkpointing)
         for ratio in ratios:
@@ -102,10 +104,13 @@ def measure(cfg: Config, text_length: int | None = None, ratios: tuple[float, ..
                 model.set_mask_ratio(ratio)
             except ValueError:  # an image tower without patches: no FLIP rows
                 continue
-            per_pair[pair_key(checkpointing, ratio)], outputs = pair_bytes(
+            per_pair[pair_key(checkpointing, ratio)] = pair_bytes(
                 model, cfg, text_length or cfg.data.max_text_length, checkpointing)
-    image, text = outputs
-    ((image @ text.t()).float() * model.logit_scale.exp()).sum().backward()  # one step: every tensor training holds
+    # one step, so every tensor training holds exists: a 1-pair forward, checkpointed and in fp32 (its
+    # gradients and the optimizer state are what is counted, and they do not depend on how it ran)
+    model.set_grad_checkpointing(True)
+    image, text = _forward(model, cfg, text_length or cfg.data.max_text_length, model.text_vocab_rows)(1)
+    ((image @ text.t()).float() * model.logit_scale.exp()).sum().backward()
     optimizer = create_optimizer(model, cfg.train)
     optimizer.step()
     state = sum(t.numel() * t.element_size() for p in model.parameters() for t in (p, p.grad) if t is not None)
