@@ -314,3 +314,28 @@ def test_docs_link_only_to_files_that_exist(path):
         if "://" in target:
             continue
         assert os.path.exists(os.path.join(ROOT, os.path.dirname(path), target)), f"{path}: broken link {target}"
+
+
+def _heading_anchors(path: str) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings (code blocks skipped, repeats numbered)."""
+    found, seen, in_code = set(), {}, False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("```"):
+                in_code = not in_code
+            elif not in_code and line.startswith("#"):
+                slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+                found.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+                seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_docs_link_only_to_headings_that_exist(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", text):
+        linked = os.path.join(ROOT, os.path.dirname(path), target) if target else os.path.join(ROOT, path)
+        if "://" in target or not linked.endswith(".md"):
+            continue
+        assert anchor in _heading_anchors(linked), f"{path}: no heading for #{anchor} in {target or path}"
