@@ -1,6 +1,7 @@
 """The house rules, read from the source: the import graph between modules, and docs that
 name only commands, options and make targets that exist."""
 import ast
+import functools
 import os
 import re
 import subprocess
@@ -316,18 +317,19 @@ def test_docs_link_only_to_files_that_exist(path):
         assert os.path.exists(os.path.join(ROOT, os.path.dirname(path), target)), f"{path}: broken link {target}"
 
 
-def _heading_anchors(path: str) -> set[str]:
+@functools.cache
+def _heading_anchors(path: str) -> frozenset[str]:
     """GitHub's anchors of a Markdown file's headings (code blocks skipped, repeats numbered)."""
     found, seen, in_code = set(), {}, False
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.startswith("```"):
                 in_code = not in_code
-            elif not in_code and line.startswith("#"):
+            elif not in_code and re.match(r"#{1,6} ", line):
                 slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
                 found.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
                 seen[slug] = seen.get(slug, 0) + 1
-    return found
+    return frozenset(found)
 
 
 @pytest.mark.parametrize("path", DOCS)
