@@ -19,7 +19,7 @@ SET    ?=
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make submit | validate | report | train | export | sample | test | test-slow | test-fast | docs | bench | bench-quality | bench-lora | bench-scale | gpu-check | setup   (see README.md)"
+	@echo "make submit | validate | report | train | export | sample | test | test-slow | test-fast | docs | bench | bench-quality | bench-lora | bench-loss | bench-scale | gpu-check | setup   (see README.md)"
 
 # -- install -----------------------------------------------------------------------------------
 # Re-runs only when setup.cfg / pyproject.toml change. torch and torchvision are pinned as a
